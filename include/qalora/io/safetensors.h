@@ -1,0 +1,60 @@
+// safetensors: u64 little-endian header length, JSON header {name: {dtype, shape,
+// data_offsets}} (plus optional __metadata__), then raw little-endian data.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qalora/core/mapped_file.h"
+#include "qalora/core/tensor.h"
+
+namespace qalora {
+
+enum class StDtype { F32, F16, BF16, I32, I8, U8, I64, F64, BOOL, U16, I16, U32, U64 };
+const char* st_dtype_name(StDtype d);
+size_t st_dtype_size(StDtype d);
+
+struct StTensorInfo {
+  std::string name;
+  StDtype dtype;
+  Shape shape;
+  size_t begin;  // byte offsets into the data section
+  size_t end;
+};
+
+class SafetensorsFile {
+ public:
+  // Validates header JSON, dtypes, shapes vs byte ranges, and ranges vs file size.
+  static SafetensorsFile open(const std::filesystem::path& path);
+  const std::string& path() const { return file_->path(); }
+  const std::vector<StTensorInfo>& tensors() const { return tensors_; }
+  const StTensorInfo* find(std::string_view name) const;
+  const uint8_t* data(const StTensorInfo& t) const;
+  // F32 (zero-copy view when aligned), F16 and BF16 tensors as fp32.
+  Tensor load_f32(const StTensorInfo& t) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  std::shared_ptr<MappedFile> file_;
+  size_t data_offset_ = 0;
+  std::vector<StTensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Writes a safetensors file atomically. Tensors are stored in the order given.
+struct StWriteTensor {
+  std::string name;
+  StDtype dtype;
+  Shape shape;
+  std::vector<uint8_t> bytes;
+};
+void write_safetensors(const std::filesystem::path& path, const std::vector<StWriteTensor>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+StWriteTensor st_f32(std::string name, const Tensor& t);
+
+}  // namespace qalora

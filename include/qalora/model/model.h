@@ -1,0 +1,110 @@
+// The in-memory Llama-family model: configuration, fp32 weights and tokenizer. Every loader
+// produces this form, with RoPE in the adjacent-pair layout (llama2.c / GGUF): Hugging Face
+// q_proj/k_proj rows are permuted on load and back on save.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "qalora/core/tensor.h"
+#include "qalora/tokenizer/tokenizer.h"
+
+namespace qalora {
+
+enum class ModelFormat { Gguf, HuggingFace, Llama2c };
+const char* model_format_name(ModelFormat f);
+
+struct RopeScaling {
+  enum class Type { None, Linear, Llama3 };
+  Type type = Type::None;
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;    // llama3
+  float high_freq_factor = 4.0f;   // llama3
+  int64_t original_context = 8192;  // llama3
+};
+
+struct ModelConfig {
+  std::string arch = "llama";
+  std::string name;
+  int64_t vocab_size = 0;
+  int64_t dim = 0;         // hidden size
+  int64_t hidden_dim = 0;  // MLP intermediate size
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;  // usually dim / n_heads
+  int64_t context_length = 2048;
+  float rope_theta = 10000.0f;
+  RopeScaling rope_scaling;
+  float norm_eps = 1e-5f;
+  bool tied_embeddings = false;
+  bool qkv_bias = false;  // Qwen2
+
+  int64_t q_dim() const { return n_heads * head_dim; }
+  int64_t kv_dim() const { return n_kv_heads * head_dim; }
+};
+
+// y = W x + b with W [out, in]; bias empty when absent.
+struct Linear {
+  Tensor weight;
+  Tensor bias;
+  int64_t out_features() const { return weight.dim(0); }
+  int64_t in_features() const { return weight.dim(1); }
+};
+
+struct LayerWeights {
+  Tensor attn_norm;  // [dim]
+  Linear q, k, v, o;
+  Tensor ffn_norm;  // [dim]
+  Linear gate, up, down;
+};
+
+// What the source file stored, for `qalora info`.
+struct SourceTensor {
+  std::string name;
+  std::string type;
+  Shape shape;
+};
+
+struct Model {
+  ModelConfig config;
+  Tensor tok_embeddings;  // [vocab, dim]
+  std::vector<LayerWeights> layers;
+  Tensor final_norm;  // [dim]
+  Tensor output;      // [vocab, dim]; empty when tied to tok_embeddings
+  std::shared_ptr<const Tokenizer> tokenizer;  // null when none was found
+
+  ModelFormat format = ModelFormat::Gguf;
+  std::string source_path;
+  std::vector<SourceTensor> source_tensors;
+
+  const Tensor& head() const { return output.empty() ? tok_embeddings : output; }
+  int64_t parameter_count() const;
+  // Checks every tensor's shape against the config; throws Error naming tensor, expected, actual.
+  void validate() const;
+  // Throws Error telling the user to pass --tokenizer when there is none.
+  const Tokenizer& require_tokenizer() const;
+};
+
+struct LoadOptions {
+  std::filesystem::path tokenizer;  // overrides/adds the tokenizer (llama2.c needs one)
+};
+
+// Detects the format from the path: *.gguf, a folder with config.json, or a llama2.c .bin.
+// Pickle checkpoints (pytorch_model.bin, *.pt, *.pth) are refused, naming safetensors instead.
+Model load_model(const std::filesystem::path& path, const LoadOptions& options = {});
+
+Model load_gguf_model(const std::filesystem::path& path);
+Model load_hf_model(const std::filesystem::path& dir);
+Model load_llama2c_model(const std::filesystem::path& path);
+// Writes config.json + model.safetensors (F32) + tokenizer files when the model has a
+// GPT-2 tokenizer (tokenizer.json); q/k rows are permuted to the Hugging Face RoPE layout.
+void save_hf_model(const Model& model, const std::filesystem::path& dir);
+
+// RoPE layout conversion of q_proj/k_proj rows (per head). `to_hf` = adjacent pairs -> halves.
+Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf);
+
+}  // namespace qalora

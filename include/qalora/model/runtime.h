@@ -1,0 +1,65 @@
+// Inference runtime: the optimized fp32 forward pass with a KV cache. Prefill runs a whole
+// batch of tokens through BLAS GEMMs; decoding feeds one token at a time.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "qalora/model/model.h"
+
+namespace qalora {
+
+// Time and work of the linear layers (q/k/v/o/gate/up/down and the head), for `qalora bench`.
+struct ForwardStats {
+  double linear_seconds = 0;
+  double linear_flops = 0;
+  double total_seconds = 0;
+  int64_t tokens = 0;
+  void reset() { *this = {}; }
+};
+
+class InferenceSession {
+ public:
+  // max_context: KV cache length (0 = the model's context length, capped at 4096).
+  explicit InferenceSession(const Model& model, int64_t max_context = 0);
+  ~InferenceSession();
+  InferenceSession(const InferenceSession&) = delete;
+  InferenceSession& operator=(const InferenceSession&) = delete;
+
+  // Appends `tokens` at positions [position(), position() + n). Writes logits to `logits`:
+  // [n, vocab] when all_logits, else [vocab] for the last token. Throws Error on ids out of
+  // range, an empty batch, or a cache overflow.
+  void forward(std::span<const int32_t> tokens, std::span<float> logits, bool all_logits = false);
+  // Convenience: logits of the last token.
+  std::vector<float> forward_last(std::span<const int32_t> tokens);
+
+  int64_t position() const { return pos_; }
+  int64_t max_context() const { return max_ctx_; }
+  void reset() { pos_ = 0; }
+  // Forget everything from position `pos` on (pos <= position()).
+  void truncate(int64_t pos);
+
+  const Model& model() const { return model_; }
+  ForwardStats& stats() { return stats_; }
+
+ private:
+  struct Buffers;
+  const Model& model_;
+  int64_t max_ctx_ = 0;
+  int64_t pos_ = 0;
+  std::vector<float> k_cache_;  // [layer][kv_head][pos][head_dim]
+  std::vector<float> v_cache_;
+  std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim / 2]
+  ForwardStats stats_;
+};
+
+// Plain double-precision forward over a whole sequence, no cache: the golden reference the
+// optimized runtime is tested against. Returns logits [n, vocab].
+std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens);
+
+// Sets the threads used by BLAS and OpenMP loops (0 = all cores).
+void set_num_threads(int threads);
+int num_threads();
+
+}  // namespace qalora

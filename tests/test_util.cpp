@@ -1,0 +1,69 @@
+#include "test_util.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+namespace qalora::test {
+
+std::filesystem::path data_dir() {
+  if (const char* env = std::getenv("QALORA_DATA_DIR")) return env;
+  return QALORA_DATA_DIR;
+}
+
+std::filesystem::path smollm2_path() {
+  if (const char* env = std::getenv("QALORA_SMOLLM2")) return env;
+  const char* home = std::getenv("HOME");
+  const char* cache = std::getenv("XDG_CACHE_HOME");
+  std::filesystem::path base = cache ? std::filesystem::path(cache)
+                                     : std::filesystem::path(home ? home : "/tmp") / ".cache";
+  return base / "qalora" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+std::filesystem::path temp_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::filesystem::path dir = std::filesystem::path(QALORA_TEST_TMP) /
+                              (std::string(info->test_suite_name()) + "." + info->name());
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+static std::string slurp(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+CliResult run_cli(const std::vector<std::string>& args) {
+  const std::filesystem::path dir = temp_dir() / "cli";
+  std::filesystem::create_directories(dir);
+  const auto out_path = dir / "stdout", err_path = dir / "stderr";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<char*> argv;
+    std::string exe = QALORA_CLI_PATH;
+    argv.push_back(exe.data());
+    std::vector<std::string> copy = args;
+    for (auto& a : copy) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (!freopen(out_path.c_str(), "w", stdout) || !freopen(err_path.c_str(), "w", stderr) ||
+        !freopen("/dev/null", "r", stdin))
+      _exit(127);
+    execv(exe.c_str(), argv.data());
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CliResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = slurp(out_path);
+  r.err = slurp(err_path);
+  return r;
+}
+
+}  // namespace qalora::test

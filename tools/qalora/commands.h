@@ -1,0 +1,24 @@
+// Subcommand registration: each cmd_<name>.cpp adds one subcommand to the app.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace qalora::cli {
+
+void register_info(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_logits(CLI::App& app);
+void register_perplexity(CLI::App& app);
+void register_chat(CLI::App& app);
+void register_bench(CLI::App& app);
+
+inline void register_commands(CLI::App& app) {
+  register_info(app);
+  register_generate(app);
+  register_logits(app);
+  register_perplexity(app);
+  register_chat(app);
+  register_bench(app);
+}
+
+}  // namespace qalora::cli
