@@ -92,5 +92,8 @@ TokenizerData read_sentencepiece_model(const std::filesystem::path& path);  // t
 // tokenizer.json plus, when present beside it, tokenizer_config.json (bos/eos, add_bos, chat
 // template) and generation_config.json.
 TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json);
+// Writes tokenizer.json + tokenizer_config.json into `dir` (atomically), readable by
+// read_hf_tokenizer and by Hugging Face `tokenizers`.
+void write_hf_tokenizer(const TokenizerData& data, const std::filesystem::path& dir);
 
 }  // namespace qalora

@@ -1,0 +1,6 @@
+// Placeholder until the chat subcommand lands.
+#include "commands.h"
+
+namespace qalora::cli {
+void register_chat(CLI::App&) {}
+}  // namespace qalora::cli
