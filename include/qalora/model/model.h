@@ -39,6 +39,8 @@ struct ModelConfig {
   int64_t context_length = 2048;
   float rope_theta = 10000.0f;
   RopeScaling rope_scaling;
+  // Per-frequency divisors (GGUF rope_freqs.weight, Llama 3.1); empty = none.
+  std::vector<float> rope_freq_factors;
   float norm_eps = 1e-5f;
   bool tied_embeddings = false;
   bool qkv_bias = false;  // Qwen2
@@ -103,6 +105,10 @@ Model load_llama2c_model(const std::filesystem::path& path);
 // Writes config.json + model.safetensors (F32) + tokenizer files when the model has a
 // GPT-2 tokenizer (tokenizer.json); q/k rows are permuted to the Hugging Face RoPE layout.
 void save_hf_model(const Model& model, const std::filesystem::path& dir);
+
+// Inverse frequencies of the head_dim / 2 rotary pairs, scaling applied; position p of pair
+// i rotates by angle p * result[i].
+std::vector<double> rope_inv_freq(const ModelConfig& config);
 
 // RoPE layout conversion of q_proj/k_proj rows (per head). `to_hf` = adjacent pairs -> halves.
 Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf);

@@ -44,7 +44,9 @@ class InferenceSession {
   ForwardStats& stats() { return stats_; }
 
  private:
-  struct Buffers;
+  void ensure_buffers(int64_t T);
+  void linear(const Linear& l, const float* x, float* y, int64_t T);
+
   const Model& model_;
   int64_t max_ctx_ = 0;
   int64_t pos_ = 0;
@@ -52,6 +54,8 @@ class InferenceSession {
   std::vector<float> v_cache_;
   std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim / 2]
   ForwardStats stats_;
+  // Activations of the current batch, grown on demand and reused across calls.
+  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_;
 };
 
 // Plain double-precision forward over a whole sequence, no cache: the golden reference the

@@ -1,0 +1,158 @@
+// GGUF -> Model: llama-architecture metadata, tensors dequantized to fp32 (F32 used in place),
+// and the tokenizer from tokenizer.ggml.*.
+#include <memory>
+#include <set>
+
+#include "qalora/core/error.h"
+#include "qalora/io/gguf.h"
+#include "qalora/model/model.h"
+
+namespace qalora {
+
+namespace {
+
+// Architectures whose GGUF files keep the Hugging Face "halves" RoPE layout (llama.cpp's NEOX
+// rope type): their q/k rows are permuted on load so that the runtime sees adjacent pairs.
+const std::set<std::string, std::less<>> kNeoxRopeArchs = {"qwen2", "qwen3", "phi3", "stablelm",
+                                                            "gptneox", "olmo2"};
+const std::set<std::string, std::less<>> kSupportedArchs = {"llama", "mistral", "qwen2"};
+
+TokenizerData gguf_tokenizer(const GgufFile& f) {
+  TokenizerData d;
+  const std::string model = f.get_string("tokenizer.ggml.model");
+  if (model == "llama") {
+    d.kind = TokenizerKind::SentencePiece;
+  } else if (model == "gpt2") {
+    d.kind = TokenizerKind::Gpt2;
+  } else {
+    fail(f.path(), ": tokenizer.ggml.model is '", model, "', expected 'llama' or 'gpt2'");
+  }
+  d.tokens = f.get_string_array("tokenizer.ggml.tokens");
+  const size_t n = d.tokens.size();
+  if (f.has("tokenizer.ggml.scores")) {
+    for (double s : f.get_float_array("tokenizer.ggml.scores")) d.scores.push_back(static_cast<float>(s));
+    QL_CHECK(d.scores.size() == n, f.path(), ": tokenizer.ggml.scores has ", d.scores.size(),
+             " entries, expected ", n);
+  }
+  if (f.has("tokenizer.ggml.token_type")) {
+    for (int64_t t : f.get_int_array("tokenizer.ggml.token_type")) {
+      QL_CHECK(t >= 1 && t <= 6, f.path(), ": tokenizer.ggml.token_type value ", t,
+               " is not a token type (1..6)");
+      d.types.push_back(static_cast<TokenType>(t));
+    }
+    QL_CHECK(d.types.size() == n, f.path(), ": tokenizer.ggml.token_type has ", d.types.size(),
+             " entries, expected ", n);
+  } else {
+    d.types.assign(n, TokenType::Normal);
+  }
+  if (f.has("tokenizer.ggml.merges")) d.merges = f.get_string_array("tokenizer.ggml.merges");
+  d.pre = f.get_string_or("tokenizer.ggml.pre", "default");
+  d.bos_id = static_cast<int32_t>(f.get_int_or("tokenizer.ggml.bos_token_id", -1));
+  d.eos_id = static_cast<int32_t>(f.get_int_or("tokenizer.ggml.eos_token_id", -1));
+  d.unk_id = static_cast<int32_t>(f.get_int_or("tokenizer.ggml.unknown_token_id", -1));
+  d.pad_id = static_cast<int32_t>(f.get_int_or("tokenizer.ggml.padding_token_id", -1));
+  d.add_bos = f.get_bool_or("tokenizer.ggml.add_bos_token", d.kind == TokenizerKind::SentencePiece);
+  d.add_eos = f.get_bool_or("tokenizer.ggml.add_eos_token", false);
+  d.add_space_prefix =
+      f.get_bool_or("tokenizer.ggml.add_space_prefix", d.kind == TokenizerKind::SentencePiece);
+  d.chat_template = f.get_string_or("tokenizer.chat_template", "");
+  return d;
+}
+
+RopeScaling gguf_rope_scaling(const GgufFile& f, const std::string& arch) {
+  RopeScaling rs;
+  const std::string type = f.get_string_or(arch + ".rope.scaling.type", "none");
+  const auto factor = static_cast<float>(f.get_float_or(arch + ".rope.scaling.factor", 1.0));
+  if (type == "linear" && factor != 1.0f) {
+    rs.type = RopeScaling::Type::Linear;
+    rs.factor = factor;
+  } else if (type != "none" && type != "linear") {
+    fail(f.path(), ": ", arch, ".rope.scaling.type '", type, "' is not supported (none, linear)");
+  }
+  return rs;
+}
+
+}  // namespace
+
+Model load_gguf_model(const std::filesystem::path& path) {
+  const GgufFile f = GgufFile::open(path);
+  Model m;
+  m.format = ModelFormat::Gguf;
+  m.source_path = path.string();
+  const std::string arch = f.get_string("general.architecture");
+  QL_CHECK(kSupportedArchs.contains(arch), path.string(), ": general.architecture is '", arch,
+           "', expected one of llama, mistral, qwen2");
+
+  ModelConfig& c = m.config;
+  c.arch = arch;
+  c.name = f.get_string_or("general.name", path.stem().string());
+  c.dim = f.get_int(arch + ".embedding_length");
+  c.hidden_dim = f.get_int(arch + ".feed_forward_length");
+  c.n_layers = f.get_int(arch + ".block_count");
+  c.n_heads = f.get_int(arch + ".attention.head_count");
+  c.n_kv_heads = f.get_int_or(arch + ".attention.head_count_kv", c.n_heads);
+  QL_CHECK(c.n_heads > 0, path.string(), ": ", arch, ".attention.head_count must be positive, got ",
+           c.n_heads);
+  c.head_dim = f.get_int_or(arch + ".attention.key_length", c.dim / c.n_heads);
+  c.context_length = f.get_int_or(arch + ".context_length", 2048);
+  c.rope_theta = static_cast<float>(f.get_float_or(arch + ".rope.freq_base", 10000.0));
+  c.norm_eps = static_cast<float>(f.get_float_or(arch + ".attention.layer_norm_rms_epsilon", 1e-5));
+  c.rope_scaling = gguf_rope_scaling(f, arch);
+  c.qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  const int64_t rope_dims = f.get_int_or(arch + ".rope.dimension_count", c.head_dim);
+  QL_CHECK(rope_dims == c.head_dim, path.string(), ": ", arch, ".rope.dimension_count is ",
+           rope_dims, ", only full-head rotary (", c.head_dim, ") is supported");
+
+  const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
+  QL_CHECK(embd != nullptr, path.string(), ": tensor 'token_embd.weight' is missing");
+  QL_CHECK(embd->shape.size() == 2, path.string(), ": tensor 'token_embd.weight' has shape ",
+           shape_str(embd->shape), ", expected [vocab, ", c.dim, "]");
+  c.vocab_size = embd->shape[0];
+
+  for (const GgufTensorInfo& t : f.tensors())
+    m.source_tensors.push_back({t.name, ggml_type_name(t.type), t.shape});
+
+  const bool permute = kNeoxRopeArchs.contains(arch);
+  auto load = [&](const std::string& name) { return f.load_f32(name); };
+  auto load_optional = [&](const std::string& name) {
+    const GgufTensorInfo* t = f.find_tensor(name);
+    return t != nullptr ? f.load_f32(*t) : Tensor();
+  };
+  auto rope_rows = [&](Tensor t, int64_t heads) {
+    return permute ? permute_rope_rows(t, heads, c.head_dim, /*to_hf=*/false) : t;
+  };
+
+  m.tok_embeddings = f.load_f32(*embd);
+  m.final_norm = load("output_norm.weight");
+  m.output = load_optional("output.weight");
+  c.tied_embeddings = m.output.empty();
+  if (const GgufTensorInfo* rf = f.find_tensor("rope_freqs.weight")) {
+    const Tensor factors = f.load_f32(*rf);
+    c.rope_freq_factors.assign(factors.data(), factors.data() + factors.numel());
+  }
+  m.layers.resize(static_cast<size_t>(std::max<int64_t>(c.n_layers, 0)));
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string b = "blk." + std::to_string(i) + ".";
+    LayerWeights& l = m.layers[static_cast<size_t>(i)];
+    l.attn_norm = load(b + "attn_norm.weight");
+    l.q.weight = rope_rows(load(b + "attn_q.weight"), c.n_heads);
+    l.k.weight = rope_rows(load(b + "attn_k.weight"), c.n_kv_heads);
+    l.v.weight = load(b + "attn_v.weight");
+    l.o.weight = load(b + "attn_output.weight");
+    if (c.qkv_bias) {
+      l.q.bias = rope_rows(load(b + "attn_q.bias"), c.n_heads);
+      l.k.bias = rope_rows(load(b + "attn_k.bias"), c.n_kv_heads);
+      l.v.bias = load(b + "attn_v.bias");
+    }
+    l.ffn_norm = load(b + "ffn_norm.weight");
+    l.gate.weight = load(b + "ffn_gate.weight");
+    l.up.weight = load(b + "ffn_up.weight");
+    l.down.weight = load(b + "ffn_down.weight");
+  }
+  if (f.has("tokenizer.ggml.model"))
+    m.tokenizer = std::make_shared<const Tokenizer>(gguf_tokenizer(f));
+  m.validate();
+  return m;
+}
+
+}  // namespace qalora

@@ -1,0 +1,238 @@
+#include "qalora/model/runtime.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "qalora/core/error.h"
+#include "qalora/ops/ops.h"
+
+namespace qalora {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+}  // namespace
+
+void set_num_threads(int threads) {
+  const int n = threads > 0 ? threads : omp_get_num_procs();
+  omp_set_num_threads(n);
+  openblas_set_num_threads(n);
+}
+
+int num_threads() { return omp_get_max_threads(); }
+
+InferenceSession::InferenceSession(const Model& model, int64_t max_context) : model_(model) {
+  const ModelConfig& c = model.config;
+  max_ctx_ = max_context > 0 ? max_context : std::min<int64_t>(c.context_length, 4096);
+  QL_CHECK(max_ctx_ > 0, model.source_path, ": context length must be positive, got ", max_ctx_);
+  const auto cache = static_cast<size_t>(c.n_layers * c.n_kv_heads * max_ctx_ * c.head_dim);
+  k_cache_.assign(cache, 0.0f);
+  v_cache_.assign(cache, 0.0f);
+  const std::vector<double> inv_freq = rope_inv_freq(c);
+  const int64_t half = c.head_dim / 2;
+  rope_cos_.resize(static_cast<size_t>(max_ctx_ * half));
+  rope_sin_.resize(rope_cos_.size());
+  for (int64_t p = 0; p < max_ctx_; ++p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(p) * inv_freq[static_cast<size_t>(i)];
+      rope_cos_[static_cast<size_t>(p * half + i)] = static_cast<float>(std::cos(angle));
+      rope_sin_[static_cast<size_t>(p * half + i)] = static_cast<float>(std::sin(angle));
+    }
+  }
+}
+
+InferenceSession::~InferenceSession() = default;
+
+void InferenceSession::truncate(int64_t pos) {
+  QL_CHECK(pos >= 0 && pos <= pos_, "cannot truncate the KV cache to position ", pos,
+           ": it holds ", pos_, " positions");
+  pos_ = pos;
+}
+
+void InferenceSession::ensure_buffers(int64_t T) {
+  const ModelConfig& c = model_.config;
+  auto grow = [](std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  };
+  grow(x_, T * c.dim);
+  grow(xn_, T * c.dim);
+  grow(q_, T * c.q_dim());
+  grow(k_, T * c.kv_dim());
+  grow(v_, T * c.kv_dim());
+  grow(att_, T * std::max(c.q_dim(), c.dim));
+  grow(gate_, T * c.hidden_dim);
+  grow(up_, T * c.hidden_dim);
+}
+
+void InferenceSession::linear(const Linear& l, const float* x, float* y, int64_t T) {
+  const auto t0 = Clock::now();
+  const int64_t in = l.in_features(), out = l.out_features();
+  ops::matmul_forward(y, x, l.weight.data(), l.bias.empty() ? nullptr : l.bias.data(), T, in, out);
+  stats_.linear_seconds += seconds_since(t0);
+  stats_.linear_flops += 2.0 * static_cast<double>(T) * static_cast<double>(in * out);
+}
+
+void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float> logits,
+                               bool all_logits) {
+  const auto t_start = Clock::now();
+  const ModelConfig& c = model_.config;
+  const auto T = static_cast<int64_t>(tokens.size());
+  QL_CHECK(T > 0, "forward: no tokens to process (empty prompt?)");
+  QL_CHECK(pos_ + T <= max_ctx_, "context full: ", pos_, " cached + ", T, " new tokens exceed the ",
+           max_ctx_, "-token context (use --ctx to enlarge it)");
+  for (int32_t id : tokens)
+    QL_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ",
+             c.vocab_size, ")");
+  const int64_t rows_out = all_logits ? T : 1;
+  QL_CHECK(static_cast<int64_t>(logits.size()) >= rows_out * c.vocab_size,
+           "forward: logits buffer holds ", logits.size(), " floats, need ",
+           rows_out * c.vocab_size);
+
+  ensure_buffers(T);
+  const int64_t D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
+  const int64_t kv_dim = c.kv_dim();
+  float* x = x_.data();
+  float* xn = xn_.data();
+  for (int64_t t = 0; t < T; ++t)
+    std::memcpy(x + t * D, model_.tok_embeddings.row(tokens[static_cast<size_t>(t)]),
+                static_cast<size_t>(D) * sizeof(float));
+
+  const int64_t layer_cache = KV * max_ctx_ * Hd;
+  for (int64_t li = 0; li < c.n_layers; ++li) {
+    const LayerWeights& L = model_.layers[static_cast<size_t>(li)];
+    float* kc = k_cache_.data() + li * layer_cache;
+    float* vc = v_cache_.data() + li * layer_cache;
+
+    ops::rmsnorm_forward(xn, x, L.attn_norm.data(), T, D, c.norm_eps);
+    linear(L.q, xn, q_.data(), T);
+    linear(L.k, xn, k_.data(), T);
+    linear(L.v, xn, v_.data(), T);
+    ops::rope_forward(q_.data(), T, H, Hd, pos_, rope_cos_.data(), rope_sin_.data());
+    ops::rope_forward(k_.data(), T, KV, Hd, pos_, rope_cos_.data(), rope_sin_.data());
+    // Scatter the new keys/values into the per-head cache rows.
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < KV; ++h) {
+        const size_t bytes = static_cast<size_t>(Hd) * sizeof(float);
+        std::memcpy(kc + (h * max_ctx_ + pos_ + t) * Hd, k_.data() + t * kv_dim + h * Hd, bytes);
+        std::memcpy(vc + (h * max_ctx_ + pos_ + t) * Hd, v_.data() + t * kv_dim + h * Hd, bytes);
+      }
+    }
+    ops::attention_forward(att_.data(), q_.data(), kc, vc, T, pos_, H, KV, Hd, max_ctx_);
+    linear(L.o, att_.data(), xn, T);
+    for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
+
+    ops::rmsnorm_forward(xn, x, L.ffn_norm.data(), T, D, c.norm_eps);
+    linear(L.gate, xn, gate_.data(), T);
+    linear(L.up, xn, up_.data(), T);
+    ops::swiglu_forward(gate_.data(), gate_.data(), up_.data(), T * F);
+    linear(L.down, gate_.data(), xn, T);
+    for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
+  }
+
+  const float* last = all_logits ? x : x + (T - 1) * D;
+  ops::rmsnorm_forward(xn, last, model_.final_norm.data(), rows_out, D, c.norm_eps);
+  linear(Linear{model_.head(), Tensor()}, xn, logits.data(), rows_out);
+
+  pos_ += T;
+  stats_.tokens += T;
+  stats_.total_seconds += seconds_since(t_start);
+}
+
+std::vector<float> InferenceSession::forward_last(std::span<const int32_t> tokens) {
+  std::vector<float> logits(static_cast<size_t>(model_.config.vocab_size));
+  forward(tokens, logits, false);
+  return logits;
+}
+
+std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens) {
+  const ModelConfig& c = model.config;
+  const auto T = static_cast<int64_t>(tokens.size());
+  const int64_t D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
+  const int64_t V = c.vocab_size;
+  for (int32_t id : tokens)
+    QL_CHECK(id >= 0 && id < V, "token id ", id, " is out of range [0, ", V, ")");
+  using Vec = std::vector<double>;
+  auto rmsnorm = [&](const Vec& in, const Tensor& w) {
+    Vec out(in.size());
+    for (int64_t t = 0; t < T; ++t) {
+      double ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += in[t * D + i] * in[t * D + i];
+      const double inv = 1.0 / std::sqrt(ss / static_cast<double>(D) + c.norm_eps);
+      for (int64_t i = 0; i < D; ++i) out[t * D + i] = in[t * D + i] * inv * w.data()[i];
+    }
+    return out;
+  };
+  auto matmul = [&](const Vec& in, const Tensor& w, const Tensor& b) {
+    const int64_t O = w.dim(0), I = w.dim(1);
+    Vec out(static_cast<size_t>(T * O));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < O; ++o) {
+        double acc = b.empty() ? 0.0 : b.data()[o];
+        for (int64_t i = 0; i < I; ++i) acc += in[t * I + i] * w.data()[o * I + i];
+        out[t * O + o] = acc;
+      }
+    return out;
+  };
+  const Vec inv_freq = rope_inv_freq(c);
+  auto rope = [&](Vec& v, int64_t heads) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < Hd / 2; ++i) {
+          const double ang = static_cast<double>(t) * inv_freq[i];
+          double* p = &v[(t * heads + h) * Hd + 2 * i];
+          const double a = p[0], b = p[1];
+          p[0] = a * std::cos(ang) - b * std::sin(ang);
+          p[1] = a * std::sin(ang) + b * std::cos(ang);
+        }
+  };
+
+  Vec x(static_cast<size_t>(T * D));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < D; ++i) x[t * D + i] = model.tok_embeddings.row(tokens[t])[i];
+  for (const LayerWeights& L : model.layers) {
+    Vec xn = rmsnorm(x, L.attn_norm);
+    Vec q = matmul(xn, L.q.weight, L.q.bias), k = matmul(xn, L.k.weight, L.k.bias);
+    const Vec v = matmul(xn, L.v.weight, L.v.bias);
+    rope(q, H);
+    rope(k, KV);
+    Vec att(static_cast<size_t>(T * H * Hd), 0.0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t kvh = h / (H / KV);
+        Vec s(static_cast<size_t>(t + 1));
+        double mx = -1e300, sum = 0;
+        for (int64_t p = 0; p <= t; ++p) {
+          double acc = 0;
+          for (int64_t i = 0; i < Hd; ++i)
+            acc += q[(t * H + h) * Hd + i] * k[(p * KV + kvh) * Hd + i];
+          s[p] = acc / std::sqrt(static_cast<double>(Hd));
+          mx = std::max(mx, s[p]);
+        }
+        for (double& e : s) sum += (e = std::exp(e - mx));
+        for (int64_t p = 0; p <= t; ++p)
+          for (int64_t i = 0; i < Hd; ++i)
+            att[(t * H + h) * Hd + i] += s[p] / sum * v[(p * KV + kvh) * Hd + i];
+      }
+    const Vec o = matmul(att, L.o.weight, Tensor());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+    xn = rmsnorm(x, L.ffn_norm);
+    const Vec g = matmul(xn, L.gate.weight, Tensor()), u = matmul(xn, L.up.weight, Tensor());
+    Vec hidden(static_cast<size_t>(T * F));
+    for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
+    const Vec d = matmul(hidden, L.down.weight, Tensor());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += d[i];
+  }
+  return matmul(rmsnorm(x, model.final_norm), model.head(), Tensor());
+}
+
+}  // namespace qalora

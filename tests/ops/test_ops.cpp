@@ -1,0 +1,92 @@
+// Each optimized kernel against its plain reference on odd shapes (tails that are not a
+// multiple of any vector width).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "qalora/ops/ops.h"
+
+namespace qalora::ops {
+namespace {
+
+std::vector<float> random_vec(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    ASSERT_NEAR(a[i], b[i], tol * (1.0f + std::abs(b[i]))) << "index " << i;
+}
+
+TEST(Ops, RmsnormMatchesReference) {
+  for (int64_t D : {1, 7, 33, 172}) {
+    const int64_t T = 5;
+    auto x = random_vec(T * D, 1), w = random_vec(D, 2);
+    std::vector<float> a(x.size()), b(x.size());
+    rmsnorm_forward(a.data(), x.data(), w.data(), T, D, 1e-5f);
+    rmsnorm_forward_ref(b.data(), x.data(), w.data(), T, D, 1e-5f);
+    expect_close(a, b, 1e-6f);
+  }
+}
+
+TEST(Ops, MatmulMatchesReference) {
+  for (auto [T, I, O] : {std::tuple<int64_t, int64_t, int64_t>{1, 13, 7}, {3, 172, 45},
+                         {17, 33, 65}, {64, 100, 1}}) {
+    auto x = random_vec(T * I, 3), W = random_vec(O * I, 4), bias = random_vec(O, 5);
+    std::vector<float> a(static_cast<size_t>(T * O)), b(a.size());
+    for (const float* bp : std::vector<const float*>{nullptr, bias.data()}) {
+      matmul_forward(a.data(), x.data(), W.data(), bp, T, I, O);
+      matmul_forward_ref(b.data(), x.data(), W.data(), bp, T, I, O);
+      expect_close(a, b, 1e-5f);
+    }
+  }
+}
+
+TEST(Ops, RopeMatchesReferenceAndPreservesNorm) {
+  const int64_t T = 5, H = 3, Hd = 10, pos0 = 4, half = Hd / 2;
+  std::vector<float> cos_t((pos0 + T) * half), sin_t(cos_t.size());
+  for (size_t i = 0; i < cos_t.size(); ++i) {
+    cos_t[i] = std::cos(0.3f * static_cast<float>(i));
+    sin_t[i] = std::sin(0.3f * static_cast<float>(i));
+  }
+  auto x = random_vec(T * H * Hd, 6);
+  auto a = x, b = x;
+  rope_forward(a.data(), T, H, Hd, pos0, cos_t.data(), sin_t.data());
+  rope_forward_ref(b.data(), T, H, Hd, pos0, cos_t.data(), sin_t.data());
+  expect_close(a, b, 1e-6f);
+  for (size_t p = 0; p < x.size(); p += 2)  // a rotation keeps each pair's length
+    EXPECT_NEAR(std::hypot(a[p], a[p + 1]), std::hypot(x[p], x[p + 1]), 1e-5f);
+}
+
+TEST(Ops, SwigluMatchesReference) {
+  auto g = random_vec(1001, 7, -6.0f, 6.0f), u = random_vec(1001, 8);
+  std::vector<float> a(g.size()), b(g.size());
+  swiglu_forward(a.data(), g.data(), u.data(), 1001);
+  swiglu_forward_ref(b.data(), g.data(), u.data(), 1001);
+  expect_close(a, b, 1e-6f);
+}
+
+TEST(Ops, AttentionMatchesReference) {
+  // Prefill (T > 1, BLAS path) and decode (T == 1) with GQA ratios 1, 2, 3.
+  for (auto [H, KV] : {std::pair<int64_t, int64_t>{4, 4}, {4, 2}, {6, 2}}) {
+    for (auto [T, pos0] : {std::pair<int64_t, int64_t>{7, 0}, {5, 3}, {1, 9}}) {
+      const int64_t Hd = 8, stride = 16;
+      auto q = random_vec(T * H * Hd, 9), k = random_vec(KV * stride * Hd, 10),
+           v = random_vec(KV * stride * Hd, 11);
+      std::vector<float> a(q.size()), b(q.size());
+      attention_forward(a.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride);
+      attention_forward_ref(b.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride);
+      expect_close(a, b, 1e-5f);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qalora::ops
