@@ -89,7 +89,8 @@ TEST(Forward, TruncateAndReplayGivesSameLogits) {
   const std::vector<float> first = session.forward_last(tokens);
   session.truncate(6);
   const std::vector<float> again = session.forward_last(std::span(tokens).subspan(6));
-  for (size_t i = 0; i < first.size(); ++i) EXPECT_FLOAT_EQ(first[i], again[i]);
+  // Batch shapes differ (10 vs 4 tokens), so BLAS may sum in another order: equal to rounding.
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_NEAR(first[i], again[i], 1e-5f);
 }
 
 TEST(Forward, RejectsBadInput) {
