@@ -20,4 +20,12 @@ BUILD_DIR=${BUILD_DIR:-build}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 
-scripts/fetch-model.sh
+# Python packages used only by the tests, as independent reference implementations
+# (gguf-py quantizers, sentencepiece, HF tokenizers).
+PY_PKGS=(gguf numpy sentencepiece tokenizers)
+if ! python3 -c "import gguf, numpy, sentencepiece, tokenizers" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}" 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages "${PY_PKGS[@]}"
+fi
+
+scripts/fetch-model.sh >/dev/null
