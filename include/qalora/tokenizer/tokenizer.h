@@ -49,10 +49,13 @@ class Tokenizer {
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
-  // parse_special: text such as "<|im_start|>" that spells a control/user-defined token becomes
-  // that token; otherwise it is tokenized as plain text.
+  // parse_special: text such as "<|im_start|>" that spells a control (or unknown) token becomes
+  // that token (longest match first); otherwise it is tokenized as plain text. User-defined
+  // tokens are always split out, as SentencePiece, Hugging Face and llama.cpp do. Never appends
+  // EOS. SentencePiece: the space prefix goes before the text and after each special token.
   std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special = false) const;
-  // Exact inverse of encode (without BOS/EOS) for any valid UTF-8 text.
+  // Exact inverse of encode (without BOS/EOS) for any valid UTF-8 text. Control tokens render
+  // as their text unless skip_special; byte tokens give raw bytes, which may be partial UTF-8.
   std::string decode(std::span<const int32_t> ids, bool skip_special = false) const;
 
   int32_t vocab_size() const;
@@ -68,22 +71,30 @@ class Tokenizer {
   const TokenizerData& data() const;
 
  private:
+  friend class StreamDecoder;
+  // Appends the text of one token. `segment_start` is true at the start and after a special
+  // token, where SentencePiece's added space prefix is stripped; it is updated.
+  void decode_append(int32_t id, bool skip_special, bool& segment_start, std::string& out) const;
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
 // Streaming decode for generation: returns the text that became complete with each new token
-// (UTF-8 sequences split across byte tokens are held back until whole).
+// (UTF-8 sequences split across byte tokens are held back until whole). The concatenation of
+// every push() and the final flush() equals decode(ids, skip_special). O(1) work per token.
 class StreamDecoder {
  public:
-  explicit StreamDecoder(const Tokenizer& tok) : tok_(tok) {}
-  std::string push(int32_t id);
-  std::string flush();
+  explicit StreamDecoder(const Tokenizer& tok, bool skip_special = false)
+      : tok_(tok), skip_special_(skip_special) {}
+  std::string push(int32_t id);  // throws Error for an id out of range
+  std::string flush();           // whatever is held back, complete or not
 
  private:
   const Tokenizer& tok_;
-  std::vector<int32_t> ids_;
-  size_t emitted_ = 0;  // bytes of decode(ids_) already returned
+  bool skip_special_;
+  bool segment_start_ = true;
+  std::string pending_;  // decoded bytes not yet returned: an incomplete UTF-8 tail
 };
 
 // Readers for each on-disk source. Each throws Error naming the file and field on bad input.
