@@ -257,7 +257,6 @@ TEST(TokenizerReference, Gpt2SmolLM2MatchesTokenizersLibrary) {
     EXPECT_EQ(ours.decode(ref), expected[i]["text"].get<std::string>()) << "text \"" << shown(strings[i]) << "\"";
   }
   expect_round_trips(ours, with_invalid_utf8(strings));
-
 }
 
 TEST(TokenizerReference, PreTokenizersMatchTokenizersLibrary) {
