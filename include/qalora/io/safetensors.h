@@ -29,24 +29,29 @@ struct StTensorInfo {
 
 class SafetensorsFile {
  public:
-  // Validates header JSON, dtypes, shapes vs byte ranges, and ranges vs file size.
+  // Validates header JSON, dtypes, shapes vs byte ranges, and ranges vs file size. Ranges may
+  // overlap or come in any order; they only have to lie inside the data section.
   static SafetensorsFile open(const std::filesystem::path& path);
   const std::string& path() const { return file_->path(); }
   const std::vector<StTensorInfo>& tensors() const { return tensors_; }
-  const StTensorInfo* find(std::string_view name) const;
+  const StTensorInfo* find(std::string_view name) const;  // nullptr when absent
+  // Raw little-endian bytes of any dtype (end - begin of them).
   const uint8_t* data(const StTensorInfo& t) const;
-  // F32 (zero-copy view when aligned), F16 and BF16 tensors as fp32.
+  // F32 (zero-copy view when 4-byte aligned, else a copy), F16 and BF16 tensors as fp32;
+  // throws Error naming the file and tensor for other dtypes.
   Tensor load_f32(const StTensorInfo& t) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
   std::shared_ptr<MappedFile> file_;
   size_t data_offset_ = 0;
-  std::vector<StTensorInfo> tensors_;
+  std::vector<StTensorInfo> tensors_;                 // in header order
+  std::map<std::string, size_t, std::less<>> index_;  // name -> position in tensors_
   std::map<std::string, std::string> metadata_;
 };
 
-// Writes a safetensors file atomically. Tensors are stored in the order given.
+// Writes a safetensors file atomically. Tensors are stored in the order given; the header is
+// padded with spaces to a multiple of 8 bytes so that the data section stays 8-byte aligned.
 struct StWriteTensor {
   std::string name;
   StDtype dtype;
@@ -55,6 +60,6 @@ struct StWriteTensor {
 };
 void write_safetensors(const std::filesystem::path& path, const std::vector<StWriteTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
-StWriteTensor st_f32(std::string name, const Tensor& t);
+StWriteTensor st_f32(std::string name, const Tensor& t);  // copies the data as F32
 
 }  // namespace qalora

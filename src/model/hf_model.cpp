@@ -1,0 +1,405 @@
+// Hugging Face folders: config.json + model.safetensors (or shards listed in
+// model.safetensors.index.json) + tokenizer.json / tokenizer.model.
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "qalora/core/atomic_file.h"
+#include "qalora/core/error.h"
+#include "qalora/core/mapped_file.h"
+#include "qalora/io/safetensors.h"
+#include "qalora/model/model.h"
+
+namespace qalora {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+struct HfArch {
+  const char* class_name;  // config.json "architectures"
+  const char* model_type;
+  const char* arch;  // ModelConfig::arch
+  bool qkv_bias;
+};
+constexpr HfArch kArchs[] = {
+    {"LlamaForCausalLM", "llama", "llama", false},
+    {"MistralForCausalLM", "mistral", "llama", false},
+    {"Qwen2ForCausalLM", "qwen2", "qwen2", true},
+};
+
+// Typed access to config.json; a null value counts as absent (some configs write "head_dim": null).
+class ConfigJson {
+ public:
+  ConfigJson(const json& j, std::string file) : j_(j), file_(std::move(file)) {}
+
+  bool has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
+  // Sizes and counts, all of which must be positive.
+  int64_t positive(const char* key) const {
+    QL_CHECK(has(key), file_, ": missing required field '", key, "'");
+    const json& v = j_[key];
+    QL_CHECK(v.is_number_integer() && v.get<int64_t>() > 0, file_, ": field '", key,
+             "' must be a positive integer, got ", v.dump());
+    return v.get<int64_t>();
+  }
+  int64_t positive_or(const char* key, int64_t fallback) const {
+    return has(key) ? positive(key) : fallback;
+  }
+  double float_or(const char* key, double fallback) const {
+    if (!has(key)) return fallback;
+    QL_CHECK(j_[key].is_number(), file_, ": field '", key, "' must be a number, got ",
+             j_[key].dump());
+    return j_[key].get<double>();
+  }
+  bool bool_or(const char* key, bool fallback) const {
+    if (!has(key)) return fallback;
+    QL_CHECK(j_[key].is_boolean(), file_, ": field '", key, "' must be true or false, got ",
+             j_[key].dump());
+    return j_[key].get<bool>();
+  }
+  std::string string_or(const char* key, std::string fallback) const {
+    return has(key) && j_[key].is_string() ? j_[key].get<std::string>() : fallback;
+  }
+
+ private:
+  const json& j_;
+  std::string file_;
+};
+
+json parse_json_file(const fs::path& path) {
+  try {
+    return json::parse(read_file(path));
+  } catch (const json::parse_error& e) {
+    fail(path.string(), ": not valid JSON: ", e.what());
+  }
+}
+
+const HfArch& find_arch(const json& j, const std::string& file) {
+  const ConfigJson c(j, file);
+  if (c.has("architectures")) {
+    const json& a = j["architectures"];
+    const std::string name =
+        a.is_array() && !a.empty() && a[0].is_string() ? a[0].get<std::string>() : a.dump();
+    for (const HfArch& arch : kArchs)
+      if (name == arch.class_name) return arch;
+    fail(file, ": architectures[0] is '", name,
+         "', expected LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM");
+  }
+  const std::string type = c.string_or("model_type", "");
+  for (const HfArch& arch : kArchs)
+    if (type == arch.model_type) return arch;
+  fail(file, ": no 'architectures' and model_type '", type, "' is not llama, mistral or qwen2");
+}
+
+RopeScaling parse_rope_scaling(const json& j, const std::string& file) {
+  RopeScaling rs;
+  if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return rs;
+  const json& r = j["rope_scaling"];
+  QL_CHECK(r.is_object(), file, ": rope_scaling must be an object or null, got ", r.dump());
+  const ConfigJson c(r, file + " rope_scaling");
+  const std::string type = c.string_or("rope_type", c.string_or("type", ""));
+  if (type == "default") return rs;
+  if (type == "linear") {
+    rs.type = RopeScaling::Type::Linear;
+  } else if (type == "llama3") {
+    rs.type = RopeScaling::Type::Llama3;
+    rs.low_freq_factor = static_cast<float>(c.float_or("low_freq_factor", rs.low_freq_factor));
+    rs.high_freq_factor = static_cast<float>(c.float_or("high_freq_factor", rs.high_freq_factor));
+    rs.original_context = c.positive_or("original_max_position_embeddings", rs.original_context);
+  } else {
+    fail(file, ": rope_scaling type '", type, "' is not supported (expected linear or llama3)");
+  }
+  rs.factor = static_cast<float>(c.float_or("factor", rs.factor));
+  QL_CHECK(rs.factor > 0, file, ": rope_scaling factor must be positive, got ", rs.factor);
+  return rs;
+}
+
+std::string folder_name(const fs::path& dir) {
+  const fs::path p = dir.lexically_normal();
+  return p.has_filename() ? p.filename().string() : p.parent_path().filename().string();
+}
+
+// config.json as a ModelConfig. tied_embeddings is left false when the field is absent; the
+// caller decides from the tensors (see load_hf_model).
+ModelConfig parse_config(const json& j, const std::string& file, const fs::path& dir) {
+  QL_CHECK(j.is_object(), file, ": expected a JSON object");
+  if (j.contains("quantization_config")) {
+    const json& q = j["quantization_config"];
+    const std::string method =
+        q.is_object() ? ConfigJson(q, file).string_or("quant_method", "unknown") : "unknown";
+    fail(file, ": quantization_config (quant_method '", method,
+         "') found: quantized checkpoints are not loaded yet; use a dense (float) checkpoint");
+  }
+  const HfArch& arch = find_arch(j, file);
+  const ConfigJson c(j, file);
+
+  ModelConfig cfg;
+  cfg.arch = arch.arch;
+  cfg.name = c.string_or("_name_or_path", "");
+  if (cfg.name.empty()) cfg.name = folder_name(dir);
+  cfg.vocab_size = c.positive("vocab_size");
+  cfg.dim = c.positive("hidden_size");
+  cfg.hidden_dim = c.positive("intermediate_size");
+  cfg.n_layers = c.positive("num_hidden_layers");
+  cfg.n_heads = c.positive("num_attention_heads");
+  cfg.n_kv_heads = c.positive_or("num_key_value_heads", cfg.n_heads);
+  cfg.head_dim = c.positive_or("head_dim", cfg.dim / cfg.n_heads);
+  QL_CHECK(cfg.head_dim % 2 == 0, file, ": head_dim ", cfg.head_dim, " must be even for RoPE");
+  cfg.context_length = c.positive_or("max_position_embeddings", cfg.context_length);
+  cfg.rope_theta = static_cast<float>(c.float_or("rope_theta", cfg.rope_theta));
+  cfg.rope_scaling = parse_rope_scaling(j, file);
+  cfg.norm_eps = static_cast<float>(c.float_or("rms_norm_eps", 1e-6));  // transformers' default
+  cfg.tied_embeddings = c.bool_or("tie_word_embeddings", false);
+  cfg.qkv_bias = arch.qkv_bias || c.bool_or("attention_bias", false);
+  return cfg;
+}
+
+// The safetensors files of a folder and where each tensor lives.
+class HfWeights {
+ public:
+  explicit HfWeights(const fs::path& dir) {
+    const fs::path single = dir / "model.safetensors";
+    const fs::path index_path = dir / "model.safetensors.index.json";
+    if (fs::exists(single)) {
+      shards_.push_back(SafetensorsFile::open(single));
+    } else if (fs::exists(index_path)) {
+      open_shards(dir, index_path);
+    } else {
+      fail(dir.string(), ": no model.safetensors or model.safetensors.index.json");
+    }
+    for (size_t s = 0; s < shards_.size(); ++s)
+      for (const StTensorInfo& t : shards_[s].tensors()) where_.try_emplace(t.name, s, &t);
+  }
+
+  bool has(const std::string& name) const { return where_.count(name) != 0; }
+  const std::string& file_of(const std::string& name) const {
+    const auto it = where_.find(name);
+    return shards_[it == where_.end() ? 0 : it->second.first].path();
+  }
+
+  // The tensor as fp32, checked against the shape the config implies.
+  Tensor get(const std::string& name, const Shape& expected) const {
+    const auto it = where_.find(name);
+    QL_CHECK(it != where_.end(), file_of(name), ": tensor '", name, "' is missing");
+    const auto& [shard, info] = it->second;
+    QL_CHECK(info->shape == expected, shards_[shard].path(), ": tensor '", name, "' has shape ",
+             shape_str(info->shape), ", expected ", shape_str(expected), " from config.json");
+    return shards_[shard].load_f32(*info);
+  }
+
+  std::vector<SourceTensor> source_tensors() const {
+    std::vector<SourceTensor> out;
+    for (const SafetensorsFile& f : shards_)
+      for (const StTensorInfo& t : f.tensors())
+        out.push_back({t.name, st_dtype_name(t.dtype), t.shape});
+    return out;
+  }
+
+ private:
+  void open_shards(const fs::path& dir, const fs::path& index_path) {
+    const json index = parse_json_file(index_path);
+    QL_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), index_path.string(),
+             ": missing object field 'weight_map'");
+    std::map<std::string, size_t> shard_of_file;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      QL_CHECK(file.is_string(), index_path.string(), ": weight_map['", name,
+               "'] must be a file name, got ", file.dump());
+      const std::string f = file.get<std::string>();
+      if (shard_of_file.try_emplace(f, shards_.size()).second)
+        shards_.push_back(SafetensorsFile::open(dir / f));
+      QL_CHECK(shards_[shard_of_file.at(f)].find(name) != nullptr, index_path.string(),
+               ": weight_map puts '", name, "' in ", f, ", which does not contain it");
+    }
+    QL_CHECK(!shards_.empty(), index_path.string(), ": weight_map is empty");
+  }
+
+  std::vector<SafetensorsFile> shards_;
+  std::map<std::string, std::pair<size_t, const StTensorInfo*>> where_;
+};
+
+// The runtime has biases on q/k/v only (Qwen2, Llama attention_bias); any other stored bias is
+// refused rather than silently dropped.
+Linear load_linear(const HfWeights& w, const std::string& prefix, int64_t out, int64_t in,
+                   bool bias) {
+  Linear lin;
+  lin.weight = w.get(prefix + ".weight", {out, in});
+  if (bias)
+    lin.bias = w.get(prefix + ".bias", {out});
+  else
+    QL_CHECK(!w.has(prefix + ".bias"), w.file_of(prefix + ".bias"), ": tensor '", prefix,
+             ".bias' is not supported (only q/k/v biases are, with Qwen2 or attention_bias)");
+  return lin;
+}
+
+std::shared_ptr<const Tokenizer> load_folder_tokenizer(const fs::path& dir) {
+  if (fs::exists(dir / "tokenizer.json"))
+    return std::make_shared<const Tokenizer>(read_hf_tokenizer(dir / "tokenizer.json"));
+  if (fs::exists(dir / "tokenizer.model"))
+    return std::make_shared<const Tokenizer>(read_sentencepiece_model(dir / "tokenizer.model"));
+  return nullptr;
+}
+
+// Shortest decimal that reads back as `f`, so config.json shows 1e-05 rather than 9.99999974e-06.
+double json_float(float f) {
+  char buf[32];
+  const auto res = std::to_chars(buf, buf + sizeof(buf) - 1, f);
+  *res.ptr = '\0';
+  return std::strtod(buf, nullptr);
+}
+
+json config_to_json(const Model& model) {
+  const ModelConfig& c = model.config;
+  // Llama's attention_bias would also add an o_proj bias; Qwen2 has exactly q/k/v biases.
+  const bool qwen2 = c.arch == "qwen2" || c.qkv_bias;
+  json j;
+  j["architectures"] = json::array({qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"});
+  j["model_type"] = qwen2 ? "qwen2" : "llama";
+  j["hidden_act"] = "silu";
+  j["hidden_size"] = c.dim;
+  j["intermediate_size"] = c.hidden_dim;
+  j["num_hidden_layers"] = c.n_layers;
+  j["num_attention_heads"] = c.n_heads;
+  j["num_key_value_heads"] = c.n_kv_heads;
+  j["head_dim"] = c.head_dim;
+  j["max_position_embeddings"] = c.context_length;
+  j["rms_norm_eps"] = json_float(c.norm_eps);
+  j["rope_theta"] = json_float(c.rope_theta);
+  if (c.rope_scaling.type == RopeScaling::Type::Linear) {
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", json_float(c.rope_scaling.factor)}};
+  } else if (c.rope_scaling.type == RopeScaling::Type::Llama3) {
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", json_float(c.rope_scaling.factor)},
+                         {"low_freq_factor", json_float(c.rope_scaling.low_freq_factor)},
+                         {"high_freq_factor", json_float(c.rope_scaling.high_freq_factor)},
+                         {"original_max_position_embeddings", c.rope_scaling.original_context}};
+  }
+  j["vocab_size"] = c.vocab_size;
+  j["tie_word_embeddings"] = model.output.empty();
+  if (qwen2) j["use_sliding_window"] = false;
+  j["torch_dtype"] = "float32";
+  if (model.tokenizer) {
+    if (model.tokenizer->bos_id() >= 0) j["bos_token_id"] = model.tokenizer->bos_id();
+    if (model.tokenizer->eos_id() >= 0) j["eos_token_id"] = model.tokenizer->eos_id();
+  }
+  if (!c.name.empty()) j["_name_or_path"] = c.name;
+  return j;
+}
+
+void add_linear(std::vector<StWriteTensor>& out, const std::string& prefix, const Linear& lin) {
+  out.push_back(st_f32(prefix + ".weight", lin.weight));
+  if (!lin.bias.empty()) out.push_back(st_f32(prefix + ".bias", lin.bias));
+}
+
+// q_proj/k_proj (weight and bias) in the Hugging Face "halves" RoPE layout.
+Linear rope_linear_to_hf(const Linear& lin, int64_t n_heads, int64_t head_dim) {
+  Linear out;
+  out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, true);
+  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, true);
+  return out;
+}
+
+}  // namespace
+
+Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf) {
+  QL_CHECK(head_dim > 0 && head_dim % 2 == 0,
+           "permute_rope_rows: head_dim must be positive and even, got ", head_dim);
+  QL_CHECK(w.rank() >= 1 && w.dim(0) == n_heads * head_dim, "permute_rope_rows: tensor shape ",
+           shape_str(w.shape()), " expected ", n_heads * head_dim, " rows (", n_heads, " heads x ",
+           head_dim, ")");
+  const int64_t rows = w.dim(0);
+  const size_t row_len = rows == 0 ? 0 : static_cast<size_t>(w.numel() / rows);
+  const int64_t half = head_dim / 2;
+  Tensor out = Tensor::zeros(w.shape());
+  float* dst = out.mutable_data();
+  // Pair layout row (h, 2i + j) holds what the halves layout keeps at row (h, j * d/2 + i).
+  for (int64_t h = 0; h < n_heads; ++h)
+    for (int64_t i = 0; i < half; ++i)
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t pair_row = h * head_dim + 2 * i + j;
+        const int64_t halves_row = h * head_dim + j * half + i;
+        const int64_t from = to_hf ? pair_row : halves_row;
+        const int64_t to = to_hf ? halves_row : pair_row;
+        std::memcpy(dst + static_cast<size_t>(to) * row_len,
+                    w.data() + static_cast<size_t>(from) * row_len, row_len * sizeof(float));
+      }
+  return out;
+}
+
+Model load_hf_model(const fs::path& dir) {
+  const fs::path config_path = dir / "config.json";
+  const json config = parse_json_file(config_path);
+  Model m;
+  // The config goes first so that, e.g., a GPTQ folder is named as such before its tensors fail.
+  m.config = parse_config(config, config_path.string(), dir);
+  const HfWeights w(dir);
+  // Without the field transformers would randomly initialise a missing lm_head; treating a
+  // missing head as tied is the only useful reading.
+  if (!ConfigJson(config, config_path.string()).has("tie_word_embeddings"))
+    m.config.tied_embeddings = !w.has("lm_head.weight");
+  const ModelConfig& c = m.config;
+  m.format = ModelFormat::HuggingFace;
+  m.source_path = dir.string();
+  m.source_tensors = w.source_tensors();
+
+  m.tok_embeddings = w.get("model.embed_tokens.weight", {c.vocab_size, c.dim});
+  // Layer by layer, so that an absurd num_hidden_layers fails at the first missing tensor.
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    LayerWeights& L = m.layers.emplace_back();
+    const std::string p = cat("model.layers.", l, ".");
+    L.attn_norm = w.get(p + "input_layernorm.weight", {c.dim});
+    L.q = load_linear(w, p + "self_attn.q_proj", c.q_dim(), c.dim, c.qkv_bias);
+    L.k = load_linear(w, p + "self_attn.k_proj", c.kv_dim(), c.dim, c.qkv_bias);
+    L.v = load_linear(w, p + "self_attn.v_proj", c.kv_dim(), c.dim, c.qkv_bias);
+    L.o = load_linear(w, p + "self_attn.o_proj", c.dim, c.q_dim(), false);
+    L.ffn_norm = w.get(p + "post_attention_layernorm.weight", {c.dim});
+    L.gate = load_linear(w, p + "mlp.gate_proj", c.hidden_dim, c.dim, false);
+    L.up = load_linear(w, p + "mlp.up_proj", c.hidden_dim, c.dim, false);
+    L.down = load_linear(w, p + "mlp.down_proj", c.dim, c.hidden_dim, false);
+
+    L.q.weight = permute_rope_rows(L.q.weight, c.n_heads, c.head_dim, false);
+    L.k.weight = permute_rope_rows(L.k.weight, c.n_kv_heads, c.head_dim, false);
+    if (!L.q.bias.empty()) L.q.bias = permute_rope_rows(L.q.bias, c.n_heads, c.head_dim, false);
+    if (!L.k.bias.empty()) L.k.bias = permute_rope_rows(L.k.bias, c.n_kv_heads, c.head_dim, false);
+  }
+  m.final_norm = w.get("model.norm.weight", {c.dim});
+  if (!c.tied_embeddings) m.output = w.get("lm_head.weight", {c.vocab_size, c.dim});
+  m.tokenizer = load_folder_tokenizer(dir);
+  return m;
+}
+
+void save_hf_model(const Model& model, const fs::path& dir) {
+  const ModelConfig& c = model.config;
+  // config.json can only describe RoPE by rope_scaling parameters, not by a table of divisors.
+  QL_CHECK(c.rope_freq_factors.empty(), dir.string(),
+           ": this model's per-frequency RoPE factors (GGUF rope_freqs.weight) have no config.json "
+           "equivalent; it cannot be saved as a Hugging Face folder");
+  std::vector<StWriteTensor> tensors;
+  tensors.push_back(st_f32("model.embed_tokens.weight", model.tok_embeddings));
+  for (size_t l = 0; l < model.layers.size(); ++l) {
+    const LayerWeights& L = model.layers[l];
+    const std::string p = cat("model.layers.", l, ".");
+    tensors.push_back(st_f32(p + "input_layernorm.weight", L.attn_norm));
+    add_linear(tensors, p + "self_attn.q_proj", rope_linear_to_hf(L.q, c.n_heads, c.head_dim));
+    add_linear(tensors, p + "self_attn.k_proj", rope_linear_to_hf(L.k, c.n_kv_heads, c.head_dim));
+    add_linear(tensors, p + "self_attn.v_proj", L.v);
+    add_linear(tensors, p + "self_attn.o_proj", L.o);
+    tensors.push_back(st_f32(p + "post_attention_layernorm.weight", L.ffn_norm));
+    add_linear(tensors, p + "mlp.gate_proj", L.gate);
+    add_linear(tensors, p + "mlp.up_proj", L.up);
+    add_linear(tensors, p + "mlp.down_proj", L.down);
+  }
+  tensors.push_back(st_f32("model.norm.weight", model.final_norm));
+  if (!model.output.empty()) tensors.push_back(st_f32("lm_head.weight", model.output));
+
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
+  // transformers refuses safetensors files whose metadata lacks a known "format".
+  write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
+  write_file_atomic(dir / "config.json", config_to_json(model).dump(2) + "\n");
+  if (model.tokenizer) write_hf_tokenizer(model.tokenizer->data(), dir);
+}
+
+}  // namespace qalora
