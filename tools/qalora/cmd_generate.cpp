@@ -1,6 +1,58 @@
-// Placeholder until the generate subcommand lands.
+// qalora generate: continue a prompt, streaming the text to stdout as it is produced.
+#include <cstdio>
+#include <memory>
+
+#include "cli_common.h"
 #include "commands.h"
+#include "qalora/tokenizer/tokenizer.h"
 
 namespace qalora::cli {
-void register_generate(CLI::App&) {}
+
+namespace {
+
+struct GenerateArgs {
+  ModelArgs model;
+  std::string prompt;
+  SamplingArgs sampling;
+  int64_t ctx = 0;
+  bool no_bos = false;
+};
+
+void run_generate(const GenerateArgs& args) {
+  const SamplerConfig sampling = resolve_sampling(args.sampling);
+  const Model model = load_model(args.model);
+  const Tokenizer& tok = model.require_tokenizer();
+  const std::vector<int32_t> prompt = encode_prompt(tok, args.prompt, !args.no_bos);
+  InferenceSession session(model, resolve_ctx(model, args.ctx));
+  Sampler sampler(sampling);
+
+  // The prompt goes through the decoder too, so the first generated token is decoded in
+  // context (SentencePiece drops the leading space of a text's first piece only).
+  StreamDecoder decoder(tok);
+  std::string echo;
+  for (int32_t t : prompt)
+    if (!tok.is_special(t)) echo += decoder.push(t);
+  print_now(echo);
+
+  const int32_t stop[] = {tok.eos_id()};
+  const GenerationStats stats = generate(session, sampler, prompt, args.sampling.max_tokens, stop,
+                                         [&](int32_t t) { print_now(decoder.push(t)); });
+  print_now(decoder.flush() + "\n");
+  std::fprintf(stderr, "%s (seed %llu)\n", format_generation_stats(stats).c_str(),
+               static_cast<unsigned long long>(sampling.seed));
+}
+
+}  // namespace
+
+void register_generate(CLI::App& app) {
+  auto args = std::make_shared<GenerateArgs>();
+  CLI::App* cmd = add_command(app, "generate", "Continue a prompt (streams tokens to stdout)");
+  add_model_args(cmd, args->model);
+  cmd->add_option("-p,--prompt", args->prompt, "text to continue")->required();
+  add_sampling_args(cmd, args->sampling, 128);
+  add_ctx_arg(cmd, args->ctx);
+  cmd->add_flag("--no-bos", args->no_bos, "do not prepend the BOS token");
+  cmd->callback([args] { run_generate(*args); });
+}
+
 }  // namespace qalora::cli

@@ -1,6 +1,185 @@
-// Placeholder until the info subcommand lands.
+// qalora info: what a model file holds — format, configuration, tensor types, tokenizer and
+// chat template — as text or JSON.
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "cli_common.h"
 #include "commands.h"
+#include "qalora/core/error.h"
+#include "qalora/model/chat.h"
 
 namespace qalora::cli {
-void register_info(CLI::App&) {}
+
+namespace {
+
+// Keys keep their insertion order, so the text view follows the same order.
+using Json = nlohmann::ordered_json;
+
+struct InfoArgs {
+  ModelArgs model;
+  bool tensors = false;
+  bool json = false;
+};
+
+// A float widened to double prints as 9.99999974737875e-06; its shortest decimal form reads
+// as the 1e-05 that the model file meant.
+double decimal(float v) {
+  return std::stod(cat(v));
+}
+
+const char* rope_scaling_name(RopeScaling::Type t) {
+  switch (t) {
+    case RopeScaling::Type::None:
+      return "none";
+    case RopeScaling::Type::Linear:
+      return "linear";
+    case RopeScaling::Type::Llama3:
+      return "llama3";
+  }
+  return "?";
+}
+
+Json special_token(const Tokenizer& tok, int32_t id) {
+  if (id < 0) return nullptr;
+  return {{"id", id}, {"piece", tok.piece(id)}};
+}
+
+Json describe(const Model& model, bool list_tensors) {
+  const ModelConfig& c = model.config;
+  Json config = {{"dim", c.dim},
+                 {"n_layers", c.n_layers},
+                 {"n_heads", c.n_heads},
+                 {"n_kv_heads", c.n_kv_heads},
+                 {"head_dim", c.head_dim},
+                 {"hidden_dim", c.hidden_dim},
+                 {"vocab_size", c.vocab_size},
+                 {"context_length", c.context_length},
+                 {"rope_theta", decimal(c.rope_theta)},
+                 {"norm_eps", decimal(c.norm_eps)},
+                 {"tied_embeddings", c.tied_embeddings},
+                 {"qkv_bias", c.qkv_bias}};
+  config["rope_scaling"] = {{"type", rope_scaling_name(c.rope_scaling.type)}};
+  if (c.rope_scaling.type != RopeScaling::Type::None) {
+    config["rope_scaling"]["factor"] = decimal(c.rope_scaling.factor);
+    if (c.rope_scaling.type == RopeScaling::Type::Llama3) {
+      config["rope_scaling"]["low_freq_factor"] = decimal(c.rope_scaling.low_freq_factor);
+      config["rope_scaling"]["high_freq_factor"] = decimal(c.rope_scaling.high_freq_factor);
+      config["rope_scaling"]["original_context"] = c.rope_scaling.original_context;
+    }
+  }
+
+  std::map<std::string, int64_t> type_counts;
+  Json tensors = Json::array();
+  for (const SourceTensor& t : model.source_tensors) {
+    ++type_counts[t.type];
+    if (list_tensors) tensors.push_back({{"name", t.name}, {"type", t.type}, {"shape", t.shape}});
+  }
+
+  Json info = {{"path", model.source_path},  {"format", model_format_name(model.format)},
+               {"architecture", c.arch},     {"name", c.name},
+               {"config", config},           {"parameters", model.parameter_count()},
+               {"tensor_types", type_counts}};
+  if (list_tensors) info["tensors"] = tensors;
+
+  if (!model.tokenizer) {
+    info["tokenizer"] = nullptr;
+    return info;
+  }
+  const Tokenizer& tok = *model.tokenizer;
+  const TokenizerData& d = tok.data();
+  info["tokenizer"] = {{"kind", d.kind == TokenizerKind::Gpt2 ? "gpt2" : "sentencepiece"},
+                       {"vocab_size", tok.vocab_size()},
+                       {"add_bos", tok.add_bos()},
+                       {"bos", special_token(tok, tok.bos_id())},
+                       {"eos", special_token(tok, tok.eos_id())},
+                       {"unk", special_token(tok, tok.unk_id())},
+                       {"pad", special_token(tok, tok.pad_id())},
+                       {"pad_is_fallback", d.pad_id < 0}};
+  if (d.kind == TokenizerKind::Gpt2) info["tokenizer"]["pre"] = d.pre;
+  const auto chat = ChatTemplate::detect(tok);
+  info["chat_template"] = chat ? Json{{"format", chat_format_name(chat->format())},
+                                      {"default_system", chat->default_system()},
+                                      {"in_model", !d.chat_template.empty()}}
+                               : Json(nullptr);
+  return info;
+}
+
+// One-line text for a value: strings unquoted, objects as "key=value, ...".
+std::string compact(const Json& j) {
+  if (j.is_string()) return j.get<std::string>();
+  if (!j.is_object()) return j.dump();
+  std::string out;
+  for (const auto& [key, value] : j.items())
+    out += (out.empty() ? "" : ", ") + key + "=" + compact(value);
+  return out;
+}
+
+void print_text(const Json& info) {
+  const auto line = [](const std::string& key, const std::string& value) {
+    std::printf("%-18s %s\n", (key + ":").c_str(), value.c_str());
+  };
+  line("file", compact(info["path"]));
+  line("format", compact(info["format"]));
+  line("architecture", compact(info["architecture"]));
+  if (!info["name"].get<std::string>().empty()) line("name", compact(info["name"]));
+  for (const auto& [key, value] : info["config"].items()) line("  " + key, compact(value));
+  line("parameters", compact(info["parameters"]));
+  std::string types;
+  for (const auto& [type, count] : info["tensor_types"].items())
+    types += (types.empty() ? "" : ", ") + type + " x" + compact(count);
+  line("tensor types", types);
+
+  const Json& tok = info["tokenizer"];
+  if (tok.is_null()) {
+    line("tokenizer", "none (pass --tokenizer FILE)");
+  } else {
+    line("tokenizer", compact(tok["kind"]) + ", " + compact(tok["vocab_size"]) + " tokens" +
+                          (tok["add_bos"].get<bool>() ? ", adds BOS" : ""));
+    for (const char* name : {"bos", "eos", "unk", "pad"}) {
+      const Json& t = tok[name];
+      std::string value = t.is_null() ? "none" : compact(t["id"]) + " " + t["piece"].dump();
+      if (std::string(name) == "pad" && tok["pad_is_fallback"].get<bool>()) value += " (fallback)";
+      line(std::string("  ") + name, value);
+    }
+    const Json& chat = info["chat_template"];
+    line("chat template", chat.is_null()
+                              ? "none"
+                              : compact(chat["format"]) +
+                                    (chat["in_model"].get<bool>() ? "" : " (from the vocabulary)"));
+    if (!chat.is_null() && !chat["default_system"].get<std::string>().empty())
+      line("  default system", chat["default_system"].dump());
+  }
+
+  if (info.contains("tensors")) {
+    std::printf("\n");
+    for (const auto& t : info["tensors"])
+      std::printf("%-40s %-6s %s\n", compact(t["name"]).c_str(), compact(t["type"]).c_str(),
+                  t["shape"].dump().c_str());
+  }
+}
+
+void run_info(const InfoArgs& args) {
+  const Json info = describe(load_model(args.model), args.tensors);
+  if (args.json) {
+    std::printf("%s\n", info.dump(2).c_str());
+  } else {
+    print_text(info);
+  }
+}
+
+}  // namespace
+
+void register_info(CLI::App& app) {
+  auto args = std::make_shared<InfoArgs>();
+  CLI::App* cmd =
+      add_command(app, "info", "Describe a model: format, configuration, tensors, tokenizer");
+  add_model_args(cmd, args->model, /*positional=*/true);
+  cmd->add_flag("--tensors", args->tensors, "list every tensor with its type and shape");
+  cmd->add_flag("--json", args->json, "machine-readable output");
+  cmd->callback([args] { run_info(*args); });
+}
+
 }  // namespace qalora::cli

@@ -1,0 +1,145 @@
+#include "cli_common.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+
+#include "qalora/core/error.h"
+
+namespace qalora::cli {
+
+CLI::App* add_command(CLI::App& app, const std::string& name, const std::string& description) {
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    std::string message = e.what();
+    std::replace(message.begin(), message.end(), '\n', ' ');
+    return "error: " + message + "\n";
+  });
+  return app.add_subcommand(name, description);
+}
+
+void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional) {
+  const char* model_help = "model: .gguf file, Hugging Face folder, or llama2.c .bin";
+  if (positional) {
+    cmd->add_option("model", args.model, model_help)->required();
+  } else {
+    cmd->add_option("-m,--model", args.model, model_help)->required();
+  }
+  cmd->add_option("--tokenizer", args.tokenizer,
+                  "tokenizer file (tokenizer.model, tokenizer.json, llama2.c tok*.bin); "
+                  "needed for llama2.c checkpoints");
+  cmd->add_option("-t,--threads", args.threads, "threads (0 = all cores)")->capture_default_str();
+}
+
+Model load_model(const ModelArgs& args) {
+  QL_CHECK(args.threads >= 0, "--threads must be >= 0 (0 = all cores), got ", args.threads);
+  QL_CHECK(std::filesystem::exists(args.model), "model not found: ", args.model);
+  QL_CHECK(args.tokenizer.empty() || std::filesystem::exists(args.tokenizer),
+           "--tokenizer: file not found: ", args.tokenizer);
+  set_num_threads(args.threads);
+  return qalora::load_model(args.model, {.tokenizer = args.tokenizer});
+}
+
+void add_ctx_arg(CLI::App* cmd, int64_t& ctx, int64_t default_ctx) {
+  ctx = default_ctx;
+  cmd->add_option("-c,--ctx", ctx, "context length (0 = the model's)")->capture_default_str();
+}
+
+int64_t resolve_ctx(const Model& model, int64_t requested) {
+  const int64_t model_ctx = model.config.context_length;
+  QL_CHECK(requested >= 0, "--ctx must be >= 0 (0 = the model's ", model_ctx, "), got ", requested);
+  QL_CHECK(requested <= model_ctx, "--ctx ", requested, " exceeds the model's context length ",
+           model_ctx);
+  return requested;
+}
+
+std::vector<int32_t> encode_prompt(const Tokenizer& tok, const std::string& prompt, bool add_bos) {
+  QL_CHECK(!prompt.empty(), "--prompt is empty: expected the text to start from");
+  return tok.encode(prompt, add_bos && tok.add_bos());
+}
+
+void add_sampling_args(CLI::App* cmd, SamplingArgs& args, int64_t default_max_tokens) {
+  args.max_tokens = default_max_tokens;
+  cmd->add_option("-n,--n-predict", args.max_tokens, "maximum number of tokens to generate")
+      ->capture_default_str();
+  cmd->add_option("--temp", args.config.temperature, "temperature (0 = greedy)")
+      ->capture_default_str();
+  cmd->add_option("--top-k", args.config.top_k, "keep the k most likely tokens (0 = all)")
+      ->capture_default_str();
+  cmd->add_option("--top-p", args.config.top_p, "nucleus sampling mass (1 = off)")
+      ->capture_default_str();
+  cmd->add_option("--repeat-penalty", args.config.repeat_penalty,
+                  "penalty for tokens of the last 64 (1 = off)")
+      ->capture_default_str();
+  args.seed_option = cmd->add_option("--seed", args.config.seed, "random seed (default: random)");
+}
+
+SamplerConfig resolve_sampling(const SamplingArgs& args) {
+  QL_CHECK(args.max_tokens >= 1, "-n must be >= 1, got ", args.max_tokens);
+  SamplerConfig config = args.config;
+  if (args.seed_option->count() == 0) config.seed = std::random_device{}();
+  return config;
+}
+
+GenerationStats generate(InferenceSession& session, Sampler& sampler,
+                         std::span<const int32_t> prompt, int64_t max_tokens,
+                         std::span<const int32_t> stop,
+                         const std::function<void(int32_t)>& on_token) {
+  QL_CHECK(session.position() + static_cast<int64_t>(prompt.size()) <= session.max_context(),
+           "prompt of ", prompt.size(), " tokens does not fit the context of ",
+           session.max_context(), " (", session.position(), " already used): raise --ctx");
+  GenerationStats stats;
+  stats.prompt_tokens = static_cast<int64_t>(prompt.size());
+  for (int32_t t : prompt) sampler.accept(t);
+
+  auto start = std::chrono::steady_clock::now();
+  std::vector<float> logits = session.forward_last(prompt);
+  stats.prompt_seconds = seconds_since(start);
+
+  start = std::chrono::steady_clock::now();
+  while (stats.generated < max_tokens) {
+    const int32_t token = sampler.sample(logits);
+    if (std::find(stop.begin(), stop.end(), token) != stop.end()) {
+      stats.stop = StopReason::StopToken;
+      break;
+    }
+    on_token(token);
+    ++stats.generated;
+    if (stats.generated == max_tokens) break;
+    if (session.position() == session.max_context()) {
+      stats.stop = StopReason::ContextFull;
+      break;
+    }
+    const int32_t next[] = {token};
+    logits = session.forward_last(next);
+  }
+  stats.generate_seconds = seconds_since(start);
+  return stats;
+}
+
+std::string format_generation_stats(const GenerationStats& s) {
+  const auto rate = [](int64_t n, double seconds) {
+    return seconds > 0 ? static_cast<double>(n) / seconds : 0.0;
+  };
+  char buf[256];
+  std::snprintf(
+      buf, sizeof buf,
+      "prompt %lld tokens (%.1f tok/s), generated %lld tokens (%.1f tok/s), stopped by %s",
+      static_cast<long long>(s.prompt_tokens), rate(s.prompt_tokens, s.prompt_seconds),
+      static_cast<long long>(s.generated), rate(s.generated, s.generate_seconds),
+      s.stop == StopReason::Limit       ? "the token limit"
+      : s.stop == StopReason::StopToken ? "a stop token"
+                                        : "the context length");
+  return buf;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void print_now(const std::string& text) {
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fflush(stdout);
+}
+
+}  // namespace qalora::cli

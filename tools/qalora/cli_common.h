@@ -1,0 +1,78 @@
+// Options and steps shared by the inference subcommands: loading a model, encoding a prompt,
+// sampling settings, and the token-by-token generation loop.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qalora/model/model.h"
+#include "qalora/model/runtime.h"
+#include "qalora/model/sampler.h"
+
+namespace qalora::cli {
+
+// Adds a subcommand. Also makes CLI11's own parse errors (unknown option, missing value) one
+// "error: ..." line like every other failure.
+CLI::App* add_command(CLI::App& app, const std::string& name, const std::string& description);
+
+struct ModelArgs {
+  std::string model;
+  std::string tokenizer;
+  int threads = 0;
+};
+// --model (or a positional MODEL), --tokenizer, --threads.
+void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional = false);
+// Sets the thread count and loads the model; a missing file is reported with its option.
+Model load_model(const ModelArgs& args);
+
+// --ctx: KV cache length; 0 = the model's context length. Throws when above it.
+void add_ctx_arg(CLI::App* cmd, int64_t& ctx, int64_t default_ctx = 0);
+int64_t resolve_ctx(const Model& model, int64_t requested);
+
+// Token ids of a non-empty prompt, with BOS when the tokenizer adds one and add_bos is set.
+std::vector<int32_t> encode_prompt(const Tokenizer& tok, const std::string& prompt, bool add_bos);
+
+struct SamplingArgs {
+  SamplerConfig config;
+  int64_t max_tokens = 128;
+  CLI::Option* seed_option = nullptr;
+};
+// -n, --temp, --top-k, --top-p, --repeat-penalty, --seed.
+void add_sampling_args(CLI::App* cmd, SamplingArgs& args, int64_t default_max_tokens);
+// The sampler config; a random seed when --seed was not given.
+SamplerConfig resolve_sampling(const SamplingArgs& args);
+
+enum class StopReason { Limit, StopToken, ContextFull };
+
+struct GenerationStats {
+  int64_t prompt_tokens = 0;
+  double prompt_seconds = 0;
+  int64_t generated = 0;
+  double generate_seconds = 0;
+  StopReason stop = StopReason::Limit;
+  // Every generated token is in the cache, except the last one when the limit or the context
+  // ended generation (a stop token is never fed nor passed on).
+  bool last_token_fed() const { return stop == StopReason::StopToken; }
+};
+
+// Feeds `prompt` at the session's position, then samples up to `max_tokens` tokens, calling
+// `on_token` for each. Ends early at a token of `stop` (not passed on, not fed) or when the
+// cache is full.
+GenerationStats generate(InferenceSession& session, Sampler& sampler,
+                         std::span<const int32_t> prompt, int64_t max_tokens,
+                         std::span<const int32_t> stop,
+                         const std::function<void(int32_t)>& on_token);
+// "prompt 3 tokens (1234.5 tok/s), generated 60 tokens (567.8 tok/s), stopped by the token limit"
+std::string format_generation_stats(const GenerationStats& stats);
+
+double seconds_since(std::chrono::steady_clock::time_point start);
+
+// Writes text to stdout at once, so streamed tokens appear as they are produced.
+void print_now(const std::string& text);
+
+}  // namespace qalora::cli
