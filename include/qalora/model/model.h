@@ -100,10 +100,15 @@ struct LoadOptions {
 Model load_model(const std::filesystem::path& path, const LoadOptions& options = {});
 
 Model load_gguf_model(const std::filesystem::path& path);
+// config.json (Llama / Mistral / Qwen2; quantization_config is refused for now) +
+// model.safetensors or the shards of model.safetensors.index.json + tokenizer.json (else
+// tokenizer.model; else no tokenizer).
 Model load_hf_model(const std::filesystem::path& dir);
+// Finds tok<vocab>.bin or tokenizer.bin beside the checkpoint; no tokenizer when neither exists.
 Model load_llama2c_model(const std::filesystem::path& path);
-// Writes config.json + model.safetensors (F32) + tokenizer files when the model has a
-// GPT-2 tokenizer (tokenizer.json); q/k rows are permuted to the Hugging Face RoPE layout.
+// Creates `dir` and writes config.json + model.safetensors (F32) + tokenizer.json and
+// tokenizer_config.json when the model has a tokenizer, all atomically; q/k rows are permuted to
+// the Hugging Face RoPE layout. Refuses models with per-frequency RoPE factors.
 void save_hf_model(const Model& model, const std::filesystem::path& dir);
 
 // Inverse frequencies of the head_dim / 2 rotary pairs, scaling applied; position p of pair
