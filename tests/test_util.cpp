@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -23,10 +24,15 @@ std::filesystem::path smollm2_path() {
   return base / "qalora" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
-std::filesystem::path temp_dir() {
+static std::filesystem::path test_scratch_path() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::filesystem::path dir = std::filesystem::path(QALORA_TEST_TMP) /
-                              (std::string(info->test_suite_name()) + "." + info->name());
+  std::string name = std::string(info->test_suite_name()) + "." + info->name();
+  std::replace(name.begin(), name.end(), '/', '_');  // parameterized test names contain '/'
+  return std::filesystem::path(QALORA_TEST_TMP) / name;
+}
+
+std::filesystem::path temp_dir() {
+  const std::filesystem::path dir = test_scratch_path();
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
@@ -40,7 +46,10 @@ static std::string slurp(const std::filesystem::path& p) {
 }
 
 CliResult run_cli(const std::vector<std::string>& args) {
-  const std::filesystem::path dir = temp_dir() / "cli";
+  // Beside the test's temp_dir(), so that files a test prepared there survive the call.
+  static int calls = 0;
+  const std::filesystem::path dir =
+      test_scratch_path().string() + ".cli" + std::to_string(calls++);
   std::filesystem::create_directories(dir);
   const auto out_path = dir / "stdout", err_path = dir / "stderr";
   const pid_t pid = fork();

@@ -29,7 +29,7 @@ std::filesystem::path smollm2_path();
                    << " (run scripts/setup.sh)";                                          \
   } while (0)
 
-// A fresh, empty folder for this test under the build tree.
+// A fresh, empty folder for this test under the build tree (emptied on each call).
 std::filesystem::path temp_dir();
 
 struct CliResult {

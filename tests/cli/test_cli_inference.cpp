@@ -30,13 +30,6 @@ const std::string kZooContinuation =
     "a big, red ball. She wanted to play with it, but she didn't want to play with";
 constexpr int kLlama2cSteps = 60;
 
-// Files a test writes or reads: run_cli() empties temp_dir() on every call, so they live beside it.
-fs::path work_dir() {
-  const fs::path dir = test::temp_dir().string() + ".files";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
 
 void expect_one_line_error(const test::CliResult& r) {
   EXPECT_NE(r.exit_code, 0);
@@ -132,7 +125,7 @@ TEST(CliLogits, IdsGiveTheSameLogitsAsThePrompt) {
 TEST(CliPerplexity, StoriesOnTinyStoriesIsLow) {
   QL_REQUIRE_DATA(kStories / "stories260K.gguf");
   QL_REQUIRE_DATA("text/tinystories_val.txt");
-  const fs::path metrics = work_dir() / "ppl.jsonl";
+  const fs::path metrics = test::temp_dir() / "ppl.jsonl";
   const auto r = run_cli({"perplexity", "--model", stories("stories260K.gguf"), "--text",
                           (test::data_dir() / "text/tinystories_val.txt").string(), "--max-windows",
                           "2", "--metrics", metrics.string()});
@@ -180,7 +173,7 @@ TEST(CliErrors, IdsOutOfRange) {
 
 TEST(CliErrors, Llama2cCheckpointWithoutTokenizer) {
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
-  const fs::path alone = work_dir() / "stories260K.bin";
+  const fs::path alone = test::temp_dir() / "stories260K.bin";
   fs::copy_file(stories("stories260K.bin"), alone);
   const auto r = run_cli({"generate", "--model", alone.string(), "--prompt", "Zoo"});
   expect_one_line_error(r);
@@ -201,7 +194,7 @@ TEST(CliErrors, MissingTextFile) {
 
 TEST(CliErrors, EmptyTextFile) {
   QL_REQUIRE_DATA(kStories / "stories260K.gguf");
-  const fs::path empty = work_dir() / "empty.txt";
+  const fs::path empty = test::temp_dir() / "empty.txt";
   std::ofstream(empty).close();
   const auto r =
       run_cli({"perplexity", "--model", stories("stories260K.gguf"), "--text", empty.string()});

@@ -36,6 +36,9 @@ struct ForwardCase {
   const char* label;
 };
 
+// Names the case in test listings instead of dumping its bytes.
+void PrintTo(const ForwardCase& c, std::ostream* os) { *os << c.label; }
+
 class ForwardVsReference : public ::testing::TestWithParam<ForwardCase> {};
 
 TEST_P(ForwardVsReference, PrefillThenDecodeMatchesDoubleReference) {
