@@ -40,14 +40,20 @@ struct GgmlTypeTraits {
   int64_t block_size;  // elements per block
   size_t block_bytes;  // bytes per block
   bool can_dequantize;
+  bool can_quantize;  // quantize_row supports it (the GGUF export types)
 };
 // nullptr for a type number this reader does not know.
 const GgmlTypeTraits* ggml_type_traits(uint32_t type);
 const char* ggml_type_name(GgmlType type);
 // Bytes of a row of n elements; throws when n is not a multiple of the block size.
 size_t ggml_row_bytes(GgmlType type, int64_t n);
-// Dequantizes n elements (n a multiple of the block size) to fp32.
+// Dequantizes n elements (n a multiple of the block size) to fp32, bit-exact with ggml's
+// reference dequantizers. `src` needs no particular alignment.
 void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
+// Encodes n elements (n a multiple of the block size) as F32, F16, BF16, Q8_0, Q4_0 or Q4_1,
+// byte-identical to ggml's reference (round-to-nearest) quantizers. Throws Error for other
+// types and for non-finite input to the block types.
+void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 
 enum class GgufValueType : uint32_t {
   U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7,
@@ -83,6 +89,8 @@ class GgufFile {
 
   bool has(std::string_view key) const;
   const GgufValue* find(std::string_view key) const;
+  // The stored type of a key (ARRAY for arrays; GgufArray::type is the element type).
+  std::optional<GgufValueType> value_type(std::string_view key) const;
   const std::map<std::string, GgufValue, std::less<>>& metadata() const { return kv_; }
   // Typed getters: throw Error naming key, expected and actual type when present but wrong;
   // the *_or forms return the fallback when the key is absent.
@@ -109,13 +117,22 @@ class GgufFile {
   size_t alignment_ = 32;
   size_t data_offset_ = 0;
   std::map<std::string, GgufValue, std::less<>> kv_;
+  std::map<std::string, GgufValueType, std::less<>> kv_types_;
   std::vector<GgufTensorInfo> tensors_;
+  std::map<std::string, size_t, std::less<>> tensor_index_;
 };
 
-// Builds a GGUF v3 file in memory order and writes it atomically.
+// Builds a GGUF v3 file in memory and writes it atomically. Keys and tensors keep the order in
+// which they were first added; setting a key again replaces its value. The alignment is 32
+// unless "general.alignment" is set (a u32 power of two).
 class GgufWriter {
  public:
-  void set(std::string key, GgufValue value, GgufValueType scalar_type);
+  // `type` is the on-disk type: a scalar type for scalars, ARRAY for arrays (whose elements,
+  // nested arrays included, are written as GgufArray::type). Throws Error when the value does
+  // not fit the type.
+  void set(std::string key, GgufValue value, GgufValueType type);
+  // Copies a key with its stored type from another file; throws Error when it is missing.
+  void copy_kv(const GgufFile& src, std::string_view key);
   void set_u32(std::string key, uint32_t v);
   void set_f32(std::string key, float v);
   void set_bool(std::string key, bool v);
@@ -126,13 +143,15 @@ class GgufWriter {
   // `data` holds the tensor already encoded in `type` (ggml_row_bytes per row).
   void add_tensor(std::string name, const Shape& shape, GgmlType type, std::vector<uint8_t> data);
   void add_f32_tensor(std::string name, const Tensor& t);
+  // Encodes `t` row by row with quantize_row.
+  void add_quantized_tensor(std::string name, const Tensor& t, GgmlType type);
   void write(const std::filesystem::path& path) const;
 
  private:
   struct Entry {
     std::string key;
     GgufValue value;
-    GgufValueType type;  // for arrays: the element type
+    GgufValueType type;
   };
   struct PendingTensor {
     std::string name;
@@ -142,7 +161,6 @@ class GgufWriter {
   };
   std::vector<Entry> kv_;
   std::vector<PendingTensor> tensors_;
-  size_t alignment_ = 32;
 };
 
 }  // namespace qalora
