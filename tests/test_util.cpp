@@ -75,4 +75,14 @@ CliResult run_cli(const std::vector<std::string>& args) {
   return r;
 }
 
+void expect_one_line_error(const CliResult& r, const std::string& mentions) {
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  ASSERT_FALSE(r.err.empty());
+  EXPECT_TRUE(r.err.starts_with("error: ")) << r.err;
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "expected exactly one line: " << r.err;
+  if (!mentions.empty()) {
+    EXPECT_NE(r.err.find(mentions), std::string::npos) << r.err;
+  }
+}
+
 }  // namespace qalora::test

@@ -39,4 +39,8 @@ struct CliResult {
 };
 CliResult run_cli(const std::vector<std::string>& args);
 
+// A failed run: non-zero exit, and stderr is exactly one line "error: ..." that contains
+// `mentions` (a file name or field, when given).
+void expect_one_line_error(const CliResult& r, const std::string& mentions = "");
+
 }  // namespace qalora::test

@@ -113,41 +113,45 @@ Model load_gguf_model(const std::filesystem::path& path) {
     m.source_tensors.push_back({t.name, ggml_type_name(t.type), t.shape});
 
   const bool permute = kNeoxRopeArchs.contains(arch);
-  auto load = [&](const std::string& name) { return f.load_f32(name); };
-  auto load_optional = [&](const std::string& name) {
+  // Shapes are checked under the file's own tensor names, before anything is dequantized.
+  auto load = [&](const std::string& name, const Shape& shape) {
     const GgufTensorInfo* t = f.find_tensor(name);
-    return t != nullptr ? f.load_f32(*t) : Tensor();
+    QL_CHECK(t != nullptr, path.string(), ": tensor '", name, "' is missing");
+    QL_CHECK(t->shape == shape, path.string(), ": tensor '", name, "' has shape ",
+             shape_str(t->shape), ", expected ", shape_str(shape));
+    return f.load_f32(*t);
   };
   auto rope_rows = [&](Tensor t, int64_t heads) {
     return permute ? permute_rope_rows(t, heads, c.head_dim, /*to_hf=*/false) : t;
   };
 
+  const int64_t D = c.dim, F = c.hidden_dim, Q = c.q_dim(), KV = c.kv_dim();
   m.tok_embeddings = f.load_f32(*embd);
-  m.final_norm = load("output_norm.weight");
-  m.output = load_optional("output.weight");
+  m.final_norm = load("output_norm.weight", {D});
+  if (f.find_tensor("output.weight") != nullptr) m.output = load("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
-  if (const GgufTensorInfo* rf = f.find_tensor("rope_freqs.weight")) {
-    const Tensor factors = f.load_f32(*rf);
+  if (f.find_tensor("rope_freqs.weight") != nullptr) {
+    const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});
     c.rope_freq_factors.assign(factors.data(), factors.data() + factors.numel());
   }
   m.layers.resize(static_cast<size_t>(std::max<int64_t>(c.n_layers, 0)));
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const std::string b = "blk." + std::to_string(i) + ".";
     LayerWeights& l = m.layers[static_cast<size_t>(i)];
-    l.attn_norm = load(b + "attn_norm.weight");
-    l.q.weight = rope_rows(load(b + "attn_q.weight"), c.n_heads);
-    l.k.weight = rope_rows(load(b + "attn_k.weight"), c.n_kv_heads);
-    l.v.weight = load(b + "attn_v.weight");
-    l.o.weight = load(b + "attn_output.weight");
+    l.attn_norm = load(b + "attn_norm.weight", {D});
+    l.q.weight = rope_rows(load(b + "attn_q.weight", {Q, D}), c.n_heads);
+    l.k.weight = rope_rows(load(b + "attn_k.weight", {KV, D}), c.n_kv_heads);
+    l.v.weight = load(b + "attn_v.weight", {KV, D});
+    l.o.weight = load(b + "attn_output.weight", {D, Q});
     if (c.qkv_bias) {
-      l.q.bias = rope_rows(load(b + "attn_q.bias"), c.n_heads);
-      l.k.bias = rope_rows(load(b + "attn_k.bias"), c.n_kv_heads);
-      l.v.bias = load(b + "attn_v.bias");
+      l.q.bias = rope_rows(load(b + "attn_q.bias", {Q}), c.n_heads);
+      l.k.bias = rope_rows(load(b + "attn_k.bias", {KV}), c.n_kv_heads);
+      l.v.bias = load(b + "attn_v.bias", {KV});
     }
-    l.ffn_norm = load(b + "ffn_norm.weight");
-    l.gate.weight = load(b + "ffn_gate.weight");
-    l.up.weight = load(b + "ffn_up.weight");
-    l.down.weight = load(b + "ffn_down.weight");
+    l.ffn_norm = load(b + "ffn_norm.weight", {D});
+    l.gate.weight = load(b + "ffn_gate.weight", {F, D});
+    l.up.weight = load(b + "ffn_up.weight", {F, D});
+    l.down.weight = load(b + "ffn_down.weight", {D, F});
   }
   if (f.has("tokenizer.ggml.model"))
     m.tokenizer = std::make_shared<const Tokenizer>(gguf_tokenizer(f));

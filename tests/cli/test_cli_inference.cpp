@@ -31,12 +31,6 @@ const std::string kZooContinuation =
 constexpr int kLlama2cSteps = 60;
 
 
-void expect_one_line_error(const test::CliResult& r) {
-  EXPECT_NE(r.exit_code, 0);
-  EXPECT_TRUE(r.err.starts_with("error: ")) << r.err;
-  ASSERT_FALSE(r.err.empty());
-  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "expected exactly one line: " << r.err;
-}
 
 // Number of ids on the first line of `qalora logits` (BOS included).
 size_t prompt_token_count(const std::vector<std::string>& model_args, const std::string& prompt) {
@@ -154,20 +148,20 @@ TEST(CliInfo, DescribesStoriesGguf) {
 }
 
 TEST(CliErrors, MissingModelFile) {
-  expect_one_line_error(
+  test::expect_one_line_error(
       run_cli({"generate", "--model", "/nonexistent/model.gguf", "--prompt", "a"}));
 }
 
 TEST(CliErrors, EmptyPrompt) {
   QL_REQUIRE_DATA(kStories / "stories260K.gguf");
-  expect_one_line_error(
+  test::expect_one_line_error(
       run_cli({"generate", "--model", stories("stories260K.gguf"), "--prompt", ""}));
 }
 
 TEST(CliErrors, IdsOutOfRange) {
   QL_REQUIRE_DATA(kStories / "stories260K.gguf");
   const auto r = run_cli({"logits", "--model", stories("stories260K.gguf"), "--ids", "1,512"});
-  expect_one_line_error(r);
+  test::expect_one_line_error(r);
   EXPECT_NE(r.err.find("512"), std::string::npos) << r.err;
 }
 
@@ -176,19 +170,19 @@ TEST(CliErrors, Llama2cCheckpointWithoutTokenizer) {
   const fs::path alone = test::temp_dir() / "stories260K.bin";
   fs::copy_file(stories("stories260K.bin"), alone);
   const auto r = run_cli({"generate", "--model", alone.string(), "--prompt", "Zoo"});
-  expect_one_line_error(r);
+  test::expect_one_line_error(r);
   EXPECT_NE(r.err.find("--tokenizer"), std::string::npos) << r.err;
 }
 
 TEST(CliErrors, UnknownOption) {
-  expect_one_line_error(run_cli({"generate", "--model", "m.gguf", "--prompt", "a", "--bogus"}));
+  test::expect_one_line_error(run_cli({"generate", "--model", "m.gguf", "--prompt", "a", "--bogus"}));
 }
 
 TEST(CliErrors, MissingTextFile) {
   QL_REQUIRE_DATA(kStories / "stories260K.gguf");
   const auto r = run_cli(
       {"perplexity", "--model", stories("stories260K.gguf"), "--text", "/nonexistent/text.txt"});
-  expect_one_line_error(r);
+  test::expect_one_line_error(r);
   EXPECT_NE(r.err.find("--text"), std::string::npos) << r.err;
 }
 
@@ -198,14 +192,14 @@ TEST(CliErrors, EmptyTextFile) {
   std::ofstream(empty).close();
   const auto r =
       run_cli({"perplexity", "--model", stories("stories260K.gguf"), "--text", empty.string()});
-  expect_one_line_error(r);
+  test::expect_one_line_error(r);
   EXPECT_NE(r.err.find("is empty"), std::string::npos) << r.err;
 }
 
 TEST(CliErrors, ChatWithoutTemplate) {
   QL_REQUIRE_DATA(kStories / "stories260K.gguf");
   const auto r = run_cli({"chat", "--model", stories("stories260K.gguf"), "--prompt", "Hi"});
-  expect_one_line_error(r);
+  test::expect_one_line_error(r);
   EXPECT_NE(r.err.find("--chat-template"), std::string::npos) << r.err;
 }
 
