@@ -31,6 +31,14 @@ static std::filesystem::path test_scratch_path() {
   return std::filesystem::path(QALORA_TEST_TMP) / name;
 }
 
+// A fresh path beside the test's temp_dir(), so files the test prepared there survive.
+static std::filesystem::path temp_dir_sibling(const std::string& what) {
+  static int calls = 0;
+  std::filesystem::path p = test_scratch_path().string() + "." + what + std::to_string(calls++);
+  std::filesystem::create_directories(p.parent_path());
+  return p;
+}
+
 std::filesystem::path temp_dir() {
   const std::filesystem::path dir = test_scratch_path();
   std::filesystem::remove_all(dir);
@@ -46,10 +54,7 @@ static std::string slurp(const std::filesystem::path& p) {
 }
 
 CliResult run_cli(const std::vector<std::string>& args) {
-  // Beside the test's temp_dir(), so that files a test prepared there survive the call.
-  static int calls = 0;
-  const std::filesystem::path dir =
-      test_scratch_path().string() + ".cli" + std::to_string(calls++);
+  const std::filesystem::path dir = temp_dir_sibling("cli");
   std::filesystem::create_directories(dir);
   const auto out_path = dir / "stdout", err_path = dir / "stderr";
   const pid_t pid = fork();
@@ -73,6 +78,22 @@ CliResult run_cli(const std::vector<std::string>& args) {
   r.out = slurp(out_path);
   r.err = slurp(err_path);
   return r;
+}
+
+int run_python(const std::filesystem::path& script, const std::vector<std::string>& args,
+               std::string& err) {
+  const std::filesystem::path err_path = temp_dir_sibling("python.stderr");
+  std::string cmd = "python3 '" + script.string() + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  cmd += " 2> '" + err_path.string() + "'";
+  const int status = std::system(cmd.c_str());
+  err = slurp(err_path);
+  const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  if (rc == 127) {
+    err = "python3 not found on PATH";
+    return kPythonMissing;
+  }
+  return rc;
 }
 
 void expect_one_line_error(const CliResult& r, const std::string& mentions) {

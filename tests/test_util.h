@@ -39,6 +39,13 @@ struct CliResult {
 };
 CliResult run_cli(const std::vector<std::string>& args);
 
+// Runs `python3 SCRIPT ARGS...` (an independent reference implementation). Returns its exit
+// status with its stderr in `err`; kPythonMissing when python3 or a package it needs is absent
+// (scripts exit with 3 on ImportError), so the caller can skip.
+constexpr int kPythonMissing = 3;
+int run_python(const std::filesystem::path& script, const std::vector<std::string>& args,
+               std::string& err);
+
 // A failed run: non-zero exit, and stderr is exactly one line "error: ..." that contains
 // `mentions` (a file name or field, when given).
 void expect_one_line_error(const CliResult& r, const std::string& mentions = "");

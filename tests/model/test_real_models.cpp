@@ -2,7 +2,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 
+#include <nlohmann/json.hpp>
+
+#include "qalora/core/mapped_file.h"
 #include "qalora/model/runtime.h"
 #include "test_util.h"
 
@@ -88,6 +92,39 @@ TEST(RealModels, SmolLM2ConfigFromGguf) {
   EXPECT_TRUE(c.tied_embeddings);
   EXPECT_FLOAT_EQ(c.rope_theta, 100000.0f);
   EXPECT_EQ(m.require_tokenizer().pad_id(), 2);
+}
+
+// SmolLM2 through our GGUF loader and runtime against an independent numpy forward pass over
+// the same file (tests/model/numpy_forward.py, gguf-py's dequantizers, float64).
+TEST(RealModels, SmolLM2MatchesNumpyForward) {
+  QL_REQUIRE_SMOLLM2();
+  const Model m = load_model(test::smollm2_path());
+  const std::vector<int32_t> ids =
+      m.require_tokenizer().encode("The capital of France is Paris, and the capital of", false);
+  const auto out = test::temp_dir() / "numpy.json";
+  std::vector<std::string> args = {test::smollm2_path().string(), out.string()};
+  for (int32_t id : ids) args.push_back(std::to_string(id));
+  std::string err;
+  const int rc = test::run_python(std::filesystem::path(__FILE__).parent_path() / "numpy_forward.py",
+                                  args, err);
+  if (rc == test::kPythonMissing) GTEST_SKIP() << "numpy/gguf unavailable: " << err;
+  ASSERT_EQ(rc, 0) << err;
+  const auto expected = nlohmann::json::parse(read_file(out))["logits"].get<std::vector<double>>();
+
+  InferenceSession session(m);
+  const std::vector<float> logits = session.forward_last(ids);
+  ASSERT_EQ(logits.size(), expected.size());
+  double diff = 0, scale = 0;
+  size_t ours = 0, theirs = 0;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    diff = std::max(diff, std::abs(logits[i] - expected[i]));
+    scale = std::max(scale, std::abs(expected[i]));
+    if (logits[i] > logits[ours]) ours = i;
+    if (expected[i] > expected[theirs]) theirs = i;
+  }
+  std::printf("max |logit difference| %.3g (%.3g relative)\n", diff, diff / scale);
+  EXPECT_LT(diff / scale, 1e-4);
+  EXPECT_EQ(ours, theirs);
 }
 
 }  // namespace

@@ -61,30 +61,16 @@ const std::vector<std::string>& tricky_strings() {
   return strings;
 }
 
-constexpr int kMissing = 3;  // reference_tokenize.py: a package is missing
-
-// Runs tests/tokenizer/reference_tokenize.py; returns its exit status, with stderr in `err`.
-int run_reference(const std::vector<std::string>& args, const fs::path& dir, std::string& err) {
-  const fs::path script = fs::path(__FILE__).parent_path() / "reference_tokenize.py";
-  const fs::path err_path = dir / "reference.stderr";
-  std::string cmd = "python3 '" + script.string() + "'";
-  for (const auto& a : args) cmd += " '" + a + "'";
-  cmd += " 2> '" + err_path.string() + "'";
-  const int status = std::system(cmd.c_str());
-  err = fs::exists(err_path) ? read_file(err_path) : "";
-  const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  if (rc == 127) {
-    err = "python3 not found on PATH";
-    return kMissing;
-  }
-  return rc;
+// Runs tests/tokenizer/reference_tokenize.py with `args`.
+int run_reference(const std::vector<std::string>& args, std::string& err) {
+  return test::run_python(fs::path(__FILE__).parent_path() / "reference_tokenize.py", args, err);
 }
 
-#define RUN_REFERENCE(dir, ...)                                          \
+#define RUN_REFERENCE(...)                                          \
   do {                                                                   \
     std::string reference_err_;                                          \
-    const int rc_ = run_reference({__VA_ARGS__}, dir, reference_err_);  \
-    if (rc_ == kMissing) GTEST_SKIP() << "reference tokenizer unavailable: " << reference_err_; \
+    const int rc_ = run_reference({__VA_ARGS__}, reference_err_);        \
+    if (rc_ == test::kPythonMissing) GTEST_SKIP() << "reference tokenizer unavailable: " << reference_err_; \
     ASSERT_EQ(rc_, 0) << reference_err_;                                 \
   } while (0)
 
@@ -166,7 +152,7 @@ TEST(TokenizerReference, SentencePieceMatchesSentencePieceLibrary) {
   const fs::path dir = test::temp_dir();
   std::vector<std::string> strings = tricky_strings();
   if (std::string story = optional_text("text/tinystories_val.txt"); !story.empty()) strings.push_back(story);
-  RUN_REFERENCE(dir, "spm", model.string(), write_strings(dir, strings).string(), (dir / "out.json").string());
+  RUN_REFERENCE("spm", model.string(), write_strings(dir, strings).string(), (dir / "out.json").string());
   const json expected = json::parse(read_file(dir / "out.json"));
 
   const Tokenizer tok(read_sentencepiece_model(model));
@@ -186,7 +172,7 @@ TEST(TokenizerReference, SentencePieceHfExportMatchesTokenizersLibrary) {
   const TokenizerData data = read_sentencepiece_model(test::data_dir() / "tokenizers/llama2-spm/tokenizer.model");
   write_hf_tokenizer(data, dir / "hf");
   const auto& strings = tricky_strings();
-  RUN_REFERENCE(dir, "hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
+  RUN_REFERENCE("hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
                 (dir / "out.json").string());
   const json expected = json::parse(read_file(dir / "out.json"));
 
@@ -210,7 +196,7 @@ TEST(TokenizerReference, Llama2cTokenizerHfExportMatchesTokenizersLibrary) {
   write_hf_tokenizer(data, dir / "hf");
   std::vector<std::string> strings = tricky_strings();
   strings.push_back("Zoo");
-  RUN_REFERENCE(dir, "hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
+  RUN_REFERENCE("hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
                 (dir / "out.json").string());
   const json expected = json::parse(read_file(dir / "out.json"));
   const Tokenizer tok(data);
@@ -230,7 +216,7 @@ TEST(TokenizerReference, Gpt2SmolLM2MatchesTokenizersLibrary) {
   std::vector<std::string> strings = tricky_strings();
   const std::string wiki = optional_text("text/wikitext2_test.txt");
   if (!wiki.empty()) strings.push_back(wiki);
-  RUN_REFERENCE(dir, "hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
+  RUN_REFERENCE("hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
                 (dir / "out.json").string());
   const json expected = json::parse(read_file(dir / "out.json"));
 
@@ -267,7 +253,7 @@ TEST(TokenizerReference, PreTokenizersMatchTokenizersLibrary) {
   const fs::path strings_path = write_strings(dir, strings);
   for (PreTokenizer pre : {PreTokenizer::Gpt2, PreTokenizer::Llama3, PreTokenizer::Qwen2, PreTokenizer::SmolLm}) {
     const std::string name = pre_tokenizer_name(pre);
-    RUN_REFERENCE(dir, "pre", name, strings_path.string(), (dir / (name + ".json")).string());
+    RUN_REFERENCE("pre", name, strings_path.string(), (dir / (name + ".json")).string());
     const json expected = json::parse(read_file(dir / (name + ".json")));
     for (size_t i = 0; i < strings.size(); ++i) {
       std::vector<std::string> ours;
