@@ -74,6 +74,13 @@ RopeScaling gguf_rope_scaling(const GgufFile& f, const std::string& arch) {
 
 }  // namespace
 
+std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path& path) {
+  const GgufFile f = GgufFile::open(path);
+  QL_CHECK(f.has("tokenizer.ggml.model"), path.string(),
+           ": GGUF file has no tokenizer (tokenizer.ggml.model is missing)");
+  return std::make_shared<const Tokenizer>(gguf_tokenizer(f));
+}
+
 Model load_gguf_model(const std::filesystem::path& path) {
   const GgufFile f = GgufFile::open(path);
   Model m;

@@ -73,11 +73,7 @@ std::shared_ptr<const Tokenizer> read_tokenizer_file(const fs::path& path, int64
   if (ext == ".bin")
     return std::make_shared<const Tokenizer>(
         read_llama2c_tokenizer(path, static_cast<int32_t>(vocab_size)));
-  if (ext == ".gguf") {
-    std::shared_ptr<const Tokenizer> tok = load_gguf_model(path).tokenizer;
-    QL_CHECK(tok != nullptr, path.string(), ": GGUF file has no tokenizer");
-    return tok;
-  }
+  if (ext == ".gguf") return load_gguf_tokenizer(path);
   fail(path.string(),
        ": unknown tokenizer file: expected tokenizer.json, tokenizer.model, a llama2.c tokenizer "
        ".bin, or a .gguf");

@@ -100,6 +100,8 @@ struct LoadOptions {
 Model load_model(const std::filesystem::path& path, const LoadOptions& options = {});
 
 Model load_gguf_model(const std::filesystem::path& path);
+// Only the tokenizer of a GGUF file (tokenizer.ggml.*), without loading its weights.
+std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path& path);
 // config.json (Llama / Mistral / Qwen2; quantization_config is refused for now) +
 // model.safetensors or the shards of model.safetensors.index.json + tokenizer.json (else
 // tokenizer.model; else no tokenizer).
