@@ -26,7 +26,8 @@ std::vector<float> random_vec(size_t n) {
 double gemm_peak_gflops() {
   static const double peak = [] {
     const int n = 2048;
-    auto a = random_vec(size_t{n} * n), b = random_vec(size_t{n} * n), c = random_vec(size_t{n} * n);
+    auto a = random_vec(size_t{n} * n), b = random_vec(size_t{n} * n),
+         c = random_vec(size_t{n} * n);
     double best = 0;
     for (int rep = 0; rep < 4; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
@@ -45,7 +46,8 @@ void report(benchmark::State& state, double flops_per_iter) {
   const double gflops = flops_per_iter * static_cast<double>(state.iterations()) / 1e9;
   state.counters["GFLOPS"] = benchmark::Counter(gflops, benchmark::Counter::kIsRate);
   // A rate counter divides by the elapsed time, so this reads as the fraction of peak reached.
-  state.counters["of_peak"] = benchmark::Counter(gflops / gemm_peak_gflops(), benchmark::Counter::kIsRate);
+  state.counters["of_peak"] =
+      benchmark::Counter(gflops / gemm_peak_gflops(), benchmark::Counter::kIsRate);
 }
 
 // Linear layer y[T, O] = x[T, I] W[O, I]^T at the shapes of SmolLM2-135M (T prompt tokens).
@@ -67,15 +69,24 @@ void BM_Linear(benchmark::State& state) {
 
 void linear_shapes(benchmark::internal::Benchmark* b) {
   for (int64_t T : {1, 256}) {
-    b->Args({T, 576, 576});    // q, o
-    b->Args({T, 576, 192});    // k, v
-    b->Args({T, 576, 1536});   // gate, up
-    b->Args({T, 1536, 576});   // down
+    b->Args({T, 576, 576});   // q, o
+    b->Args({T, 576, 192});   // k, v
+    b->Args({T, 576, 1536});  // gate, up
+    b->Args({T, 1536, 576});  // down
   }
 }
-BENCHMARK(BM_Linear<false>)->Name("Linear/blas")->Apply(linear_shapes)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Linear<true>)->Name("Linear/reference")->Args({16, 576, 576})->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Linear<false>)->Name("Linear/blas")->Args({16, 576, 576})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Linear<false>)
+    ->Name("Linear/blas")
+    ->Apply(linear_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Linear<true>)
+    ->Name("Linear/reference")
+    ->Args({16, 576, 576})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Linear<false>)
+    ->Name("Linear/blas")
+    ->Args({16, 576, 576})
+    ->Unit(benchmark::kMicrosecond);
 
 template <bool kReference>
 void BM_Attention(benchmark::State& state) {
@@ -85,16 +96,22 @@ void BM_Attention(benchmark::State& state) {
   std::vector<float> out(q.size());
   for (auto _ : state) {
     if constexpr (kReference) {
-      qalora::ops::attention_forward_ref(out.data(), q.data(), k.data(), v.data(), T, 0, H, KV, Hd, stride);
+      qalora::ops::attention_forward_ref(out.data(), q.data(), k.data(), v.data(), T, 0, H, KV, Hd,
+                                         stride);
     } else {
-      qalora::ops::attention_forward(out.data(), q.data(), k.data(), v.data(), T, 0, H, KV, Hd, stride);
+      qalora::ops::attention_forward(out.data(), q.data(), k.data(), v.data(), T, 0, H, KV, Hd,
+                                     stride);
     }
     benchmark::DoNotOptimize(out.data());
   }
   // QK^T and PV over the causal triangle (counting the full square, as BLAS computes it).
   report(state, 4.0 * static_cast<double>(H * T * T * Hd));
 }
-BENCHMARK(BM_Attention<false>)->Name("Attention/optimized")->Arg(64)->Arg(512)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Attention<false>)
+    ->Name("Attention/optimized")
+    ->Arg(64)
+    ->Arg(512)
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Attention<true>)->Name("Attention/reference")->Arg(64)->Unit(benchmark::kMicrosecond);
 
 }  // namespace

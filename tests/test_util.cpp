@@ -19,8 +19,8 @@ std::filesystem::path smollm2_path() {
   if (const char* env = std::getenv("QALORA_SMOLLM2")) return env;
   const char* home = std::getenv("HOME");
   const char* cache = std::getenv("XDG_CACHE_HOME");
-  std::filesystem::path base = cache ? std::filesystem::path(cache)
-                                     : std::filesystem::path(home ? home : "/tmp") / ".cache";
+  std::filesystem::path base =
+      cache ? std::filesystem::path(cache) : std::filesystem::path(home ? home : "/tmp") / ".cache";
   return base / "qalora" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 

@@ -13,20 +13,20 @@ namespace qalora::test {
 // ../shared/data (or $QALORA_DATA_DIR); empty path when absent.
 std::filesystem::path data_dir();
 // Skips the current test with a clear message when a shared data file is missing.
-#define QL_REQUIRE_DATA(relpath)                                                          \
-  do {                                                                                    \
-    if (!std::filesystem::exists(::qalora::test::data_dir() / (relpath)))                 \
+#define QL_REQUIRE_DATA(relpath)                                                                 \
+  do {                                                                                           \
+    if (!std::filesystem::exists(::qalora::test::data_dir() / (relpath)))                        \
       GTEST_SKIP() << "shared test data not found: " << (::qalora::test::data_dir() / (relpath)) \
-                   << " (set QALORA_DATA_DIR or place ../shared/data beside the checkout)"; \
+                   << " (set QALORA_DATA_DIR or place ../shared/data beside the checkout)";      \
   } while (0)
 
 // The default SmolLM2-135M-Instruct GGUF fetched by scripts/setup.sh ($QALORA_SMOLLM2 overrides).
 std::filesystem::path smollm2_path();
-#define QL_REQUIRE_SMOLLM2()                                                             \
-  do {                                                                                   \
-    if (!std::filesystem::exists(::qalora::test::smollm2_path()))                        \
+#define QL_REQUIRE_SMOLLM2()                                                                  \
+  do {                                                                                        \
+    if (!std::filesystem::exists(::qalora::test::smollm2_path()))                             \
       GTEST_SKIP() << "SmolLM2-135M-Instruct not found at " << ::qalora::test::smollm2_path() \
-                   << " (run scripts/setup.sh)";                                          \
+                   << " (run scripts/setup.sh)";                                              \
   } while (0)
 
 // A fresh, empty folder for this test under the build tree (emptied on each call).

@@ -13,8 +13,8 @@ namespace {
 
 // Architectures whose GGUF files keep the Hugging Face "halves" RoPE layout (llama.cpp's NEOX
 // rope type): their q/k rows are permuted on load so that the runtime sees adjacent pairs.
-const std::set<std::string, std::less<>> kNeoxRopeArchs = {"qwen2", "qwen3", "phi3", "stablelm",
-                                                            "gptneox", "olmo2"};
+const std::set<std::string, std::less<>> kNeoxRopeArchs = {"qwen2",    "qwen3",   "phi3",
+                                                           "stablelm", "gptneox", "olmo2"};
 const std::set<std::string, std::less<>> kSupportedArchs = {"llama", "mistral", "qwen2"};
 
 TokenizerData gguf_tokenizer(const GgufFile& f) {
@@ -30,7 +30,8 @@ TokenizerData gguf_tokenizer(const GgufFile& f) {
   d.tokens = f.get_string_array("tokenizer.ggml.tokens");
   const size_t n = d.tokens.size();
   if (f.has("tokenizer.ggml.scores")) {
-    for (double s : f.get_float_array("tokenizer.ggml.scores")) d.scores.push_back(static_cast<float>(s));
+    for (double s : f.get_float_array("tokenizer.ggml.scores"))
+      d.scores.push_back(static_cast<float>(s));
     QL_CHECK(d.scores.size() == n, f.path(), ": tokenizer.ggml.scores has ", d.scores.size(),
              " entries, expected ", n);
   }
@@ -135,7 +136,8 @@ Model load_gguf_model(const std::filesystem::path& path) {
   const int64_t D = c.dim, F = c.hidden_dim, Q = c.q_dim(), KV = c.kv_dim();
   m.tok_embeddings = f.load_f32(*embd);
   m.final_norm = load("output_norm.weight", {D});
-  if (f.find_tensor("output.weight") != nullptr) m.output = load("output.weight", {c.vocab_size, D});
+  if (f.find_tensor("output.weight") != nullptr)
+    m.output = load("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
   if (f.find_tensor("rope_freqs.weight") != nullptr) {
     const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});

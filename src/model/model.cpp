@@ -9,9 +9,12 @@ namespace qalora {
 
 const char* model_format_name(ModelFormat f) {
   switch (f) {
-    case ModelFormat::Gguf: return "gguf";
-    case ModelFormat::HuggingFace: return "huggingface";
-    case ModelFormat::Llama2c: return "llama2.c";
+    case ModelFormat::Gguf:
+      return "gguf";
+    case ModelFormat::HuggingFace:
+      return "huggingface";
+    case ModelFormat::Llama2c:
+      return "llama2.c";
   }
   return "unknown";
 }
@@ -26,11 +29,12 @@ void expect_shape(const std::string& source, const std::string& name, const Tens
            ", expected ", shape_str(expected));
 }
 
-void expect_linear(const std::string& source, const std::string& name, const Linear& l,
-                   int64_t out, int64_t in, bool bias) {
+void expect_linear(const std::string& source, const std::string& name, const Linear& l, int64_t out,
+                   int64_t in, bool bias) {
   expect_shape(source, name + ".weight", l.weight, {out, in});
   if (bias) expect_shape(source, name + ".bias", l.bias, {out});
-  QL_CHECK(bias || l.bias.empty(), source, ": tensor '", name, ".bias' is present but the config has no biases");
+  QL_CHECK(bias || l.bias.empty(), source, ": tensor '", name,
+           ".bias' is present but the config has no biases");
 }
 
 }  // namespace
@@ -109,8 +113,9 @@ std::vector<double> rope_inv_freq(const ModelConfig& c) {
       if (wavelen > low_wavelen) {
         f /= rs.factor;
       } else if (wavelen >= high_wavelen) {
-        const double smooth = (static_cast<double>(rs.original_context) / wavelen - rs.low_freq_factor) /
-                              (rs.high_freq_factor - rs.low_freq_factor);
+        const double smooth =
+            (static_cast<double>(rs.original_context) / wavelen - rs.low_freq_factor) /
+            (rs.high_freq_factor - rs.low_freq_factor);
         f = (1.0 - smooth) * f / rs.factor + smooth * f;
       }
     }

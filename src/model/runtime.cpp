@@ -29,7 +29,9 @@ void set_num_threads(int threads) {
   openblas_set_num_threads(n);
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  return omp_get_max_threads();
+}
 
 InferenceSession::InferenceSession(const Model& model, int64_t max_context) : model_(model) {
   const ModelConfig& c = model.config;
@@ -54,8 +56,8 @@ InferenceSession::InferenceSession(const Model& model, int64_t max_context) : mo
 InferenceSession::~InferenceSession() = default;
 
 void InferenceSession::truncate(int64_t pos) {
-  QL_CHECK(pos >= 0 && pos <= pos_, "cannot truncate the KV cache to position ", pos,
-           ": it holds ", pos_, " positions");
+  QL_CHECK(pos >= 0 && pos <= pos_, "cannot truncate the KV cache to position ", pos, ": it holds ",
+           pos_, " positions");
   pos_ = pos;
 }
 
@@ -91,8 +93,8 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
   QL_CHECK(pos_ + T <= max_ctx_, "context full: ", pos_, " cached + ", T, " new tokens exceed the ",
            max_ctx_, "-token context (use --ctx to enlarge it)");
   for (int32_t id : tokens)
-    QL_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ",
-             c.vocab_size, ")");
+    QL_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ", c.vocab_size,
+             ")");
   const int64_t rows_out = all_logits ? T : 1;
   QL_CHECK(static_cast<int64_t>(logits.size()) >= rows_out * c.vocab_size,
            "forward: logits buffer holds ", logits.size(), " floats, need ",

@@ -46,8 +46,7 @@ void rmsnorm_forward_ref(float* out, const float* x, const float* w, int64_t T, 
     double ss = 0.0;
     for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(x[t * D + i]) * x[t * D + i];
     const double inv = 1.0 / std::sqrt(ss / static_cast<double>(D) + eps);
-    for (int64_t i = 0; i < D; ++i)
-      out[t * D + i] = static_cast<float>(x[t * D + i] * inv * w[i]);
+    for (int64_t i = 0; i < D; ++i) out[t * D + i] = static_cast<float>(x[t * D + i] * inv * w[i]);
   }
 }
 
@@ -145,8 +144,8 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
         // S[T, P] = Q_h[T, Hd] K[P, Hd]^T; BLAS runs single-threaded inside this parallel loop.
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
                     static_cast<blasint>(P), static_cast<blasint>(Hd), scale, Q,
-                    static_cast<blasint>(qstride), K, static_cast<blasint>(Hd), 0.0f,
-                    scores.data(), static_cast<blasint>(P));
+                    static_cast<blasint>(qstride), K, static_cast<blasint>(Hd), 0.0f, scores.data(),
+                    static_cast<blasint>(P));
       } else {
         for (int64_t p = 0; p < P; ++p) scores[p] = scale * dot(Q, K + p * Hd, Hd);
       }

@@ -33,11 +33,13 @@ void Gpt2Encoder::encode_word(std::string_view word, std::vector<int32_t>& out) 
     syms[i] = {static_cast<uint32_t>(i), 1, byte_ids_[static_cast<uint8_t>(word[i])], n - 1, n + 1};
   }
   syms.back().next = -1;
-  bpe_merge(syms, [&](const BpeSymbol& l, const BpeSymbol& r) -> std::optional<std::pair<double, int32_t>> {
-    const auto it = merges_.find(key(l.id, r.id));
-    if (it == merges_.end()) return std::nullopt;
-    return std::pair<double, int32_t>{-static_cast<double>(it->second.rank), it->second.id};
-  });
+  bpe_merge(
+      syms,
+      [&](const BpeSymbol& l, const BpeSymbol& r) -> std::optional<std::pair<double, int32_t>> {
+        const auto it = merges_.find(key(l.id, r.id));
+        if (it == merges_.end()) return std::nullopt;
+        return std::pair<double, int32_t>{-static_cast<double>(it->second.rank), it->second.id};
+      });
   // A byte without a piece (vocabularies often lack bytes that never occur in UTF-8) is dropped,
   // as Hugging Face's BPE does when it has no unk token.
   for (int32_t i = 0; i >= 0; i = syms[i].next)

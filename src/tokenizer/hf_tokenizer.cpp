@@ -25,7 +25,8 @@ json parse_json(const std::filesystem::path& path) {
 // True when `node` or anything inside it is an object with "type": type.
 bool has_component(const json& node, std::string_view type) {
   if (node.is_object()) {
-    if (const auto it = node.find("type"); it != node.end() && it->is_string() && *it == type) return true;
+    if (const auto it = node.find("type"); it != node.end() && it->is_string() && *it == type)
+      return true;
     for (const auto& [key, child] : node.items())
       if (has_component(child, type)) return true;
   } else if (node.is_array()) {
@@ -38,7 +39,8 @@ bool has_component(const json& node, std::string_view type) {
 // All objects of the given type inside `node`, in document order.
 void find_components(const json& node, std::string_view type, std::vector<const json*>& out) {
   if (node.is_object()) {
-    if (const auto it = node.find("type"); it != node.end() && it->is_string() && *it == type) out.push_back(&node);
+    if (const auto it = node.find("type"); it != node.end() && it->is_string() && *it == type)
+      out.push_back(&node);
     for (const auto& [key, child] : node.items()) find_components(child, type, out);
   } else if (node.is_array()) {
     for (const auto& child : node) find_components(child, type, out);
@@ -48,7 +50,8 @@ void find_components(const json& node, std::string_view type, std::vector<const 
 // tokenizer_config.json spells a token as a string or as {"content": ...}.
 std::string token_content(const json& v) {
   if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string())
+    return v["content"].get<std::string>();
   return {};
 }
 
@@ -59,18 +62,22 @@ PreTokenizer infer_pre_tokenizer(const json& pre, const std::string& p) {
     std::vector<const json*> digits;
     find_components(pre, "Digits", digits);
     if (!digits.empty()) {
-      QL_CHECK(digits[0]->value("individual_digits", false), p,
-               ": pre_tokenizer Digits.individual_digits: expected true, got false (not supported)");
+      QL_CHECK(
+          digits[0]->value("individual_digits", false), p,
+          ": pre_tokenizer Digits.individual_digits: expected true, got false (not supported)");
       return PreTokenizer::SmolLm;
     }
     return PreTokenizer::Gpt2;
   }
   const json& pattern = (*splits[0])["pattern"];
-  const std::string regex = pattern.is_object() && pattern.contains("Regex") ? pattern["Regex"].get<std::string>() : "";
+  const std::string regex =
+      pattern.is_object() && pattern.contains("Regex") ? pattern["Regex"].get<std::string>() : "";
   for (PreTokenizer pt : {PreTokenizer::Gpt2, PreTokenizer::Llama3, PreTokenizer::Qwen2})
     if (regex == pre_tokenizer_regex(pt)) return pt;
-  fail(p, ": pre_tokenizer Split.pattern.Regex: expected the GPT-2, Llama-3 or Qwen2 split regex, got \"", regex,
-       "\"");
+  fail(p,
+       ": pre_tokenizer Split.pattern.Regex: expected the GPT-2, Llama-3 or Qwen2 split regex, got "
+       "\"",
+       regex, "\"");
 }
 
 int32_t id_of(const TokenizerData& d, const std::string& piece) {
@@ -82,17 +89,22 @@ int32_t id_of(const TokenizerData& d, const std::string& piece) {
 void read_tokenizer_config(const std::filesystem::path& path, TokenizerData& d) {
   const json cfg = parse_json(path);
   QL_CHECK(cfg.is_object(), path.string(), ": expected a JSON object, got ", cfg.type_name());
-  const std::pair<const char*, int32_t*> ids[] = {
-      {"bos_token", &d.bos_id}, {"eos_token", &d.eos_id}, {"unk_token", &d.unk_id}, {"pad_token", &d.pad_id}};
+  const std::pair<const char*, int32_t*> ids[] = {{"bos_token", &d.bos_id},
+                                                  {"eos_token", &d.eos_id},
+                                                  {"unk_token", &d.unk_id},
+                                                  {"pad_token", &d.pad_id}};
   for (const auto& [field, id] : ids) {
     if (!cfg.contains(field) || cfg[field].is_null()) continue;
     const std::string content = token_content(cfg[field]);
     const int32_t found = id_of(d, content);
-    QL_CHECK(found >= 0, path.string(), ": ", field, ": expected a token of the vocabulary, got \"", content, "\"");
+    QL_CHECK(found >= 0, path.string(), ": ", field, ": expected a token of the vocabulary, got \"",
+             content, "\"");
     *id = found;
   }
-  if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean()) d.add_bos = cfg["add_bos_token"];
-  if (cfg.contains("add_eos_token") && cfg["add_eos_token"].is_boolean()) d.add_eos = cfg["add_eos_token"];
+  if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean())
+    d.add_bos = cfg["add_bos_token"];
+  if (cfg.contains("add_eos_token") && cfg["add_eos_token"].is_boolean())
+    d.add_eos = cfg["add_eos_token"];
   if (cfg.contains("chat_template")) {
     const json& t = cfg["chat_template"];
     if (t.is_string()) {
@@ -126,31 +138,38 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
   const std::string p = tokenizer_json.string();
   const json j = parse_json(tokenizer_json);
   QL_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), p,
-           ": model: expected an object, got ", j.is_object() && j.contains("model") ? j["model"].type_name() : "nothing");
+           ": model: expected an object, got ",
+           j.is_object() && j.contains("model") ? j["model"].type_name() : "nothing");
   const json& model = j["model"];
   const std::string model_type = model.value("type", "BPE");
-  QL_CHECK(model_type == "BPE", p, ": model.type: expected \"BPE\", got \"", model_type, "\" (not supported)");
+  QL_CHECK(model_type == "BPE", p, ": model.type: expected \"BPE\", got \"", model_type,
+           "\" (not supported)");
   QL_CHECK(model.contains("vocab") && model["vocab"].is_object(), p,
            ": model.vocab: expected an object mapping piece -> id, got ",
            model.contains("vocab") ? model["vocab"].type_name() : "nothing");
-  QL_CHECK(model.contains("merges") && model["merges"].is_array(), p, ": model.merges: expected an array, got ",
+  QL_CHECK(model.contains("merges") && model["merges"].is_array(), p,
+           ": model.merges: expected an array, got ",
            model.contains("merges") ? model["merges"].type_name() : "nothing");
 
   TokenizerData d;
   const json& vocab = model["vocab"];
-  const json added = j.contains("added_tokens") && j["added_tokens"].is_array() ? j["added_tokens"] : json::array();
+  const json added = j.contains("added_tokens") && j["added_tokens"].is_array() ? j["added_tokens"]
+                                                                                : json::array();
   constexpr int64_t kMaxId = int64_t{1} << 24;
   int64_t max_id = -1;
   for (const auto& [piece, id] : vocab.items()) {
-    QL_CHECK(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() < kMaxId, p, ": model.vocab[\"",
-             piece, "\"]: expected an id in 0..", kMaxId - 1, ", got ", id.dump());
+    QL_CHECK(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() < kMaxId, p,
+             ": model.vocab[\"", piece, "\"]: expected an id in 0..", kMaxId - 1, ", got ",
+             id.dump());
     max_id = std::max(max_id, id.get<int64_t>());
   }
   for (size_t i = 0; i < added.size(); ++i) {
     const json& a = added[i];
-    QL_CHECK(a.is_object() && a.contains("id") && a["id"].is_number_integer() && a["id"].get<int64_t>() >= 0 &&
-                 a["id"].get<int64_t>() < kMaxId && a.contains("content") && a["content"].is_string(),
-             p, ": added_tokens[", i, "]: expected {\"id\": 0..", kMaxId - 1, ", \"content\": string}, got ", a.dump());
+    QL_CHECK(a.is_object() && a.contains("id") && a["id"].is_number_integer() &&
+                 a["id"].get<int64_t>() >= 0 && a["id"].get<int64_t>() < kMaxId &&
+                 a.contains("content") && a["content"].is_string(),
+             p, ": added_tokens[", i, "]: expected {\"id\": 0..", kMaxId - 1,
+             ", \"content\": string}, got ", a.dump());
     max_id = std::max(max_id, a["id"].get<int64_t>());
   }
   const auto n = static_cast<size_t>(max_id + 1);
@@ -168,8 +187,8 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
     seen[id] = true;
   }
   const auto gap = std::find(seen.begin(), seen.end(), false);
-  QL_CHECK(gap == seen.end(), p, ": model.vocab: expected ids 0..", n - 1, " without gaps, got no piece for id ",
-           gap - seen.begin());
+  QL_CHECK(gap == seen.end(), p, ": model.vocab: expected ids 0..", n - 1,
+           " without gaps, got no piece for id ", gap - seen.begin());
 
   std::vector<std::pair<std::string, std::string>> merges;
   const json& jm = model["merges"];
@@ -182,7 +201,8 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
     } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
       merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
     } else {
-      fail(p, ": model.merges[", i, "]: expected \"left right\" or [\"left\", \"right\"], got ", m.dump());
+      fail(p, ": model.merges[", i, "]: expected \"left right\" or [\"left\", \"right\"], got ",
+           m.dump());
     }
   }
 
@@ -191,7 +211,8 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
   const bool byte_level = has_component(pre, "ByteLevel");
   const bool spm_like = model.value("byte_fallback", false) || has_component(pre, "Metaspace") ||
                         normalizer.dump().find(kSpmSpace) != std::string::npos;
-  QL_CHECK(byte_level || spm_like, p, ": pre_tokenizer: expected ByteLevel (GPT-2 style) or a SentencePiece-",
+  QL_CHECK(byte_level || spm_like, p,
+           ": pre_tokenizer: expected ByteLevel (GPT-2 style) or a SentencePiece-",
            "style BPE (byte_fallback, U+2581 spaces), got ", pre.dump().substr(0, 200));
 
   if (byte_level) {
@@ -213,12 +234,14 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
       QL_CHECK(it != ids.end(), p, ": model.merges[", r, "]: merged piece \"", merged,
                "\" is not in the vocabulary");
       for (const std::string& part : {merges[r].first, merges[r].second})
-        QL_CHECK(ids.contains(part), p, ": model.merges[", r, "]: piece \"", part, "\" is not in the vocabulary");
+        QL_CHECK(ids.contains(part), p, ": model.merges[", r, "]: piece \"", part,
+                 "\" is not in the vocabulary");
       if (!scored[it->second]) d.scores[it->second] = -static_cast<float>(r);
       scored[it->second] = true;
     }
     for (size_t i = 0; i < n; ++i)
-      if (d.types[i] == TokenType::Normal && parse_byte_piece(d.tokens[i]) >= 0) d.types[i] = TokenType::Byte;
+      if (d.types[i] == TokenType::Normal && parse_byte_piece(d.tokens[i]) >= 0)
+        d.types[i] = TokenType::Byte;
     std::vector<const json*> metaspace;
     find_components(pre, "Metaspace", metaspace);
     const bool prepends = normalizer.dump().find("\"Prepend\"") != std::string::npos;
@@ -230,7 +253,8 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
   }
   if (model.contains("unk_token") && model["unk_token"].is_string()) {
     d.unk_id = id_of(d, model["unk_token"].get<std::string>());
-    if (d.unk_id >= 0 && d.types[d.unk_id] == TokenType::Control) d.types[d.unk_id] = TokenType::Unknown;
+    if (d.unk_id >= 0 && d.types[d.unk_id] == TokenType::Control)
+      d.types[d.unk_id] = TokenType::Unknown;
   }
   // Without tokenizer_config.json, a TemplateProcessing that starts with a special token shows
   // that it is added as BOS.
@@ -245,7 +269,8 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
   }
 
   const auto dir = tokenizer_json.parent_path();
-  if (std::filesystem::exists(dir / "tokenizer_config.json")) read_tokenizer_config(dir / "tokenizer_config.json", d);
+  if (std::filesystem::exists(dir / "tokenizer_config.json"))
+    read_tokenizer_config(dir / "tokenizer_config.json", d);
   if (std::filesystem::exists(dir / "generation_config.json"))
     read_generation_config(dir / "generation_config.json", d);
   if (d.bos_id < 0) d.add_bos = false;

@@ -16,7 +16,10 @@ namespace {
 using nlohmann::json;
 
 json byte_level(bool use_regex) {
-  return {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", use_regex}};
+  return {{"type", "ByteLevel"},
+          {"add_prefix_space", false},
+          {"trim_offsets", true},
+          {"use_regex", use_regex}};
 }
 
 json gpt2_pre_tokenizer(PreTokenizer pre) {
@@ -24,8 +27,9 @@ json gpt2_pre_tokenizer(PreTokenizer pre) {
     case PreTokenizer::Gpt2:
       return byte_level(true);
     case PreTokenizer::SmolLm:
-      return {{"type", "Sequence"},
-              {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, byte_level(true)}}};
+      return {
+          {"type", "Sequence"},
+          {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, byte_level(true)}}};
     case PreTokenizer::Llama3:
     case PreTokenizer::Qwen2:
       return {{"type", "Sequence"},
@@ -58,7 +62,8 @@ json spm_merges(const TokenizerData& d, const PieceMap& ids) {
   }
   std::sort(merges.begin(), merges.end());
   json out = json::array();
-  for (const auto& [neg_score, piece, l, r] : merges) out.push_back(d.tokens[l] + " " + d.tokens[r]);
+  for (const auto& [neg_score, piece, l, r] : merges)
+    out.push_back(d.tokens[l] + " " + d.tokens[r]);
   return out;
 }
 
@@ -66,7 +71,9 @@ json bos_template(const TokenizerData& d) {
   if (!d.add_bos || d.bos_id < 0) return nullptr;
   const std::string& bos = d.tokens[d.bos_id];
   const json special = {{"SpecialToken", {{"id", bos}, {"type_id", 0}}}};
-  const auto seq = [](const char* id, int type_id) { return json{{"Sequence", {{"id", id}, {"type_id", type_id}}}}; };
+  const auto seq = [](const char* id, int type_id) {
+    return json{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
+  };
   return {{"type", "TemplateProcessing"},
           {"single", {special, seq("A", 0)}},
           {"pair", {special, seq("A", 0), special, seq("B", 1)}},
@@ -86,8 +93,8 @@ void write_hf_tokenizer(const TokenizerData& data, const std::filesystem::path& 
   for (size_t i = 0; i < data.tokens.size(); ++i) {
     const std::string& piece = data.tokens[i];
     const auto [it, fresh] = ids.emplace(piece, static_cast<int32_t>(i));
-    QL_CHECK(fresh, where, ": tokens[", i, "]: expected unique pieces (JSON vocab keys), got \"", piece,
-             "\" again (first at id ", it->second, ")");
+    QL_CHECK(fresh, where, ": tokens[", i, "]: expected unique pieces (JSON vocab keys), got \"",
+             piece, "\" again (first at id ", it->second, ")");
     vocab[piece] = i;
     const TokenType t = data.types[i];
     if (t == TokenType::Control || t == TokenType::Unknown || t == TokenType::UserDefined)
@@ -100,7 +107,8 @@ void write_hf_tokenizer(const TokenizerData& data, const std::filesystem::path& 
                        {"special", t != TokenType::UserDefined}});
   }
 
-  json tok = {{"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"added_tokens", added}};
+  json tok = {
+      {"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"added_tokens", added}};
   json model = {{"type", "BPE"},
                 {"dropout", nullptr},
                 {"continuing_subword_prefix", nullptr},
@@ -110,13 +118,15 @@ void write_hf_tokenizer(const TokenizerData& data, const std::filesystem::path& 
   if (spm) {
     json normalizers = json::array();
     if (data.add_space_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", kSpmSpace}});
-    normalizers.push_back({{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpmSpace}});
+    normalizers.push_back(
+        {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kSpmSpace}});
     tok["normalizer"] = {{"type", "Sequence"}, {"normalizers", normalizers}};
     tok["pre_tokenizer"] = nullptr;
     json decoders = {{{"type", "Replace"}, {"pattern", {{"String", kSpmSpace}}}, {"content", " "}},
                      {{"type", "ByteFallback"}},
                      {{"type", "Fuse"}}};
-    if (data.add_space_prefix) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
+    if (data.add_space_prefix)
+      decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
     tok["decoder"] = {{"type", "Sequence"}, {"decoders", decoders}};
     model["unk_token"] = data.unk_id >= 0 ? json(data.tokens[data.unk_id]) : json(nullptr);
     model["fuse_unk"] = true;

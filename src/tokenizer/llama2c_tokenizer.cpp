@@ -52,8 +52,10 @@ TokenizerData read_llama2c_tokenizer(const std::filesystem::path& path, int32_t 
     } else {
       std::string spm;
       for (char c : piece) {
-        if (c == ' ') spm += kSpmSpace;
-        else spm += c;
+        if (c == ' ')
+          spm += kSpmSpace;
+        else
+          spm += c;
       }
       piece = std::move(spm);
     }
@@ -61,8 +63,8 @@ TokenizerData read_llama2c_tokenizer(const std::filesystem::path& path, int32_t 
     d.scores.push_back(score);
     d.types.push_back(type);
   }
-  QL_CHECK(pos == bytes.size(), p, ": size: expected ", pos, " bytes for ", vocab_size, " tokens, got ",
-           bytes.size(), " (wrong vocab_size?)");
+  QL_CHECK(pos == bytes.size(), p, ": size: expected ", pos, " bytes for ", vocab_size,
+           " tokens, got ", bytes.size(), " (wrong vocab_size?)");
   validate_tokenizer_data(d, p);
   return d;
 }

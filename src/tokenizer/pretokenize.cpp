@@ -108,20 +108,27 @@ bool pre_tokenizer_from_name(std::string_view name, PreTokenizer& out) {
 
 const char* pre_tokenizer_name(PreTokenizer pre) {
   switch (pre) {
-    case PreTokenizer::Gpt2: return "gpt2";
-    case PreTokenizer::Llama3: return "llama3";
-    case PreTokenizer::Qwen2: return "qwen2";
-    case PreTokenizer::SmolLm: return "smollm";
+    case PreTokenizer::Gpt2:
+      return "gpt2";
+    case PreTokenizer::Llama3:
+      return "llama3";
+    case PreTokenizer::Qwen2:
+      return "qwen2";
+    case PreTokenizer::SmolLm:
+      return "smollm";
   }
   return "gpt2";
 }
 
 const char* pre_tokenizer_regex(PreTokenizer pre) {
   switch (pre) {
-    case PreTokenizer::Llama3: return kLlama3Regex;
-    case PreTokenizer::Qwen2: return kQwen2Regex;
+    case PreTokenizer::Llama3:
+      return kLlama3Regex;
+    case PreTokenizer::Qwen2:
+      return kQwen2Regex;
     case PreTokenizer::Gpt2:
-    case PreTokenizer::SmolLm: return kGpt2Regex;
+    case PreTokenizer::SmolLm:
+      return kGpt2Regex;
   }
   return kGpt2Regex;
 }
@@ -131,8 +138,8 @@ std::vector<std::string_view> pre_tokenize(std::string_view text, PreTokenizer p
   std::vector<uint8_t> cls(cps.size());
   for (size_t i = 0; i < cps.size(); ++i) {
     const uint32_t c = cps[i].cp;
-    cls[i] = unicode::is_letter(c)   ? kLetter
-             : unicode::is_number(c) ? kNumber
+    cls[i] = unicode::is_letter(c)       ? kLetter
+             : unicode::is_number(c)     ? kNumber
              : unicode::is_whitespace(c) ? kSpace
                                          : kOther;
   }

@@ -12,11 +12,22 @@ namespace {
 
 // Field numbers of sentencepiece_model.proto.
 enum : uint32_t {
-  kModelPieces = 1, kModelTrainerSpec = 2, kModelNormalizerSpec = 3,
-  kPiecePiece = 1, kPieceScore = 2, kPieceType = 3,
-  kTrainerModelType = 3, kTrainerByteFallback = 35,
-  kTrainerUnkId = 40, kTrainerBosId = 41, kTrainerEosId = 42, kTrainerPadId = 43,
-  kNormName = 1, kNormCharsmap = 2, kNormAddDummyPrefix = 3, kNormRemoveExtraWhitespaces = 4,
+  kModelPieces = 1,
+  kModelTrainerSpec = 2,
+  kModelNormalizerSpec = 3,
+  kPiecePiece = 1,
+  kPieceScore = 2,
+  kPieceType = 3,
+  kTrainerModelType = 3,
+  kTrainerByteFallback = 35,
+  kTrainerUnkId = 40,
+  kTrainerBosId = 41,
+  kTrainerEosId = 42,
+  kTrainerPadId = 43,
+  kNormName = 1,
+  kNormCharsmap = 2,
+  kNormAddDummyPrefix = 3,
+  kNormRemoveExtraWhitespaces = 4,
   kNormEscapeWhitespaces = 5,
 };
 constexpr uint64_t kModelTypeBpe = 2;
@@ -42,8 +53,12 @@ class WireReader {
     f.number = static_cast<uint32_t>(key >> 3);
     f.wire_type = static_cast<uint32_t>(key & 7);
     switch (f.wire_type) {
-      case 0: f.varint = varint(); break;
-      case 1: skip(8, f.number); break;
+      case 0:
+        f.varint = varint();
+        break;
+      case 1:
+        skip(8, f.number);
+        break;
       case 2: {
         const uint64_t len = varint();
         need(len, f.number);
@@ -57,16 +72,18 @@ class WireReader {
         pos_ += 4;
         break;
       default:
-        fail(path_, ": ", where_, " field ", f.number, ": expected protobuf wire type 0, 1, 2 or 5, got ",
-             f.wire_type, " at offset ", pos_, " (not a SentencePiece model?)");
+        fail(path_, ": ", where_, " field ", f.number,
+             ": expected protobuf wire type 0, 1, 2 or 5, got ", f.wire_type, " at offset ", pos_,
+             " (not a SentencePiece model?)");
     }
     return true;
   }
 
   // Checks that field f has the wire type its schema gives.
   void expect(const WireField& f, uint32_t wire_type, const char* name) const {
-    QL_CHECK(f.wire_type == wire_type, path_, ": ", where_, ".", name, ": expected protobuf wire type ",
-             wire_type, ", got ", f.wire_type, " (not a SentencePiece model?)");
+    QL_CHECK(f.wire_type == wire_type, path_, ": ", where_, ".", name,
+             ": expected protobuf wire type ", wire_type, ", got ", f.wire_type,
+             " (not a SentencePiece model?)");
   }
 
  private:
@@ -79,11 +96,13 @@ class WireReader {
       v |= static_cast<uint64_t>(b & 0x7F) << shift;
       if (!(b & 0x80)) return v;
     }
-    fail(path_, ": ", where_, ": expected a varint of at most 10 bytes at offset ", pos_, ", got a longer one");
+    fail(path_, ": ", where_, ": expected a varint of at most 10 bytes at offset ", pos_,
+         ", got a longer one");
   }
   void need(uint64_t n, uint32_t field) const {
     QL_CHECK(n <= data_.size() - pos_, path_, ": ", where_, " field ", field, ": expected ", n,
-             " bytes at offset ", pos_, ", but only ", data_.size() - pos_, " remain (truncated file?)");
+             " bytes at offset ", pos_, ", but only ", data_.size() - pos_,
+             " remain (truncated file?)");
   }
   void skip(size_t n, uint32_t field) {
     need(n, field);
@@ -97,7 +116,9 @@ class WireReader {
 };
 
 // proto int32 fields carry negatives as sign-extended 64-bit varints.
-int32_t as_int32(uint64_t v) { return static_cast<int32_t>(static_cast<int64_t>(v)); }
+int32_t as_int32(uint64_t v) {
+  return static_cast<int32_t>(static_cast<int64_t>(v));
+}
 
 }  // namespace
 
@@ -107,7 +128,7 @@ TokenizerData read_sentencepiece_model(const std::filesystem::path& path) {
   TokenizerData d;
   d.kind = TokenizerKind::SentencePiece;
   d.unk_id = 0, d.bos_id = 1, d.eos_id = 2, d.pad_id = -1;  // TrainerSpec defaults
-  uint64_t model_type = 1;                                   // default UNIGRAM
+  uint64_t model_type = 1;                                  // default UNIGRAM
   std::string normalizer = "nmt_nfkc";
   bool has_charsmap = false, remove_extra_ws = true, escape_ws = true;
 
@@ -134,7 +155,8 @@ TokenizerData read_sentencepiece_model(const std::filesystem::path& path) {
           type = g.varint;
         }
       }
-      QL_CHECK(type >= 1 && type <= 6, p, ": ", where, ".type: expected 1..6 (NORMAL..BYTE), got ", type);
+      QL_CHECK(type >= 1 && type <= 6, p, ": ", where, ".type: expected 1..6 (NORMAL..BYTE), got ",
+               type);
       d.tokens.push_back(std::move(text));
       d.scores.push_back(score);
       d.types.push_back(static_cast<TokenType>(type));
@@ -145,12 +167,23 @@ TokenizerData read_sentencepiece_model(const std::filesystem::path& path) {
       while (spec.next(g)) {
         if (g.wire_type != 0) continue;
         switch (g.number) {
-          case kTrainerModelType: model_type = g.varint; break;
-          case kTrainerUnkId: d.unk_id = as_int32(g.varint); break;
-          case kTrainerBosId: d.bos_id = as_int32(g.varint); break;
-          case kTrainerEosId: d.eos_id = as_int32(g.varint); break;
-          case kTrainerPadId: d.pad_id = as_int32(g.varint); break;
-          default: break;  // byte_fallback needs no flag: byte pieces are used when present
+          case kTrainerModelType:
+            model_type = g.varint;
+            break;
+          case kTrainerUnkId:
+            d.unk_id = as_int32(g.varint);
+            break;
+          case kTrainerBosId:
+            d.bos_id = as_int32(g.varint);
+            break;
+          case kTrainerEosId:
+            d.eos_id = as_int32(g.varint);
+            break;
+          case kTrainerPadId:
+            d.pad_id = as_int32(g.varint);
+            break;
+          default:
+            break;  // byte_fallback needs no flag: byte pieces are used when present
         }
       }
     } else if (f.number == kModelNormalizerSpec) {
@@ -159,23 +192,37 @@ TokenizerData read_sentencepiece_model(const std::filesystem::path& path) {
       WireField g;
       while (spec.next(g)) {
         switch (g.number) {
-          case kNormName: normalizer = g.bytes; break;
-          case kNormCharsmap: has_charsmap = !g.bytes.empty(); break;
-          case kNormAddDummyPrefix: d.add_space_prefix = g.varint != 0; break;
-          case kNormRemoveExtraWhitespaces: remove_extra_ws = g.varint != 0; break;
-          case kNormEscapeWhitespaces: escape_ws = g.varint != 0; break;
-          default: break;
+          case kNormName:
+            normalizer = g.bytes;
+            break;
+          case kNormCharsmap:
+            has_charsmap = !g.bytes.empty();
+            break;
+          case kNormAddDummyPrefix:
+            d.add_space_prefix = g.varint != 0;
+            break;
+          case kNormRemoveExtraWhitespaces:
+            remove_extra_ws = g.varint != 0;
+            break;
+          case kNormEscapeWhitespaces:
+            escape_ws = g.varint != 0;
+            break;
+          default:
+            break;
         }
       }
     }
   }
-  QL_CHECK(model_type == kModelTypeBpe, p, ": trainer_spec.model_type: expected 2 (BPE), got ", model_type,
-           model_type == 1 ? " (UNIGRAM, not supported)" : "");
-  QL_CHECK(!has_charsmap, p, ": normalizer_spec.precompiled_charsmap: expected none (identity normalizer), got ",
+  QL_CHECK(model_type == kModelTypeBpe, p, ": trainer_spec.model_type: expected 2 (BPE), got ",
+           model_type, model_type == 1 ? " (UNIGRAM, not supported)" : "");
+  QL_CHECK(!has_charsmap, p,
+           ": normalizer_spec.precompiled_charsmap: expected none (identity normalizer), got ",
            "a charsmap for \"", normalizer, "\" (not supported)");
-  QL_CHECK(!remove_extra_ws, p, ": normalizer_spec.remove_extra_whitespaces: expected false, got true ",
+  QL_CHECK(!remove_extra_ws, p,
+           ": normalizer_spec.remove_extra_whitespaces: expected false, got true ",
            "(whitespace folding is not supported)");
-  QL_CHECK(escape_ws, p, ": normalizer_spec.escape_whitespaces: expected true, got false (not supported)");
+  QL_CHECK(escape_ws, p,
+           ": normalizer_spec.escape_whitespaces: expected true, got false (not supported)");
   d.add_bos = d.bos_id >= 0;
   d.add_eos = false;
   validate_tokenizer_data(d, p);

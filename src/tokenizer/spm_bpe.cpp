@@ -16,7 +16,8 @@ SpmEncoder::SpmEncoder(const TokenizerData& data) : data_(data) {
         mergeable_.emplace(data.tokens[i], id);  // keeps the first id of a duplicated piece
         break;
       case TokenType::Byte:
-        if (const int b = parse_byte_piece(data.tokens[i]); b >= 0 && byte_ids_[b] < 0) byte_ids_[b] = id;
+        if (const int b = parse_byte_piece(data.tokens[i]); b >= 0 && byte_ids_[b] < 0)
+          byte_ids_[b] = id;
         break;
       default:
         break;
@@ -27,7 +28,8 @@ SpmEncoder::SpmEncoder(const TokenizerData& data) : data_(data) {
   split_words_ = true;
   for (const auto& [piece, id] : mergeable_) {
     const std::string_view p = piece;
-    for (size_t pos = p.find(kSpmSpace, 1); pos != std::string_view::npos; pos = p.find(kSpmSpace, pos + 1))
+    for (size_t pos = p.find(kSpmSpace, 1); pos != std::string_view::npos;
+         pos = p.find(kSpmSpace, pos + 1))
       if (p.substr(pos - kSpmSpace.size(), kSpmSpace.size()) != kSpmSpace) split_words_ = false;
   }
 }
@@ -37,8 +39,10 @@ void SpmEncoder::encode(std::string_view text, bool space_prefix, std::vector<in
   norm.reserve(text.size() + 16);
   if (space_prefix) norm += kSpmSpace;
   for (char c : text) {
-    if (c == ' ') norm += kSpmSpace;
-    else norm += c;
+    if (c == ' ')
+      norm += kSpmSpace;
+    else
+      norm += c;
   }
   if (!split_words_) {
     encode_word(norm, out);
@@ -56,7 +60,8 @@ void SpmEncoder::encode(std::string_view text, bool space_prefix, std::vector<in
     out.insert(out.end(), it->second.begin(), it->second.end());
     start = end;
   };
-  for (size_t pos = all.find(kSpmSpace, 1); pos != std::string_view::npos; pos = all.find(kSpmSpace, pos + 1))
+  for (size_t pos = all.find(kSpmSpace, 1); pos != std::string_view::npos;
+       pos = all.find(kSpmSpace, pos + 1))
     if (all.substr(pos - kSpmSpace.size(), kSpmSpace.size()) != kSpmSpace) flush(pos);
   flush(all.size());
 }
@@ -74,11 +79,13 @@ void SpmEncoder::encode_word(std::string_view word, std::vector<int32_t>& out) c
   if (syms.empty()) return;
   syms.back().next = -1;
 
-  bpe_merge(syms, [&](const BpeSymbol& l, const BpeSymbol& r) -> std::optional<std::pair<double, int32_t>> {
-    const int32_t id = find(l.begin, l.len + r.len);
-    if (id < 0) return std::nullopt;
-    return std::pair<double, int32_t>{data_.scores[id], id};
-  });
+  bpe_merge(
+      syms,
+      [&](const BpeSymbol& l, const BpeSymbol& r) -> std::optional<std::pair<double, int32_t>> {
+        const int32_t id = find(l.begin, l.len + r.len);
+        if (id < 0) return std::nullopt;
+        return std::pair<double, int32_t>{data_.scores[id], id};
+      });
 
   for (int32_t i = 0; i >= 0; i = syms[i].next) {
     const BpeSymbol& s = syms[i];
@@ -94,7 +101,8 @@ void SpmEncoder::encode_word(std::string_view word, std::vector<int32_t>& out) c
       if (data_.unk_id >= 0) out.push_back(data_.unk_id);
       continue;
     }
-    for (uint32_t k = 0; k < s.len; ++k) out.push_back(byte_ids_[static_cast<uint8_t>(word[s.begin + k])]);
+    for (uint32_t k = 0; k < s.len; ++k)
+      out.push_back(byte_ids_[static_cast<uint8_t>(word[s.begin + k])]);
   }
 }
 

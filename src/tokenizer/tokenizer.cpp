@@ -41,10 +41,14 @@ int parse_byte_piece(std::string_view piece) {
   int value = 0;
   for (char c : piece.substr(3, 2)) {
     int digit;
-    if (c >= '0' && c <= '9') digit = c - '0';
-    else if (c >= 'A' && c <= 'F') digit = c - 'A' + 10;
-    else if (c >= 'a' && c <= 'f') digit = c - 'a' + 10;
-    else return -1;
+    if (c >= '0' && c <= '9')
+      digit = c - '0';
+    else if (c >= 'A' && c <= 'F')
+      digit = c - 'A' + 10;
+    else if (c >= 'a' && c <= 'f')
+      digit = c - 'a' + 10;
+    else
+      return -1;
     value = value * 16 + digit;
   }
   return value;
@@ -64,24 +68,27 @@ void validate_tokenizer_data(const TokenizerData& data, std::string_view source)
   const size_t n = data.tokens.size();
   QL_CHECK(n > 0, source, ": tokens: expected at least one piece, got 0");
   QL_CHECK(n < (size_t{1} << 31), source, ": tokens: expected fewer than 2^31 pieces, got ", n);
-  QL_CHECK(data.types.size() == n, source, ": token types: expected ", n, " entries (one per token), got ",
-           data.types.size());
+  QL_CHECK(data.types.size() == n, source, ": token types: expected ", n,
+           " entries (one per token), got ", data.types.size());
   if (data.kind == TokenizerKind::SentencePiece || !data.scores.empty())
-    QL_CHECK(data.scores.size() == n, source, ": scores: expected ", n, " entries (one per token), got ",
-             data.scores.size());
+    QL_CHECK(data.scores.size() == n, source, ": scores: expected ", n,
+             " entries (one per token), got ", data.scores.size());
   for (size_t i = 0; i < n; ++i) {
     const auto t = static_cast<int32_t>(data.types[i]);
     QL_CHECK(t >= 1 && t <= 6, source, ": token types[", i, "]: expected 1..6, got ", t);
   }
-  const std::pair<const char*, int32_t> ids[] = {
-      {"bos_id", data.bos_id}, {"eos_id", data.eos_id}, {"unk_id", data.unk_id}, {"pad_id", data.pad_id}};
+  const std::pair<const char*, int32_t> ids[] = {{"bos_id", data.bos_id},
+                                                 {"eos_id", data.eos_id},
+                                                 {"unk_id", data.unk_id},
+                                                 {"pad_id", data.pad_id}};
   for (const auto& [name, id] : ids)
-    QL_CHECK(id >= -1 && id < static_cast<int64_t>(n), source, ": ", name, ": expected -1 or an id below ", n,
-             ", got ", id);
+    QL_CHECK(id >= -1 && id < static_cast<int64_t>(n), source, ": ", name,
+             ": expected -1 or an id below ", n, ", got ", id);
   if (data.kind != TokenizerKind::Gpt2) return;
 
   PreTokenizer pre;
-  QL_CHECK(pre_tokenizer_from_name(data.pre, pre), source, ": pre-tokenizer: expected one of gpt2, llama3, ",
+  QL_CHECK(pre_tokenizer_from_name(data.pre, pre), source,
+           ": pre-tokenizer: expected one of gpt2, llama3, ",
            "llama-bpe, qwen2, smollm, starcoder, got \"", data.pre, "\"");
   PieceMap pieces;
   pieces.reserve(n);
@@ -92,18 +99,18 @@ void validate_tokenizer_data(const TokenizerData& data, std::string_view source)
     QL_CHECK(split_merge(data.merges[i], left, right), source, ": merges[", i,
              "]: expected \"left right\" with one space, got \"", data.merges[i], "\"");
     for (std::string_view part : {left, right})
-      QL_CHECK(pieces.contains(part), source, ": merges[", i, "] = \"", data.merges[i], "\": piece \"", part,
-               "\" is not in the vocabulary");
+      QL_CHECK(pieces.contains(part), source, ": merges[", i, "] = \"", data.merges[i],
+               "\": piece \"", part, "\" is not in the vocabulary");
     merged.assign(left).append(right);
-    QL_CHECK(pieces.contains(merged), source, ": merges[", i, "] = \"", data.merges[i], "\": merged piece \"",
-             merged, "\" is not in the vocabulary");
+    QL_CHECK(pieces.contains(merged), source, ": merges[", i, "] = \"", data.merges[i],
+             "\": merged piece \"", merged, "\" is not in the vocabulary");
   }
 }
 
 struct Tokenizer::Impl {
   TokenizerData data;
-  PieceMap pieces;                      // piece -> first id
-  std::vector<std::string> text;        // what each token decodes to (before the prefix strip)
+  PieceMap pieces;                // piece -> first id
+  std::vector<std::string> text;  // what each token decodes to (before the prefix strip)
   std::optional<SpmEncoder> spm;
   std::optional<Gpt2Encoder> gpt2;
   struct Special {
@@ -131,22 +138,28 @@ struct Tokenizer::Impl {
       } else {
         for (const unicode::CodePoint& cp : unicode::decode_utf8(piece)) {
           const int b = unicode::gpt2_char_to_byte(cp.cp);
-          if (b >= 0) text[i] += static_cast<char>(b);
-          else text[i] += piece.substr(cp.offset, cp.len);  // not a byte-level piece: keep as is
+          if (b >= 0)
+            text[i] += static_cast<char>(b);
+          else
+            text[i] += piece.substr(cp.offset, cp.len);  // not a byte-level piece: keep as is
         }
       }
     }
     for (size_t i = 0; i < n; ++i) {
       if (!splits_out(data.types[i]) || text[i].empty()) continue;
       const bool always = data.types[i] == TokenType::UserDefined;
-      specials[static_cast<uint8_t>(text[i][0])].push_back({text[i], static_cast<int32_t>(i), always});
+      specials[static_cast<uint8_t>(text[i][0])].push_back(
+          {text[i], static_cast<int32_t>(i), always});
       any_always = any_always || always;
     }
     for (auto& list : specials)
-      std::stable_sort(list.begin(), list.end(),
-                       [](const Special& a, const Special& b) { return a.text.size() > b.text.size(); });
-    if (spm_kind) spm.emplace(data);
-    else gpt2.emplace(data, pieces);
+      std::stable_sort(list.begin(), list.end(), [](const Special& a, const Special& b) {
+        return a.text.size() > b.text.size();
+      });
+    if (spm_kind)
+      spm.emplace(data);
+    else
+      gpt2.emplace(data, pieces);
   }
 
   // The special token spelled at text[pos], longest match, or nullptr.
@@ -165,7 +178,8 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos, bool parse_special) const {
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos,
+                                       bool parse_special) const {
   const Impl& m = *impl_;
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 2);
@@ -173,8 +187,10 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos, bool
   bool after_special = true;  // SentencePiece prefixes a space at the start and after specials
   const auto encode_text = [&](std::string_view fragment) {
     if (fragment.empty()) return;
-    if (m.spm) m.spm->encode(fragment, after_special && m.data.add_space_prefix, out);
-    else m.gpt2->encode(fragment, out);
+    if (m.spm)
+      m.spm->encode(fragment, after_special && m.data.add_space_prefix, out);
+    else
+      m.gpt2->encode(fragment, out);
     after_special = false;
   };
   size_t start = 0;
@@ -196,7 +212,8 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos, bool
   return out;
 }
 
-void Tokenizer::decode_append(int32_t id, bool skip_special, bool& segment_start, std::string& out) const {
+void Tokenizer::decode_append(int32_t id, bool skip_special, bool& segment_start,
+                              std::string& out) const {
   const Impl& m = *impl_;
   QL_CHECK(id >= 0 && id < vocab_size(), "decode: token id ", id, " is out of range: expected 0..",
            vocab_size() - 1, " for this ", type_name(m.data.kind), " vocabulary");
@@ -207,7 +224,8 @@ void Tokenizer::decode_append(int32_t id, bool skip_special, bool& segment_start
     return;
   }
   std::string_view text = m.text[id];
-  if (segment_start && m.spm && m.data.add_space_prefix && type != TokenType::Byte && text.starts_with(' '))
+  if (segment_start && m.spm && m.data.add_space_prefix && type != TokenType::Byte &&
+      text.starts_with(' '))
     text.remove_prefix(1);
   out += text;
   segment_start = false;
@@ -220,30 +238,40 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special) c
   return out;
 }
 
-int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->data.tokens.size()); }
+int32_t Tokenizer::vocab_size() const {
+  return static_cast<int32_t>(impl_->data.tokens.size());
+}
 
 const std::string& Tokenizer::piece(int32_t id) const {
-  QL_CHECK(id >= 0 && id < vocab_size(), "tokenizer: token id ", id, " is out of range: expected 0..",
-           vocab_size() - 1);
+  QL_CHECK(id >= 0 && id < vocab_size(), "tokenizer: token id ", id,
+           " is out of range: expected 0..", vocab_size() - 1);
   return impl_->data.tokens[id];
 }
 
 TokenType Tokenizer::type(int32_t id) const {
-  QL_CHECK(id >= 0 && id < vocab_size(), "tokenizer: token id ", id, " is out of range: expected 0..",
-           vocab_size() - 1);
+  QL_CHECK(id >= 0 && id < vocab_size(), "tokenizer: token id ", id,
+           " is out of range: expected 0..", vocab_size() - 1);
   return impl_->data.types[id];
 }
 
-int32_t Tokenizer::bos_id() const { return impl_->data.bos_id; }
-int32_t Tokenizer::eos_id() const { return impl_->data.eos_id; }
-int32_t Tokenizer::unk_id() const { return impl_->data.unk_id; }
+int32_t Tokenizer::bos_id() const {
+  return impl_->data.bos_id;
+}
+int32_t Tokenizer::eos_id() const {
+  return impl_->data.eos_id;
+}
+int32_t Tokenizer::unk_id() const {
+  return impl_->data.unk_id;
+}
 int32_t Tokenizer::pad_id() const {
   const TokenizerData& d = impl_->data;
   for (int32_t id : {d.pad_id, d.eos_id, d.unk_id})
     if (id >= 0) return id;
   return 0;
 }
-bool Tokenizer::add_bos() const { return impl_->data.add_bos; }
+bool Tokenizer::add_bos() const {
+  return impl_->data.add_bos;
+}
 bool Tokenizer::is_special(int32_t id) const {
   return id >= 0 && id < vocab_size() && impl_->data.types[id] == TokenType::Control;
 }
@@ -251,7 +279,9 @@ int32_t Tokenizer::find_token(std::string_view piece) const {
   const auto it = impl_->pieces.find(piece);
   return it == impl_->pieces.end() ? -1 : it->second;
 }
-const TokenizerData& Tokenizer::data() const { return impl_->data; }
+const TokenizerData& Tokenizer::data() const {
+  return impl_->data;
+}
 
 std::string StreamDecoder::push(int32_t id) {
   tok_.decode_append(id, skip_special_, segment_start_, pending_);
@@ -261,7 +291,10 @@ std::string StreamDecoder::push(int32_t id) {
   for (size_t back = 1; back <= std::min<size_t>(3, pending_.size()); ++back) {
     const auto b = static_cast<uint8_t>(pending_[pending_.size() - back]);
     if ((b & 0xC0) == 0x80) continue;  // continuation byte: look further back
-    const size_t need = (b & 0xE0) == 0xC0 ? 2 : (b & 0xF0) == 0xE0 ? 3 : (b & 0xF8) == 0xF0 ? 4 : 1;
+    const size_t need = (b & 0xE0) == 0xC0   ? 2
+                        : (b & 0xF0) == 0xE0 ? 3
+                        : (b & 0xF8) == 0xF0 ? 4
+                                             : 1;
     if (need > back) keep = back;
     break;
   }

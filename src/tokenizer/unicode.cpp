@@ -8,8 +8,8 @@ namespace {
 
 bool in_ranges(const CodePointRange* ranges, size_t count, uint32_t cp) {
   const CodePointRange* end = ranges + count;
-  const CodePointRange* it =
-      std::upper_bound(ranges, end, cp, [](uint32_t c, const CodePointRange& r) { return c < r.first; });
+  const CodePointRange* it = std::upper_bound(
+      ranges, end, cp, [](uint32_t c, const CodePointRange& r) { return c < r.first; });
   return it != ranges && cp <= (it - 1)->last;
 }
 
@@ -40,10 +40,14 @@ size_t utf8_sequence_length(std::string_view text, size_t pos) {
   if (b0 < 0x80) return 1;
   size_t len;
   uint32_t min_cp;
-  if ((b0 & 0xE0) == 0xC0) len = 2, min_cp = 0x80;
-  else if ((b0 & 0xF0) == 0xE0) len = 3, min_cp = 0x800;
-  else if ((b0 & 0xF8) == 0xF0) len = 4, min_cp = 0x10000;
-  else return 0;
+  if ((b0 & 0xE0) == 0xC0)
+    len = 2, min_cp = 0x80;
+  else if ((b0 & 0xF0) == 0xE0)
+    len = 3, min_cp = 0x800;
+  else if ((b0 & 0xF8) == 0xF0)
+    len = 4, min_cp = 0x10000;
+  else
+    return 0;
   if (pos + len > text.size()) return 0;
   uint32_t cp = b0 & (0x7F >> len);
   for (size_t i = 1; i < len; ++i) {
@@ -105,15 +109,29 @@ bool is_number(uint32_t cp) {
 
 bool is_whitespace(uint32_t cp) {
   switch (cp) {
-    case 0x09: case 0x0A: case 0x0B: case 0x0C: case 0x0D: case 0x20: case 0x85: case 0xA0:
-    case 0x1680: case 0x2028: case 0x2029: case 0x202F: case 0x205F: case 0x3000:
+    case 0x09:
+    case 0x0A:
+    case 0x0B:
+    case 0x0C:
+    case 0x0D:
+    case 0x20:
+    case 0x85:
+    case 0xA0:
+    case 0x1680:
+    case 0x2028:
+    case 0x2029:
+    case 0x202F:
+    case 0x205F:
+    case 0x3000:
       return true;
     default:
       return cp >= 0x2000 && cp <= 0x200A;
   }
 }
 
-uint32_t byte_to_gpt2_char(uint8_t byte) { return gpt2_map().to_char[byte]; }
+uint32_t byte_to_gpt2_char(uint8_t byte) {
+  return gpt2_map().to_char[byte];
+}
 
 int gpt2_char_to_byte(uint32_t cp) {
   return cp < gpt2_map().to_byte.size() ? gpt2_map().to_byte[cp] : -1;

@@ -17,10 +17,13 @@ namespace fs = std::filesystem;
 
 const char* kGguf = "models/stories260K/stories260K.gguf";
 
-std::string stories_gguf_bytes() { return read_file(test::data_dir() / kGguf); }
+std::string stories_gguf_bytes() {
+  return read_file(test::data_dir() / kGguf);
+}
 
 fs::path write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   return path;
 }
 
@@ -40,14 +43,17 @@ void poke(std::string& file, size_t offset, T value) {
   std::memcpy(file.data() + offset, &value, sizeof(T));
 }
 
-test::CliResult info(const fs::path& model) { return test::run_cli({"info", model.string()}); }
+test::CliResult info(const fs::path& model) {
+  return test::run_cli({"info", model.string()});
+}
 
 TEST(CliBadFiles, TruncatedGguf) {
   QL_REQUIRE_DATA(kGguf);
   const std::string file = stories_gguf_bytes();
   const fs::path dir = test::temp_dir();
   for (size_t keep : {size_t{3}, size_t{100}, file.size() / 2, file.size() - 1}) {
-    const fs::path p = write_bytes(dir / ("cut" + std::to_string(keep) + ".gguf"), file.substr(0, keep));
+    const fs::path p =
+        write_bytes(dir / ("cut" + std::to_string(keep) + ".gguf"), file.substr(0, keep));
     test::expect_one_line_error(info(p), p.filename().string());
   }
 }
@@ -121,7 +127,8 @@ TEST(CliBadFiles, CorruptedSafetensorsAndInconsistentConfig) {
 }
 
 TEST(CliBadFiles, PickleCheckpointIsRefused) {
-  const fs::path p = write_bytes(test::temp_dir() / "pytorch_model.bin", std::string("\x80\x02}q\x00.", 6));
+  const fs::path p =
+      write_bytes(test::temp_dir() / "pytorch_model.bin", std::string("\x80\x02}q\x00.", 6));
   test::expect_one_line_error(info(p), "safetensors");
 }
 

@@ -30,8 +30,6 @@ const std::string kZooContinuation =
     "a big, red ball. She wanted to play with it, but she didn't want to play with";
 constexpr int kLlama2cSteps = 60;
 
-
-
 // Number of ids on the first line of `qalora logits` (BOS included).
 size_t prompt_token_count(const std::vector<std::string>& model_args, const std::string& prompt) {
   std::vector<std::string> args = {"logits"};
@@ -175,7 +173,8 @@ TEST(CliErrors, Llama2cCheckpointWithoutTokenizer) {
 }
 
 TEST(CliErrors, UnknownOption) {
-  test::expect_one_line_error(run_cli({"generate", "--model", "m.gguf", "--prompt", "a", "--bogus"}));
+  test::expect_one_line_error(
+      run_cli({"generate", "--model", "m.gguf", "--prompt", "a", "--bogus"}));
 }
 
 TEST(CliErrors, MissingTextFile) {

@@ -54,7 +54,9 @@ Model make_random_model(const RandomModelShape& s, uint64_t seed) {
     m.layers.push_back(std::move(l));
   }
   m.final_norm = random_tensor({s.dim}, 0.2f, 1.0f, rng);
-  if (!s.tied) m.output = random_tensor({s.vocab, s.dim}, 1.0f / std::sqrt(static_cast<float>(s.dim)), 0.0f, rng);
+  if (!s.tied)
+    m.output =
+        random_tensor({s.vocab, s.dim}, 1.0f / std::sqrt(static_cast<float>(s.dim)), 0.0f, rng);
   m.source_path = "random-model";
   m.validate();
   return m;

@@ -37,7 +37,9 @@ struct ForwardCase {
 };
 
 // Names the case in test listings instead of dumping its bytes.
-void PrintTo(const ForwardCase& c, std::ostream* os) { *os << c.label; }
+void PrintTo(const ForwardCase& c, std::ostream* os) {
+  *os << c.label;
+}
 
 class ForwardVsReference : public ::testing::TestWithParam<ForwardCase> {};
 
@@ -58,19 +60,50 @@ TEST_P(ForwardVsReference, PrefillThenDecodeMatchesDoubleReference) {
         << "prefill position " << t;
   for (size_t t = 9; t < tokens.size(); ++t) {
     const std::vector<float> last = session.forward_last(std::span(tokens).subspan(t, 1));
-    EXPECT_LT(relative_error(last, std::span(ref).subspan(t * V, V)), 1e-4) << "decode position " << t;
+    EXPECT_LT(relative_error(last, std::span(ref).subspan(t * V, V)), 1e-4)
+        << "decode position " << t;
   }
   EXPECT_EQ(session.position(), 13);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    OddShapes, ForwardVsReference,
-    ::testing::Values(
-        ForwardCase{{.vocab = 97, .dim = 52, .hidden = 100, .layers = 2, .heads = 6, .kv_heads = 6, .head_dim = 8}, "mha"},
-        ForwardCase{{.vocab = 61, .dim = 45, .hidden = 77, .layers = 3, .heads = 4, .kv_heads = 2, .head_dim = 8, .tied = true}, "gqa2_tied"},
-        ForwardCase{{.vocab = 103, .dim = 33, .hidden = 70, .layers = 2, .heads = 6, .kv_heads = 2, .head_dim = 8, .qkv_bias = true}, "gqa3_bias"},
-        ForwardCase{{.vocab = 50, .dim = 40, .hidden = 64, .layers = 1, .heads = 3, .kv_heads = 1, .head_dim = 10}, "mqa"}),
-    [](const auto& param_info) { return std::string(param_info.param.label); });
+INSTANTIATE_TEST_SUITE_P(OddShapes, ForwardVsReference,
+                         ::testing::Values(ForwardCase{{.vocab = 97,
+                                                        .dim = 52,
+                                                        .hidden = 100,
+                                                        .layers = 2,
+                                                        .heads = 6,
+                                                        .kv_heads = 6,
+                                                        .head_dim = 8},
+                                                       "mha"},
+                                           ForwardCase{{.vocab = 61,
+                                                        .dim = 45,
+                                                        .hidden = 77,
+                                                        .layers = 3,
+                                                        .heads = 4,
+                                                        .kv_heads = 2,
+                                                        .head_dim = 8,
+                                                        .tied = true},
+                                                       "gqa2_tied"},
+                                           ForwardCase{{.vocab = 103,
+                                                        .dim = 33,
+                                                        .hidden = 70,
+                                                        .layers = 2,
+                                                        .heads = 6,
+                                                        .kv_heads = 2,
+                                                        .head_dim = 8,
+                                                        .qkv_bias = true},
+                                                       "gqa3_bias"},
+                                           ForwardCase{{.vocab = 50,
+                                                        .dim = 40,
+                                                        .hidden = 64,
+                                                        .layers = 1,
+                                                        .heads = 3,
+                                                        .kv_heads = 1,
+                                                        .head_dim = 10},
+                                                       "mqa"}),
+                         [](const auto& param_info) {
+                           return std::string(param_info.param.label);
+                         });
 
 TEST(Forward, ChunkedPrefillEqualsSinglePrefill) {
   const test::RandomModelShape s;

@@ -3,7 +3,6 @@
 
 #include <cmath>
 #include <cstdio>
-
 #include <nlohmann/json.hpp>
 
 #include "qalora/core/mapped_file.h"
@@ -105,8 +104,8 @@ TEST(RealModels, SmolLM2MatchesNumpyForward) {
   std::vector<std::string> args = {test::smollm2_path().string(), out.string()};
   for (int32_t id : ids) args.push_back(std::to_string(id));
   std::string err;
-  const int rc = test::run_python(std::filesystem::path(__FILE__).parent_path() / "numpy_forward.py",
-                                  args, err);
+  const int rc = test::run_python(
+      std::filesystem::path(__FILE__).parent_path() / "numpy_forward.py", args, err);
   if (rc == test::kPythonMissing) GTEST_SKIP() << "numpy/gguf unavailable: " << err;
   ASSERT_EQ(rc, 0) << err;
   const auto expected = nlohmann::json::parse(read_file(out))["logits"].get<std::vector<double>>();

@@ -37,8 +37,10 @@ TEST(Ops, RmsnormMatchesReference) {
 }
 
 TEST(Ops, MatmulMatchesReference) {
-  for (auto [T, I, O] : {std::tuple<int64_t, int64_t, int64_t>{1, 13, 7}, {3, 172, 45},
-                         {17, 33, 65}, {64, 100, 1}}) {
+  for (auto [T, I, O] : {std::tuple<int64_t, int64_t, int64_t>{1, 13, 7},
+                         {3, 172, 45},
+                         {17, 33, 65},
+                         {64, 100, 1}}) {
     auto x = random_vec(T * I, 3), W = random_vec(O * I, 4), bias = random_vec(O, 5);
     std::vector<float> a(static_cast<size_t>(T * O)), b(a.size());
     for (const float* bp : std::vector<const float*>{nullptr, bias.data()}) {

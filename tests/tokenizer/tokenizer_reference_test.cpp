@@ -35,9 +35,11 @@ const std::vector<std::string>& tricky_strings() {
       "3.14159 and 1,000,000 and 007",
       "\xD9\xA3\xD9\xA4\xD9\xA5 Arabic-Indic digits \xE2\x85\xA0\xE2\x85\xA1",
       "emoji \xF0\x9F\x91\x8D\xF0\x9F\x8F\xBD and flag \xF0\x9F\x87\xAB\xF0\x9F\x87\xB7",
-      "\xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E\xE3\x81\xAE\xE3\x83\x86\xE3\x82\xAD\xE3\x82\xB9\xE3\x83\x88",
+      "\xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E\xE3\x81\xAE\xE3\x83\x86\xE3\x82\xAD\xE3\x82\xB9\xE3\x83"
+      "\x88",
       "\xE4\xB8\xAD\xE6\x96\x87\xEF\xBC\x8C\xE6\xA0\x87\xE7\x82\xB9\xE3\x80\x82",
-      "\xED\x95\x9C\xEA\xB5\xAD\xEC\x96\xB4 \xCE\x95\xCE\xBB\xCE\xBB\xCE\xB7\xCE\xBD\xCE\xB9\xCE\xBA\xCE\xAC "
+      "\xED\x95\x9C\xEA\xB5\xAD\xEC\x96\xB4 "
+      "\xCE\x95\xCE\xBB\xCE\xBB\xCE\xB7\xCE\xBD\xCE\xB9\xCE\xBA\xCE\xAC "
       "\xD0\x9F\xD1\x80\xD0\xB8\xD0\xB2\xD0\xB5\xD1\x82, \xD0\xBC\xD0\xB8\xD1\x80!",
       "combining: e\xCC\x81 a\xCC\x88 n\xCC\x83 e\xCC\x81\xCC\x81\xCC\x81",
       "<s> typed as text </s>",
@@ -66,12 +68,13 @@ int run_reference(const std::vector<std::string>& args, std::string& err) {
   return test::run_python(fs::path(__FILE__).parent_path() / "reference_tokenize.py", args, err);
 }
 
-#define RUN_REFERENCE(...)                                          \
-  do {                                                                   \
-    std::string reference_err_;                                          \
-    const int rc_ = run_reference({__VA_ARGS__}, reference_err_);        \
-    if (rc_ == test::kPythonMissing) GTEST_SKIP() << "reference tokenizer unavailable: " << reference_err_; \
-    ASSERT_EQ(rc_, 0) << reference_err_;                                 \
+#define RUN_REFERENCE(...)                                                   \
+  do {                                                                       \
+    std::string reference_err_;                                              \
+    const int rc_ = run_reference({__VA_ARGS__}, reference_err_);            \
+    if (rc_ == test::kPythonMissing)                                         \
+      GTEST_SKIP() << "reference tokenizer unavailable: " << reference_err_; \
+    ASSERT_EQ(rc_, 0) << reference_err_;                                     \
   } while (0)
 
 fs::path write_strings(const fs::path& dir, const std::vector<std::string>& strings) {
@@ -80,7 +83,9 @@ fs::path write_strings(const fs::path& dir, const std::vector<std::string>& stri
   return path;
 }
 
-std::string shown(const std::string& text) { return text.size() <= 200 ? text : text.substr(0, 200) + "..."; }
+std::string shown(const std::string& text) {
+  return text.size() <= 200 ? text : text.substr(0, 200) + "...";
+}
 
 // Compares id lists, reporting the first difference rather than dumping long vectors.
 void expect_same_ids(const std::vector<int32_t>& actual, const std::vector<int32_t>& expected,
@@ -90,12 +95,13 @@ void expect_same_ids(const std::vector<int32_t>& actual, const std::vector<int32
   if (i == actual.size() && i == expected.size()) return;
   const auto window = [&](const std::vector<int32_t>& v) {
     std::string s;
-    for (size_t k = i >= 3 ? i - 3 : 0; k < std::min(v.size(), i + 4); ++k) s += std::to_string(v[k]) + " ";
+    for (size_t k = i >= 3 ? i - 3 : 0; k < std::min(v.size(), i + 4); ++k)
+      s += std::to_string(v[k]) + " ";
     return s;
   };
-  ADD_FAILURE() << "ids differ at index " << i << " (sizes " << actual.size() << " vs " << expected.size()
-                << "): ours [" << window(actual) << "] reference [" << window(expected) << "] for text \""
-                << shown(text) << "\"";
+  ADD_FAILURE() << "ids differ at index " << i << " (sizes " << actual.size() << " vs "
+                << expected.size() << "): ours [" << window(actual) << "] reference ["
+                << window(expected) << "] for text \"" << shown(text) << "\"";
 }
 
 std::string optional_text(const char* relpath) {
@@ -109,7 +115,8 @@ TokenizerData smollm2_tokenizer() {
   TokenizerData d;
   d.kind = TokenizerKind::Gpt2;
   d.tokens = f.get_string_array("tokenizer.ggml.tokens");
-  for (int64_t t : f.get_int_array("tokenizer.ggml.token_type")) d.types.push_back(static_cast<TokenType>(t));
+  for (int64_t t : f.get_int_array("tokenizer.ggml.token_type"))
+    d.types.push_back(static_cast<TokenType>(t));
   d.merges = f.get_string_array("tokenizer.ggml.merges");
   d.pre = f.get_string("tokenizer.ggml.pre");
   d.bos_id = static_cast<int32_t>(f.get_int("tokenizer.ggml.bos_token_id"));
@@ -126,7 +133,8 @@ void expect_round_trips(const Tokenizer& tok, const std::vector<std::string>& st
   for (const std::string& s : strings) {
     for (bool parse_special : {false, true}) {
       const auto ids = tok.encode(s, /*add_bos=*/false, parse_special);
-      EXPECT_EQ(tok.decode(ids), s) << "parse_special=" << parse_special << " text \"" << shown(s) << "\"";
+      EXPECT_EQ(tok.decode(ids), s)
+          << "parse_special=" << parse_special << " text \"" << shown(s) << "\"";
     }
   }
 }
@@ -151,8 +159,10 @@ TEST(TokenizerReference, SentencePieceMatchesSentencePieceLibrary) {
   const fs::path model = test::data_dir() / "tokenizers/llama2-spm/tokenizer.model";
   const fs::path dir = test::temp_dir();
   std::vector<std::string> strings = tricky_strings();
-  if (std::string story = optional_text("text/tinystories_val.txt"); !story.empty()) strings.push_back(story);
-  RUN_REFERENCE("spm", model.string(), write_strings(dir, strings).string(), (dir / "out.json").string());
+  if (std::string story = optional_text("text/tinystories_val.txt"); !story.empty())
+    strings.push_back(story);
+  RUN_REFERENCE("spm", model.string(), write_strings(dir, strings).string(),
+                (dir / "out.json").string());
   const json expected = json::parse(read_file(dir / "out.json"));
 
   const Tokenizer tok(read_sentencepiece_model(model));
@@ -161,7 +171,8 @@ TEST(TokenizerReference, SentencePieceMatchesSentencePieceLibrary) {
   EXPECT_EQ(tok.eos_id(), 2);
   EXPECT_EQ(tok.pad_id(), 2);  // Llama-2 has no pad token: falls back to EOS
   for (size_t i = 0; i < strings.size(); ++i)
-    expect_same_ids(tok.encode(strings[i], false, false), expected[i].get<std::vector<int32_t>>(), strings[i]);
+    expect_same_ids(tok.encode(strings[i], false, false), expected[i].get<std::vector<int32_t>>(),
+                    strings[i]);
   expect_round_trips(tok, without_literal_spm_space(with_invalid_utf8(strings)));
   expect_round_trips(tok, {"overlong \xC0\xAF and \xFF\xFE bytes"});
 }
@@ -169,7 +180,8 @@ TEST(TokenizerReference, SentencePieceMatchesSentencePieceLibrary) {
 TEST(TokenizerReference, SentencePieceHfExportMatchesTokenizersLibrary) {
   QL_REQUIRE_DATA("tokenizers/llama2-spm/tokenizer.model");
   const fs::path dir = test::temp_dir();
-  const TokenizerData data = read_sentencepiece_model(test::data_dir() / "tokenizers/llama2-spm/tokenizer.model");
+  const TokenizerData data =
+      read_sentencepiece_model(test::data_dir() / "tokenizers/llama2-spm/tokenizer.model");
   write_hf_tokenizer(data, dir / "hf");
   const auto& strings = tricky_strings();
   RUN_REFERENCE("hf", (dir / "hf/tokenizer.json").string(), write_strings(dir, strings).string(),
@@ -192,7 +204,8 @@ TEST(TokenizerReference, SentencePieceHfExportMatchesTokenizersLibrary) {
 TEST(TokenizerReference, Llama2cTokenizerHfExportMatchesTokenizersLibrary) {
   QL_REQUIRE_DATA("models/stories260K/tok512.bin");
   const fs::path dir = test::temp_dir();
-  const TokenizerData data = read_llama2c_tokenizer(test::data_dir() / "models/stories260K/tok512.bin", 512);
+  const TokenizerData data =
+      read_llama2c_tokenizer(test::data_dir() / "models/stories260K/tok512.bin", 512);
   write_hf_tokenizer(data, dir / "hf");
   std::vector<std::string> strings = tricky_strings();
   strings.push_back("Zoo");
@@ -201,7 +214,8 @@ TEST(TokenizerReference, Llama2cTokenizerHfExportMatchesTokenizersLibrary) {
   const json expected = json::parse(read_file(dir / "out.json"));
   const Tokenizer tok(data);
   for (size_t i = 0; i < strings.size(); ++i)
-    expect_same_ids(tok.encode(strings[i], false, true), expected[i]["ids"].get<std::vector<int32_t>>(), strings[i]);
+    expect_same_ids(tok.encode(strings[i], false, true),
+                    expected[i]["ids"].get<std::vector<int32_t>>(), strings[i]);
 }
 
 TEST(TokenizerReference, Gpt2SmolLM2MatchesTokenizersLibrary) {
@@ -240,7 +254,8 @@ TEST(TokenizerReference, Gpt2SmolLM2MatchesTokenizersLibrary) {
     const auto ref = expected[i]["ids"].get<std::vector<int32_t>>();
     expect_same_ids(ours.encode(strings[i], false, true), ref, strings[i]);
     expect_same_ids(reread.encode(strings[i], false, true), ref, strings[i]);
-    EXPECT_EQ(ours.decode(ref), expected[i]["text"].get<std::string>()) << "text \"" << shown(strings[i]) << "\"";
+    EXPECT_EQ(ours.decode(ref), expected[i]["text"].get<std::string>())
+        << "text \"" << shown(strings[i]) << "\"";
   }
   expect_round_trips(ours, with_invalid_utf8(strings));
 }
@@ -248,17 +263,20 @@ TEST(TokenizerReference, Gpt2SmolLM2MatchesTokenizersLibrary) {
 TEST(TokenizerReference, PreTokenizersMatchTokenizersLibrary) {
   const fs::path dir = test::temp_dir();
   std::vector<std::string> strings = tricky_strings();
-  strings.push_back("x  \n\n  y \r\n\r\n z\t\t\n 1234567 \xD9\xA3\xD9\xA4\xD9\xA5\xD9\xA6 a1b22c333d4444");
+  strings.push_back(
+      "x  \n\n  y \r\n\r\n z\t\t\n 1234567 \xD9\xA3\xD9\xA4\xD9\xA5\xD9\xA6 a1b22c333d4444");
   strings.push_back("HE'S 'LL 'Re ''s ' s 'x !\n\n!?\r\n ... \n   \xE2\x80\x83\xE2\x80\x83word");
   const fs::path strings_path = write_strings(dir, strings);
-  for (PreTokenizer pre : {PreTokenizer::Gpt2, PreTokenizer::Llama3, PreTokenizer::Qwen2, PreTokenizer::SmolLm}) {
+  for (PreTokenizer pre :
+       {PreTokenizer::Gpt2, PreTokenizer::Llama3, PreTokenizer::Qwen2, PreTokenizer::SmolLm}) {
     const std::string name = pre_tokenizer_name(pre);
     RUN_REFERENCE("pre", name, strings_path.string(), (dir / (name + ".json")).string());
     const json expected = json::parse(read_file(dir / (name + ".json")));
     for (size_t i = 0; i < strings.size(); ++i) {
       std::vector<std::string> ours;
       for (std::string_view piece : pre_tokenize(strings[i], pre)) ours.emplace_back(piece);
-      EXPECT_EQ(ours, expected[i].get<std::vector<std::string>>()) << name << " on \"" << shown(strings[i]) << "\"";
+      EXPECT_EQ(ours, expected[i].get<std::vector<std::string>>())
+          << name << " on \"" << shown(strings[i]) << "\"";
     }
   }
 }

@@ -1,5 +1,7 @@
 // Tokenizer unit tests on small hand-built vocabularies (expected ids worked out by hand from
 // the merge rules), the llama2.c reader, streaming decode, and one-line errors on bad input.
+#include "qalora/tokenizer/tokenizer.h"
+
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -7,7 +9,6 @@
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
-#include "qalora/tokenizer/tokenizer.h"
 #include "qalora/tokenizer/unicode.h"
 #include "test_util.h"
 
@@ -80,8 +81,14 @@ std::string error_of(Fn&& fn) {
 
 TEST(TokenizerSpm, MergesHighestScoreFirstWithSpacePrefix) {
   // "▁aba": candidates ▁a (-3), ab (-1), ba (-2): ab wins, then nothing else merges.
-  const Tokenizer tok(spm_data({{"\xE2\x96\x81", -10}, {"a", -10}, {"b", -10}, {"ab", -1}, {"ba", -2},
-                                {"\xE2\x96\x81" "a", -3}}));
+  const Tokenizer tok(spm_data({{"\xE2\x96\x81", -10},
+                                {"a", -10},
+                                {"b", -10},
+                                {"ab", -1},
+                                {"ba", -2},
+                                {"\xE2\x96\x81"
+                                 "a",
+                                 -3}}));
   const int32_t space = kFirstPiece, a = kFirstPiece + 1, ab = kFirstPiece + 3;
   EXPECT_EQ(tok.encode("aba", false), (Ids{space, ab, a}));
   EXPECT_EQ(tok.encode("aba", true), (Ids{1, space, ab, a}));
@@ -110,15 +117,20 @@ TEST(TokenizerSpm, ByteFallbackAndUnknown) {
   no_bytes.scores = {0, 0};
   no_bytes.unk_id = 0;
   no_bytes.add_space_prefix = false;
-  EXPECT_EQ(Tokenizer(no_bytes).encode("a\xC3\xA9" "a", false), (Ids{1, 0, 1}));
+  EXPECT_EQ(Tokenizer(no_bytes).encode("a\xC3\xA9"
+                                       "a",
+                                       false),
+            (Ids{1, 0, 1}));
 }
 
 TEST(TokenizerSpm, SpecialTokensAndSpacePrefixRoundTrip) {
-  TokenizerData d = spm_data({{"\xE2\x96\x81", -1}, {"h", -1}, {"i", -1}, {"\xE2\x96\x81h", -0.5f}});
+  TokenizerData d =
+      spm_data({{"\xE2\x96\x81", -1}, {"h", -1}, {"i", -1}, {"\xE2\x96\x81h", -0.5f}});
   const int32_t tag = add_token(d, "<tag>", TokenType::UserDefined);
   const Tokenizer tok(d);
   const Ids plain = tok.encode("<s>hi", false, false);
-  EXPECT_EQ(std::count(plain.begin(), plain.end(), 1), 0) << "\"<s>\" is text without parse_special";
+  EXPECT_EQ(std::count(plain.begin(), plain.end(), 1), 0)
+      << "\"<s>\" is text without parse_special";
   const Ids parsed = tok.encode("<s>hi", false, true);
   ASSERT_EQ(parsed.size(), 3u);
   EXPECT_EQ(parsed[0], 1);
@@ -217,7 +229,8 @@ TEST(TokenizerStream, HoldsBackIncompleteUtf8) {
 
 TEST(TokenizerLlama2c, Tok512EncodesZooWithBos) {
   QL_REQUIRE_DATA("models/stories260K/tok512.bin");
-  const TokenizerData d = read_llama2c_tokenizer(test::data_dir() / "models/stories260K/tok512.bin", 512);
+  const TokenizerData d =
+      read_llama2c_tokenizer(test::data_dir() / "models/stories260K/tok512.bin", 512);
   const Tokenizer tok(d);
   ASSERT_EQ(tok.vocab_size(), 512);
   EXPECT_EQ(tok.piece(1), "<s>");
@@ -229,14 +242,16 @@ TEST(TokenizerLlama2c, Tok512EncodesZooWithBos) {
   EXPECT_EQ(ids[0], 1);
   EXPECT_EQ(tok.decode(ids, true), "Zoo");
   EXPECT_EQ(tok.decode(std::span(ids).subspan(1)), "Zoo");
-  for (const char* s : {"Once upon a time, there was a little girl.", "  spaced\n\nout\t", "\xF0\x9F\x91\x8D 12345"})
+  for (const char* s : {"Once upon a time, there was a little girl.", "  spaced\n\nout\t",
+                        "\xF0\x9F\x91\x8D 12345"})
     EXPECT_EQ(tok.decode(tok.encode(s, false)), s);
 }
 
 TEST(TokenizerErrors, TruncatedLlama2cFile) {
   QL_REQUIRE_DATA("models/stories260K/tok512.bin");
   const fs::path path = test::temp_dir() / "tok512.bin";
-  write_file_atomic(path, read_file(test::data_dir() / "models/stories260K/tok512.bin").substr(0, 1000));
+  write_file_atomic(path,
+                    read_file(test::data_dir() / "models/stories260K/tok512.bin").substr(0, 1000));
   const std::string msg = error_of([&] { read_llama2c_tokenizer(path, 512); });
   EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
   EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
@@ -246,7 +261,8 @@ TEST(TokenizerErrors, TruncatedLlama2cFile) {
 TEST(TokenizerErrors, TruncatedSentencePieceModel) {
   QL_REQUIRE_DATA("tokenizers/llama2-spm/tokenizer.model");
   const fs::path path = test::temp_dir() / "tokenizer.model";
-  write_file_atomic(path, read_file(test::data_dir() / "tokenizers/llama2-spm/tokenizer.model").substr(0, 5000));
+  write_file_atomic(
+      path, read_file(test::data_dir() / "tokenizers/llama2-spm/tokenizer.model").substr(0, 5000));
   const std::string msg = error_of([&] { read_sentencepiece_model(path); });
   EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
   EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
@@ -255,7 +271,8 @@ TEST(TokenizerErrors, TruncatedSentencePieceModel) {
 TEST(TokenizerErrors, HfJsonMissingVocabOrBadMerges) {
   const fs::path dir = test::temp_dir();
   const fs::path path = dir / "tokenizer.json";
-  write_file_atomic(path, R"({"model": {"type": "BPE", "merges": []}, "pre_tokenizer": {"type": "ByteLevel"}})");
+  write_file_atomic(
+      path, R"({"model": {"type": "BPE", "merges": []}, "pre_tokenizer": {"type": "ByteLevel"}})");
   std::string msg = error_of([&] { read_hf_tokenizer(path); });
   EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
   EXPECT_NE(msg.find("model.vocab"), std::string::npos) << msg;

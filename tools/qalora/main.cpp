@@ -1,6 +1,5 @@
 // qalora: command-line front end. Each subcommand lives in its own cmd_*.cpp file.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <exception>
 
@@ -8,7 +7,9 @@
 #include "qalora/core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"qalora: quantize, fine-tune (LoRA / QLoRA / QA-LoRA), merge, export and evaluate Llama-family models"};
+  CLI::App app{
+      "qalora: quantize, fine-tune (LoRA / QLoRA / QA-LoRA), merge, export and evaluate "
+      "Llama-family models"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "qalora 0.1.0");
   qalora::cli::register_commands(app);

@@ -30,7 +30,7 @@ template <typename... Args>
 }  // namespace qalora
 
 // Checks a condition that bad input can violate; the message parts follow the condition.
-#define QL_CHECK(cond, ...)               \
-  do {                                    \
+#define QL_CHECK(cond, ...)                   \
+  do {                                        \
     if (!(cond)) ::qalora::fail(__VA_ARGS__); \
   } while (0)

@@ -56,14 +56,25 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 
 enum class GgufValueType : uint32_t {
-  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7,
-  STRING = 8, ARRAY = 9, U64 = 10, I64 = 11, F64 = 12,
+  U8 = 0,
+  I8 = 1,
+  U16 = 2,
+  I16 = 3,
+  U32 = 4,
+  I32 = 5,
+  F32 = 6,
+  BOOL = 7,
+  STRING = 8,
+  ARRAY = 9,
+  U64 = 10,
+  I64 = 11,
+  F64 = 12,
 };
 
 struct GgufArray;
 // Scalars are widened: all unsigned ints -> uint64_t, signed -> int64_t, floats -> double.
-using GgufValue = std::variant<uint64_t, int64_t, double, bool, std::string,
-                               std::shared_ptr<GgufArray>>;
+using GgufValue =
+    std::variant<uint64_t, int64_t, double, bool, std::string, std::shared_ptr<GgufArray>>;
 struct GgufArray {
   GgufValueType type;
   std::vector<GgufValue> values;

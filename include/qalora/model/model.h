@@ -21,8 +21,8 @@ struct RopeScaling {
   enum class Type { None, Linear, Llama3 };
   Type type = Type::None;
   float factor = 1.0f;
-  float low_freq_factor = 1.0f;    // llama3
-  float high_freq_factor = 4.0f;   // llama3
+  float low_freq_factor = 1.0f;     // llama3
+  float high_freq_factor = 4.0f;    // llama3
   int64_t original_context = 8192;  // llama3
 };
 
@@ -75,8 +75,8 @@ struct Model {
   ModelConfig config;
   Tensor tok_embeddings;  // [vocab, dim]
   std::vector<LayerWeights> layers;
-  Tensor final_norm;  // [dim]
-  Tensor output;      // [vocab, dim]; empty when tied to tok_embeddings
+  Tensor final_norm;                           // [dim]
+  Tensor output;                               // [vocab, dim]; empty when tied to tok_embeddings
   std::shared_ptr<const Tokenizer> tokenizer;  // null when none was found
 
   ModelFormat format = ModelFormat::Gguf;

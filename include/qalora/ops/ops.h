@@ -10,7 +10,8 @@ namespace qalora::ops {
 
 // out[T, D] = x[T, D] / rms(x) * w[D]
 void rmsnorm_forward(float* out, const float* x, const float* w, int64_t T, int64_t D, float eps);
-void rmsnorm_forward_ref(float* out, const float* x, const float* w, int64_t T, int64_t D, float eps);
+void rmsnorm_forward_ref(float* out, const float* x, const float* w, int64_t T, int64_t D,
+                         float eps);
 
 // y[T, O] = x[T, I] W[O, I]^T (+ bias[O]); bias may be null.
 void matmul_forward(float* y, const float* x, const float* W, const float* bias, int64_t T,

@@ -38,7 +38,7 @@ using PieceMap = std::unordered_map<std::string, int32_t, StringHash, std::equal
 // A symbol of a word being merged: a byte range of the word and its current token id.
 struct BpeSymbol {
   uint32_t begin, len;
-  int32_t id;  // -1 when the range is not a token
+  int32_t id;          // -1 when the range is not a token
   int32_t prev, next;  // neighbours in the live list, -1 at the ends
 };
 
@@ -107,7 +107,8 @@ class Gpt2Encoder {
     int32_t rank, id;
   };
   static uint64_t key(int32_t left, int32_t right) {
-    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) |
+           static_cast<uint32_t>(right);
   }
   void encode_word(std::string_view word, std::vector<int32_t>& out) const;
 

@@ -27,11 +27,12 @@ enum class TokenizerKind { SentencePiece, Gpt2 };
 
 struct TokenizerData {
   TokenizerKind kind = TokenizerKind::SentencePiece;
-  std::vector<std::string> tokens;  // piece text as stored (SPM uses U+2581 for space, GPT-2 the byte map)
+  std::vector<std::string>
+      tokens;  // piece text as stored (SPM uses U+2581 for space, GPT-2 the byte map)
   std::vector<float> scores;        // SentencePiece merge priorities (empty for GPT-2)
   std::vector<TokenType> types;     // same length as tokens
   std::vector<std::string> merges;  // GPT-2 merges "left right", highest priority first
-  std::string pre;                  // GPT-2 pre-tokenizer flavour: "gpt2", "llama3", "smollm", "qwen2", ...
+  std::string pre;  // GPT-2 pre-tokenizer flavour: "gpt2", "llama3", "smollm", "qwen2", ...
   int32_t bos_id = -1;
   int32_t eos_id = -1;
   int32_t unk_id = -1;
@@ -53,7 +54,8 @@ class Tokenizer {
   // that token (longest match first); otherwise it is tokenized as plain text. User-defined
   // tokens are always split out, as SentencePiece, Hugging Face and llama.cpp do. Never appends
   // EOS. SentencePiece: the space prefix goes before the text and after each special token.
-  std::vector<int32_t> encode(std::string_view text, bool add_bos, bool parse_special = false) const;
+  std::vector<int32_t> encode(std::string_view text, bool add_bos,
+                              bool parse_special = false) const;
   // Exact inverse of encode (without BOS/EOS) for any valid UTF-8 text. Control tokens render
   // as their text unless skip_special; byte tokens give raw bytes, which may be partial UTF-8.
   std::string decode(std::span<const int32_t> ids, bool skip_special = false) const;
@@ -66,7 +68,7 @@ class Tokenizer {
   int32_t pad_id() const;  // never -1: falls back to eos, then unk, then 0
   int32_t unk_id() const;
   bool add_bos() const;
-  bool is_special(int32_t id) const;  // control tokens (BOS/EOS/chat markers)
+  bool is_special(int32_t id) const;                 // control tokens (BOS/EOS/chat markers)
   int32_t find_token(std::string_view piece) const;  // -1 if absent
   const TokenizerData& data() const;
 
