@@ -131,7 +131,8 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
   const int64_t group = H / KV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   const int64_t qstride = H * Hd;
-#pragma omp parallel
+  // A decode step over a short cache is a few microseconds of work: not worth waking threads.
+#pragma omp parallel if (T * P * H * Hd > (int64_t{1} << 18))
   {
     std::vector<float> scores(static_cast<size_t>(T * P));
 #pragma omp for schedule(dynamic)
