@@ -193,35 +193,26 @@ void k4_scale_min(const uint8_t (&s)[12], int j, int& scale, int& min) {
   }
 }
 
-// Q4_K: element e is nibble (e/32)%2 of qs[(e/64)*32 + e%32].
-void dequant(const BlockQ4_K& b, float* y) {
-  const float d = h2f(b.d), dmin = h2f(b.dmin);
+// Q4_K: element e is nibble (e/32)%2 of qs[(e/64)*32 + e%32]. Q5_K adds a fifth bit: bit j
+// of qh[l] for element 32*j + l (qh null for Q4_K).
+void dequant_k4(uint16_t d16, uint16_t dmin16, const uint8_t (&scales)[12], const uint8_t* qs,
+                const uint8_t* qh, float* y) {
+  const float d = h2f(d16), dmin = h2f(dmin16);
   for (int j = 0; j < kQKK / 32; ++j) {
     int sc = 0, mn = 0;
-    k4_scale_min(b.scales, j, sc, mn);
+    k4_scale_min(scales, j, sc, mn);
     const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(mn);
-    const uint8_t* q = b.qs + (j / 2) * 32;
-    const int shift = 4 * (j % 2);
-    for (int l = 0; l < 32; ++l)
-      y[j * 32 + l] = dl * static_cast<float>((q[l] >> shift) & 0xf) - ml;
-  }
-}
-
-// Q5_K: Q4_K plus a fifth bit, bit j of qh[l] for element 32*j + l.
-void dequant(const BlockQ5_K& b, float* y) {
-  const float d = h2f(b.d), dmin = h2f(b.dmin);
-  for (int j = 0; j < kQKK / 32; ++j) {
-    int sc = 0, mn = 0;
-    k4_scale_min(b.scales, j, sc, mn);
-    const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(mn);
-    const uint8_t* q = b.qs + (j / 2) * 32;
+    const uint8_t* q = qs + (j / 2) * 32;
     const int shift = 4 * (j % 2);
     for (int l = 0; l < 32; ++l) {
-      const int v = ((q[l] >> shift) & 0xf) | ((b.qh[l] >> j) & 1) << 4;
-      y[j * 32 + l] = dl * static_cast<float>(v) - ml;
+      const int high = qh != nullptr ? ((qh[l] >> j) & 1) << 4 : 0;
+      y[j * 32 + l] = dl * static_cast<float>(((q[l] >> shift) & 0xf) | high) - ml;
     }
   }
 }
+
+void dequant(const BlockQ4_K& b, float* y) { dequant_k4(b.d, b.dmin, b.scales, b.qs, nullptr, y); }
+void dequant(const BlockQ5_K& b, float* y) { dequant_k4(b.d, b.dmin, b.scales, b.qs, b.qh, y); }
 
 // Q6_K: element e = 128*h + 32*k + l takes its low nibble from ql[64*h + 32*(k%2) + l]
 // (nibble k/2) and its high 2 bits from qh[32*h + l] at bit 2*k; signed scale per 16 elements.
