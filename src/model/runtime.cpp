@@ -4,24 +4,14 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 
+#include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/ops/ops.h"
 
 namespace qalora {
-
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-}  // namespace
 
 void set_num_threads(int threads) {
   const int n = threads > 0 ? threads : omp_get_num_procs();

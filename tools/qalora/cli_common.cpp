@@ -92,11 +92,11 @@ GenerationStats generate(InferenceSession& session, Sampler& sampler,
   stats.prompt_tokens = static_cast<int64_t>(prompt.size());
   for (int32_t t : prompt) sampler.accept(t);
 
-  auto start = std::chrono::steady_clock::now();
+  auto start = Clock::now();
   std::vector<float> logits = session.forward_last(prompt);
   stats.prompt_seconds = seconds_since(start);
 
-  start = std::chrono::steady_clock::now();
+  start = Clock::now();
   while (stats.generated < max_tokens) {
     const int32_t token = sampler.sample(logits);
     if (std::find(stop.begin(), stop.end(), token) != stop.end()) {
@@ -131,10 +131,6 @@ std::string format_generation_stats(const GenerationStats& s) {
       : s.stop == StopReason::StopToken ? "a stop token"
                                         : "the context length");
   return buf;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 void print_now(const std::string& text) {

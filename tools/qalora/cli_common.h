@@ -3,13 +3,13 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "qalora/core/clock.h"
 #include "qalora/model/model.h"
 #include "qalora/model/runtime.h"
 #include "qalora/model/sampler.h"
@@ -69,8 +69,6 @@ GenerationStats generate(InferenceSession& session, Sampler& sampler,
                          const std::function<void(int32_t)>& on_token);
 // "prompt 3 tokens (1234.5 tok/s), generated 60 tokens (567.8 tok/s), stopped by the token limit"
 std::string format_generation_stats(const GenerationStats& stats);
-
-double seconds_since(std::chrono::steady_clock::time_point start);
 
 // Writes text to stdout at once, so streamed tokens appear as they are produced.
 void print_now(const std::string& text);

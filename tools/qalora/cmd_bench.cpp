@@ -4,7 +4,6 @@
 #include <cblas.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -36,7 +35,7 @@ double best_time(F&& run) {
   run();
   double best = 1e30;
   for (int i = 0; i < kReps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
+    const auto start = Clock::now();
     run();
     best = std::min(best, seconds_since(start));
   }
@@ -108,12 +107,12 @@ void run_bench(const BenchArgs& args) {
 
   InferenceSession session(model, ctx);
   session.stats().reset();
-  auto start = std::chrono::steady_clock::now();
+  auto start = Clock::now();
   std::vector<float> logits = session.forward_last(prompt);
   const double prefill_s = seconds_since(start);
   const ForwardStats prefill = session.stats();
 
-  start = std::chrono::steady_clock::now();
+  start = Clock::now();
   for (int64_t i = 0; i < args.gen_tokens; ++i) {
     const int32_t next[] = {argmax(logits)};
     logits = session.forward_last(next);

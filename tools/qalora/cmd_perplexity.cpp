@@ -1,14 +1,12 @@
 // qalora perplexity: mean NLL and perplexity of a text file (SPEC §7).
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
-#include <fstream>
+#include <filesystem>
 #include <memory>
-#include <sstream>
 
 #include "cli_common.h"
 #include "commands.h"
 #include "qalora/core/error.h"
+#include "qalora/core/mapped_file.h"
 #include "qalora/eval/perplexity.h"
 
 namespace qalora::cli {
@@ -23,12 +21,10 @@ struct PerplexityArgs {
 };
 
 std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  QL_CHECK(in, "--text: cannot open ", path, ": ", std::strerror(errno));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  QL_CHECK(!ss.str().empty(), "--text: ", path, " is empty: expected text to score");
-  return ss.str();
+  QL_CHECK(std::filesystem::is_regular_file(path), "--text: cannot open ", path, ": no such file");
+  std::string text = read_file(path);
+  QL_CHECK(!text.empty(), "--text: ", path, " is empty: expected text to score");
+  return text;
 }
 
 void run_perplexity(const PerplexityArgs& args) {
