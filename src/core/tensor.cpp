@@ -16,6 +16,12 @@ std::string shape_str(const Shape& shape) {
   return s + "]";
 }
 
+void check_shape(std::string_view source, std::string_view name, const Shape& actual,
+                 const Shape& expected, std::string_view context) {
+  QL_CHECK(actual == expected, source, ": tensor '", name, "' has shape ", shape_str(actual),
+           ", expected ", shape_str(expected), context);
+}
+
 int64_t Tensor::numel() const {
   if (data_ == nullptr) return 0;
   int64_t n = 1;

@@ -125,8 +125,7 @@ Model load_gguf_model(const std::filesystem::path& path) {
   auto load = [&](const std::string& name, const Shape& shape) {
     const GgufTensorInfo* t = f.find_tensor(name);
     QL_CHECK(t != nullptr, path.string(), ": tensor '", name, "' is missing");
-    QL_CHECK(t->shape == shape, path.string(), ": tensor '", name, "' has shape ",
-             shape_str(t->shape), ", expected ", shape_str(shape));
+    check_shape(path.string(), name, t->shape, shape);
     return f.load_f32(*t);
   };
   auto rope_rows = [&](Tensor t, int64_t heads) {

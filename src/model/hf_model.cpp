@@ -184,8 +184,7 @@ class HfWeights {
     const auto it = where_.find(name);
     QL_CHECK(it != where_.end(), file_of(name), ": tensor '", name, "' is missing");
     const auto& [shard, info] = it->second;
-    QL_CHECK(info->shape == expected, shards_[shard].path(), ": tensor '", name, "' has shape ",
-             shape_str(info->shape), ", expected ", shape_str(expected), " from config.json");
+    check_shape(shards_[shard].path(), name, info->shape, expected, " from config.json");
     return shards_[shard].load_f32(*info);
   }
 

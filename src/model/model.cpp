@@ -25,8 +25,7 @@ void expect_shape(const std::string& source, const std::string& name, const Tens
                   const Shape& expected) {
   QL_CHECK(!t.empty(), source, ": tensor '", name, "' is missing (expected shape ",
            shape_str(expected), ")");
-  QL_CHECK(t.shape() == expected, source, ": tensor '", name, "' has shape ", shape_str(t.shape()),
-           ", expected ", shape_str(expected));
+  check_shape(source, name, t.shape(), expected);
 }
 
 void expect_linear(const std::string& source, const std::string& name, const Linear& l, int64_t out,

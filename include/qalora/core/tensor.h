@@ -6,6 +6,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace qalora {
@@ -13,6 +14,10 @@ namespace qalora {
 using Shape = std::vector<int64_t>;
 
 std::string shape_str(const Shape& shape);  // "[576, 1536]"
+
+// Throws Error "<source>: tensor '<name>' has shape [..], expected [..]<context>" on mismatch.
+void check_shape(std::string_view source, std::string_view name, const Shape& actual,
+                 const Shape& expected, std::string_view context = {});
 
 class Tensor {
  public:
