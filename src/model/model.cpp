@@ -30,7 +30,12 @@ void expect_shape(const std::string& source, const std::string& name, const Tens
 
 void expect_linear(const std::string& source, const std::string& name, const Linear& l, int64_t out,
                    int64_t in, bool bias) {
-  expect_shape(source, name + ".weight", l.weight, {out, in});
+  if (l.quantized()) {
+    check_shape(source, name + ".qweight", {l.qweight.rows, l.qweight.cols}, {out, in});
+    l.qweight.validate(source + ": " + name);
+  } else {
+    expect_shape(source, name + ".weight", l.weight, {out, in});
+  }
   if (bias) expect_shape(source, name + ".bias", l.bias, {out});
   QL_CHECK(bias || l.bias.empty(), source, ": tensor '", name,
            ".bias' is present but the config has no biases");
@@ -83,7 +88,7 @@ int64_t Model::parameter_count() const {
   for (const LayerWeights& l : layers) {
     n += l.attn_norm.numel() + l.ffn_norm.numel();
     for (const Linear* lin : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
-      n += lin->weight.numel() + lin->bias.numel();
+      n += lin->out_features() * lin->in_features() + lin->bias.numel();
   }
   return n;
 }

@@ -10,6 +10,7 @@
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/ops/ops.h"
+#include "qalora/quant/qmatrix.h"
 
 namespace qalora {
 
@@ -69,7 +70,11 @@ void InferenceSession::ensure_buffers(int64_t T) {
 void InferenceSession::linear(const Linear& l, const float* x, float* y, int64_t T) {
   const auto t0 = Clock::now();
   const int64_t in = l.in_features(), out = l.out_features();
-  ops::matmul_forward(y, x, l.weight.data(), l.bias.empty() ? nullptr : l.bias.data(), T, in, out);
+  const float* bias = l.bias.empty() ? nullptr : l.bias.data();
+  if (l.quantized())
+    qmatmul_forward(y, x, l.qweight, bias, T);
+  else
+    ops::matmul_forward(y, x, l.weight.data(), bias, T, in, out);
   stats_.linear_seconds += seconds_since(t0);
   stats_.linear_flops += 2.0 * static_cast<double>(T) * static_cast<double>(in * out);
 }
@@ -133,7 +138,7 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
 
   const float* last = all_logits ? x : x + (T - 1) * D;
   ops::rmsnorm_forward(xn, last, model_.final_norm.data(), rows_out, D, c.norm_eps);
-  linear(Linear{model_.head(), Tensor()}, xn, logits.data(), rows_out);
+  linear(Linear{model_.head(), {}, Tensor()}, xn, logits.data(), rows_out);
 
   pos_ += T;
   stats_.tokens += T;
@@ -193,8 +198,8 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
     for (int64_t i = 0; i < D; ++i) x[t * D + i] = model.tok_embeddings.row(tokens[t])[i];
   for (const LayerWeights& L : model.layers) {
     Vec xn = rmsnorm(x, L.attn_norm);
-    Vec q = matmul(xn, L.q.weight, L.q.bias), k = matmul(xn, L.k.weight, L.k.bias);
-    const Vec v = matmul(xn, L.v.weight, L.v.bias);
+    Vec q = matmul(xn, L.q.dense_weight(), L.q.bias), k = matmul(xn, L.k.dense_weight(), L.k.bias);
+    const Vec v = matmul(xn, L.v.dense_weight(), L.v.bias);
     rope(q, H);
     rope(k, KV);
     Vec att(static_cast<size_t>(T * H * Hd), 0.0);
@@ -215,13 +220,13 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
           for (int64_t i = 0; i < Hd; ++i)
             att[(t * H + h) * Hd + i] += s[p] / sum * v[(p * KV + kvh) * Hd + i];
       }
-    const Vec o = matmul(att, L.o.weight, Tensor());
+    const Vec o = matmul(att, L.o.dense_weight(), Tensor());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     xn = rmsnorm(x, L.ffn_norm);
-    const Vec g = matmul(xn, L.gate.weight, Tensor()), u = matmul(xn, L.up.weight, Tensor());
+    const Vec g = matmul(xn, L.gate.dense_weight(), Tensor()), u = matmul(xn, L.up.dense_weight(), Tensor());
     Vec hidden(static_cast<size_t>(T * F));
     for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
-    const Vec d = matmul(hidden, L.down.weight, Tensor());
+    const Vec d = matmul(hidden, L.down.dense_weight(), Tensor());
     for (size_t i = 0; i < x.size(); ++i) x[i] += d[i];
   }
   return matmul(rmsnorm(x, model.final_norm), model.head(), Tensor());

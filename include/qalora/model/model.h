@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "qalora/core/tensor.h"
+#include "qalora/quant/qmatrix.h"
 #include "qalora/tokenizer/tokenizer.h"
 
 namespace qalora {
@@ -49,12 +50,31 @@ struct ModelConfig {
   int64_t kv_dim() const { return n_kv_heads * head_dim; }
 };
 
-// y = W x + b with W [out, in]; bias empty when absent.
+// y = W x + b with W [out, in], either fp32 (`weight`) or quantized (`qweight`, and `weight`
+// empty); bias empty when absent.
 struct Linear {
   Tensor weight;
+  QMatrix qweight;
   Tensor bias;
-  int64_t out_features() const { return weight.dim(0); }
-  int64_t in_features() const { return weight.dim(1); }
+  bool quantized() const { return !qweight.codes.empty(); }
+  int64_t out_features() const { return quantized() ? qweight.rows : weight.dim(0); }
+  int64_t in_features() const { return quantized() ? qweight.cols : weight.dim(1); }
+  // The fp32 weight, dequantized when quantized.
+  Tensor dense_weight() const { return quantized() ? dequantize(qweight) : weight; }
+};
+
+// How the linear layers were quantized (quantize_config.json); method empty = not quantized.
+struct QuantInfo {
+  std::string method;  // rtn, gptq, nf4, fp4, int8
+  int bits = 0;
+  int64_t group_size = 0;  // -1 = per channel
+  bool sym = false;
+  bool act_order = false;
+  bool static_groups = false;
+  bool double_quant = false;
+  float damp = 0.0f;
+  std::string calibration;  // what GPTQ calibrated on, for the record
+  bool empty() const { return method.empty(); }
 };
 
 struct LayerWeights {
@@ -77,6 +97,7 @@ struct Model {
   std::vector<LayerWeights> layers;
   Tensor final_norm;                           // [dim]
   Tensor output;                               // [vocab, dim]; empty when tied to tok_embeddings
+  QuantInfo quant;                             // of the seven linear layers of every block
   std::shared_ptr<const Tokenizer> tokenizer;  // null when none was found
 
   ModelFormat format = ModelFormat::Gguf;

@@ -1,0 +1,39 @@
+// Weight quantizers that need no data: round-to-nearest affine (RTN), INT8 per-row absmax and
+// the NF4/FP4 codebooks. GPTQ (gptq.h) builds on the same affine group parameters.
+#pragma once
+
+#include <cstdint>
+
+#include "qalora/quant/qmatrix.h"
+
+namespace qalora {
+
+// Scale and offset of one affine group, already rounded to fp16 (their storage precision).
+struct AffineParams {
+  float scale = 1.0f;
+  float offset = 0.0f;
+};
+
+// Min-max parameters of n values (stride apart) per SPEC §3: the range always includes 0;
+// sym centres it (zero point 2^(bits-1)); a zero range uses scale 1.
+AffineParams affine_params(const float* w, int64_t n, int64_t stride, int bits, bool sym);
+// The code of w against stored parameters: clamp(round((w - offset) / scale), 0, 2^bits - 1).
+uint8_t affine_code(float w, const AffineParams& p, int bits);
+
+// Group size argument: -1 means one group per row (per channel).
+int64_t resolve_group_size(int64_t group_size, int64_t cols);
+
+// W [rows, cols] row-major, fp32; every value must be finite (throws naming `name`).
+QMatrix quantize_rtn(const float* w, int64_t rows, int64_t cols, int bits, int64_t group_size,
+                     bool sym);
+// 8-bit weight-only per-row absmax: s = absmax / 127, codes round(w / s) + 128.
+QMatrix quantize_int8(const float* w, int64_t rows, int64_t cols);
+// NF4 or FP4 with absmax blocks of 64 over the flattened weight; with double_quant the absmax
+// constants are 8-bit quantized first and the codes are chosen against the decoded values.
+QMatrix quantize_codebook(QuantType type, const float* w, int64_t rows, int64_t cols,
+                          bool double_quant);
+
+// Throws Error "<name>: weight [row, col] is nan/inf" for the first non-finite value.
+void check_finite(const float* w, int64_t rows, int64_t cols, std::string_view name);
+
+}  // namespace qalora

@@ -1,0 +1,141 @@
+// RTN, INT8 and NF4/FP4 quantizers.
+#include "qalora/quant/quantize.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
+
+namespace qalora {
+
+static float round_fp16(float v) { return fp16_to_fp32(fp32_to_fp16(v)); }
+
+AffineParams affine_params(const float* w, int64_t n, int64_t stride, int bits, bool sym) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, w[i * stride]);
+    hi = std::max(hi, w[i * stride]);
+  }
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  AffineParams p;
+  if (sym) {
+    hi = std::max(-lo, hi);
+    lo = -hi;
+  }
+  float scale = (hi - lo) / maxq;
+  if (!(scale > 0.0f)) scale = 1.0f;
+  constexpr float kMinFp16 = 5.9604645e-8f;  // smallest positive fp16 (subnormal)
+  p.scale = std::max(round_fp16(scale), kMinFp16);
+  if (!std::isfinite(p.scale))
+    fail("weight range [", lo, ", ", hi, "] does not fit an fp16 scale at ", bits, " bits");
+  const float zero = sym ? static_cast<float>(1 << (bits - 1)) : std::nearbyint(-lo / p.scale);
+  p.offset = round_fp16(-p.scale * zero);
+  return p;
+}
+
+uint8_t affine_code(float w, const AffineParams& p, int bits) {
+  const float q = std::nearbyint((w - p.offset) / p.scale);
+  return static_cast<uint8_t>(std::clamp(q, 0.0f, static_cast<float>((1 << bits) - 1)));
+}
+
+int64_t resolve_group_size(int64_t group_size, int64_t cols) {
+  if (group_size == -1) return cols;
+  if (group_size < 1) fail("group size is ", group_size, ", expected -1 (per channel) or >= 1");
+  return std::min(group_size, cols);
+}
+
+void check_finite(const float* w, int64_t rows, int64_t cols, std::string_view name) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t i = 0; i < cols; ++i)
+      if (!std::isfinite(w[j * cols + i]))
+        fail(name, ": weight [", j, ", ", i, "] is ", w[j * cols + i],
+             ", expected a finite value");
+}
+
+QMatrix quantize_rtn(const float* w, int64_t rows, int64_t cols, int bits, int64_t group_size,
+                     bool sym) {
+  QMatrix q = make_affine(rows, cols, bits, resolve_group_size(group_size, cols));
+  const int64_t G = q.group_size, L = q.n_groups();
+#pragma omp parallel
+  {
+    std::vector<uint8_t> codes(static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < rows; ++j) {
+      const float* row = w + j * cols;
+      for (int64_t g = 0; g < L; ++g) {
+        const int64_t i0 = g * G, i1 = std::min(cols, i0 + G);
+        const AffineParams p = affine_params(row + i0, i1 - i0, 1, bits, sym);
+        q.scales[j * L + g] = p.scale;
+        q.offsets[j * L + g] = p.offset;
+        for (int64_t i = i0; i < i1; ++i) codes[i] = affine_code(row[i], p, bits);
+      }
+      pack_row(codes.data(), cols, bits, q.row_codes(j));
+    }
+  }
+  return q;
+}
+
+QMatrix quantize_int8(const float* w, int64_t rows, int64_t cols) {
+  QMatrix q = make_affine(rows, cols, 8, cols);
+#pragma omp parallel
+  {
+    std::vector<uint8_t> codes(static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < rows; ++j) {
+      const float* row = w + j * cols;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(row[i]));
+      AffineParams p;
+      p.scale = amax > 0.0f ? round_fp16(amax / 127.0f) : 1.0f;
+      p.offset = -128.0f * p.scale;  // exact: a power-of-two multiple of an fp16 value
+      q.scales[j] = p.scale;
+      q.offsets[j] = p.offset;
+      for (int64_t i = 0; i < cols; ++i) codes[i] = affine_code(row[i], p, 8);
+      pack_row(codes.data(), cols, 8, q.row_codes(j));
+    }
+  }
+  return q;
+}
+
+// Index of the codebook value nearest to v.
+static uint8_t nearest_code(const float* book, float v) {
+  int best = 0;
+  for (int c = 1; c < 16; ++c)
+    if (std::fabs(book[c] - v) < std::fabs(book[best] - v)) best = c;
+  return static_cast<uint8_t>(best);
+}
+
+QMatrix quantize_codebook(QuantType type, const float* w, int64_t rows, int64_t cols,
+                          bool double_quant) {
+  QMatrix q = make_codebook(type, rows, cols);
+  const int64_t n = rows * cols, B = q.group_size;
+  for (int64_t b = 0; b < q.n_blocks(); ++b) {
+    float amax = 0.0f;
+    for (int64_t e = b * B; e < std::min(n, (b + 1) * B); ++e) amax = std::max(amax, std::fabs(w[e]));
+    q.absmax[b] = amax;
+  }
+  if (double_quant) {
+    q.absmax_dq = double_quantize(q.absmax);
+    q.absmax = double_dequantize(q.absmax_dq);
+  }
+  const float* book = codebook(type);
+#pragma omp parallel
+  {
+    std::vector<uint8_t> codes(static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < rows; ++j) {
+      for (int64_t i = 0; i < cols; ++i) {
+        const float a = q.absmax[(j * cols + i) / B];
+        codes[i] = nearest_code(book, a != 0.0f ? w[j * cols + i] / a : 0.0f);
+      }
+      pack_row(codes.data(), cols, 4, q.row_codes(j));
+    }
+  }
+  return q;
+}
+
+}  // namespace qalora
