@@ -12,6 +12,9 @@ if [[ "${1:-}" == "--sanitize" ]]; then
   ARGS=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DQALORA_SANITIZE=ON -DQALORA_BUILD_BENCH=OFF)
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 fi
+# CTest runs tests in parallel, each with its own OpenMP team: sleeping (not spinning) idle
+# threads keep oversubscribed cores from stalling each other.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 cmake -S . -B "$BUILD_DIR" -G Ninja "${ARGS[@]}" >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)"

@@ -11,6 +11,7 @@ void register_logits(CLI::App& app);
 void register_perplexity(CLI::App& app);
 void register_chat(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_quantize(CLI::App& app);
 
 inline void register_commands(CLI::App& app) {
   register_info(app);
@@ -19,6 +20,7 @@ inline void register_commands(CLI::App& app) {
   register_perplexity(app);
   register_chat(app);
   register_bench(app);
+  register_quantize(app);
 }
 
 }  // namespace qalora::cli

@@ -1,0 +1,45 @@
+// GPTQ (Frantar et al. 2022) for one linear layer: quantize W column by column, pushing each
+// column's rounding error onto the columns not yet quantized through the inverse Hessian of the
+// layer's inputs, so the layer output W X changes as little as possible (SPEC §3).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "qalora/quant/qmatrix.h"
+
+namespace qalora {
+
+struct GptqOptions {
+  int bits = 4;
+  int64_t group_size = 128;  // -1 = per channel
+  bool sym = false;
+  bool act_order = false;      // columns by decreasing diag(H)
+  bool static_groups = false;  // with act_order: group parameters fixed up front, contiguous groups
+  double damp = 0.01;          // fraction of mean(diag H) added to the diagonal
+  int64_t block = 128;         // columns per lazy-update block
+};
+
+// Accumulates H = (2 / n) sum_t x_t x_t^T over the n input rows it is given.
+class HessianAccumulator {
+ public:
+  explicit HessianAccumulator(int64_t cols);
+  // x [T, cols] row-major: T more calibration rows (padding must be left out by the caller).
+  void add(const float* x, int64_t T);
+  int64_t cols() const { return cols_; }
+  int64_t samples() const { return n_; }
+  // The full symmetric [cols, cols] matrix, in double.
+  std::vector<double> hessian() const;
+
+ private:
+  int64_t cols_;
+  int64_t n_ = 0;
+  std::vector<float> upper_;  // sum x x^T, upper triangle, row-major
+};
+
+// W [rows, cols] fp32 row-major; H [cols, cols] from HessianAccumulator::hessian().
+// Throws Error when the options are inconsistent or H cannot be factored even after extra damping.
+QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<double> H,
+                      const GptqOptions& options);
+
+}  // namespace qalora

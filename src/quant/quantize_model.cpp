@@ -1,0 +1,274 @@
+// Model-level quantization. GPTQ runs true-sequentially per block: q/k/v, then o, then
+// gate/up, then down, each stage's Hessian built from activations computed with the layers
+// quantized before it, so later layers learn to absorb the earlier layers' rounding.
+#include "qalora/quant/quantize_model.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "qalora/core/clock.h"
+#include "qalora/core/error.h"
+#include "qalora/ops/ops.h"
+#include "qalora/quant/quantize.h"
+
+namespace qalora {
+
+void validate_quantize_options(const QuantizeOptions& o) {
+  const std::string& m = o.method;
+  const bool affine = m == "rtn" || m == "gptq";
+  const bool codebook = m == "nf4" || m == "fp4";
+  QL_CHECK(affine || codebook || m == "int8", "--method: '", m,
+           "' is not a method, expected rtn, gptq, nf4, fp4 or int8");
+  if (affine)
+    QL_CHECK(o.bits == 2 || o.bits == 3 || o.bits == 4 || o.bits == 8, "--bits: ", m,
+             " quantizes to 2, 3, 4 or 8 bits, got ", o.bits);
+  if (codebook) QL_CHECK(o.bits == 4, "--bits: ", m, " is a 4-bit format, got ", o.bits);
+  if (m == "int8") QL_CHECK(o.bits == 8, "--bits: int8 is 8-bit, got ", o.bits);
+  if (affine)
+    QL_CHECK(o.group_size == -1 || o.group_size >= 1, "--group-size: expected -1 (per channel) ",
+             "or a positive size, got ", o.group_size);
+  if (codebook)
+    QL_CHECK(o.group_size == kCodebookBlock, "--group-size: ", m, " uses absmax blocks of ",
+             kCodebookBlock, ", got ", o.group_size);
+  if (m == "int8")
+    QL_CHECK(o.group_size == -1, "--group-size: int8 is per channel (-1), got ", o.group_size);
+  QL_CHECK(!o.sym || affine, "--sym: applies to rtn and gptq, not ", m);
+  QL_CHECK(!o.act_order || m == "gptq", "--act-order: applies to gptq, not ", m);
+  QL_CHECK(!o.static_groups || o.act_order, "--static-groups: only with --act-order");
+  QL_CHECK(o.damp > 0.0 && o.damp < 1.0, "--damp: expected a value in (0, 1), got ", o.damp);
+  QL_CHECK(!o.double_quant || codebook, "--double-quant: applies to nf4 and fp4, not ", m);
+}
+
+std::vector<std::vector<int32_t>> calibration_windows(const std::vector<int32_t>& tokens,
+                                                      int64_t samples, int64_t length,
+                                                      uint64_t seed, const std::string& source) {
+  QL_CHECK(samples >= 1, "--calib-samples: expected at least 1, got ", samples);
+  QL_CHECK(length >= 2, "--calib-len: expected at least 2 tokens, got ", length);
+  const auto n = static_cast<int64_t>(tokens.size());
+  QL_CHECK(n >= length, source, ": calibration text has ", n, " tokens, fewer than --calib-len ",
+           length);
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> start(0, n - length);
+  std::vector<std::vector<int32_t>> windows;
+  for (int64_t s = 0; s < samples; ++s) {
+    const int64_t i = start(rng);
+    windows.emplace_back(tokens.begin() + i, tokens.begin() + i + length);
+  }
+  return windows;
+}
+
+double relative_output_error(const float* W, const float* Q, int64_t rows, int64_t cols,
+                             const std::vector<double>& H) {
+  const std::vector<float> Hf(H.begin(), H.end());
+  auto quad = [&](const std::vector<float>& A) {  // tr(A H A^T)
+    std::vector<float> AH(A.size());
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows),
+                static_cast<int>(cols), static_cast<int>(cols), 1.0f, A.data(),
+                static_cast<int>(cols), Hf.data(), static_cast<int>(cols), 0.0f, AH.data(),
+                static_cast<int>(cols));
+    double tr = 0.0;
+    for (size_t i = 0; i < A.size(); ++i) tr += static_cast<double>(A[i]) * AH[i];
+    return tr;
+  };
+  std::vector<float> w(W, W + rows * cols), d(w.size());
+  for (size_t i = 0; i < d.size(); ++i) d[i] = W[i] - Q[i];
+  const double base = quad(w);
+  return base > 0.0 ? std::sqrt(std::max(0.0, quad(d)) / base) : 0.0;
+}
+
+namespace {
+
+const char* const kLinearNames[] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                    "gate_proj", "up_proj", "down_proj"};
+
+std::vector<Linear*> block_linears(LayerWeights& L) {
+  return {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+}
+
+// Data-free methods: each linear on its own.
+QMatrix quantize_weight(const Tensor& w, const QuantizeOptions& o) {
+  const int64_t rows = w.dim(0), cols = w.dim(1);
+  if (o.method == "rtn") return quantize_rtn(w.data(), rows, cols, o.bits, o.group_size, o.sym);
+  if (o.method == "int8") return quantize_int8(w.data(), rows, cols);
+  return quantize_codebook(o.method == "nf4" ? QuantType::NF4 : QuantType::FP4, w.data(), rows,
+                           cols, o.double_quant);
+}
+
+// Activations of every calibration window through one block, with the rope tables they need.
+struct Calibration {
+  const ModelConfig& c;
+  int64_t N, T;
+  std::vector<float> h;    // [N, T, dim] block input, then the residual stream
+  std::vector<float> act;  // [N, T, max(q_dim, hidden)] attention output or MLP hidden
+  std::vector<float> cos, sin;
+
+  Calibration(const Model& m, const std::vector<std::vector<int32_t>>& windows)
+      : c(m.config), N(static_cast<int64_t>(windows.size())),
+        T(static_cast<int64_t>(windows.front().size())) {
+    const int64_t D = c.dim;
+    h.resize(static_cast<size_t>(N * T * D));
+    act.resize(static_cast<size_t>(N * T * std::max(c.q_dim(), c.hidden_dim)));
+    for (int64_t s = 0; s < N; ++s)
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t id = windows[s][t];
+        QL_CHECK(id >= 0 && id < c.vocab_size, "calibration token id ", id, " is out of range");
+        std::memcpy(&h[(s * T + t) * D], m.tok_embeddings.row(id), sizeof(float) * D);
+      }
+    const std::vector<double> inv = rope_inv_freq(c);
+    const int64_t half = c.head_dim / 2;
+    cos.resize(static_cast<size_t>(T * half));
+    sin.resize(cos.size());
+    for (int64_t p = 0; p < T; ++p)
+      for (int64_t i = 0; i < half; ++i) {
+        cos[p * half + i] = static_cast<float>(std::cos(static_cast<double>(p) * inv[i]));
+        sin[p * half + i] = static_cast<float>(std::sin(static_cast<double>(p) * inv[i]));
+      }
+  }
+  float* h_of(int64_t s) { return h.data() + s * T * c.dim; }
+  float* act_of(int64_t s, int64_t width) { return act.data() + s * T * width; }
+};
+
+void apply(const Linear& l, const float* x, float* y, int64_t T) {
+  const float* bias = l.bias.empty() ? nullptr : l.bias.data();
+  if (l.quantized())
+    qmatmul_forward(y, x, l.qweight, bias, T);
+  else
+    ops::matmul_forward(y, x, l.weight.data(), bias, T, l.in_features(), l.out_features());
+}
+
+}  // namespace
+
+void quantize_model(Model& model, const QuantizeOptions& o,
+                    const std::vector<std::vector<int32_t>>& calibration,
+                    const LayerCallback& on_layer) {
+  validate_quantize_options(o);
+  const ModelConfig& c = model.config;
+  for (size_t li = 0; li < model.layers.size(); ++li) {
+    const auto linears = block_linears(model.layers[li]);
+    for (size_t k = 0; k < linears.size(); ++k) {
+      const Tensor w = linears[k]->dense_weight();
+      check_finite(w.data(), w.dim(0), w.dim(1),
+                   cat(model.source_path, ": layer ", li, " ", kLinearNames[k]));
+    }
+  }
+
+  auto finish_linear = [&](Linear& l, QMatrix q, int64_t li, const char* name, Clock::time_point t0,
+                           double rel_err) {
+    l.qweight = std::move(q);
+    l.weight = Tensor();
+    if (on_layer) on_layer({li, name, seconds_since(t0), rel_err});
+  };
+
+  if (o.method != "gptq") {
+    for (int64_t li = 0; li < c.n_layers; ++li) {
+      const auto linears = block_linears(model.layers[li]);
+      for (size_t k = 0; k < linears.size(); ++k) {
+        const auto t0 = Clock::now();
+        finish_linear(*linears[k], quantize_weight(linears[k]->dense_weight(), o), li,
+                      kLinearNames[k], t0, -1.0);
+      }
+    }
+  } else {
+    QL_CHECK(!calibration.empty(), "GPTQ needs calibration text (--calib)");
+    GptqOptions g;
+    g.bits = o.bits;
+    g.group_size = o.group_size;
+    g.sym = o.sym;
+    g.act_order = o.act_order;
+    g.static_groups = o.static_groups;
+    g.damp = o.damp;
+    Calibration cal(model, calibration);
+    const int64_t N = cal.N, T = cal.T, D = c.dim, F = c.hidden_dim, Q = c.q_dim(),
+                  KVD = c.kv_dim(), H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim;
+    std::vector<float> xn(static_cast<size_t>(T * D)), q(static_cast<size_t>(T * Q)),
+        k(static_cast<size_t>(T * KVD)), v(k.size()), kc(k.size()), vc(k.size()),
+        up(static_cast<size_t>(T * F)), out(static_cast<size_t>(T * D));
+
+    // GPTQ of the given linears of block li on one Hessian.
+    auto quantize_stage = [&](int64_t li, const HessianAccumulator& acc,
+                              std::initializer_list<int> which) {
+      const std::vector<double> Hs = acc.hessian();
+      const auto linears = block_linears(model.layers[li]);
+      for (int k_idx : which) {
+        const auto t0 = Clock::now();
+        Linear& l = *linears[k_idx];
+        const Tensor w = l.dense_weight();
+        QMatrix qm = gptq_quantize(w.data(), w.dim(0), w.dim(1), Hs, g);
+        const Tensor deq = dequantize(qm);
+        const double err = relative_output_error(w.data(), deq.data(), w.dim(0), w.dim(1), Hs);
+        finish_linear(l, std::move(qm), li, kLinearNames[k_idx], t0, err);
+      }
+    };
+
+    for (int64_t li = 0; li < c.n_layers; ++li) {
+      LayerWeights& L = model.layers[li];
+      HessianAccumulator h_qkv(D);
+      for (int64_t s = 0; s < N; ++s) {
+        ops::rmsnorm_forward(xn.data(), cal.h_of(s), L.attn_norm.data(), T, D, c.norm_eps);
+        h_qkv.add(xn.data(), T);
+      }
+      quantize_stage(li, h_qkv, {0, 1, 2});
+
+      HessianAccumulator h_o(Q);
+      for (int64_t s = 0; s < N; ++s) {
+        ops::rmsnorm_forward(xn.data(), cal.h_of(s), L.attn_norm.data(), T, D, c.norm_eps);
+        apply(L.q, xn.data(), q.data(), T);
+        apply(L.k, xn.data(), k.data(), T);
+        apply(L.v, xn.data(), v.data(), T);
+        ops::rope_forward(q.data(), T, H, Hd, 0, cal.cos.data(), cal.sin.data());
+        ops::rope_forward(k.data(), T, KV, Hd, 0, cal.cos.data(), cal.sin.data());
+        for (int64_t t = 0; t < T; ++t)  // [T, KV, Hd] -> the attention's [KV, T, Hd]
+          for (int64_t hh = 0; hh < KV; ++hh) {
+            std::memcpy(&kc[(hh * T + t) * Hd], &k[t * KVD + hh * Hd], sizeof(float) * Hd);
+            std::memcpy(&vc[(hh * T + t) * Hd], &v[t * KVD + hh * Hd], sizeof(float) * Hd);
+          }
+        float* att = cal.act_of(s, Q);
+        ops::attention_forward(att, q.data(), kc.data(), vc.data(), T, 0, H, KV, Hd, T);
+        h_o.add(att, T);
+      }
+      quantize_stage(li, h_o, {3});
+
+      HessianAccumulator h_mlp(D);
+      for (int64_t s = 0; s < N; ++s) {
+        float* hs = cal.h_of(s);
+        apply(L.o, cal.act_of(s, Q), out.data(), T);
+        for (int64_t i = 0; i < T * D; ++i) hs[i] += out[i];
+        ops::rmsnorm_forward(xn.data(), hs, L.ffn_norm.data(), T, D, c.norm_eps);
+        h_mlp.add(xn.data(), T);
+      }
+      quantize_stage(li, h_mlp, {4, 5});
+
+      HessianAccumulator h_down(F);
+      for (int64_t s = 0; s < N; ++s) {
+        ops::rmsnorm_forward(xn.data(), cal.h_of(s), L.ffn_norm.data(), T, D, c.norm_eps);
+        float* hidden = cal.act_of(s, F);
+        apply(L.gate, xn.data(), hidden, T);
+        apply(L.up, xn.data(), up.data(), T);
+        ops::swiglu_forward(hidden, hidden, up.data(), T * F);
+        h_down.add(hidden, T);
+      }
+      quantize_stage(li, h_down, {6});
+      for (int64_t s = 0; s < N; ++s) {
+        float* hs = cal.h_of(s);
+        apply(L.down, cal.act_of(s, F), out.data(), T);
+        for (int64_t i = 0; i < T * D; ++i) hs[i] += out[i];
+      }
+    }
+  }
+
+  QuantInfo& qi = model.quant;
+  qi.method = o.method;
+  qi.bits = o.bits;
+  qi.group_size = o.group_size;
+  qi.sym = o.sym;
+  qi.act_order = o.act_order;
+  qi.static_groups = o.static_groups;
+  qi.double_quant = o.double_quant;
+  qi.damp = o.method == "gptq" ? static_cast<float>(o.damp) : 0.0f;
+}
+
+}  // namespace qalora
