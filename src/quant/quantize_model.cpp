@@ -184,9 +184,15 @@ void quantize_model(Model& model, const QuantizeOptions& o,
     Calibration cal(model, calibration);
     const int64_t N = cal.N, T = cal.T, D = c.dim, F = c.hidden_dim, Q = c.q_dim(),
                   KVD = c.kv_dim(), H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim;
-    std::vector<float> xn(static_cast<size_t>(T * D)), q(static_cast<size_t>(T * Q)),
-        k(static_cast<size_t>(T * KVD)), v(k.size()), kc(k.size()), vc(k.size()),
-        up(static_cast<size_t>(T * F)), out(static_cast<size_t>(T * D));
+    // Linears and Hessians run on chunks of whole windows (~4096 tokens: big GEMMs, bounded
+    // scratch); only RoPE and attention go window by window.
+    const int64_t S = std::max<int64_t>(1, 4096 / T), rows = S * T;
+    std::vector<float> xn(static_cast<size_t>(rows * D)), q(static_cast<size_t>(rows * Q)),
+        k(static_cast<size_t>(rows * KVD)), v(k.size()), kc(static_cast<size_t>(T * KVD)),
+        vc(kc.size()), up(static_cast<size_t>(rows * F)), out(static_cast<size_t>(rows * D));
+    auto for_chunks = [&](const std::function<void(int64_t s0, int64_t n)>& body) {
+      for (int64_t s0 = 0; s0 < N; s0 += S) body(s0, std::min(S, N - s0));
+    };
 
     // GPTQ of the given linears of block li on one Hessian.
     auto quantize_stage = [&](int64_t li, const HessianAccumulator& acc,
@@ -207,56 +213,61 @@ void quantize_model(Model& model, const QuantizeOptions& o,
     for (int64_t li = 0; li < c.n_layers; ++li) {
       LayerWeights& L = model.layers[li];
       HessianAccumulator h_qkv(D);
-      for (int64_t s = 0; s < N; ++s) {
-        ops::rmsnorm_forward(xn.data(), cal.h_of(s), L.attn_norm.data(), T, D, c.norm_eps);
-        h_qkv.add(xn.data(), T);
-      }
+      for_chunks([&](int64_t s0, int64_t n) {
+        ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.attn_norm.data(), n * T, D, c.norm_eps);
+        h_qkv.add(xn.data(), n * T);
+      });
       quantize_stage(li, h_qkv, {0, 1, 2});
 
       HessianAccumulator h_o(Q);
-      for (int64_t s = 0; s < N; ++s) {
-        ops::rmsnorm_forward(xn.data(), cal.h_of(s), L.attn_norm.data(), T, D, c.norm_eps);
-        apply(L.q, xn.data(), q.data(), T);
-        apply(L.k, xn.data(), k.data(), T);
-        apply(L.v, xn.data(), v.data(), T);
-        ops::rope_forward(q.data(), T, H, Hd, 0, cal.cos.data(), cal.sin.data());
-        ops::rope_forward(k.data(), T, KV, Hd, 0, cal.cos.data(), cal.sin.data());
-        for (int64_t t = 0; t < T; ++t)  // [T, KV, Hd] -> the attention's [KV, T, Hd]
-          for (int64_t hh = 0; hh < KV; ++hh) {
-            std::memcpy(&kc[(hh * T + t) * Hd], &k[t * KVD + hh * Hd], sizeof(float) * Hd);
-            std::memcpy(&vc[(hh * T + t) * Hd], &v[t * KVD + hh * Hd], sizeof(float) * Hd);
-          }
-        float* att = cal.act_of(s, Q);
-        ops::attention_forward(att, q.data(), kc.data(), vc.data(), T, 0, H, KV, Hd, T);
-        h_o.add(att, T);
-      }
+      for_chunks([&](int64_t s0, int64_t n) {
+        ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.attn_norm.data(), n * T, D, c.norm_eps);
+        apply(L.q, xn.data(), q.data(), n * T);
+        apply(L.k, xn.data(), k.data(), n * T);
+        apply(L.v, xn.data(), v.data(), n * T);
+        for (int64_t s = 0; s < n; ++s) {
+          float* qs = q.data() + s * T * Q;
+          float* ks = k.data() + s * T * KVD;
+          const float* vs = v.data() + s * T * KVD;
+          ops::rope_forward(qs, T, H, Hd, 0, cal.cos.data(), cal.sin.data());
+          ops::rope_forward(ks, T, KV, Hd, 0, cal.cos.data(), cal.sin.data());
+          for (int64_t t = 0; t < T; ++t)  // [T, KV, Hd] -> the attention's [KV, T, Hd]
+            for (int64_t hh = 0; hh < KV; ++hh) {
+              std::memcpy(&kc[(hh * T + t) * Hd], &ks[t * KVD + hh * Hd], sizeof(float) * Hd);
+              std::memcpy(&vc[(hh * T + t) * Hd], &vs[t * KVD + hh * Hd], sizeof(float) * Hd);
+            }
+          ops::attention_forward(cal.act_of(s0 + s, Q), qs, kc.data(), vc.data(), T, 0, H, KV,
+                                 Hd, T);
+        }
+        h_o.add(cal.act_of(s0, Q), n * T);
+      });
       quantize_stage(li, h_o, {3});
 
       HessianAccumulator h_mlp(D);
-      for (int64_t s = 0; s < N; ++s) {
-        float* hs = cal.h_of(s);
-        apply(L.o, cal.act_of(s, Q), out.data(), T);
-        for (int64_t i = 0; i < T * D; ++i) hs[i] += out[i];
-        ops::rmsnorm_forward(xn.data(), hs, L.ffn_norm.data(), T, D, c.norm_eps);
-        h_mlp.add(xn.data(), T);
-      }
+      for_chunks([&](int64_t s0, int64_t n) {
+        float* hs = cal.h_of(s0);
+        apply(L.o, cal.act_of(s0, Q), out.data(), n * T);
+        for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
+        ops::rmsnorm_forward(xn.data(), hs, L.ffn_norm.data(), n * T, D, c.norm_eps);
+        h_mlp.add(xn.data(), n * T);
+      });
       quantize_stage(li, h_mlp, {4, 5});
 
       HessianAccumulator h_down(F);
-      for (int64_t s = 0; s < N; ++s) {
-        ops::rmsnorm_forward(xn.data(), cal.h_of(s), L.ffn_norm.data(), T, D, c.norm_eps);
-        float* hidden = cal.act_of(s, F);
-        apply(L.gate, xn.data(), hidden, T);
-        apply(L.up, xn.data(), up.data(), T);
-        ops::swiglu_forward(hidden, hidden, up.data(), T * F);
-        h_down.add(hidden, T);
-      }
+      for_chunks([&](int64_t s0, int64_t n) {
+        ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.ffn_norm.data(), n * T, D, c.norm_eps);
+        float* hidden = cal.act_of(s0, F);
+        apply(L.gate, xn.data(), hidden, n * T);
+        apply(L.up, xn.data(), up.data(), n * T);
+        ops::swiglu_forward(hidden, hidden, up.data(), n * T * F);
+        h_down.add(hidden, n * T);
+      });
       quantize_stage(li, h_down, {6});
-      for (int64_t s = 0; s < N; ++s) {
-        float* hs = cal.h_of(s);
-        apply(L.down, cal.act_of(s, F), out.data(), T);
-        for (int64_t i = 0; i < T * D; ++i) hs[i] += out[i];
-      }
+      for_chunks([&](int64_t s0, int64_t n) {
+        float* hs = cal.h_of(s0);
+        apply(L.down, cal.act_of(s0, F), out.data(), n * T);
+        for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
+      });
     }
   }
 
