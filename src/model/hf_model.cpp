@@ -1,22 +1,118 @@
 // Hugging Face folders: config.json + model.safetensors (or shards listed in
-// model.safetensors.index.json) + tokenizer.json / tokenizer.model.
+// model.safetensors.index.json) + tokenizer.json / tokenizer.model. Quantized linears are read
+// and written by quantized_io.cpp.
 #include <charconv>
 #include <cstdlib>
 #include <cstring>
-#include <nlohmann/json.hpp>
+#include <optional>
 
+#include "model/hf_folder.h"
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
 #include "qalora/io/safetensors.h"
 #include "qalora/model/model.h"
+#include "qalora/quant/qmatrix_rows.h"
 
 namespace qalora {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+namespace hf {
+
+json parse_json_file(const fs::path& path) {
+  try {
+    return json::parse(read_file(path));
+  } catch (const json::parse_error& e) {
+    fail(path.string(), ": not valid JSON: ", e.what());
+  }
+}
+
+double json_float(float f) {
+  char buf[32];
+  const auto res = std::to_chars(buf, buf + sizeof(buf) - 1, f);
+  *res.ptr = '\0';
+  return std::strtod(buf, nullptr);
+}
+
+HfWeights::HfWeights(const fs::path& dir, const std::string& fallback_file) {
+  const fs::path single = dir / "model.safetensors";
+  const fs::path index_path = dir / "model.safetensors.index.json";
+  if (fs::exists(single)) {
+    shards_.push_back(SafetensorsFile::open(single));
+  } else if (fs::exists(index_path)) {
+    open_shards(dir, index_path);
+  } else if (!fallback_file.empty() && fs::exists(dir / fallback_file)) {
+    shards_.push_back(SafetensorsFile::open(dir / fallback_file));
+  } else {
+    fail(dir.string(), ": no model.safetensors or model.safetensors.index.json",
+         fallback_file.empty() ? "" : " or ", fallback_file);
+  }
+  for (size_t s = 0; s < shards_.size(); ++s)
+    for (const StTensorInfo& t : shards_[s].tensors()) where_.try_emplace(t.name, s, &t);
+}
+
+const std::string& HfWeights::file_of(const std::string& name) const {
+  const auto it = where_.find(name);
+  return shards_[it == where_.end() ? 0 : it->second.first].path();
+}
+
+const std::pair<size_t, const StTensorInfo*>& HfWeights::locate(const std::string& name) const {
+  const auto it = where_.find(name);
+  QL_CHECK(it != where_.end(), file_of(name), ": tensor '", name, "' is missing");
+  return it->second;
+}
+
+Tensor HfWeights::get(const std::string& name, const Shape& expected,
+                      const std::string& context) const {
+  const auto& [shard, info] = locate(name);
+  check_shape(shards_[shard].path(), name, info->shape, expected, context);
+  return shards_[shard].load_f32(*info);
+}
+
+const uint8_t* HfWeights::raw(const std::string& name, StDtype dtype, const Shape& expected,
+                              const std::string& context) const {
+  const auto& [shard, info] = locate(name);
+  QL_CHECK(info->dtype == dtype, shards_[shard].path(), ": tensor '", name, "' has dtype ",
+           st_dtype_name(info->dtype), ", expected ", st_dtype_name(dtype), context);
+  check_shape(shards_[shard].path(), name, info->shape, expected, context);
+  return shards_[shard].data(*info);
+}
+
+std::vector<SourceTensor> HfWeights::source_tensors() const {
+  std::vector<SourceTensor> out;
+  for (const SafetensorsFile& f : shards_)
+    for (const StTensorInfo& t : f.tensors())
+      out.push_back({t.name, st_dtype_name(t.dtype), t.shape});
+  return out;
+}
+
+void HfWeights::open_shards(const fs::path& dir, const fs::path& index_path) {
+  const json index = parse_json_file(index_path);
+  QL_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), index_path.string(),
+           ": missing object field 'weight_map'");
+  std::map<std::string, size_t> shard_of_file;
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    QL_CHECK(file.is_string(), index_path.string(), ": weight_map['", name,
+             "'] must be a file name, got ", file.dump());
+    const std::string f = file.get<std::string>();
+    if (shard_of_file.try_emplace(f, shards_.size()).second)
+      shards_.push_back(SafetensorsFile::open(dir / f));
+    QL_CHECK(shards_[shard_of_file.at(f)].find(name) != nullptr, index_path.string(),
+             ": weight_map puts '", name, "' in ", f, ", which does not contain it");
+  }
+  QL_CHECK(!shards_.empty(), index_path.string(), ": weight_map is empty");
+}
+
+}  // namespace hf
+
 namespace {
+
+using hf::ConfigJson;
+using hf::FolderQuant;
+using hf::HfWeights;
+using hf::json_float;
 
 struct HfArch {
   const char* class_name;  // config.json "architectures"
@@ -29,52 +125,6 @@ constexpr HfArch kArchs[] = {
     {"MistralForCausalLM", "mistral", "llama", false},
     {"Qwen2ForCausalLM", "qwen2", "qwen2", true},
 };
-
-// Typed access to config.json; a null value counts as absent (some configs write "head_dim": null).
-class ConfigJson {
- public:
-  ConfigJson(const json& j, std::string file) : j_(j), file_(std::move(file)) {}
-
-  bool has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
-  // Sizes and counts, all of which must be positive.
-  int64_t positive(const char* key) const {
-    QL_CHECK(has(key), file_, ": missing required field '", key, "'");
-    const json& v = j_[key];
-    QL_CHECK(v.is_number_integer() && v.get<int64_t>() > 0, file_, ": field '", key,
-             "' must be a positive integer, got ", v.dump());
-    return v.get<int64_t>();
-  }
-  int64_t positive_or(const char* key, int64_t fallback) const {
-    return has(key) ? positive(key) : fallback;
-  }
-  double float_or(const char* key, double fallback) const {
-    if (!has(key)) return fallback;
-    QL_CHECK(j_[key].is_number(), file_, ": field '", key, "' must be a number, got ",
-             j_[key].dump());
-    return j_[key].get<double>();
-  }
-  bool bool_or(const char* key, bool fallback) const {
-    if (!has(key)) return fallback;
-    QL_CHECK(j_[key].is_boolean(), file_, ": field '", key, "' must be true or false, got ",
-             j_[key].dump());
-    return j_[key].get<bool>();
-  }
-  std::string string_or(const char* key, std::string fallback) const {
-    return has(key) && j_[key].is_string() ? j_[key].get<std::string>() : fallback;
-  }
-
- private:
-  const json& j_;
-  std::string file_;
-};
-
-json parse_json_file(const fs::path& path) {
-  try {
-    return json::parse(read_file(path));
-  } catch (const json::parse_error& e) {
-    fail(path.string(), ": not valid JSON: ", e.what());
-  }
-}
 
 const HfArch& find_arch(const json& j, const std::string& file) {
   const ConfigJson c(j, file);
@@ -125,13 +175,6 @@ std::string folder_name(const fs::path& dir) {
 // caller decides from the tensors (see load_hf_model).
 ModelConfig parse_config(const json& j, const std::string& file, const fs::path& dir) {
   QL_CHECK(j.is_object(), file, ": expected a JSON object");
-  if (j.contains("quantization_config")) {
-    const json& q = j["quantization_config"];
-    const std::string method =
-        q.is_object() ? ConfigJson(q, file).string_or("quant_method", "unknown") : "unknown";
-    fail(file, ": quantization_config (quant_method '", method,
-         "') found: quantized checkpoints are not loaded yet; use a dense (float) checkpoint");
-  }
   const HfArch& arch = find_arch(j, file);
   const ConfigJson c(j, file);
 
@@ -156,74 +199,14 @@ ModelConfig parse_config(const json& j, const std::string& file, const fs::path&
   return cfg;
 }
 
-// The safetensors files of a folder and where each tensor lives.
-class HfWeights {
- public:
-  explicit HfWeights(const fs::path& dir) {
-    const fs::path single = dir / "model.safetensors";
-    const fs::path index_path = dir / "model.safetensors.index.json";
-    if (fs::exists(single)) {
-      shards_.push_back(SafetensorsFile::open(single));
-    } else if (fs::exists(index_path)) {
-      open_shards(dir, index_path);
-    } else {
-      fail(dir.string(), ": no model.safetensors or model.safetensors.index.json");
-    }
-    for (size_t s = 0; s < shards_.size(); ++s)
-      for (const StTensorInfo& t : shards_[s].tensors()) where_.try_emplace(t.name, s, &t);
-  }
-
-  bool has(const std::string& name) const { return where_.count(name) != 0; }
-  const std::string& file_of(const std::string& name) const {
-    const auto it = where_.find(name);
-    return shards_[it == where_.end() ? 0 : it->second.first].path();
-  }
-
-  // The tensor as fp32, checked against the shape the config implies.
-  Tensor get(const std::string& name, const Shape& expected) const {
-    const auto it = where_.find(name);
-    QL_CHECK(it != where_.end(), file_of(name), ": tensor '", name, "' is missing");
-    const auto& [shard, info] = it->second;
-    check_shape(shards_[shard].path(), name, info->shape, expected, " from config.json");
-    return shards_[shard].load_f32(*info);
-  }
-
-  std::vector<SourceTensor> source_tensors() const {
-    std::vector<SourceTensor> out;
-    for (const SafetensorsFile& f : shards_)
-      for (const StTensorInfo& t : f.tensors())
-        out.push_back({t.name, st_dtype_name(t.dtype), t.shape});
-    return out;
-  }
-
- private:
-  void open_shards(const fs::path& dir, const fs::path& index_path) {
-    const json index = parse_json_file(index_path);
-    QL_CHECK(index.contains("weight_map") && index["weight_map"].is_object(), index_path.string(),
-             ": missing object field 'weight_map'");
-    std::map<std::string, size_t> shard_of_file;
-    for (const auto& [name, file] : index["weight_map"].items()) {
-      QL_CHECK(file.is_string(), index_path.string(), ": weight_map['", name,
-               "'] must be a file name, got ", file.dump());
-      const std::string f = file.get<std::string>();
-      if (shard_of_file.try_emplace(f, shards_.size()).second)
-        shards_.push_back(SafetensorsFile::open(dir / f));
-      QL_CHECK(shards_[shard_of_file.at(f)].find(name) != nullptr, index_path.string(),
-               ": weight_map puts '", name, "' in ", f, ", which does not contain it");
-    }
-    QL_CHECK(!shards_.empty(), index_path.string(), ": weight_map is empty");
-  }
-
-  std::vector<SafetensorsFile> shards_;
-  std::map<std::string, std::pair<size_t, const StTensorInfo*>> where_;
-};
-
 // The runtime has biases on q/k/v only (Qwen2, Llama attention_bias); any other stored bias is
 // refused rather than silently dropped.
-Linear load_linear(const HfWeights& w, const std::string& prefix, int64_t out, int64_t in,
-                   bool bias) {
+Linear load_linear(const HfWeights& w, const FolderQuant& q, const std::string& prefix, int64_t out,
+                   int64_t in, bool bias) {
   Linear lin;
-  lin.weight = w.get(prefix + ".weight", {out, in});
+  if (q.kind != FolderQuant::Kind::Dense)
+    lin.qweight = hf::load_quantized_weight(w, q, prefix, out, in);
+  if (!lin.quantized()) lin.weight = w.get(prefix + ".weight", {out, in});
   if (bias)
     lin.bias = w.get(prefix + ".bias", {out});
   else
@@ -232,20 +215,23 @@ Linear load_linear(const HfWeights& w, const std::string& prefix, int64_t out, i
   return lin;
 }
 
+// q_proj/k_proj (weight and bias) converted between the RoPE layouts.
+Linear rope_linear(const Linear& lin, int64_t n_heads, int64_t head_dim, bool to_hf) {
+  Linear out;
+  if (lin.quantized())
+    out.qweight = permute_rope_rows(lin.qweight, n_heads, head_dim, to_hf);
+  else
+    out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, to_hf);
+  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, to_hf);
+  return out;
+}
+
 std::shared_ptr<const Tokenizer> load_folder_tokenizer(const fs::path& dir) {
   if (fs::exists(dir / "tokenizer.json"))
     return std::make_shared<const Tokenizer>(read_hf_tokenizer(dir / "tokenizer.json"));
   if (fs::exists(dir / "tokenizer.model"))
     return std::make_shared<const Tokenizer>(read_sentencepiece_model(dir / "tokenizer.model"));
   return nullptr;
-}
-
-// Shortest decimal that reads back as `f`, so config.json shows 1e-05 rather than 9.99999974e-06.
-double json_float(float f) {
-  char buf[32];
-  const auto res = std::to_chars(buf, buf + sizeof(buf) - 1, f);
-  *res.ptr = '\0';
-  return std::strtod(buf, nullptr);
 }
 
 json config_to_json(const Model& model) {
@@ -287,52 +273,85 @@ json config_to_json(const Model& model) {
 }
 
 void add_linear(std::vector<StWriteTensor>& out, const std::string& prefix, const Linear& lin) {
-  out.push_back(st_f32(prefix + ".weight", lin.weight));
+  if (lin.quantized())
+    hf::add_quantized_weight(out, prefix, lin.qweight);
+  else
+    out.push_back(st_f32(prefix + ".weight", lin.weight));
   if (!lin.bias.empty()) out.push_back(st_f32(prefix + ".bias", lin.bias));
 }
 
-// q_proj/k_proj (weight and bias) in the Hugging Face "halves" RoPE layout.
-Linear rope_linear_to_hf(const Linear& lin, int64_t n_heads, int64_t head_dim) {
-  Linear out;
-  out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, true);
-  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, true);
-  return out;
-}
+// Embeddings, norms and the head of a quantized folder keep the float type of the model's
+// source file (found under its Hugging Face or GGUF name) when their values allow it; dense
+// folders stay F32 throughout.
+class FloatTypes {
+ public:
+  FloatTypes(const Model& m, bool keep_source) {
+    if (keep_source)
+      for (const SourceTensor& t : m.source_tensors) type_[t.name] = t.type;
+  }
+  StWriteTensor tensor(const std::string& hf_name, const std::string& gguf_name,
+                       const Tensor& t) const {
+    StDtype dtype = StDtype::F32;
+    for (const std::string& name : {hf_name, gguf_name}) {
+      const auto it = type_.find(name);
+      if (it != type_.end() && it->second == "F16") dtype = StDtype::F16;
+      if (it != type_.end() && it->second == "BF16") dtype = StDtype::BF16;
+    }
+    return hf::st_float(hf_name, t.data(), t.shape(), dtype);
+  }
+
+ private:
+  std::map<std::string, std::string> type_;
+};
 
 }  // namespace
 
-Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf) {
+std::vector<int64_t> rope_row_order(int64_t n_heads, int64_t head_dim, bool to_hf) {
   QL_CHECK(head_dim > 0 && head_dim % 2 == 0,
            "permute_rope_rows: head_dim must be positive and even, got ", head_dim);
-  QL_CHECK(w.rank() >= 1 && w.dim(0) == n_heads * head_dim, "permute_rope_rows: tensor shape ",
-           shape_str(w.shape()), " expected ", n_heads * head_dim, " rows (", n_heads, " heads x ",
-           head_dim, ")");
-  const int64_t rows = w.dim(0);
-  const size_t row_len = rows == 0 ? 0 : static_cast<size_t>(w.numel() / rows);
   const int64_t half = head_dim / 2;
-  Tensor out = Tensor::zeros(w.shape());
-  float* dst = out.mutable_data();
+  std::vector<int64_t> src(static_cast<size_t>(n_heads * head_dim));
   // Pair layout row (h, 2i + j) holds what the halves layout keeps at row (h, j * d/2 + i).
   for (int64_t h = 0; h < n_heads; ++h)
     for (int64_t i = 0; i < half; ++i)
       for (int64_t j = 0; j < 2; ++j) {
         const int64_t pair_row = h * head_dim + 2 * i + j;
         const int64_t halves_row = h * head_dim + j * half + i;
-        const int64_t from = to_hf ? pair_row : halves_row;
-        const int64_t to = to_hf ? halves_row : pair_row;
-        std::memcpy(dst + static_cast<size_t>(to) * row_len,
-                    w.data() + static_cast<size_t>(from) * row_len, row_len * sizeof(float));
+        if (to_hf)
+          src[halves_row] = pair_row;
+        else
+          src[pair_row] = halves_row;
       }
+  return src;
+}
+
+Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf) {
+  const std::vector<int64_t> src = rope_row_order(n_heads, head_dim, to_hf);
+  QL_CHECK(w.rank() >= 1 && w.dim(0) == n_heads * head_dim, "permute_rope_rows: tensor shape ",
+           shape_str(w.shape()), " expected ", n_heads * head_dim, " rows (", n_heads, " heads x ",
+           head_dim, ")");
+  const int64_t rows = w.dim(0);
+  const size_t row_len = rows == 0 ? 0 : static_cast<size_t>(w.numel() / rows);
+  Tensor out = Tensor::zeros(w.shape());
+  float* dst = out.mutable_data();
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + static_cast<size_t>(r) * row_len,
+                w.data() + static_cast<size_t>(src[r]) * row_len, row_len * sizeof(float));
   return out;
+}
+
+QMatrix permute_rope_rows(const QMatrix& w, int64_t n_heads, int64_t head_dim, bool to_hf) {
+  return permute_rows(w, rope_row_order(n_heads, head_dim, to_hf), "permute_rope_rows");
 }
 
 Model load_hf_model(const fs::path& dir) {
   const fs::path config_path = dir / "config.json";
-  const json config = parse_json_file(config_path);
+  const json config = hf::parse_json_file(config_path);
   Model m;
-  // The config goes first so that, e.g., a GPTQ folder is named as such before its tensors fail.
+  // The config goes first so that a bad config is reported before any tensor is read.
   m.config = parse_config(config, config_path.string(), dir);
-  const HfWeights w(dir);
+  const FolderQuant quant = hf::read_folder_quant(config, config_path.string(), dir);
+  const HfWeights w(dir, quant.weights_file);
   // Without the field transformers would randomly initialise a missing lm_head; treating a
   // missing head as tied is the only useful reading.
   if (!ConfigJson(config, config_path.string()).has("tie_word_embeddings"))
@@ -341,6 +360,10 @@ Model load_hf_model(const fs::path& dir) {
   m.format = ModelFormat::HuggingFace;
   m.source_path = dir.string();
   m.source_tensors = w.source_tensors();
+  m.quant = quant.info;
+  // GPTQModel can quantize the head too; the runtime's head is a float matrix.
+  QL_CHECK(!w.has("lm_head.qweight"), w.file_of("lm_head.qweight"),
+           ": tensor 'lm_head.qweight': a quantized output head is not supported");
 
   m.tok_embeddings = w.get("model.embed_tokens.weight", {c.vocab_size, c.dim});
   // Layer by layer, so that an absurd num_hidden_layers fails at the first missing tensor.
@@ -348,19 +371,18 @@ Model load_hf_model(const fs::path& dir) {
     LayerWeights& L = m.layers.emplace_back();
     const std::string p = cat("model.layers.", l, ".");
     L.attn_norm = w.get(p + "input_layernorm.weight", {c.dim});
-    L.q = load_linear(w, p + "self_attn.q_proj", c.q_dim(), c.dim, c.qkv_bias);
-    L.k = load_linear(w, p + "self_attn.k_proj", c.kv_dim(), c.dim, c.qkv_bias);
-    L.v = load_linear(w, p + "self_attn.v_proj", c.kv_dim(), c.dim, c.qkv_bias);
-    L.o = load_linear(w, p + "self_attn.o_proj", c.dim, c.q_dim(), false);
+    L.q = load_linear(w, quant, p + "self_attn.q_proj", c.q_dim(), c.dim, c.qkv_bias);
+    L.k = load_linear(w, quant, p + "self_attn.k_proj", c.kv_dim(), c.dim, c.qkv_bias);
+    L.v = load_linear(w, quant, p + "self_attn.v_proj", c.kv_dim(), c.dim, c.qkv_bias);
+    L.o = load_linear(w, quant, p + "self_attn.o_proj", c.dim, c.q_dim(), false);
     L.ffn_norm = w.get(p + "post_attention_layernorm.weight", {c.dim});
-    L.gate = load_linear(w, p + "mlp.gate_proj", c.hidden_dim, c.dim, false);
-    L.up = load_linear(w, p + "mlp.up_proj", c.hidden_dim, c.dim, false);
-    L.down = load_linear(w, p + "mlp.down_proj", c.dim, c.hidden_dim, false);
-
-    L.q.weight = permute_rope_rows(L.q.weight, c.n_heads, c.head_dim, false);
-    L.k.weight = permute_rope_rows(L.k.weight, c.n_kv_heads, c.head_dim, false);
-    if (!L.q.bias.empty()) L.q.bias = permute_rope_rows(L.q.bias, c.n_heads, c.head_dim, false);
-    if (!L.k.bias.empty()) L.k.bias = permute_rope_rows(L.k.bias, c.n_kv_heads, c.head_dim, false);
+    L.gate = load_linear(w, quant, p + "mlp.gate_proj", c.hidden_dim, c.dim, false);
+    L.up = load_linear(w, quant, p + "mlp.up_proj", c.hidden_dim, c.dim, false);
+    L.down = load_linear(w, quant, p + "mlp.down_proj", c.dim, c.hidden_dim, false);
+    if (quant.qk_halves) {
+      L.q = rope_linear(L.q, c.n_heads, c.head_dim, false);
+      L.k = rope_linear(L.k, c.n_kv_heads, c.head_dim, false);
+    }
   }
   m.final_norm = w.get("model.norm.weight", {c.dim});
   if (!c.tied_embeddings) m.output = w.get("lm_head.weight", {c.vocab_size, c.dim});
@@ -374,30 +396,54 @@ void save_hf_model(const Model& model, const fs::path& dir) {
   QL_CHECK(c.rope_freq_factors.empty(), dir.string(),
            ": this model's per-frequency RoPE factors (GGUF rope_freqs.weight) have no config.json "
            "equivalent; it cannot be saved as a Hugging Face folder");
+  std::optional<hf::NativeLayout> layout;
+  if (hf::has_quantized_linear(model)) layout = hf::native_layout(model, dir.string());
+  const bool qk_halves = !layout || layout->qk_halves;
+  const FloatTypes floats(model, layout.has_value());
+  const auto qk = [&](const Linear& lin, int64_t heads) {
+    return qk_halves ? rope_linear(lin, heads, c.head_dim, true) : lin;
+  };
+
   std::vector<StWriteTensor> tensors;
-  tensors.push_back(st_f32("model.embed_tokens.weight", model.tok_embeddings));
+  tensors.push_back(
+      floats.tensor("model.embed_tokens.weight", "token_embd.weight", model.tok_embeddings));
   for (size_t l = 0; l < model.layers.size(); ++l) {
     const LayerWeights& L = model.layers[l];
-    const std::string p = cat("model.layers.", l, ".");
-    tensors.push_back(st_f32(p + "input_layernorm.weight", L.attn_norm));
-    add_linear(tensors, p + "self_attn.q_proj", rope_linear_to_hf(L.q, c.n_heads, c.head_dim));
-    add_linear(tensors, p + "self_attn.k_proj", rope_linear_to_hf(L.k, c.n_kv_heads, c.head_dim));
+    const std::string p = cat("model.layers.", l, "."), g = cat("blk.", l, ".");
+    tensors.push_back(
+        floats.tensor(p + "input_layernorm.weight", g + "attn_norm.weight", L.attn_norm));
+    add_linear(tensors, p + "self_attn.q_proj", qk(L.q, c.n_heads));
+    add_linear(tensors, p + "self_attn.k_proj", qk(L.k, c.n_kv_heads));
     add_linear(tensors, p + "self_attn.v_proj", L.v);
     add_linear(tensors, p + "self_attn.o_proj", L.o);
-    tensors.push_back(st_f32(p + "post_attention_layernorm.weight", L.ffn_norm));
+    tensors.push_back(
+        floats.tensor(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", L.ffn_norm));
     add_linear(tensors, p + "mlp.gate_proj", L.gate);
     add_linear(tensors, p + "mlp.up_proj", L.up);
     add_linear(tensors, p + "mlp.down_proj", L.down);
   }
-  tensors.push_back(st_f32("model.norm.weight", model.final_norm));
-  if (!model.output.empty()) tensors.push_back(st_f32("lm_head.weight", model.output));
+  tensors.push_back(floats.tensor("model.norm.weight", "output_norm.weight", model.final_norm));
+  if (!model.output.empty())
+    tensors.push_back(floats.tensor("lm_head.weight", "output.weight", model.output));
 
   std::error_code ec;
   fs::create_directories(dir, ec);
   QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
   // transformers refuses safetensors files whose metadata lacks a known "format".
   write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
-  write_file_atomic(dir / "config.json", config_to_json(model).dump(2) + "\n");
+  json config = config_to_json(model);
+  const fs::path quant_config = dir / "quantize_config.json";
+  if (layout) {
+    const json q = hf::native_quant_json(model, *layout);
+    write_file_atomic(quant_config, q.dump(2) + "\n");
+    config["quantization_config"] = q;
+  } else {
+    // A stale one from an earlier quantized save would make this dense folder read as quantized.
+    fs::remove(quant_config, ec);
+    QL_CHECK(!ec, quant_config.string(), ": cannot remove: ", ec.message());
+  }
+  // config.json last: it is what makes the folder a model.
+  write_file_atomic(dir / "config.json", config.dump(2) + "\n");
   if (model.tokenizer) write_hf_tokenizer(model.tokenizer->data(), dir);
 }
 

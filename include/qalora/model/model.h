@@ -123,15 +123,18 @@ Model load_model(const std::filesystem::path& path, const LoadOptions& options =
 Model load_gguf_model(const std::filesystem::path& path);
 // Only the tokenizer of a GGUF file (tokenizer.ggml.*), without loading its weights.
 std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path& path);
-// config.json (Llama / Mistral / Qwen2; quantization_config is refused for now) +
-// model.safetensors or the shards of model.safetensors.index.json + tokenizer.json (else
-// tokenizer.model; else no tokenizer).
+// config.json (Llama / Mistral / Qwen2) + model.safetensors or the shards of
+// model.safetensors.index.json + tokenizer.json (else tokenizer.model; else no tokenizer).
+// Quantized folders: qalora's own (docs/formats.md) and GPTQ checkpoints (AutoGPTQ /
+// GPTQModel, v1 or v2 zeros) load into Linear::qweight; other quant_methods are refused.
 Model load_hf_model(const std::filesystem::path& dir);
 // Finds tok<vocab>.bin or tokenizer.bin beside the checkpoint; no tokenizer when neither exists.
 Model load_llama2c_model(const std::filesystem::path& path);
 // Creates `dir` and writes config.json + model.safetensors (F32) + tokenizer.json and
 // tokenizer_config.json when the model has a tokenizer, all atomically; q/k rows are permuted to
-// the Hugging Face RoPE layout. Refuses models with per-frequency RoPE factors.
+// the Hugging Face RoPE layout. Refuses models with per-frequency RoPE factors. A model with
+// quantized linears is written as a native quantized folder (docs/formats.md) that loads back
+// bit for bit.
 void save_hf_model(const Model& model, const std::filesystem::path& dir);
 
 // Inverse frequencies of the head_dim / 2 rotary pairs, scaling applied; position p of pair
@@ -140,5 +143,10 @@ std::vector<double> rope_inv_freq(const ModelConfig& config);
 
 // RoPE layout conversion of q_proj/k_proj rows (per head). `to_hf` = adjacent pairs -> halves.
 Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf);
+// The same for a quantized weight: rows move with their codes and group parameters (throws
+// for NF4/FP4 rows that do not own whole absmax blocks, see permute_rows in qmatrix_rows.h).
+QMatrix permute_rope_rows(const QMatrix& w, int64_t n_heads, int64_t head_dim, bool to_hf);
+// Row r of the converted matrix is row result[r] of the original.
+std::vector<int64_t> rope_row_order(int64_t n_heads, int64_t head_dim, bool to_hf);
 
 }  // namespace qalora

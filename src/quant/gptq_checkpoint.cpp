@@ -1,0 +1,91 @@
+#include "qalora/quant/gptq_checkpoint.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "qalora/core/error.h"
+
+namespace qalora {
+
+namespace {
+
+// The words of a packed tensor, copied out of a possibly unaligned mapping.
+std::vector<uint32_t> words_of(const uint8_t* bytes, int64_t n) {
+  std::vector<uint32_t> w(static_cast<size_t>(n));
+  if (n > 0) std::memcpy(w.data(), bytes, static_cast<size_t>(n) * sizeof(uint32_t));
+  return w;
+}
+
+}  // namespace
+
+uint32_t gptq_unpack(const uint32_t* words, int64_t stride, int64_t k, int bits) {
+  const int64_t bit = k * bits;
+  const int64_t w = bit / 32;
+  const auto shift = static_cast<unsigned>(bit % 32);
+  uint64_t v = words[w * stride] >> shift;
+  if (shift + static_cast<unsigned>(bits) > 32)
+    v |= uint64_t{words[(w + 1) * stride]} << (32 - shift);
+  return static_cast<uint32_t>(v & ((uint64_t{1} << bits) - 1));
+}
+
+QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
+  const int b = f.bits;
+  const int64_t G = f.group_size, in = t.in, out = t.out;
+  const int64_t L = (in + G - 1) / G;
+  QMatrix q = make_affine(out, in, b, G);
+
+  if (t.g_idx != nullptr) {
+    std::vector<int32_t> g(static_cast<size_t>(in));
+    std::memcpy(g.data(), t.g_idx, g.size() * sizeof(int32_t));
+    bool contiguous = true;
+    for (int64_t i = 0; i < in; ++i) {
+      QL_CHECK(g[i] >= 0 && g[i] < L, t.g_idx_name, ": g_idx[", i, "] is ", g[i],
+               ", expected a group in 0..", L - 1, " (", L, " groups of ", G, " over ", in,
+               " inputs)");
+      contiguous = contiguous && g[i] == i / G;
+    }
+    // Contiguous groups are left implicit so kernels take their fast path.
+    if (!contiguous) q.g_idx = std::move(g);
+  }
+  const int64_t Lq = q.n_groups();  // groups act-order never uses beyond the last are dropped
+  q.scales.assign(static_cast<size_t>(out * Lq), 0.0f);
+  q.offsets.assign(q.scales.size(), 0.0f);
+
+  const uint32_t maxq = (1u << b) - 1;
+  const std::vector<uint32_t> zeros = words_of(t.qzeros, L * out * b / 32);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t j = 0; j < out; ++j) {
+      const uint32_t stored = gptq_unpack(zeros.data() + l * (out * b / 32), 1, j, b);
+      const uint32_t z = stored + (f.v2 ? 0u : 1u);
+      QL_CHECK(z <= maxq, t.qzeros_name, ": zero point [", l, ", ", j, "] is ", z, " (stored ",
+               stored, " + 1, checkpoint_format gptq), above ", maxq, ", the largest ", b,
+               "-bit code");
+      const float s = t.scales[l * out + j];
+      QL_CHECK(std::isfinite(s), t.scales_name, ": scale [", l, ", ", j, "] is ", s,
+               ", expected a finite value");
+      if (l >= Lq) continue;
+      q.scales[j * Lq + l] = s;
+      q.offsets[j * Lq + l] = -s * static_cast<float>(z);  // exact: fp16 s times z < 2^8
+    }
+
+  const std::vector<uint32_t> qweight = words_of(t.qweight, in * b / 32 * out);
+  // Blocks of output columns, inputs in order: each step reads a contiguous run of one word row.
+  constexpr int64_t kCols = 64;
+#pragma omp parallel
+  {
+    std::vector<uint8_t> codes(static_cast<size_t>(kCols * in));
+#pragma omp for schedule(static)
+    for (int64_t j0 = 0; j0 < out; j0 += kCols) {
+      const int64_t n = std::min(kCols, out - j0);
+      for (int64_t i = 0; i < in; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          codes[j * in + i] = static_cast<uint8_t>(gptq_unpack(qweight.data() + j0 + j, out, i, b));
+      for (int64_t j = 0; j < n; ++j) pack_row(codes.data() + j * in, in, b, q.row_codes(j0 + j));
+    }
+  }
+  return q;
+}
+
+}  // namespace qalora
