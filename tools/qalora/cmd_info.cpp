@@ -10,6 +10,7 @@
 #include "commands.h"
 #include "qalora/core/error.h"
 #include "qalora/model/chat.h"
+#include "qalora/model/quant_summary.h"
 
 namespace qalora::cli {
 
@@ -47,6 +48,27 @@ Json special_token(const Tokenizer& tok, int32_t id) {
   return {{"id", id}, {"piece", tok.piece(id)}};
 }
 
+// null for a dense model.
+Json describe_quantization(const Model& model) {
+  const QuantSummary s = quant_summary(model);
+  if (s.quantized == 0 && model.quant.empty()) return nullptr;
+  const QuantInfo& q = model.quant;
+  Json j = {{"method", q.method.empty() ? "unknown" : q.method},
+            {"type", s.type},
+            {"bits", s.bits != 0 ? s.bits : q.bits},
+            {"group_size", q.group_size},
+            {"sym", q.sym},
+            {"act_order", q.act_order},
+            {"static_groups", q.static_groups},
+            {"double_quant", q.double_quant},
+            {"quantized_linears", s.quantized},
+            {"linears", s.linears},
+            {"quantized_bytes", s.quantized_bytes},
+            {"fp32_bytes", s.fp32_bytes}};
+  if (!q.calibration.empty()) j["calibration"] = q.calibration;
+  return j;
+}
+
 Json describe(const Model& model, bool list_tensors) {
   const ModelConfig& c = model.config;
   Json config = {{"dim", c.dim},
@@ -78,10 +100,14 @@ Json describe(const Model& model, bool list_tensors) {
     if (list_tensors) tensors.push_back({{"name", t.name}, {"type", t.type}, {"shape", t.shape}});
   }
 
-  Json info = {{"path", model.source_path},  {"format", model_format_name(model.format)},
-               {"architecture", c.arch},     {"name", c.name},
-               {"config", config},           {"parameters", model.parameter_count()},
-               {"tensor_types", type_counts}};
+  Json info = {{"path", model.source_path},
+               {"format", model_format_name(model.format)},
+               {"architecture", c.arch},
+               {"name", c.name},
+               {"config", config},
+               {"parameters", model.parameter_count()},
+               {"tensor_types", type_counts},
+               {"quantization", describe_quantization(model)}};
   if (list_tensors) info["tensors"] = tensors;
 
   if (!model.tokenizer) {
@@ -132,6 +158,28 @@ void print_text(const Json& info) {
     types += (types.empty() ? "" : ", ") + type + " x" + compact(count);
   line("tensor types", types);
 
+  const Json& q = info["quantization"];
+  if (!q.is_null()) {
+    const int64_t group = q["group_size"].get<int64_t>();
+    std::string how =
+        compact(q["method"]) + ", " + compact(q["type"]) + " " + compact(q["bits"]) + "-bit, " +
+        (group == -1 ? std::string("per channel") : "group " + compact(q["group_size"]));
+    if (q["sym"].get<bool>()) how += ", sym";
+    if (q["act_order"].get<bool>())
+      how += q["static_groups"].get<bool>() ? ", act-order (static groups)" : ", act-order";
+    if (q["double_quant"].get<bool>()) how += ", double quant";
+    line("quantization", how);
+    const auto bytes = q["quantized_bytes"].get<double>(), fp32 = q["fp32_bytes"].get<double>();
+    char ratio[64] = "";
+    if (bytes > 0)
+      std::snprintf(ratio, sizeof(ratio), " (%.2fx smaller, %.2f bits/weight)", fp32 / bytes,
+                    32.0 * bytes / fp32);
+    line("  linear weights", compact(q["quantized_linears"]) + " of " + compact(q["linears"]) +
+                                 " quantized, " + compact(q["quantized_bytes"]) + " bytes vs " +
+                                 compact(q["fp32_bytes"]) + " as fp32" + ratio);
+    if (q.contains("calibration")) line("  calibration", compact(q["calibration"]));
+  }
+
   const Json& tok = info["tokenizer"];
   if (tok.is_null()) {
     line("tokenizer", "none (pass --tokenizer FILE)");
@@ -162,6 +210,7 @@ void print_text(const Json& info) {
 }
 
 void run_info(const InfoArgs& args) {
+  QL_CHECK(!args.model.model.empty(), "info: no model given (qalora info MODEL, or -m MODEL)");
   const Json info = describe(load_model(args.model), args.tensors);
   if (args.json) {
     std::printf("%s\n", info.dump(2).c_str());
@@ -177,6 +226,11 @@ void register_info(CLI::App& app) {
   CLI::App* cmd =
       add_command(app, "info", "Describe a model: format, configuration, tensors, tokenizer");
   add_model_args(cmd, args->model, /*positional=*/true);
+  // The other commands take -m; accept it here too, as an alternative to the positional.
+  CLI::Option* positional = cmd->get_option("model");
+  CLI::Option* named =
+      cmd->add_option("-m,--model", args->model.model, "the model, as -m instead of positionally");
+  positional->required(false)->excludes(named);
   cmd->add_flag("--tensors", args->tensors, "list every tensor with its type and shape");
   cmd->add_flag("--json", args->json, "machine-readable output");
   cmd->callback([args] { run_info(*args); });
