@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -15,6 +16,7 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "qalora/core/error.h"
+#include "qalora/quant/qmatrix.h"
 
 namespace qalora::cli {
 
@@ -24,6 +26,7 @@ struct BenchArgs {
   ModelArgs model;
   int64_t prompt_tokens = 256;
   int64_t gen_tokens = 64;
+  std::string baseline;
   bool json = false;
 };
 
@@ -79,26 +82,37 @@ Bandwidth memory_bandwidth() {
   return {bytes / read_s / 1e9, 2 * bytes / copy_s / 1e9};
 }
 
-// Bytes of weights one decoded token reads: every parameter once, except that an untied
-// embedding table contributes a single row (the head is read in full either way).
+// Bytes of weights one decoded token reads: every parameter once (quantized linears: codes and
+// their fp32 group parameters as held in memory), except that an untied embedding table
+// contributes a single row (the head is read in full either way).
 double weight_bytes_per_token(const Model& model) {
-  double params = static_cast<double>(model.parameter_count());
+  double bytes = 4.0 * static_cast<double>(model.parameter_count());
   if (!model.output.empty())
-    params -= static_cast<double>(model.tok_embeddings.numel() - model.config.dim);
-  return 4.0 * params;
+    bytes -= 4.0 * static_cast<double>(model.tok_embeddings.numel() - model.config.dim);
+  for (const LayerWeights& L : model.layers)
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+      if (!l->quantized()) continue;
+      const QMatrix& q = l->qweight;
+      bytes -= 4.0 * static_cast<double>(q.rows * q.cols);
+      bytes += static_cast<double>(q.codes.size()) +
+               4.0 * static_cast<double>(q.scales.size() + q.offsets.size() + q.g_idx.size() +
+                                         q.absmax.size());
+    }
+  return bytes;
 }
 
-void run_bench(const BenchArgs& args) {
-  QL_CHECK(args.prompt_tokens >= 1, "--prompt-tokens must be >= 1, got ", args.prompt_tokens);
-  QL_CHECK(args.gen_tokens >= 1, "--gen-tokens must be >= 1, got ", args.gen_tokens);
-  const Model model = load_model(args.model);
+struct Speed {
+  double prefill_tps = 0;
+  double linear_gflops = 0;
+  double linear_share = 0;  // of prefill time
+  double decode_tps = 0;
+  double bytes_per_token = 0;
+};
+
+Speed measure(const Model& model, const BenchArgs& args) {
   const int64_t ctx = args.prompt_tokens + args.gen_tokens;
   QL_CHECK(ctx <= model.config.context_length, "--prompt-tokens + --gen-tokens = ", ctx,
            " exceeds the model's context length ", model.config.context_length);
-
-  const Bandwidth bw = memory_bandwidth();
-  const double gemm = gemm_peak_gflops();
-
   std::mt19937_64 rng(1234);
   std::uniform_int_distribution<int32_t> any_token(
       0, static_cast<int32_t>(model.config.vocab_size - 1));
@@ -119,44 +133,82 @@ void run_bench(const BenchArgs& args) {
   }
   const double decode_s = seconds_since(start);
 
-  const double prefill_tps = static_cast<double>(args.prompt_tokens) / prefill_s;
-  const double linear_gflops =
+  Speed r;
+  r.prefill_tps = static_cast<double>(args.prompt_tokens) / prefill_s;
+  r.linear_gflops =
       prefill.linear_seconds > 0 ? prefill.linear_flops / prefill.linear_seconds / 1e9 : 0.0;
-  const double decode_tps = static_cast<double>(args.gen_tokens) / decode_s;
-  const double weight_gbs = weight_bytes_per_token(model) * decode_tps / 1e9;
+  r.linear_share = prefill.linear_seconds / prefill_s;
+  r.decode_tps = static_cast<double>(args.gen_tokens) / decode_s;
+  r.bytes_per_token = weight_bytes_per_token(model);
+  return r;
+}
+
+void run_bench(const BenchArgs& args) {
+  QL_CHECK(args.prompt_tokens >= 1, "--prompt-tokens must be >= 1, got ", args.prompt_tokens);
+  QL_CHECK(args.gen_tokens >= 1, "--gen-tokens must be >= 1, got ", args.gen_tokens);
+  const Model model = load_model(args.model);
+  std::optional<Model> baseline;
+  if (!args.baseline.empty()) {
+    ModelArgs b = args.model;
+    b.model = args.baseline;
+    baseline.emplace(load_model(b));
+  }
+
+  const Bandwidth bw = memory_bandwidth();
+  const double gemm = gemm_peak_gflops();
+  const Speed sp = measure(model, args);
+  const double weight_gbs = sp.bytes_per_token * sp.decode_tps / 1e9;
+  std::optional<Speed> base;
+  if (baseline) base = measure(*baseline, args);
 
   nlohmann::ordered_json j = {{"model", args.model.model},
+                              {"quantization", model.quant.empty() ? "none" : model.quant.method},
+                              {"kernel_isa", qkernel_isa()},
                               {"threads", num_threads()},
                               {"parameters", model.parameter_count()},
                               {"gemm_peak_gflops", gemm},
                               {"memory_read_gbs", bw.read_gbs},
                               {"memory_copy_gbs", bw.copy_gbs},
                               {"prompt_tokens", args.prompt_tokens},
-                              {"prefill_tokens_per_s", prefill_tps},
-                              {"prefill_linear_gflops", linear_gflops},
-                              {"prefill_linear_share_of_time", prefill.linear_seconds / prefill_s},
-                              {"prefill_gemm_efficiency", linear_gflops / gemm},
+                              {"prefill_tokens_per_s", sp.prefill_tps},
+                              {"prefill_linear_gflops", sp.linear_gflops},
+                              {"prefill_linear_share_of_time", sp.linear_share},
+                              {"prefill_gemm_efficiency", sp.linear_gflops / gemm},
                               {"gen_tokens", args.gen_tokens},
-                              {"decode_tokens_per_s", decode_tps},
+                              {"decode_tokens_per_s", sp.decode_tps},
                               {"decode_weight_gbs", weight_gbs},
                               {"decode_bandwidth_efficiency", weight_gbs / bw.read_gbs}};
+  if (base) {
+    j["baseline"] = args.baseline;
+    j["baseline_prefill_tokens_per_s"] = base->prefill_tps;
+    j["baseline_decode_tokens_per_s"] = base->decode_tps;
+    j["prefill_speedup"] = sp.prefill_tps / base->prefill_tps;
+    j["decode_speedup"] = sp.decode_tps / base->decode_tps;
+  }
   if (args.json) {
     std::printf("%s\n", j.dump(2).c_str());
     return;
   }
-  std::printf("machine (%d threads)\n", num_threads());
+  std::printf("machine (%d threads, quantized kernels: %s)\n", num_threads(), qkernel_isa());
   std::printf("  fp32 GEMM peak       %9.1f GFLOP/s  (cblas_sgemm 2048^3)\n", gemm);
   std::printf("  memory read          %9.1f GB/s\n", bw.read_gbs);
   std::printf("  memory copy          %9.1f GB/s     (read + write)\n", bw.copy_gbs);
   std::printf("prefill (%lld random tokens)\n", static_cast<long long>(args.prompt_tokens));
-  std::printf("  throughput           %9.1f tok/s\n", prefill_tps);
+  std::printf("  throughput           %9.1f tok/s\n", sp.prefill_tps);
   std::printf(
       "  linear layers        %9.1f GFLOP/s  %5.1f%% of GEMM peak, %.0f%% of prefill time\n",
-      linear_gflops, 100 * linear_gflops / gemm, 100 * prefill.linear_seconds / prefill_s);
+      sp.linear_gflops, 100 * sp.linear_gflops / gemm, 100 * sp.linear_share);
   std::printf("decode (%lld tokens)\n", static_cast<long long>(args.gen_tokens));
-  std::printf("  throughput           %9.1f tok/s\n", decode_tps);
+  std::printf("  throughput           %9.1f tok/s\n", sp.decode_tps);
   std::printf("  weight bandwidth     %9.2f GB/s     %5.1f%% of memory read (%.1f MB per token)\n",
-              weight_gbs, 100 * weight_gbs / bw.read_gbs, weight_bytes_per_token(model) / 1e6);
+              weight_gbs, 100 * weight_gbs / bw.read_gbs, sp.bytes_per_token / 1e6);
+  if (base) {
+    std::printf("against the baseline %s\n", args.baseline.c_str());
+    std::printf("  prefill              %9.1f tok/s    this model %.2fx\n", base->prefill_tps,
+                sp.prefill_tps / base->prefill_tps);
+    std::printf("  decode               %9.1f tok/s    this model %.2fx\n", base->decode_tps,
+                sp.decode_tps / base->decode_tps);
+  }
 }
 
 }  // namespace
@@ -169,6 +221,8 @@ void register_bench(CLI::App& app) {
   add_model_args(cmd, args->model);
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "prefill length")->capture_default_str();
   cmd->add_option("--gen-tokens", args->gen_tokens, "decoded tokens")->capture_default_str();
+  cmd->add_option("--baseline", args->baseline,
+                  "a second model (e.g. the fp32 source) to run the same way and compare against");
   cmd->add_flag("--json", args->json, "machine-readable output");
   cmd->callback([args] { run_bench(*args); });
 }
