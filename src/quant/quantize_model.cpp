@@ -6,6 +6,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -85,8 +86,10 @@ namespace {
 const char* const kLinearNames[] = {"q_proj", "k_proj", "v_proj", "o_proj",
                                     "gate_proj", "up_proj", "down_proj"};
 
-std::vector<Linear*> block_linears(LayerWeights& L) {
-  return {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+// The seven linears of a block, in kLinearNames order (const or not, as the block).
+template <typename Layer>
+auto block_linears(Layer& L) {
+  return std::array{&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
 }
 
 // Data-free methods: each linear on its own.
@@ -142,11 +145,7 @@ void apply(const Linear& l, const float* x, float* y, int64_t T) {
 
 }  // namespace
 
-void quantize_model(Model& model, const QuantizeOptions& o,
-                    const std::vector<std::vector<int32_t>>& calibration,
-                    const LayerCallback& on_layer) {
-  validate_quantize_options(o);
-  const ModelConfig& c = model.config;
+void check_weights_finite(const Model& model) {
   for (size_t li = 0; li < model.layers.size(); ++li) {
     const auto linears = block_linears(model.layers[li]);
     for (size_t k = 0; k < linears.size(); ++k) {
@@ -155,6 +154,14 @@ void quantize_model(Model& model, const QuantizeOptions& o,
                    cat(model.source_path, ": layer ", li, " ", kLinearNames[k]));
     }
   }
+}
+
+void quantize_model(Model& model, const QuantizeOptions& o,
+                    const std::vector<std::vector<int32_t>>& calibration,
+                    const LayerCallback& on_layer) {
+  validate_quantize_options(o);
+  check_weights_finite(model);
+  const ModelConfig& c = model.config;
 
   auto finish_linear = [&](Linear& l, QMatrix q, int64_t li, const char* name, Clock::time_point t0,
                            double rel_err) {

@@ -61,6 +61,7 @@ void run_quantize(QuantizeArgs& a) {
            a.out, " exists and is not a folder");
   const auto t0 = Clock::now();
   Model model = load_model(a.model);
+  check_weights_finite(model);
   const auto calibration = load_calibration(a, model);
   const QuantizeOptions& o = a.options;
   if (!calibration.empty())

@@ -45,6 +45,9 @@ struct LayerReport {
 };
 using LayerCallback = std::function<void(const LayerReport&)>;
 
+// Throws Error naming the layer, linear and element of the first nan/inf weight.
+void check_weights_finite(const Model& model);
+
 // Replaces every block linear's fp32 weight by its quantized form and records model.quant.
 // GPTQ needs `calibration` (token windows); other methods ignore it.
 void quantize_model(Model& model, const QuantizeOptions& options,
