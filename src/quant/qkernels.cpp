@@ -1,89 +1,296 @@
-// Optimized quantized-linear kernels. Decode (few tokens) streams the packed codes once through
-// a fused dequantize + dot product per row; prefill and training dequantize the weight into a
-// scratch buffer and hand it to BLAS, so the dequantization cost is amortised over T tokens.
+// Optimized quantized-linear kernels: the dispatcher and the portable fallback. Decode (few
+// tokens) streams the packed codes once through a fused dequantize + dot product per row;
+// prefill and training dequantize the weight and hand it to BLAS, so the dequantization cost
+// is amortised over T tokens. The AVX2 and AVX-512 kernels live in qkernels_avx2.cpp and
+// qkernels_avx512.cpp; one is picked at run time from the CPU's features.
 #include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <vector>
 
+#include "qalora/core/error.h"
 #include "qalora/quant/qmatrix.h"
+#include "quant/qkernels_internal.h"
 
 namespace qalora {
+namespace qk {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Portable:
+      return "portable";
+    case Isa::Avx2:
+      return "avx2";
+    case Isa::Avx512:
+      return "avx512";
+  }
+  return "?";
+}
+
+bool isa_supported(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::Portable:
+      return true;
+    case Isa::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::Avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == Isa::Portable;
+#endif
+}
 
 namespace {
 
-// Up to this many tokens, the fused GEMV beats dequantize + GEMM.
-constexpr int64_t kGemvMaxTokens = 4;
-
-// One row dequantized: unpack the codes, then apply group parameters or the codebook.
-void dequantize_row(const QMatrix& w, int64_t j, uint8_t* codes, float* out) {
-  unpack_row(w.row_codes(j), w.cols, w.bits, codes);
-  if (w.type == QuantType::Affine) {
-    const int64_t L = w.n_groups();
-    const float* s = w.scales.data() + j * L;
-    const float* m = w.offsets.data() + j * L;
-    if (w.g_idx.empty()) {
-      for (int64_t g = 0; g < L; ++g) {
-        const int64_t i1 = std::min(w.cols, (g + 1) * w.group_size);
-        for (int64_t i = g * w.group_size; i < i1; ++i)
-          out[i] = s[g] * static_cast<float>(codes[i]) + m[g];
-      }
-    } else {
-      for (int64_t i = 0; i < w.cols; ++i) {
-        const int32_t g = w.g_idx[i];
-        out[i] = s[g] * static_cast<float>(codes[i]) + m[g];
-      }
-    }
-    return;
+const KernelTable* table_for(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa) {
+    case Isa::Avx512:
+      return &kAvx512Table;
+    case Isa::Avx2:
+      return &kAvx2Table;
+    default:
+      return &kPortableTable;
   }
-  const float* book = codebook(w.type);
-  const int64_t base = j * w.cols;
-  for (int64_t i = 0; i < w.cols; ++i)
-    out[i] = book[codes[i]] * w.absmax[(base + i) / w.group_size];
+#else
+  (void)isa;  // only the portable kernels exist off x86
+  return &kPortableTable;
+#endif
 }
 
-thread_local std::vector<float> tl_weights;  // dequantized weight scratch
+const KernelTable* best_table() {
+  for (Isa isa : {Isa::Avx512, Isa::Avx2})
+    if (isa_supported(isa)) return table_for(isa);
+  return &kPortableTable;
+}
 
-float* weight_scratch(int64_t n) {
-  if (static_cast<int64_t>(tl_weights.size()) < n) tl_weights.resize(static_cast<size_t>(n));
-  return tl_weights.data();
+std::atomic<const KernelTable*> g_table{nullptr};
+
+const KernelTable& table() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (!t) {
+    t = best_table();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+// Codes of one packed chunk, one byte each (layouts: qmatrix.h).
+template <int B>
+void decode_chunk(const uint8_t* p, uint8_t* q) {
+  if constexpr (B == 8) {
+    for (int k = 0; k < 32; ++k) q[k] = p[k];
+  } else if constexpr (B == 4) {
+    for (int k = 0; k < 16; ++k) {
+      q[k] = p[k] & 15;
+      q[k + 16] = static_cast<uint8_t>(p[k] >> 4);
+    }
+  } else {
+    for (int s = 0; s < 4; ++s)
+      for (int k = 0; k < 8; ++k) q[k + 8 * s] = (p[k] >> (2 * s)) & 3;
+    if constexpr (B == 3)
+      for (int k = 0; k < 32; ++k)
+        q[k] = static_cast<uint8_t>(q[k] | (((p[8 + k / 8] >> (k % 8)) & 1) << 2));
+  }
+}
+
+template <int B>
+void portable_dequant(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  const int64_t I = w.cols, nc = w.padded_cols() / kQChunk;
+  const bool affine = w.type == QuantType::Affine, aligned = affine_chunk_aligned(w);
+  const int64_t L = affine ? w.n_groups() : 0;
+  std::vector<int32_t> groups_buf;
+  const int32_t* groups = affine ? column_groups(w, groups_buf) : nullptr;
+  const float* book = affine ? nullptr : codebook(w.type);
+  uint8_t q[kQChunk];
+  for (int64_t j = r0; j < r1; ++j) {
+    float* o = out + (j - r0) * I;
+    const float* s = w.scales.data() + j * L;
+    const float* m = w.offsets.data() + j * L;
+    for (int64_t c = 0; c < nc; ++c) {
+      decode_chunk<B>(w.row_codes(j) + c * chunk_bytes(B), q);
+      const int64_t i0 = c * kQChunk, n = std::min(kQChunk, I - i0);
+      if (aligned) {
+        // One group per chunk: no per-column lookup (which compilers turn into slow gathers).
+        const float sg = s[groups[i0]], mg = m[groups[i0]];
+        for (int64_t k = 0; k < n; ++k) o[i0 + k] = sg * static_cast<float>(q[k]) + mg;
+      } else if (affine) {
+        for (int64_t k = 0; k < n; ++k)
+          o[i0 + k] = s[groups[i0 + k]] * static_cast<float>(q[k]) + m[groups[i0 + k]];
+      } else {
+        for (int64_t k = 0; k < n; ++k)
+          o[i0 + k] = book[q[k]] * w.absmax[(j * I + i0 + k) / kCodebookBlock];
+      }
+    }
+  }
+}
+
+void portable_dequant_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  switch (w.bits) {
+    case 2:
+      return portable_dequant<2>(w, r0, r1, out);
+    case 3:
+      return portable_dequant<3>(w, r0, r1, out);
+    case 4:
+      return portable_dequant<4>(w, r0, r1, out);
+    default:
+      return portable_dequant<8>(w, r0, r1, out);
+  }
+}
+
+float portable_dot(const float* a, const float* b, int64_t n) {
+  // Eight partial sums: vectorisable without reassociation flags, and more accurate.
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += a[i + u] * b[i + u];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// Calls f(r0, r1) on an even split of rows 0..n-1 over the OpenMP threads; single-threaded
+// when the work (elements touched) is too small to pay for waking the pool.
+template <typename F>
+void parallel_rows(int64_t n, int64_t work, F&& f) {
+  constexpr int64_t kMinParallelWork = 1 << 15;
+#pragma omp parallel if (work >= kMinParallelWork)
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r0 = n * tid / nth, r1 = n * (tid + 1) / nth;
+    if (r0 < r1) f(r0, r1);
+  }
+}
+
+thread_local std::vector<float> tl_weights;   // dequantized weight (prefill, backward)
+thread_local std::vector<float> tl_x;         // padded activations (GEMV)
+thread_local std::vector<float> tl_xsum;      // per-group activation sums (GEMV)
+thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV)
+thread_local std::vector<int32_t> tl_groups;  // group of each column (GEMV, odd layouts)
+
+float* scratch(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// n floats starting on a 64-byte boundary: the GEMV reads every token's x once per chunk per
+// row, and a vector load that splits a cache line costs two (up to 1.6x at T = 4).
+float* aligned_scratch(std::vector<float>& v, int64_t n) {
+  constexpr int64_t kAlign = 64 / sizeof(float);
+  float* p = scratch(v, n + kAlign);
+  const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 64 / sizeof(float));
+  return p + (misalign ? kAlign - misalign : 0);
+}
+
+void gemv(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
+          const KernelTable& k) {
+  const int64_t O = w.rows, I = w.cols, P = w.padded_cols();
+  // Zero-padded copies let the kernels read whole chunks without tail masks.
+  float* xp = aligned_scratch(tl_x, T * P);
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy(x + t * I, x + (t + 1) * I, xp + t * P);
+    std::fill(xp + t * P + I, xp + (t + 1) * P, 0.0f);
+  }
+  if (k.gemv_rows) {
+    GemvArgs a;
+    a.w = &w;
+    a.x = xp;
+    a.x_stride = P;
+    a.y = y;
+    a.bias = bias;
+    a.T = T;
+    if (w.type == QuantType::Affine) {
+      a.L = w.n_groups();
+      if (affine_chunk_aligned(w)) {
+        const int64_t G = w.group_size, L = a.L;
+        float* xs = scratch(tl_xsum, T * L);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t g = 0; g < L; ++g) {
+            double s = 0.0;
+            for (int64_t i = g * G; i < std::min(I, (g + 1) * G); ++i) s += xp[t * P + i];
+            xs[t * L + g] = static_cast<float>(s);
+          }
+        a.xsum = xs;
+      } else {
+        a.groups = column_groups(w, tl_groups);
+      }
+    }
+    parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) { k.gemv_rows(a, r0, r1); });
+    return;
+  }
+  // No fused kernel: dequantize a few rows at a time (amortising the per-call set-up) and dot
+  // them with each token.
+  constexpr int64_t kRowBlock = 16;
+  parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) {
+    float* rows = scratch(tl_rows, kRowBlock * I);
+    for (int64_t j0 = r0; j0 < r1; j0 += kRowBlock) {
+      const int64_t j1 = std::min(r1, j0 + kRowBlock);
+      k.dequant_rows(w, j0, j1, rows);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t t = 0; t < T; ++t)
+          y[t * O + j] = k.dot(rows + (j - j0) * I, xp + t * P, I) + (bias ? bias[j] : 0.0f);
+    }
+  });
 }
 
 }  // namespace
 
-const char* qkernel_isa() { return "portable"; }
+Isa active_isa() {
+  return table().isa;
+}
+
+Isa force_isa(Isa isa) {
+  QL_CHECK(isa_supported(isa), "quantized kernels: this CPU cannot run ", isa_name(isa));
+  const Isa prev = active_isa();
+  g_table.store(table_for(isa), std::memory_order_release);
+  return prev;
+}
+
+bool affine_chunk_aligned(const QMatrix& w) {
+  return w.type == QuantType::Affine && w.g_idx.empty() &&
+         (w.group_size % kQChunk == 0 || w.group_size >= w.cols);
+}
+
+const int32_t* column_groups(const QMatrix& w, std::vector<int32_t>& buf) {
+  buf.assign(static_cast<size_t>(w.padded_cols()), 0);
+  if (!w.g_idx.empty()) {
+    std::copy(w.g_idx.begin(), w.g_idx.end(), buf.begin());
+  } else {
+    // Group by group, not i / G: the generic GEMV calls this per block of rows, and a
+    // division per column cost more than the dequantization.
+    for (int64_t i0 = 0, g = 0; i0 < w.cols; i0 += w.group_size, ++g)
+      std::fill(buf.begin() + i0, buf.begin() + std::min(w.cols, i0 + w.group_size),
+                static_cast<int32_t>(g));
+  }
+  return buf.data();
+}
+
+const KernelTable kPortableTable = {Isa::Portable, nullptr, portable_dequant_rows, portable_dot};
+
+}  // namespace qk
+
+const char* qkernel_isa() {
+  return qk::isa_name(qk::active_isa());
+}
 
 void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
-#pragma omp parallel
-  {
-    std::vector<uint8_t> codes(static_cast<size_t>(w.cols));
-#pragma omp for schedule(static)
-    for (int64_t j = r0; j < r1; ++j) dequantize_row(w, j, codes.data(), out + (j - r0) * w.cols);
-  }
+  const qk::KernelTable& k = qk::table();
+  qk::parallel_rows(r1 - r0, (r1 - r0) * w.cols, [&](int64_t a, int64_t b) {
+    k.dequant_rows(w, r0 + a, r0 + b, out + a * w.cols);
+  });
 }
 
 void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T) {
   const int64_t O = w.rows, I = w.cols;
-  if (T <= kGemvMaxTokens) {
-#pragma omp parallel
-    {
-      std::vector<uint8_t> codes(static_cast<size_t>(I));
-      std::vector<float> row(static_cast<size_t>(I));
-#pragma omp for schedule(static)
-      for (int64_t j = 0; j < O; ++j) {
-        dequantize_row(w, j, codes.data(), row.data());
-        for (int64_t t = 0; t < T; ++t) {
-          const float* xt = x + t * I;
-          float acc = 0.0f;
-          for (int64_t i = 0; i < I; ++i) acc += row[i] * xt[i];
-          y[t * O + j] = acc + (bias ? bias[j] : 0.0f);
-        }
-      }
-    }
-    return;
-  }
-  float* W = weight_scratch(O * I);
+  if (T <= qk::kGemvMaxTokens) return qk::gemv(y, x, w, bias, T, qk::table());
+  float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   for (int64_t t = 0; t < T; ++t)
     if (bias) std::copy(bias, bias + O, y + t * O);
@@ -94,7 +301,7 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
 
 void qmatmul_backward_input(float* dx, const float* dy, const QMatrix& w, int64_t T) {
   const int64_t O = w.rows, I = w.cols;
-  float* W = weight_scratch(O * I);
+  float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T), static_cast<int>(I),
               static_cast<int>(O), 1.0f, dy, static_cast<int>(O), W, static_cast<int>(I), 0.0f, dx,

@@ -1,0 +1,431 @@
+// AVX2 + FMA quantized kernels, compiled with a target attribute (see qkernels_avx512.cpp).
+// A 32-column chunk decodes into four 8-lane vectors: codes 0..7, 8..15, 16..23, 24..31.
+// x86 only; elsewhere qkernels.cpp uses the portable kernels.
+#if defined(__x86_64__) || defined(__i386__)
+
+// GCC 12 warns that the placeholder operand of unmasked AVX-512 intrinsics (their
+// _mm512_undefined_*() argument) is uninitialized when they are inlined into a target-attribute
+// function (GCC bug 105593); the warning points into the header, so it is silenced there only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "quant/qkernels_internal.h"
+
+#define QL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QL_AVX2_INLINE QL_AVX2 inline __attribute__((always_inline))
+
+namespace qalora::qk {
+namespace {
+
+QL_AVX2_INLINE __m256i load8_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The 32 codes of one packed chunk as int32 lanes, q[0] = codes 0..7 and so on.
+template <int B>
+QL_AVX2_INLINE void codes_i32(const uint8_t* p, __m256i (&q)[4]) {
+  if constexpr (B == 8) {
+    for (int u = 0; u < 4; ++u) q[u] = load8_u8(p + 8 * u);
+  } else if constexpr (B == 4) {
+    const __m256i b0 = load8_u8(p), b1 = load8_u8(p + 8), f = _mm256_set1_epi32(15);
+    q[0] = _mm256_and_si256(b0, f);
+    q[1] = _mm256_and_si256(b1, f);
+    q[2] = _mm256_srli_epi32(b0, 4);
+    q[3] = _mm256_srli_epi32(b1, 4);
+  } else {
+    // Codes k, k+8, k+16, k+24 sit at shifts 0, 2, 4, 6 of byte k.
+    const __m256i b = load8_u8(p), three = _mm256_set1_epi32(3);
+    q[0] = _mm256_and_si256(b, three);
+    q[1] = _mm256_and_si256(_mm256_srli_epi32(b, 2), three);
+    q[2] = _mm256_and_si256(_mm256_srli_epi32(b, 4), three);
+    q[3] = _mm256_srli_epi32(b, 6);
+    if constexpr (B == 3) {
+      // Third bits: bit k of a little-endian uint32, moved to bit 2 of lane k.
+      uint32_t h;
+      std::memcpy(&h, p + 8, 4);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i one = _mm256_set1_epi32(1);
+      for (int u = 0; u < 4; ++u) {
+        const __m256i hv = _mm256_set1_epi32(static_cast<int>((h >> (8 * u)) & 0xFFu));
+        const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(hv, lane), one);
+        q[u] = _mm256_or_si256(q[u], _mm256_slli_epi32(bit, 2));
+      }
+    }
+  }
+}
+
+template <int B>
+QL_AVX2_INLINE void codes_f32(const uint8_t* p, __m256 (&v)[4]) {
+  __m256i q[4];
+  codes_i32<B>(p, q);
+  for (int u = 0; u < 4; ++u) v[u] = _mm256_cvtepi32_ps(q[u]);
+}
+
+// 16-entry lookup: two 8-entry permutes on the low 3 bits, blended on bit 3 (moved to the
+// sign bit, which blendv reads; higher bits shift out).
+QL_AVX2_INLINE __m256 lut16(__m256 lut_lo, __m256 lut_hi, __m256i idx) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx),
+                          _mm256_permutevar8x32_ps(lut_hi, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+// NF4/FP4 values of one chunk (flattened elements e0..e0+31) times their blocks' absmax; a
+// block boundary falls inside a chunk only when cols % 32 != 0, and at most once.
+QL_AVX2_INLINE void codebook_chunk(const uint8_t* p, __m256 lut_lo, __m256 lut_hi,
+                                   const float* absmax, int64_t n_blocks, int64_t e0,
+                                   __m256 (&v)[4]) {
+  const __m256i b0 = load8_u8(p), b1 = load8_u8(p + 8);
+  v[0] = lut16(lut_lo, lut_hi, b0);
+  v[1] = lut16(lut_lo, lut_hi, b1);
+  v[2] = lut16(lut_lo, lut_hi, _mm256_srli_epi32(b0, 4));
+  v[3] = lut16(lut_lo, lut_hi, _mm256_srli_epi32(b1, 4));
+  const int64_t blk = e0 / kCodebookBlock, off = e0 % kCodebookBlock;
+  const __m256 a0 = _mm256_set1_ps(absmax[blk]);
+  if (off <= kCodebookBlock - kQChunk) {
+    for (int u = 0; u < 4; ++u) v[u] = _mm256_mul_ps(v[u], a0);
+    return;
+  }
+  // Lanes from `first` on belong to the next block (clamped: past the last block they are
+  // padding, multiplied by x = 0).
+  const auto first = static_cast<int>(kCodebookBlock - off);
+  const __m256 a1 = _mm256_set1_ps(absmax[std::min(blk + 1, n_blocks - 1)]);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int u = 0; u < 4; ++u) {
+    const __m256i next = _mm256_cmpgt_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(8 * u + 1)),
+                                            _mm256_set1_epi32(first));
+    v[u] = _mm256_mul_ps(v[u], _mm256_blendv_ps(a0, a1, _mm256_castsi256_ps(next)));
+  }
+}
+
+QL_AVX2_INLINE float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// acc[t] += s * (q . x_t) over one chunk; x_t = x + t * xs.
+template <int B, int NT>
+QL_AVX2_INLINE void affine_dot_chunk(const uint8_t* p, const float* x, int64_t xs, float s,
+                                     __m256 (&acc)[NT]) {
+  __m256 q[4];
+  codes_f32<B>(p, q);
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int t = 0; t < NT; ++t) {
+    const float* xt = x + t * xs;
+    __m256 d0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xt));
+    __m256 d1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(xt + 8));
+    d0 = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xt + 16), d0);
+    d1 = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xt + 24), d1);
+    acc[t] = _mm256_fmadd_ps(sv, _mm256_add_ps(d0, d1), acc[t]);
+  }
+}
+
+// acc + a[0..n) * b[0..n) lane-wise: the offsets' share of a row's result (see AVX-512).
+QL_AVX2_INLINE __m256 fma_tail(const float* a, const float* b, int64_t n, __m256 acc) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + i, m), _mm256_maskload_ps(b + i, m), acc);
+  }
+  return acc;
+}
+
+// y_j = sum_g s[j,g] (q_jg . x_g) + m[j,g] sum(x_g), as in the AVX-512 kernel.
+template <int B, int NT>
+QL_AVX2 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
+  const QMatrix& w = *a.w;
+  const int64_t L = (w.cols + w.group_size - 1) / w.group_size;
+  const int64_t nc = w.padded_cols() / kQChunk, rb = w.row_bytes(), xs = a.x_stride;
+  const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
+  constexpr int64_t CB = chunk_bytes(B);
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* p = w.codes.data() + j * rb;
+    const float* s = w.scales.data() + j * L;
+    const float* m = w.offsets.data() + j * L;
+    __m256 acc0[NT], acc1[NT];
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    int64_t g = 0, k = 0, c = 0;
+    for (; c + 1 < nc; c += 2) {
+      affine_dot_chunk<B, NT>(p + c * CB, a.x + c * kQChunk, xs, s[g], acc0);
+      if (++k == cpg) {
+        k = 0;
+        ++g;
+      }
+      affine_dot_chunk<B, NT>(p + (c + 1) * CB, a.x + (c + 1) * kQChunk, xs, s[g], acc1);
+      if (++k == cpg) {
+        k = 0;
+        ++g;
+      }
+    }
+    if (c < nc) affine_dot_chunk<B, NT>(p + c * CB, a.x + c * kQChunk, xs, s[g], acc0);
+    for (int t = 0; t < NT; ++t)
+      a.y[t * w.rows + j] = hsum(fma_tail(m, a.xsum + t * L, L, _mm256_add_ps(acc0[t], acc1[t]))) +
+                            (a.bias ? a.bias[j] : 0.0f);
+  }
+}
+
+// Per-lane lookup of a row's L group parameters by column group: from registers for L <= 8
+// (Tables = 1: one permute) or L <= 16 (Tables = 2: two permutes and a blend, as lut16), a
+// gather from memory beyond (slow on some CPUs, but only for many small groups).
+template <int Tables>
+struct GroupLookup {
+  __m256 lo, hi;
+  const float* p;
+  QL_AVX2_INLINE GroupLookup(const float* params, int64_t L) : p(params) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    lo = hi = _mm256_setzero_ps();
+    if constexpr (Tables >= 1)
+      lo = _mm256_maskload_ps(params,
+                              _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(L)), lane));
+    if constexpr (Tables == 2)
+      hi = _mm256_maskload_ps(params + 8,
+                              _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(L - 8)), lane));
+  }
+  QL_AVX2_INLINE __m256 operator()(__m256i g) const {
+    if constexpr (Tables == 1) return _mm256_permutevar8x32_ps(lo, g);
+    if constexpr (Tables == 2) return lut16(lo, hi, g);
+    return _mm256_i32gather_ps(p, g, 4);
+  }
+};
+
+// y_j = sum_i (s[j,g_i] q_ji + m[j,g_i]) x_i for layouts whose groups do not follow chunks.
+template <int B, int NT, int Tables>
+QL_AVX2 void gemv_affine_indexed(const GemvArgs& a, int64_t r0, int64_t r1) {
+  const QMatrix& w = *a.w;
+  const int64_t L = a.L, nc = w.padded_cols() / kQChunk, rb = w.row_bytes(), xs = a.x_stride;
+  constexpr int64_t CB = chunk_bytes(B);
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* p = w.codes.data() + j * rb;
+    const GroupLookup<Tables> s(w.scales.data() + j * L, L), m(w.offsets.data() + j * L, L);
+    __m256 acc0[NT], acc1[NT];
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+      __m256 q[4];
+      codes_f32<B>(p + c * CB, q);
+      for (int u = 0; u < 4; ++u) {
+        const __m256i g =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.groups + c * kQChunk + 8 * u));
+        q[u] = _mm256_fmadd_ps(q[u], s(g), m(g));
+      }
+      const float* x = a.x + c * kQChunk;
+      for (int t = 0; t < NT; ++t) {
+        acc0[t] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x + t * xs), acc0[t]);
+        acc1[t] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + t * xs + 8), acc1[t]);
+        acc0[t] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + t * xs + 16), acc0[t]);
+        acc1[t] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + t * xs + 24), acc1[t]);
+      }
+    }
+    for (int t = 0; t < NT; ++t)
+      a.y[t * w.rows + j] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (a.bias ? a.bias[j] : 0.0f);
+  }
+}
+
+template <int NT>
+QL_AVX2 void gemv_codebook(const GemvArgs& a, int64_t r0, int64_t r1) {
+  const QMatrix& w = *a.w;
+  const float* book = codebook(w.type);
+  const __m256 lut_lo = _mm256_loadu_ps(book), lut_hi = _mm256_loadu_ps(book + 8);
+  const int64_t nc = w.padded_cols() / kQChunk, rb = w.row_bytes(), xs = a.x_stride;
+  const int64_t nb = w.n_blocks();
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* p = w.codes.data() + j * rb;
+    __m256 acc0[NT], acc1[NT];
+    for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+      __m256 v[4];
+      codebook_chunk(p + c * chunk_bytes(4), lut_lo, lut_hi, w.absmax.data(), nb,
+                     j * w.cols + c * kQChunk, v);
+      for (int t = 0; t < NT; ++t) {
+        const float* xt = a.x + t * xs + c * kQChunk;
+        acc0[t] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xt), acc0[t]);
+        acc1[t] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xt + 8), acc1[t]);
+        acc0[t] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xt + 16), acc0[t]);
+        acc1[t] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xt + 24), acc1[t]);
+      }
+    }
+    for (int t = 0; t < NT; ++t)
+      a.y[t * w.rows + j] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (a.bias ? a.bias[j] : 0.0f);
+  }
+}
+
+template <int B, int NT>
+QL_AVX2 void gemv_affine_nt(const GemvArgs& a, int64_t r0, int64_t r1) {
+  if (!a.groups) return gemv_affine<B, NT>(a, r0, r1);
+  if (a.L <= 8) return gemv_affine_indexed<B, NT, 1>(a, r0, r1);
+  if (a.L <= 16) return gemv_affine_indexed<B, NT, 2>(a, r0, r1);
+  gemv_affine_indexed<B, NT, 0>(a, r0, r1);
+}
+
+template <int B>
+QL_AVX2 void gemv_affine_any(const GemvArgs& a, int64_t r0, int64_t r1) {
+  switch (a.T) {
+    case 1:
+      return gemv_affine_nt<B, 1>(a, r0, r1);
+    case 2:
+      return gemv_affine_nt<B, 2>(a, r0, r1);
+    case 3:
+      return gemv_affine_nt<B, 3>(a, r0, r1);
+    default:
+      return gemv_affine_nt<B, 4>(a, r0, r1);
+  }
+}
+
+QL_AVX2 void gemv_rows(const GemvArgs& a, int64_t r0, int64_t r1) {
+  if (a.w->type != QuantType::Affine) {
+    switch (a.T) {
+      case 1:
+        return gemv_codebook<1>(a, r0, r1);
+      case 2:
+        return gemv_codebook<2>(a, r0, r1);
+      case 3:
+        return gemv_codebook<3>(a, r0, r1);
+      default:
+        return gemv_codebook<4>(a, r0, r1);
+    }
+  }
+  switch (a.w->bits) {
+    case 2:
+      return gemv_affine_any<2>(a, r0, r1);
+    case 3:
+      return gemv_affine_any<3>(a, r0, r1);
+    case 4:
+      return gemv_affine_any<4>(a, r0, r1);
+    default:
+      return gemv_affine_any<8>(a, r0, r1);
+  }
+}
+
+// Stores the first n (1..32) of 32 values.
+QL_AVX2_INLINE void store_chunk(float* o, const __m256 (&v)[4], int64_t n) {
+  if (n >= kQChunk) {
+    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(o + 8 * u, v[u]);
+    return;
+  }
+  alignas(32) float tmp[kQChunk];
+  for (int u = 0; u < 4; ++u) _mm256_store_ps(tmp + 8 * u, v[u]);
+  std::memcpy(o, tmp, static_cast<size_t>(n) * sizeof(float));
+}
+
+// Affine rows whose groups start on chunk boundaries: one scale and offset per chunk.
+template <int B>
+QL_AVX2 void dequant_affine(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  const int64_t L = (w.cols + w.group_size - 1) / w.group_size, I = w.cols;
+  const int64_t nc = w.padded_cols() / kQChunk, rb = w.row_bytes();
+  const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
+  constexpr int64_t CB = chunk_bytes(B);
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* p = w.codes.data() + j * rb;
+    float* o = out + (j - r0) * I;
+    const float* s = w.scales.data() + j * L;
+    const float* m = w.offsets.data() + j * L;
+    int64_t g = 0, k = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      __m256 q[4];
+      codes_f32<B>(p + c * CB, q);
+      const __m256 sv = _mm256_set1_ps(s[g]), mv = _mm256_set1_ps(m[g]);
+      for (int u = 0; u < 4; ++u) q[u] = _mm256_fmadd_ps(q[u], sv, mv);
+      store_chunk(o + c * kQChunk, q, I - c * kQChunk);
+      if (++k == cpg) {
+        k = 0;
+        ++g;
+      }
+    }
+  }
+}
+
+// Any other affine layout: parameters looked up per column group.
+template <int B, int Tables>
+QL_AVX2 void dequant_affine_indexed(const QMatrix& w, int64_t L, const int32_t* groups, int64_t r0,
+                                    int64_t r1, float* out) {
+  const int64_t I = w.cols, nc = w.padded_cols() / kQChunk, rb = w.row_bytes();
+  constexpr int64_t CB = chunk_bytes(B);
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* p = w.codes.data() + j * rb;
+    const GroupLookup<Tables> s(w.scales.data() + j * L, L), m(w.offsets.data() + j * L, L);
+    for (int64_t c = 0; c < nc; ++c) {
+      __m256 q[4];
+      codes_f32<B>(p + c * CB, q);
+      for (int u = 0; u < 4; ++u) {
+        const __m256i g =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(groups + c * kQChunk + 8 * u));
+        q[u] = _mm256_fmadd_ps(q[u], s(g), m(g));
+      }
+      store_chunk(out + (j - r0) * I + c * kQChunk, q, I - c * kQChunk);
+    }
+  }
+}
+
+template <int B>
+QL_AVX2 void dequant_affine_any(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  if (affine_chunk_aligned(w)) return dequant_affine<B>(w, r0, r1, out);
+  thread_local std::vector<int32_t> buf;
+  const int32_t* groups = column_groups(w, buf);
+  const int64_t L = w.n_groups();
+  if (L <= 8) return dequant_affine_indexed<B, 1>(w, L, groups, r0, r1, out);
+  if (L <= 16) return dequant_affine_indexed<B, 2>(w, L, groups, r0, r1, out);
+  dequant_affine_indexed<B, 0>(w, L, groups, r0, r1, out);
+}
+
+QL_AVX2 void dequant_codebook(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  const float* book = codebook(w.type);
+  const __m256 lut_lo = _mm256_loadu_ps(book), lut_hi = _mm256_loadu_ps(book + 8);
+  const int64_t I = w.cols, nc = w.padded_cols() / kQChunk, rb = w.row_bytes();
+  const int64_t nb = w.n_blocks();
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint8_t* p = w.codes.data() + j * rb;
+    float* o = out + (j - r0) * I;
+    for (int64_t c = 0; c < nc; ++c) {
+      __m256 v[4];
+      codebook_chunk(p + c * chunk_bytes(4), lut_lo, lut_hi, w.absmax.data(), nb,
+                     j * I + c * kQChunk, v);
+      store_chunk(o + c * kQChunk, v, I - c * kQChunk);
+    }
+  }
+}
+
+QL_AVX2 void dequant_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  if (w.type != QuantType::Affine) return dequant_codebook(w, r0, r1, out);
+  switch (w.bits) {
+    case 2:
+      return dequant_affine_any<2>(w, r0, r1, out);
+    case 3:
+      return dequant_affine_any<3>(w, r0, r1, out);
+    case 4:
+      return dequant_affine_any<4>(w, r0, r1, out);
+    default:
+      return dequant_affine_any<8>(w, r0, r1, out);
+  }
+}
+
+QL_AVX2 float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] =
+          _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * u), _mm256_loadu_ps(b + i + 8 * u), acc[u]);
+  for (; i + 8 <= n; i += 8)
+    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+const KernelTable kAvx2Table = {Isa::Avx2, gemv_rows, dequant_rows, dot};
+
+}  // namespace qalora::qk
+
+#endif  // x86
