@@ -1,0 +1,272 @@
+// Every optimized quantized kernel against its _ref twin, on every instruction set this CPU
+// can run (forced through qkernels_internal.h), on odd shapes: column counts that are not a
+// multiple of the 32-column chunk, group sizes that do and do not align with chunks, a
+// shuffled g_idx, and NF4/FP4 blocks that straddle rows.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "qalora/core/error.h"
+#include "qalora/quant/qmatrix.h"
+#include "qalora/quant/quantize.h"
+#include "quant/qkernels_internal.h"
+
+namespace qalora {
+namespace {
+
+using qk::Isa;
+
+std::vector<float> random_vec(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+// Fills the codes with random values below 2^bits, row by row through pack_row.
+void random_codes(QMatrix& w, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> u(0, (1 << w.bits) - 1);
+  std::vector<uint8_t> codes(static_cast<size_t>(w.cols));
+  for (int64_t j = 0; j < w.rows; ++j) {
+    for (auto& c : codes) c = static_cast<uint8_t>(u(rng));
+    pack_row(codes.data(), w.cols, w.bits, w.row_codes(j));
+  }
+}
+
+QMatrix random_affine(int64_t rows, int64_t cols, int bits, int64_t G, uint64_t seed) {
+  QMatrix w = make_affine(rows, cols, bits, G);
+  random_codes(w, seed);
+  w.scales = random_vec(static_cast<int64_t>(w.scales.size()), seed + 1, 0.01f, 0.1f);
+  w.offsets = random_vec(static_cast<int64_t>(w.offsets.size()), seed + 2, -0.5f, 0.5f);
+  w.validate("random affine");
+  return w;
+}
+
+QMatrix random_codebook(QuantType type, int64_t rows, int64_t cols, uint64_t seed) {
+  QMatrix w = make_codebook(type, rows, cols);
+  random_codes(w, seed);
+  w.absmax = random_vec(w.n_blocks(), seed + 1, 0.1f, 2.0f);
+  w.validate("random codebook");
+  return w;
+}
+
+// ||a - b|| / ||b||, with ||b|| floored so that an all-zero reference compares absolutely.
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double d = 0.0, n = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    n += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(d) / std::max(std::sqrt(n), 1e-3);
+}
+
+constexpr double kTol = 1e-5;
+
+std::vector<Isa> runnable_isas() {
+  std::vector<Isa> v;
+  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512})
+    if (qk::isa_supported(isa)) v.push_back(isa);
+  return v;
+}
+
+// Runs f once per runnable ISA with the kernels forced to it, then restores the default.
+void for_each_isa(const std::function<void(Isa)>& f) {
+  const Isa saved = qk::active_isa();
+  for (Isa isa : runnable_isas()) {
+    qk::force_isa(isa);
+    SCOPED_TRACE(qk::isa_name(isa));
+    f(isa);
+  }
+  qk::force_isa(saved);
+}
+
+// Forward for the given token counts, backward_input and dequantize_rows (whole and a row
+// sub-range) of w against the references; the reference results are computed once and every
+// ISA is compared with them. Bias alternates with the token count so both paths see both.
+void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
+                       const std::vector<int64_t>& backward_tokens, uint64_t seed,
+                       float x_lo = -1.0f) {
+  const int64_t O = w.rows, I = w.cols;
+  const auto bias = random_vec(O, seed + 7);
+  struct Case {
+    int64_t T;
+    const float* bias;
+    std::vector<float> x, ref;
+  };
+  std::vector<Case> fwd;
+  for (size_t k = 0; k < tokens.size(); ++k) {
+    Case c{tokens[k],
+           k % 2 == 0 ? bias.data() : nullptr,
+           random_vec(tokens[k] * I, seed + 10 + k, x_lo, 1.0f),
+           {}};
+    c.ref.resize(static_cast<size_t>(c.T * O));
+    qmatmul_forward_ref(c.ref.data(), c.x.data(), w, c.bias, c.T);
+    fwd.push_back(std::move(c));
+  }
+  std::vector<Case> bwd;
+  for (size_t k = 0; k < backward_tokens.size(); ++k) {
+    Case c{backward_tokens[k], nullptr, random_vec(backward_tokens[k] * O, seed + 30 + k), {}};
+    c.ref.resize(static_cast<size_t>(c.T * I));
+    qmatmul_backward_input_ref(c.ref.data(), c.x.data(), w, c.T);
+    bwd.push_back(std::move(c));
+  }
+  std::vector<float> deq_ref(static_cast<size_t>(O * I));
+  dequantize_rows_ref(w, 0, O, deq_ref.data());
+  const int64_t r0 = O > 2 ? 1 : 0, r1 = O > 2 ? O - 1 : O;
+  const std::vector<float> part_ref(deq_ref.begin() + r0 * I, deq_ref.begin() + r1 * I);
+
+  for_each_isa([&](Isa) {
+    for (const Case& c : fwd) {
+      // Sized exactly, so the sanitizer build catches reads or writes past the ends.
+      std::vector<float> y(c.ref.size(), -7.0f);
+      qmatmul_forward(y.data(), c.x.data(), w, c.bias, c.T);
+      EXPECT_LE(rel_err(y, c.ref), kTol) << "forward T " << c.T << (c.bias ? " bias" : "");
+    }
+    for (const Case& c : bwd) {
+      std::vector<float> dx(c.ref.size(), -7.0f);
+      qmatmul_backward_input(dx.data(), c.x.data(), w, c.T);
+      EXPECT_LE(rel_err(dx, c.ref), kTol) << "backward_input T " << c.T;
+    }
+    std::vector<float> deq(deq_ref.size(), -7.0f), part(part_ref.size(), -7.0f);
+    dequantize_rows(w, 0, O, deq.data());
+    dequantize_rows(w, r0, r1, part.data());
+    // Dequantization is one multiply-add per element: equal up to the fused rounding.
+    EXPECT_LE(rel_err(deq, deq_ref), 1e-6) << "dequantize_rows";
+    EXPECT_LE(rel_err(part, part_ref), 1e-6) << "dequantize_rows " << r0 << ".." << r1;
+    for (size_t i = 0; i < deq.size(); ++i)
+      ASSERT_NEAR(deq[i], deq_ref[i], 1e-6f * (1.0f + std::abs(deq_ref[i]))) << "element " << i;
+  });
+}
+
+const std::vector<int64_t> kTokens = {1, 2, 3, 5, 17, 64};
+const std::vector<int64_t> kRows = {1, 7, 33, 64};
+const std::vector<int64_t> kCols = {1, 31, 33, 64, 172, 200};
+
+TEST(QKernels, IsaDispatch) {
+  const auto isas = runnable_isas();
+  ASSERT_FALSE(isas.empty());
+  // By default the best runnable ISA is chosen; the name matches it.
+  EXPECT_EQ(qk::active_isa(), isas.back());
+  EXPECT_STREQ(qkernel_isa(), qk::isa_name(isas.back()));
+  const Isa prev = qk::force_isa(Isa::Portable);
+  EXPECT_STREQ(qkernel_isa(), "portable");
+  EXPECT_EQ(qk::force_isa(prev), Isa::Portable);
+  for (Isa isa : {Isa::Avx2, Isa::Avx512})
+    if (!qk::isa_supported(isa)) {
+      EXPECT_THROW(qk::force_isa(isa), Error);
+    }
+  std::printf("[ info ] quantized kernels: %s; testing", qkernel_isa());
+  for (Isa isa : isas) std::printf(" %s", qk::isa_name(isa));
+  std::printf("\n");
+}
+
+TEST(QKernels, AffineRandomCodesMatchReference) {
+  uint64_t seed = 100;
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t rows : kRows)
+      for (int64_t cols : kCols) {
+        std::vector<int64_t> groups;
+        for (int64_t G : {int64_t{32}, int64_t{64}, int64_t{128}, int64_t{48}, int64_t{7}, cols})
+          if (G <= cols && std::find(groups.begin(), groups.end(), G) == groups.end())
+            groups.push_back(G);
+        for (int64_t G : groups) {
+          SCOPED_TRACE(testing::Message()
+                       << "bits " << bits << " " << rows << "x" << cols << " G " << G);
+          const QMatrix w = random_affine(rows, cols, bits, G, seed += 100);
+          // The large T cases only where they add something: the GEMM path is plain BLAS.
+          check_all_kernels(w, rows * cols <= 64 * 64 ? kTokens : std::vector<int64_t>{1, 2, 3, 5},
+                            {1, 5}, seed);
+        }
+      }
+}
+
+TEST(QKernels, AffineLargeTokenCounts) {
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t G : {32, 48, 200}) {
+      SCOPED_TRACE(testing::Message() << "bits " << bits << " G " << G);
+      check_all_kernels(random_affine(64, 200, bits, G, 7000 + bits * 10 + G), kTokens, {17, 64},
+                        7100);
+    }
+}
+
+TEST(QKernels, AffineShuffledGidxMatchesReference) {
+  // GPTQ act-order: columns visit groups in a permuted order (g_idx not monotone).
+  uint64_t seed = 9000;
+  for (int bits : {2, 3, 4, 8})
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{7, 33}, {33, 172}, {64, 200}})
+      // G = 5 at 172 and 200 columns makes more than 32 groups (the gather path).
+      for (int64_t G : {32, 7, 48, 5}) {
+        if (G >= cols) continue;  // one group: nothing to permute
+        SCOPED_TRACE(testing::Message()
+                     << "bits " << bits << " " << rows << "x" << cols << " G " << G);
+        QMatrix w = random_affine(rows, cols, bits, G, seed += 10);
+        w.g_idx.resize(static_cast<size_t>(cols));
+        for (int64_t i = 0; i < cols; ++i) w.g_idx[i] = static_cast<int32_t>(i / G);
+        std::shuffle(w.g_idx.begin(), w.g_idx.end(), std::mt19937_64(seed));
+        w.validate("g_idx");
+        ASSERT_FALSE(qk::affine_chunk_aligned(w));
+        check_all_kernels(w, {1, 2, 3, 5}, {3}, seed);
+      }
+}
+
+TEST(QKernels, CodebookRandomCodesMatchReference) {
+  // cols % 64 != 0 makes absmax blocks straddle rows (and, when cols % 32 != 0, chunks).
+  uint64_t seed = 20000;
+  for (QuantType type : {QuantType::NF4, QuantType::FP4})
+    for (int64_t rows : kRows)
+      for (int64_t cols : kCols) {
+        SCOPED_TRACE(testing::Message() << quant_type_name(type) << " " << rows << "x" << cols);
+        const QMatrix w = random_codebook(type, rows, cols, seed += 10);
+        check_all_kernels(w, rows * cols <= 64 * 64 ? kTokens : std::vector<int64_t>{1, 2, 3, 5},
+                          {1, 5}, seed);
+      }
+}
+
+TEST(QKernels, QuantizedWeightsMatchReference) {
+  // Real quantizer output: clamped extremes, sym zero points, fp16-rounded parameters.
+  const int64_t rows = 33, cols = 172;
+  const auto W = random_vec(rows * cols, 3, -0.2f, 0.2f);
+  std::vector<std::pair<const char*, QMatrix>> cases;
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t G : {32, 128, -1})
+      for (bool sym : {false, true})
+        cases.emplace_back("rtn", quantize_rtn(W.data(), rows, cols, bits, G, sym));
+  cases.emplace_back("int8", quantize_int8(W.data(), rows, cols));
+  for (QuantType type : {QuantType::NF4, QuantType::FP4})
+    for (bool dq : {false, true})
+      cases.emplace_back(quant_type_name(type), quantize_codebook(type, W.data(), rows, cols, dq));
+  uint64_t seed = 30000;
+  for (const auto& [name, w] : cases) {
+    SCOPED_TRACE(testing::Message() << name << " bits " << w.bits << " G " << w.group_size);
+    check_all_kernels(w, {1, 4, 17}, {2}, seed += 50);
+  }
+}
+
+TEST(QKernels, PositiveActivationsKeepOffsetTermAccurate) {
+  // With all-positive x the fused GEMV's m * sum(x) term is large against the result: check
+  // that the cancellation stays within tolerance.
+  for (int bits : {2, 4, 8}) {
+    const auto W = random_vec(64 * 576, 4, -0.1f, 0.1f);
+    const QMatrix w = quantize_rtn(W.data(), 64, 576, bits, 128, true);
+    check_all_kernels(w, {1, 3}, {}, 40000 + bits, 0.0f);
+  }
+}
+
+TEST(QKernels, SmolLmShapes) {
+  // The decode shapes the benchmarks time, against the reference on a few rows' worth.
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{64, 576}, {64, 1536}}) {
+    check_all_kernels(random_affine(rows, cols, 4, 128, 50000 + cols), {1, 2}, {1}, 50100);
+    check_all_kernels(random_codebook(QuantType::NF4, rows, cols, 50200 + cols), {1}, {}, 50300);
+  }
+}
+
+}  // namespace
+}  // namespace qalora
