@@ -465,4 +465,39 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
        " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
 }
 
+std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
+                                       int64_t cols) {
+  if ((type != GgmlType::Q4_0 && type != GgmlType::Q4_1 && type != GgmlType::Q8_0) ||
+      cols % kQK != 0)
+    return std::nullopt;
+  const int bits = type == GgmlType::Q8_0 ? 8 : 4;
+  QMatrix q = make_affine(rows, cols, bits, kQK);
+  const int64_t L = cols / kQK;
+  // A 32-element block is one group and one packed chunk. ggml's 4-bit nibble order (low
+  // nibbles = elements 0..15, high = 16..31) is the QMatrix 4-bit chunk layout byte for byte.
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t g = 0; g < L; ++g) {
+      uint8_t* chunk = q.row_codes(j) + g * chunk_bytes(bits);
+      float& s = q.scales[j * L + g];
+      float& m = q.offsets[j * L + g];
+      if (type == GgmlType::Q8_0) {
+        const auto& b = reinterpret_cast<const BlockQ8_0*>(data)[j * L + g];
+        s = h2f(b.d);
+        m = -128.0f * s;  // code = int8 value + 128
+        for (int k = 0; k < kQK; ++k) chunk[k] = static_cast<uint8_t>(b.qs[k] + 128);
+      } else if (type == GgmlType::Q4_0) {
+        const auto& b = reinterpret_cast<const BlockQ4_0*>(data)[j * L + g];
+        s = h2f(b.d);
+        m = -8.0f * s;
+        std::memcpy(chunk, b.qs, sizeof(b.qs));
+      } else {
+        const auto& b = reinterpret_cast<const BlockQ4_1*>(data)[j * L + g];
+        s = h2f(b.d);
+        m = h2f(b.m);
+        std::memcpy(chunk, b.qs, sizeof(b.qs));
+      }
+    }
+  return q;
+}
+
 }  // namespace qalora

@@ -138,6 +138,8 @@ Model load_gguf_model(const std::filesystem::path& path) {
   if (f.find_tensor("output.weight") != nullptr)
     m.output = load("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
+  const GgufTensorInfo* head = m.output.empty() ? embd : f.find_tensor("output.weight");
+  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D)) m.head_q = std::move(*q);
   if (f.find_tensor("rope_freqs.weight") != nullptr) {
     const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});
     c.rope_freq_factors.assign(factors.data(), factors.data() + factors.numel());

@@ -104,6 +104,9 @@ struct FolderQuant {
   bool qk_halves = true;     // q/k rows in the Hugging Face RoPE layout
   bool gptq_v2 = false;      // GPTQ zeros stored as is, else minus one
   std::string weights_file;  // GPTQ model_file_base_name + ".safetensors", when given
+  // Native folders whose output head kept its source quantization (affine; lm_head.qweight).
+  int head_bits = 0;  // 0 = a float head
+  int64_t head_group_size = 0;
 };
 // Throws Error for quant_methods other than gptq and qalora, and for invalid settings.
 FolderQuant read_folder_quant(const json& config, const std::string& config_file,

@@ -361,11 +361,24 @@ Model load_hf_model(const fs::path& dir) {
   m.source_path = dir.string();
   m.source_tensors = w.source_tensors();
   m.quant = quant.info;
-  // GPTQModel can quantize the head too; the runtime's head is a float matrix.
-  QL_CHECK(!w.has("lm_head.qweight"), w.file_of("lm_head.qweight"),
+  // GPTQModel can quantize the head too; only our own native head quantization is read.
+  QL_CHECK(!w.has("lm_head.qweight") || quant.head_bits > 0, w.file_of("lm_head.qweight"),
            ": tensor 'lm_head.qweight': a quantized output head is not supported");
 
-  m.tok_embeddings = w.get("model.embed_tokens.weight", {c.vocab_size, c.dim});
+  if (quant.head_bits > 0) {
+    // The head in its source quantization; the float head (or tied embedding) is its exact
+    // dequantization, so the file stores it once.
+    FolderQuant head = quant;
+    head.type = QuantType::Affine;
+    head.info.bits = quant.head_bits;
+    head.info.group_size = quant.head_group_size;
+    m.head_q = hf::load_quantized_weight(w, head, "lm_head", c.vocab_size, c.dim);
+    QL_CHECK(!m.head_q.codes.empty(), w.file_of("lm_head.qweight"),
+             ": tensor 'lm_head.qweight' is missing (quantize_config.json has a 'head' entry)");
+    (c.tied_embeddings ? m.tok_embeddings : m.output) = dequantize(m.head_q);
+  }
+  if (m.tok_embeddings.empty())
+    m.tok_embeddings = w.get("model.embed_tokens.weight", {c.vocab_size, c.dim});
   // Layer by layer, so that an absurd num_hidden_layers fails at the first missing tensor.
   for (int64_t l = 0; l < c.n_layers; ++l) {
     LayerWeights& L = m.layers.emplace_back();
@@ -385,7 +398,8 @@ Model load_hf_model(const fs::path& dir) {
     }
   }
   m.final_norm = w.get("model.norm.weight", {c.dim});
-  if (!c.tied_embeddings) m.output = w.get("lm_head.weight", {c.vocab_size, c.dim});
+  if (!c.tied_embeddings && m.output.empty())
+    m.output = w.get("lm_head.weight", {c.vocab_size, c.dim});
   m.tokenizer = load_folder_tokenizer(dir);
   return m;
 }
@@ -404,9 +418,13 @@ void save_hf_model(const Model& model, const fs::path& dir) {
     return qk_halves ? rope_linear(lin, heads, c.head_dim, true) : lin;
   };
 
+  // A native folder keeps a quantized head as such (see load_hf_model).
+  const bool quantized_head = layout && !model.head_q.codes.empty();
   std::vector<StWriteTensor> tensors;
-  tensors.push_back(
-      floats.tensor("model.embed_tokens.weight", "token_embd.weight", model.tok_embeddings));
+  if (quantized_head) hf::add_quantized_weight(tensors, "lm_head", model.head_q);
+  if (!quantized_head || !c.tied_embeddings)
+    tensors.push_back(
+        floats.tensor("model.embed_tokens.weight", "token_embd.weight", model.tok_embeddings));
   for (size_t l = 0; l < model.layers.size(); ++l) {
     const LayerWeights& L = model.layers[l];
     const std::string p = cat("model.layers.", l, "."), g = cat("blk.", l, ".");
@@ -423,7 +441,7 @@ void save_hf_model(const Model& model, const fs::path& dir) {
     add_linear(tensors, p + "mlp.down_proj", L.down);
   }
   tensors.push_back(floats.tensor("model.norm.weight", "output_norm.weight", model.final_norm));
-  if (!model.output.empty())
+  if (!model.output.empty() && !quantized_head)
     tensors.push_back(floats.tensor("lm_head.weight", "output.weight", model.output));
 
   std::error_code ec;

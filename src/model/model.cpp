@@ -64,6 +64,10 @@ void Model::validate() const {
   expect_shape(src, "token embeddings", tok_embeddings, {c.vocab_size, c.dim});
   expect_shape(src, "final norm", final_norm, {c.dim});
   if (!output.empty()) expect_shape(src, "output head", output, {c.vocab_size, c.dim});
+  if (!head_q.codes.empty()) {
+    check_shape(src, "output head (quantized)", {head_q.rows, head_q.cols}, {c.vocab_size, c.dim});
+    head_q.validate(src + ": output head");
+  }
   for (size_t i = 0; i < layers.size(); ++i) {
     const LayerWeights& l = layers[i];
     const std::string b = "blocks." + std::to_string(i) + ".";

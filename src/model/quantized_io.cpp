@@ -63,6 +63,16 @@ FolderQuant read_native(const json& j, const std::string& file) {
            "', expected halves or pairs");
   q.qk_halves = layout == "halves";
 
+  if (c.has("head")) {  // {"bits": b, "group_size": g}: lm_head is an affine QMatrix
+    const ConfigJson head(j["head"], file + " head");
+    const int64_t hb = head.integer("bits"), hg = head.integer("group_size");
+    QL_CHECK(hb == 2 || hb == 3 || hb == 4 || hb == 8, file, ": field 'head.bits' is ", hb,
+             ", expected 2, 3, 4 or 8");
+    QL_CHECK(hg >= 1, file, ": field 'head.group_size' is ", hg, ", expected a positive size");
+    q.head_bits = static_cast<int>(hb);
+    q.head_group_size = hg;
+  }
+
   QuantInfo& info = q.info;
   info.method = c.string_or("method", type);
   info.bits = static_cast<int>(bits);
@@ -338,6 +348,8 @@ json native_quant_json(const Model& model, const NativeLayout& layout) {
   j["double_quant"] = info.double_quant;
   j["damp"] = json_float(info.damp);
   j["calibration"] = info.calibration;
+  if (!model.head_q.codes.empty())
+    j["head"] = {{"bits", model.head_q.bits}, {"group_size", model.head_q.group_size}};
   return j;
 }
 

@@ -68,13 +68,20 @@ void InferenceSession::ensure_buffers(int64_t T) {
 }
 
 void InferenceSession::linear(const Linear& l, const float* x, float* y, int64_t T) {
+  project(l.weight, l.qweight, l.bias, x, y, T);
+}
+
+void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
+                               const float* x, float* y, int64_t T) {
   const auto t0 = Clock::now();
-  const int64_t in = l.in_features(), out = l.out_features();
-  const float* bias = l.bias.empty() ? nullptr : l.bias.data();
-  if (l.quantized())
-    qmatmul_forward(y, x, l.qweight, bias, T);
+  const bool quantized = !qweight.codes.empty();
+  const int64_t in = quantized ? qweight.cols : weight.dim(1);
+  const int64_t out = quantized ? qweight.rows : weight.dim(0);
+  const float* b = bias.empty() ? nullptr : bias.data();
+  if (quantized)
+    qmatmul_forward(y, x, qweight, b, T);
   else
-    ops::matmul_forward(y, x, l.weight.data(), bias, T, in, out);
+    ops::matmul_forward(y, x, weight.data(), b, T, in, out);
   stats_.linear_seconds += seconds_since(t0);
   stats_.linear_flops += 2.0 * static_cast<double>(T) * static_cast<double>(in * out);
 }
@@ -138,7 +145,7 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
 
   const float* last = all_logits ? x : x + (T - 1) * D;
   ops::rmsnorm_forward(xn, last, model_.final_norm.data(), rows_out, D, c.norm_eps);
-  linear(Linear{model_.head(), {}, Tensor()}, xn, logits.data(), rows_out);
+  project(model_.head(), model_.head_q, Tensor(), xn, logits.data(), rows_out);
 
   pos_ += T;
   stats_.tokens += T;

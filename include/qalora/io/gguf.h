@@ -14,6 +14,7 @@
 
 #include "qalora/core/mapped_file.h"
 #include "qalora/core/tensor.h"
+#include "qalora/quant/qmatrix.h"
 
 namespace qalora {
 
@@ -54,6 +55,10 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 // byte-identical to ggml's reference (round-to-nearest) quantizers. Throws Error for other
 // types and for non-finite input to the block types.
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
+// Q4_0 / Q4_1 / Q8_0 rows [rows, cols] as the exactly equal affine QMatrix (each 32-element
+// block is a group of 32); nullopt for other types.
+std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
+                                       int64_t cols);
 
 enum class GgufValueType : uint32_t {
   U8 = 0,

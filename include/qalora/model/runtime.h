@@ -46,6 +46,9 @@ class InferenceSession {
  private:
   void ensure_buffers(int64_t T);
   void linear(const Linear& l, const float* x, float* y, int64_t T);
+  // y = x W^T + b with W quantized when `qweight` holds codes, else the fp32 `weight`.
+  void project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias, const float* x,
+               float* y, int64_t T);
 
   const Model& model_;
   int64_t max_ctx_ = 0;
