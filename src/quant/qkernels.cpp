@@ -263,8 +263,8 @@ const int32_t* column_groups(const QMatrix& w, std::vector<int32_t>& buf) {
   if (!w.g_idx.empty()) {
     std::copy(w.g_idx.begin(), w.g_idx.end(), buf.begin());
   } else {
-    // Group by group, not i / G: the generic GEMV calls this per block of rows, and a
-    // division per column cost more than the dequantization.
+    // Group by group, not i / G: the portable GEMV calls this for every 16 rows, and a
+    // division per column cost more than dequantizing them.
     for (int64_t i0 = 0, g = 0; i0 < w.cols; i0 += w.group_size, ++g)
       std::fill(buf.begin() + i0, buf.begin() + std::min(w.cols, i0 + w.group_size),
                 static_cast<int32_t>(g));
@@ -289,6 +289,7 @@ void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
 
 void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T) {
   const int64_t O = w.rows, I = w.cols;
+  if (T <= 0) return;
   if (T <= qk::kGemvMaxTokens) return qk::gemv(y, x, w, bias, T, qk::table());
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
@@ -301,6 +302,7 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
 
 void qmatmul_backward_input(float* dx, const float* dy, const QMatrix& w, int64_t T) {
   const int64_t O = w.rows, I = w.cols;
+  if (T <= 0) return;
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T), static_cast<int>(I),

@@ -91,8 +91,8 @@ QL_AVX512_INLINE void codebook_chunk(const uint8_t* p, __m512 lut, const float* 
   hi = _mm512_mul_ps(hi, _mm512_mask_blend_ps(m_hi, a0, a1));
 }
 
-// acc[t] += s * (q . x_t) over one chunk; x_t = x + t * xs. acc[0][t] takes codes 0..15 and
-// acc[1][t] codes 16..31 (two independent FMA chains).
+// acc[.][t] += s * (q . x_t) over one chunk; x_t = x + t * xs. With several tokens acc[0][t]
+// takes codes 0..15 and acc[1][t] codes 16..31 (two FMA chains per token).
 template <int B, int NT>
 QL_AVX512_INLINE void affine_dot_chunk(const uint8_t* p, const float* x, int64_t xs, float s,
                                        __m512 (&acc)[2][NT]) {
@@ -117,7 +117,7 @@ QL_AVX512_INLINE void affine_dot_chunk(const uint8_t* p, const float* x, int64_t
 
 // acc + a[0..n) * b[0..n) lane-wise (masked tail): the offsets' share of a row's result, folded
 // into its vector accumulator so one reduction serves both (a scalar loop over 48 groups
-// costed as much as the codes at G = 32).
+// cost as much as the codes at G = 32).
 QL_AVX512_INLINE __m512 fma_masked(const float* a, const float* b, int64_t n, __m512 acc) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)

@@ -168,6 +168,17 @@ TEST(QKernels, IsaDispatch) {
   std::printf("\n");
 }
 
+TEST(QKernels, ZeroTokensTouchNothing) {
+  const QMatrix w = random_affine(7, 33, 4, 32, 1);
+  std::vector<float> x(33, 1.0f), y(7, -7.0f), dy(7, 1.0f), dx(33, -7.0f);
+  for_each_isa([&](Isa) {
+    qmatmul_forward(y.data(), x.data(), w, nullptr, 0);
+    qmatmul_backward_input(dx.data(), dy.data(), w, 0);
+    for (float v : y) EXPECT_EQ(v, -7.0f);
+    for (float v : dx) EXPECT_EQ(v, -7.0f);
+  });
+}
+
 TEST(QKernels, AffineRandomCodesMatchReference) {
   uint64_t seed = 100;
   for (int bits : {2, 3, 4, 8})
