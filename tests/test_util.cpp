@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <sstream>
 
 namespace qalora::test {
@@ -104,6 +105,14 @@ void expect_one_line_error(const CliResult& r, const std::string& mentions) {
   if (!mentions.empty()) {
     EXPECT_NE(r.err.find(mentions), std::string::npos) << r.err;
   }
+}
+
+std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, sigma);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = d(rng);
+  return v;
 }
 
 }  // namespace qalora::test

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -28,6 +29,9 @@ std::filesystem::path smollm2_path();
       GTEST_SKIP() << "SmolLM2-135M-Instruct not found at " << ::qalora::test::smollm2_path() \
                    << " (run scripts/setup.sh)";                                              \
   } while (0)
+
+// n samples of N(0, sigma^2), reproducible from `seed`.
+std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f);
 
 // A fresh, empty folder for this test under the build tree (emptied on each call).
 std::filesystem::path temp_dir();

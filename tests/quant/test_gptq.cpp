@@ -19,20 +19,14 @@
 namespace qalora {
 namespace {
 
-std::vector<float> random_vec(int64_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using test::random_normal;
 
 // X [n, cols] with strongly correlated columns (a random mixing of a few latent factors plus
 // noise) and uneven column scales, like real activations.
 std::vector<float> correlated_inputs(int64_t n, int64_t cols, uint64_t seed) {
   const int64_t k = 8;
-  const std::vector<float> z = random_vec(n * k, seed), mix = random_vec(k * cols, seed + 1),
-                           noise = random_vec(n * cols, seed + 2, 0.1f);
+  const std::vector<float> z = random_normal(n * k, seed), mix = random_normal(k * cols, seed + 1),
+                           noise = random_normal(n * cols, seed + 2, 0.1f);
   std::vector<float> X(static_cast<size_t>(n * cols));
   for (int64_t t = 0; t < n; ++t)
     for (int64_t i = 0; i < cols; ++i) {
@@ -70,7 +64,7 @@ std::vector<double> hessian_of(const std::vector<float>& X, int64_t n, int64_t c
 
 TEST(Gptq, HessianIsTwoOverNTimesXtX) {
   const int64_t n = 37, cols = 13;
-  const std::vector<float> X = random_vec(n * cols, 3);
+  const std::vector<float> X = random_normal(n * cols, 3);
   const std::vector<double> H = hessian_of(X, n, cols);
   for (int64_t a = 0; a < cols; ++a)
     for (int64_t b = 0; b < cols; ++b) {
@@ -86,7 +80,7 @@ TEST(Gptq, IdentityHessianEqualsRtn) {
   for (int bits : {2, 3, 4, 8})
     for (int64_t G : {int64_t{32}, int64_t{48}, int64_t{-1}}) {
       const int64_t rows = 7, cols = 200;
-      const std::vector<float> W = random_vec(rows * cols, 10 + bits);
+      const std::vector<float> W = random_normal(rows * cols, 10 + bits);
       std::vector<double> H(static_cast<size_t>(cols * cols), 0.0);
       for (int64_t i = 0; i < cols; ++i) H[i * cols + i] = 3.0;
       GptqOptions opt;
@@ -112,7 +106,7 @@ class GptqVsRtn : public ::testing::TestWithParam<Case> {};
 TEST_P(GptqVsRtn, LowerOutputErrorOnCorrelatedInputs) {
   const Case c = GetParam();
   const int64_t rows = 24, cols = 172, n = 512;  // 172: groups of 32/48/64 do not divide it
-  const std::vector<float> W = random_vec(rows * cols, 7);
+  const std::vector<float> W = random_normal(rows * cols, 7);
   const std::vector<float> X = correlated_inputs(n, cols, 11);
   GptqOptions opt;
   opt.bits = c.bits;
@@ -147,7 +141,7 @@ TEST(Gptq, DeadColumnsQuantizeToZeroAndBadOptionsAreRefused) {
   const int64_t rows = 4, cols = 40, n = 64;
   std::vector<float> X = correlated_inputs(n, cols, 5);
   for (int64_t t = 0; t < n; ++t) X[t * cols + 3] = 0.0f;  // column 3 never sees input
-  const std::vector<float> W = random_vec(rows * cols, 6);
+  const std::vector<float> W = random_normal(rows * cols, 6);
   GptqOptions opt;
   opt.group_size = 8;
   const QMatrix g = gptq_quantize(W.data(), rows, cols, hessian_of(X, n, cols), opt);

@@ -12,6 +12,7 @@
 #include "qalora/core/fp16.h"
 #include "qalora/quant/qmatrix.h"
 #include "qalora/quant/quantize.h"
+#include "test_util.h"
 
 namespace qalora {
 namespace {
@@ -24,13 +25,7 @@ std::vector<uint8_t> random_codes(int64_t n, int bits, uint64_t seed) {
   return v;
 }
 
-std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, sigma);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using test::random_normal;
 
 int64_t packed_bytes(int64_t cols, int bits) {
   return (cols + kQChunk - 1) / kQChunk * chunk_bytes(bits);
