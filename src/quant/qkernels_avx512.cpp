@@ -59,10 +59,19 @@ QL_AVX512_INLINE void codes_i32(const uint8_t* p, __m512i& lo, __m512i& hi) {
 
 template <int B>
 QL_AVX512_INLINE void codes_f32(const uint8_t* p, __m512& lo, __m512& hi) {
-  __m512i a, b;
-  codes_i32<B>(p, a, b);
-  lo = _mm512_cvtepi32_ps(a);
-  hi = _mm512_cvtepi32_ps(b);
+  if constexpr (B == 4) {
+    // A 16-entry table lookup (permutexvar reads the low 4 bits of each lane) turns nibbles
+    // into floats in one op each, without the mask and the two int->float conversions.
+    const __m512 values = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_permutexvar_ps(b, values);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
+  } else {
+    __m512i a, b;
+    codes_i32<B>(p, a, b);
+    lo = _mm512_cvtepi32_ps(a);
+    hi = _mm512_cvtepi32_ps(b);
+  }
 }
 
 // NF4/FP4 values of one chunk times the absmax of each element's block. Chunk elements are
