@@ -82,22 +82,23 @@ Bandwidth memory_bandwidth() {
   return {bytes / read_s / 1e9, 2 * bytes / copy_s / 1e9};
 }
 
-// Bytes of weights one decoded token reads: every parameter once (quantized linears: codes and
-// their fp32 group parameters as held in memory), except that an untied embedding table
+// Bytes of weights one decoded token reads: every parameter once (quantized linears and a
+// quantized head: codes and their fp32 group parameters as held in memory), except that an untied embedding table
 // contributes a single row (the head is read in full either way).
 double weight_bytes_per_token(const Model& model) {
   double bytes = 4.0 * static_cast<double>(model.parameter_count());
   if (!model.output.empty())
     bytes -= 4.0 * static_cast<double>(model.tok_embeddings.numel() - model.config.dim);
+  auto replace_by_quantized = [&](const QMatrix& q) {
+    bytes -= 4.0 * static_cast<double>(q.rows * q.cols);
+    bytes += static_cast<double>(q.codes.size()) +
+             4.0 * static_cast<double>(q.scales.size() + q.offsets.size() + q.g_idx.size() +
+                                       q.absmax.size());
+  };
   for (const LayerWeights& L : model.layers)
-    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
-      if (!l->quantized()) continue;
-      const QMatrix& q = l->qweight;
-      bytes -= 4.0 * static_cast<double>(q.rows * q.cols);
-      bytes += static_cast<double>(q.codes.size()) +
-               4.0 * static_cast<double>(q.scales.size() + q.offsets.size() + q.g_idx.size() +
-                                         q.absmax.size());
-    }
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+      if (l->quantized()) replace_by_quantized(l->qweight);
+  if (!model.head_q.codes.empty()) replace_by_quantized(model.head_q);
   return bytes;
 }
 
