@@ -100,6 +100,10 @@ struct Case {
   bool act_order;
   bool static_groups;
 };
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.bits << "-bit G" << c.group << (c.act_order ? " act-order" : "")
+      << (c.static_groups ? " static" : "");
+}
 
 class GptqVsRtn : public ::testing::TestWithParam<Case> {};
 

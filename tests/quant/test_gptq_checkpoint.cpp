@@ -37,6 +37,8 @@ struct WriterCase {
   bool sym = false;
   int shards = 1;
 };
+// gtest prints the parameter in test listings; its name says everything.
+void PrintTo(const WriterCase& c, std::ostream* os) { *os << c.name; }
 
 // Runs the writer into `dir`: its exit status (test::kPythonMissing without python3 or numpy).
 int write_checkpoint(const WriterCase& c, const fs::path& dir, const fs::path& expected,
