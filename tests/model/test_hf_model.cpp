@@ -1,6 +1,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "model/model_compare.h"
 #include "model/random_model.h"
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
@@ -14,35 +15,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-void expect_same_tensor(const Tensor& a, const Tensor& b, const std::string& what) {
-  ASSERT_EQ(a.shape(), b.shape()) << what;
-  ASSERT_EQ(a.empty(), b.empty()) << what;
-  if (a.empty()) return;
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * sizeof(float)), 0)
-      << what << " differs";
-}
-
-void expect_same_weights(const Model& a, const Model& b) {
-  expect_same_tensor(a.tok_embeddings, b.tok_embeddings, "tok_embeddings");
-  expect_same_tensor(a.final_norm, b.final_norm, "final_norm");
-  expect_same_tensor(a.output, b.output, "output");
-  ASSERT_EQ(a.layers.size(), b.layers.size());
-  for (size_t l = 0; l < a.layers.size(); ++l) {
-    const LayerWeights &x = a.layers[l], &y = b.layers[l];
-    const std::string p = "layer " + std::to_string(l) + " ";
-    expect_same_tensor(x.attn_norm, y.attn_norm, p + "attn_norm");
-    expect_same_tensor(x.ffn_norm, y.ffn_norm, p + "ffn_norm");
-    const std::pair<const char*, Linear LayerWeights::*> linears[] = {
-        {"q", &LayerWeights::q},      {"k", &LayerWeights::k},       {"v", &LayerWeights::v},
-        {"o", &LayerWeights::o},      {"gate", &LayerWeights::gate}, {"up", &LayerWeights::up},
-        {"down", &LayerWeights::down}};
-    for (const auto& [name, member] : linears) {
-      expect_same_tensor((x.*member).weight, (y.*member).weight, p + name + ".weight");
-      expect_same_tensor((x.*member).bias, (y.*member).bias, p + name + ".bias");
-    }
-  }
-}
+using test::expect_same_model;
+using test::expect_same_tensor;
 
 Tensor row_numbered(int64_t rows, int64_t cols) {
   Tensor t = Tensor::zeros({rows, cols});
@@ -153,7 +127,7 @@ TEST(HfModelTest, SaveLoadRoundTripIsBitIdenticalWithBiasesAndScaling) {
   EXPECT_EQ(r.config.rope_scaling.original_context, 8192);
   EXPECT_EQ(r.tokenizer, nullptr);
   EXPECT_EQ(r.source_tensors.size(), st.tensors().size());
-  expect_same_weights(m, r);
+  expect_same_model(m, r);
   r.validate();
 }
 
@@ -180,7 +154,7 @@ TEST(HfModelTest, LoadsShardsListedInTheIndex) {
   const Model r = load_hf_model(dir);
   EXPECT_TRUE(r.config.tied_embeddings);
   EXPECT_TRUE(r.output.empty());
-  expect_same_weights(m, r);
+  expect_same_model(m, r);
 
   json index = read_json(dir / "model.safetensors.index.json");
   index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors";
@@ -272,7 +246,7 @@ TEST(HfModelTest, Stories260KWeightsRoundTripThroughAHfFolder) {
   EXPECT_EQ(r.config.context_length, 512);
   EXPECT_EQ(r.config.norm_eps, 1e-5f);
   EXPECT_TRUE(r.config.tied_embeddings);
-  expect_same_weights(m, r);  // q/k permuted to HF and back is the identity
+  expect_same_model(m, r);  // q/k permuted to HF and back is the identity
 }
 
 TEST(HfModelTest, Stories260KTokenizerRoundTripsThroughAHfFolder) {
