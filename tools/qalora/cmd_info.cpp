@@ -107,7 +107,12 @@ Json describe(const Model& model, bool list_tensors) {
                {"config", config},
                {"parameters", model.parameter_count()},
                {"tensor_types", type_counts},
-               {"quantization", describe_quantization(model)}};
+               {"quantization", describe_quantization(model)},
+               {"output_head", model.head_q.codes.empty()
+                                   ? std::string("fp32")
+                                   : cat(quant_type_name(model.head_q.type), " ",
+                                         model.head_q.bits, "-bit, group ",
+                                         model.head_q.group_size)}};
   if (list_tensors) info["tensors"] = tensors;
 
   if (!model.tokenizer) {
@@ -157,6 +162,7 @@ void print_text(const Json& info) {
   for (const auto& [type, count] : info["tensor_types"].items())
     types += (types.empty() ? "" : ", ") + type + " x" + compact(count);
   line("tensor types", types);
+  line("output head", compact(info["output_head"]));
 
   const Json& q = info["quantization"];
   if (!q.is_null()) {
