@@ -115,4 +115,12 @@ std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma) {
   return v;
 }
 
+std::vector<float> random_uniform(int64_t n, uint64_t seed, float lo, float hi) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
 }  // namespace qalora::test

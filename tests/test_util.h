@@ -32,6 +32,8 @@ std::filesystem::path smollm2_path();
 
 // n samples of N(0, sigma^2), reproducible from `seed`.
 std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f);
+// n samples of U(lo, hi), reproducible from `seed`.
+std::vector<float> random_uniform(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
 
 // A fresh, empty folder for this test under the build tree (emptied on each call).
 std::filesystem::path temp_dir();

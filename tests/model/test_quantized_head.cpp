@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <random>
 
 #include "model/random_model.h"
 #include "qalora/io/gguf.h"
@@ -16,10 +15,7 @@ namespace {
 
 TEST(QuantizedHead, GgmlBlocksConvertExactly) {
   const int64_t rows = 5, cols = 96;
-  std::mt19937 rng(1);
-  std::normal_distribution<float> d(0.0f, 0.3f);
-  std::vector<float> w(static_cast<size_t>(rows * cols));
-  for (float& x : w) x = d(rng);
+  const std::vector<float> w = test::random_normal(rows * cols, 1, 0.3f);
   for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1}) {
     const size_t row_bytes = ggml_row_bytes(type, cols);
     std::vector<uint8_t> blocks(row_bytes * rows);

@@ -8,16 +8,13 @@
 
 #include "qalora/ops/ops.h"
 
+#include "test_util.h"
+
 namespace qalora::ops {
 namespace {
 
-std::vector<float> random_vec(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = u(rng);
-  return v;
-}
+using test::random_uniform;
+
 
 void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol) {
   ASSERT_EQ(a.size(), b.size());
@@ -28,7 +25,7 @@ void expect_close(const std::vector<float>& a, const std::vector<float>& b, floa
 TEST(Ops, RmsnormMatchesReference) {
   for (int64_t D : {1, 7, 33, 172}) {
     const int64_t T = 5;
-    auto x = random_vec(T * D, 1), w = random_vec(D, 2);
+    auto x = random_uniform(T * D, 1), w = random_uniform(D, 2);
     std::vector<float> a(x.size()), b(x.size());
     rmsnorm_forward(a.data(), x.data(), w.data(), T, D, 1e-5f);
     rmsnorm_forward_ref(b.data(), x.data(), w.data(), T, D, 1e-5f);
@@ -41,7 +38,7 @@ TEST(Ops, MatmulMatchesReference) {
                          {3, 172, 45},
                          {17, 33, 65},
                          {64, 100, 1}}) {
-    auto x = random_vec(T * I, 3), W = random_vec(O * I, 4), bias = random_vec(O, 5);
+    auto x = random_uniform(T * I, 3), W = random_uniform(O * I, 4), bias = random_uniform(O, 5);
     std::vector<float> a(static_cast<size_t>(T * O)), b(a.size());
     for (const float* bp : std::vector<const float*>{nullptr, bias.data()}) {
       matmul_forward(a.data(), x.data(), W.data(), bp, T, I, O);
@@ -58,7 +55,7 @@ TEST(Ops, RopeMatchesReferenceAndPreservesNorm) {
     cos_t[i] = std::cos(0.3f * static_cast<float>(i));
     sin_t[i] = std::sin(0.3f * static_cast<float>(i));
   }
-  auto x = random_vec(T * H * Hd, 6);
+  auto x = random_uniform(T * H * Hd, 6);
   auto a = x, b = x;
   rope_forward(a.data(), T, H, Hd, pos0, cos_t.data(), sin_t.data());
   rope_forward_ref(b.data(), T, H, Hd, pos0, cos_t.data(), sin_t.data());
@@ -68,7 +65,7 @@ TEST(Ops, RopeMatchesReferenceAndPreservesNorm) {
 }
 
 TEST(Ops, SwigluMatchesReference) {
-  auto g = random_vec(1001, 7, -6.0f, 6.0f), u = random_vec(1001, 8);
+  auto g = random_uniform(1001, 7, -6.0f, 6.0f), u = random_uniform(1001, 8);
   std::vector<float> a(g.size()), b(g.size());
   swiglu_forward(a.data(), g.data(), u.data(), 1001);
   swiglu_forward_ref(b.data(), g.data(), u.data(), 1001);
@@ -80,8 +77,8 @@ TEST(Ops, AttentionMatchesReference) {
   for (auto [H, KV] : {std::pair<int64_t, int64_t>{4, 4}, {4, 2}, {6, 2}}) {
     for (auto [T, pos0] : {std::pair<int64_t, int64_t>{7, 0}, {5, 3}, {1, 9}}) {
       const int64_t Hd = 8, stride = 16;
-      auto q = random_vec(T * H * Hd, 9), k = random_vec(KV * stride * Hd, 10),
-           v = random_vec(KV * stride * Hd, 11);
+      auto q = random_uniform(T * H * Hd, 9), k = random_uniform(KV * stride * Hd, 10),
+           v = random_uniform(KV * stride * Hd, 11);
       std::vector<float> a(q.size()), b(q.size());
       attention_forward(a.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride);
       attention_forward_ref(b.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride);

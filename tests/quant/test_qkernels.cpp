@@ -16,18 +16,15 @@
 #include "qalora/quant/quantize.h"
 #include "quant/qkernels_internal.h"
 
+#include "test_util.h"
+
 namespace qalora {
 namespace {
 
+using test::random_uniform;
+
 using qk::Isa;
 
-std::vector<float> random_vec(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = u(rng);
-  return v;
-}
 
 // Fills the codes with random values below 2^bits, row by row through pack_row.
 void random_codes(QMatrix& w, uint64_t seed) {
@@ -43,8 +40,8 @@ void random_codes(QMatrix& w, uint64_t seed) {
 QMatrix random_affine(int64_t rows, int64_t cols, int bits, int64_t G, uint64_t seed) {
   QMatrix w = make_affine(rows, cols, bits, G);
   random_codes(w, seed);
-  w.scales = random_vec(static_cast<int64_t>(w.scales.size()), seed + 1, 0.01f, 0.1f);
-  w.offsets = random_vec(static_cast<int64_t>(w.offsets.size()), seed + 2, -0.5f, 0.5f);
+  w.scales = random_uniform(static_cast<int64_t>(w.scales.size()), seed + 1, 0.01f, 0.1f);
+  w.offsets = random_uniform(static_cast<int64_t>(w.offsets.size()), seed + 2, -0.5f, 0.5f);
   w.validate("random affine");
   return w;
 }
@@ -52,7 +49,7 @@ QMatrix random_affine(int64_t rows, int64_t cols, int bits, int64_t G, uint64_t 
 QMatrix random_codebook(QuantType type, int64_t rows, int64_t cols, uint64_t seed) {
   QMatrix w = make_codebook(type, rows, cols);
   random_codes(w, seed);
-  w.absmax = random_vec(w.n_blocks(), seed + 1, 0.1f, 2.0f);
+  w.absmax = random_uniform(w.n_blocks(), seed + 1, 0.1f, 2.0f);
   w.validate("random codebook");
   return w;
 }
@@ -95,7 +92,7 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
                        const std::vector<int64_t>& backward_tokens, uint64_t seed,
                        float x_lo = -1.0f) {
   const int64_t O = w.rows, I = w.cols;
-  const auto bias = random_vec(O, seed + 7);
+  const auto bias = random_uniform(O, seed + 7);
   struct Case {
     int64_t T;
     const float* bias;
@@ -105,7 +102,7 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
   for (size_t k = 0; k < tokens.size(); ++k) {
     Case c{tokens[k],
            k % 2 == 0 ? bias.data() : nullptr,
-           random_vec(tokens[k] * I, seed + 10 + k, x_lo, 1.0f),
+           random_uniform(tokens[k] * I, seed + 10 + k, x_lo, 1.0f),
            {}};
     c.ref.resize(static_cast<size_t>(c.T * O));
     qmatmul_forward_ref(c.ref.data(), c.x.data(), w, c.bias, c.T);
@@ -113,7 +110,7 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
   }
   std::vector<Case> bwd;
   for (size_t k = 0; k < backward_tokens.size(); ++k) {
-    Case c{backward_tokens[k], nullptr, random_vec(backward_tokens[k] * O, seed + 30 + k), {}};
+    Case c{backward_tokens[k], nullptr, random_uniform(backward_tokens[k] * O, seed + 30 + k), {}};
     c.ref.resize(static_cast<size_t>(c.T * I));
     qmatmul_backward_input_ref(c.ref.data(), c.x.data(), w, c.T);
     bwd.push_back(std::move(c));
@@ -244,7 +241,7 @@ TEST(QKernels, CodebookRandomCodesMatchReference) {
 TEST(QKernels, QuantizedWeightsMatchReference) {
   // Real quantizer output: clamped extremes, sym zero points, fp16-rounded parameters.
   const int64_t rows = 33, cols = 172;
-  const auto W = random_vec(rows * cols, 3, -0.2f, 0.2f);
+  const auto W = random_uniform(rows * cols, 3, -0.2f, 0.2f);
   std::vector<std::pair<const char*, QMatrix>> cases;
   for (int bits : {2, 3, 4, 8})
     for (int64_t G : {32, 128, -1})
@@ -265,7 +262,7 @@ TEST(QKernels, PositiveActivationsKeepOffsetTermAccurate) {
   // With all-positive x the fused GEMV's m * sum(x) term is large against the result: check
   // that the cancellation stays within tolerance.
   for (int bits : {2, 4, 8}) {
-    const auto W = random_vec(64 * 576, 4, -0.1f, 0.1f);
+    const auto W = random_uniform(64 * 576, 4, -0.1f, 0.1f);
     const QMatrix w = quantize_rtn(W.data(), 64, 576, bits, 128, true);
     check_all_kernels(w, {1, 3}, {}, 40000 + bits, 0.0f);
   }
