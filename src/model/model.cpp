@@ -133,4 +133,18 @@ std::vector<double> rope_inv_freq(const ModelConfig& c) {
   return inv;
 }
 
+void rope_tables(const ModelConfig& config, int64_t positions, std::vector<float>& cos,
+                 std::vector<float>& sin) {
+  const std::vector<double> inv_freq = rope_inv_freq(config);
+  const int64_t half = config.head_dim / 2;
+  cos.resize(static_cast<size_t>(positions * half));
+  sin.resize(cos.size());
+  for (int64_t p = 0; p < positions; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(p) * inv_freq[static_cast<size_t>(i)];
+      cos[static_cast<size_t>(p * half + i)] = static_cast<float>(std::cos(angle));
+      sin[static_cast<size_t>(p * half + i)] = static_cast<float>(std::sin(angle));
+    }
+}
+
 }  // namespace qalora

@@ -31,17 +31,7 @@ InferenceSession::InferenceSession(const Model& model, int64_t max_context) : mo
   const auto cache = static_cast<size_t>(c.n_layers * c.n_kv_heads * max_ctx_ * c.head_dim);
   k_cache_.assign(cache, 0.0f);
   v_cache_.assign(cache, 0.0f);
-  const std::vector<double> inv_freq = rope_inv_freq(c);
-  const int64_t half = c.head_dim / 2;
-  rope_cos_.resize(static_cast<size_t>(max_ctx_ * half));
-  rope_sin_.resize(rope_cos_.size());
-  for (int64_t p = 0; p < max_ctx_; ++p) {
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(p) * inv_freq[static_cast<size_t>(i)];
-      rope_cos_[static_cast<size_t>(p * half + i)] = static_cast<float>(std::cos(angle));
-      rope_sin_[static_cast<size_t>(p * half + i)] = static_cast<float>(std::sin(angle));
-    }
-  }
+  rope_tables(c, max_ctx_, rope_cos_, rope_sin_);
 }
 
 InferenceSession::~InferenceSession() = default;
@@ -71,17 +61,22 @@ void InferenceSession::linear(const Linear& l, const float* x, float* y, int64_t
   project(l.weight, l.qweight, l.bias, x, y, T);
 }
 
+void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
+                    const float* x, float* y, int64_t T) {
+  const float* b = bias.empty() ? nullptr : bias.data();
+  if (!qweight.codes.empty())
+    qmatmul_forward(y, x, qweight, b, T);
+  else
+    ops::matmul_forward(y, x, weight.data(), b, T, weight.dim(1), weight.dim(0));
+}
+
 void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
                                const float* x, float* y, int64_t T) {
   const auto t0 = Clock::now();
+  linear_forward(weight, qweight, bias, x, y, T);
   const bool quantized = !qweight.codes.empty();
   const int64_t in = quantized ? qweight.cols : weight.dim(1);
   const int64_t out = quantized ? qweight.rows : weight.dim(0);
-  const float* b = bias.empty() ? nullptr : bias.data();
-  if (quantized)
-    qmatmul_forward(y, x, qweight, b, T);
-  else
-    ops::matmul_forward(y, x, weight.data(), b, T, in, out);
   stats_.linear_seconds += seconds_since(t0);
   stats_.linear_flops += 2.0 * static_cast<double>(T) * static_cast<double>(in * out);
 }

@@ -13,6 +13,7 @@
 
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
+#include "qalora/model/runtime.h"
 #include "qalora/ops/ops.h"
 #include "qalora/quant/quantize.h"
 
@@ -121,27 +122,11 @@ struct Calibration {
         QL_CHECK(id >= 0 && id < c.vocab_size, "calibration token id ", id, " is out of range");
         std::memcpy(&h[(s * T + t) * D], m.tok_embeddings.row(id), sizeof(float) * D);
       }
-    const std::vector<double> inv = rope_inv_freq(c);
-    const int64_t half = c.head_dim / 2;
-    cos.resize(static_cast<size_t>(T * half));
-    sin.resize(cos.size());
-    for (int64_t p = 0; p < T; ++p)
-      for (int64_t i = 0; i < half; ++i) {
-        cos[p * half + i] = static_cast<float>(std::cos(static_cast<double>(p) * inv[i]));
-        sin[p * half + i] = static_cast<float>(std::sin(static_cast<double>(p) * inv[i]));
-      }
+    rope_tables(c, T, cos, sin);
   }
   float* h_of(int64_t s) { return h.data() + s * T * c.dim; }
   float* act_of(int64_t s, int64_t width) { return act.data() + s * T * width; }
 };
-
-void apply(const Linear& l, const float* x, float* y, int64_t T) {
-  const float* bias = l.bias.empty() ? nullptr : l.bias.data();
-  if (l.quantized())
-    qmatmul_forward(y, x, l.qweight, bias, T);
-  else
-    ops::matmul_forward(y, x, l.weight.data(), bias, T, l.in_features(), l.out_features());
-}
 
 }  // namespace
 
@@ -229,9 +214,9 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       HessianAccumulator h_o(Q);
       for_chunks([&](int64_t s0, int64_t n) {
         ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.attn_norm.data(), n * T, D, c.norm_eps);
-        apply(L.q, xn.data(), q.data(), n * T);
-        apply(L.k, xn.data(), k.data(), n * T);
-        apply(L.v, xn.data(), v.data(), n * T);
+        linear_forward(L.q, xn.data(), q.data(), n * T);
+        linear_forward(L.k, xn.data(), k.data(), n * T);
+        linear_forward(L.v, xn.data(), v.data(), n * T);
         for (int64_t s = 0; s < n; ++s) {
           float* qs = q.data() + s * T * Q;
           float* ks = k.data() + s * T * KVD;
@@ -253,7 +238,7 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       HessianAccumulator h_mlp(D);
       for_chunks([&](int64_t s0, int64_t n) {
         float* hs = cal.h_of(s0);
-        apply(L.o, cal.act_of(s0, Q), out.data(), n * T);
+        linear_forward(L.o, cal.act_of(s0, Q), out.data(), n * T);
         for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
         ops::rmsnorm_forward(xn.data(), hs, L.ffn_norm.data(), n * T, D, c.norm_eps);
         h_mlp.add(xn.data(), n * T);
@@ -264,15 +249,15 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       for_chunks([&](int64_t s0, int64_t n) {
         ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.ffn_norm.data(), n * T, D, c.norm_eps);
         float* hidden = cal.act_of(s0, F);
-        apply(L.gate, xn.data(), hidden, n * T);
-        apply(L.up, xn.data(), up.data(), n * T);
+        linear_forward(L.gate, xn.data(), hidden, n * T);
+        linear_forward(L.up, xn.data(), up.data(), n * T);
         ops::swiglu_forward(hidden, hidden, up.data(), n * T * F);
         h_down.add(hidden, n * T);
       });
       quantize_stage(li, h_down, {6});
       for_chunks([&](int64_t s0, int64_t n) {
         float* hs = cal.h_of(s0);
-        apply(L.down, cal.act_of(s0, F), out.data(), n * T);
+        linear_forward(L.down, cal.act_of(s0, F), out.data(), n * T);
         for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
       });
     }

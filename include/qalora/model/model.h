@@ -144,6 +144,10 @@ void save_hf_model(const Model& model, const std::filesystem::path& dir);
 // Inverse frequencies of the head_dim / 2 rotary pairs, scaling applied; position p of pair
 // i rotates by angle p * result[i].
 std::vector<double> rope_inv_freq(const ModelConfig& config);
+// cos/sin [positions, head_dim / 2] of those angles for positions 0..positions-1 (the tables
+// ops::rope_forward reads), computed in double.
+void rope_tables(const ModelConfig& config, int64_t positions, std::vector<float>& cos,
+                 std::vector<float>& sin);
 
 // RoPE layout conversion of q_proj/k_proj rows (per head). `to_hf` = adjacent pairs -> halves.
 Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf);

@@ -61,6 +61,14 @@ class InferenceSession {
   std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_;
 };
 
+// y[T, out] = x[T, in] W^T (+ bias) with W quantized when `qweight` holds codes, else the fp32
+// `weight`: the one place that picks the kernel for a linear layer.
+void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
+                    const float* x, float* y, int64_t T);
+inline void linear_forward(const Linear& l, const float* x, float* y, int64_t T) {
+  linear_forward(l.weight, l.qweight, l.bias, x, y, T);
+}
+
 // Plain double-precision forward over a whole sequence, no cache: the golden reference the
 // optimized runtime is tested against. Returns logits [n, vocab].
 std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens);
