@@ -62,18 +62,19 @@ void InferenceSession::linear(const Linear& l, const float* x, float* y, int64_t
 }
 
 void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
-                    const float* x, float* y, int64_t T) {
+                    const float* x, float* y, int64_t T, DecodeActivations activations) {
   const float* b = bias.empty() ? nullptr : bias.data();
   if (!qweight.codes.empty())
-    qmatmul_forward(y, x, qweight, b, T);
+    qmatmul_forward(y, x, qweight, b, T, activations);
   else
     ops::matmul_forward(y, x, weight.data(), b, T, weight.dim(1), weight.dim(0));
 }
 
 void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
-                               const float* x, float* y, int64_t T) {
+                               const float* x, float* y, int64_t T,
+                               DecodeActivations activations) {
   const auto t0 = Clock::now();
-  linear_forward(weight, qweight, bias, x, y, T);
+  linear_forward(weight, qweight, bias, x, y, T, activations);
   const bool quantized = !qweight.codes.empty();
   const int64_t in = quantized ? qweight.cols : weight.dim(1);
   const int64_t out = quantized ? qweight.rows : weight.dim(0);
@@ -126,7 +127,9 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
         std::memcpy(vc + (h * max_ctx_ + pos_ + t) * Hd, v_.data() + t * kv_dim + h * Hd, bytes);
       }
     }
+    const auto t_att = Clock::now();
     ops::attention_forward(att_.data(), q_.data(), kc, vc, T, pos_, H, KV, Hd, max_ctx_);
+    stats_.attention_seconds += seconds_since(t_att);
     linear(L.o, att_.data(), xn, T);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
 
@@ -140,7 +143,10 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
 
   const float* last = all_logits ? x : x + (T - 1) * D;
   ops::rmsnorm_forward(xn, last, model_.final_norm.data(), rows_out, D, c.norm_eps);
-  project(model_.head(), model_.head_q, Tensor(), xn, logits.data(), rows_out);
+  // Logits in exact arithmetic: int8 activations would move them by ~0.5%, enough to swap
+  // the greedy choice when the top two are that close.
+  project(model_.head(), model_.head_q, Tensor(), xn, logits.data(), rows_out,
+          DecodeActivations::Exact);
 
   pos_ += T;
   stats_.tokens += T;

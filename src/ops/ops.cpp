@@ -131,25 +131,27 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
   const int64_t group = H / KV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   const int64_t qstride = H * Hd;
-  // A decode step over a short cache is a few microseconds of work: not worth waking threads.
-#pragma omp parallel if (T * P * H * Hd > (int64_t{1} << 18))
+  // Heads run in parallel once there is enough work to pay for waking the threads (a decode
+  // step over a cache of ~60 positions).
+#pragma omp parallel if (T * P * H * Hd > (int64_t{1} << 15))
   {
-    std::vector<float> scores(static_cast<size_t>(T * P));
+    thread_local std::vector<float> scores;
+    if (static_cast<int64_t>(scores.size()) < T * P) scores.resize(static_cast<size_t>(T * P));
 #pragma omp for schedule(dynamic)
     for (int64_t h = 0; h < H; ++h) {
       const float* K = k_cache + (h / group) * cache_stride * Hd;
       const float* V = v_cache + (h / group) * cache_stride * Hd;
       const float* Q = q + h * Hd;
       float* O = out + h * Hd;
-      if (T > 1) {
-        // S[T, P] = Q_h[T, Hd] K[P, Hd]^T; BLAS runs single-threaded inside this parallel loop.
+      // S[T, P] = Q_h[T, Hd] K[P, Hd]^T; BLAS runs single-threaded inside this parallel loop.
+      if (T > 1)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
                     static_cast<blasint>(P), static_cast<blasint>(Hd), scale, Q,
                     static_cast<blasint>(qstride), K, static_cast<blasint>(Hd), 0.0f, scores.data(),
                     static_cast<blasint>(P));
-      } else {
-        for (int64_t p = 0; p < P; ++p) scores[p] = scale * dot(Q, K + p * Hd, Hd);
-      }
+      else
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(P), static_cast<blasint>(Hd),
+                    scale, K, static_cast<blasint>(Hd), Q, 1, 0.0f, scores.data(), 1);
       for (int64_t t = 0; t < T; ++t) {
         float* s = scores.data() + t * P;
         const int64_t visible = pos0 + t + 1;
@@ -163,16 +165,15 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
         for (int64_t p = 0; p < visible; ++p) s[p] *= inv;
         std::fill(s + visible, s + P, 0.0f);  // causal mask
       }
-      if (T > 1) {
-        // O_h[T, Hd] = S[T, P] V[P, Hd]
+      // O_h[T, Hd] = S[T, P] V[P, Hd]
+      if (T > 1)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
                     static_cast<blasint>(Hd), static_cast<blasint>(P), 1.0f, scores.data(),
                     static_cast<blasint>(P), V, static_cast<blasint>(Hd), 0.0f, O,
                     static_cast<blasint>(qstride));
-      } else {
-        std::fill(O, O + Hd, 0.0f);
-        for (int64_t p = 0; p < P; ++p) axpy(O, scores[p], V + p * Hd, Hd);
-      }
+      else
+        cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(P), static_cast<blasint>(Hd),
+                    1.0f, V, static_cast<blasint>(Hd), scores.data(), 1, 0.0f, O, 1);
     }
   }
 }

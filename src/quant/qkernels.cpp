@@ -7,8 +7,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string_view>
 #include <vector>
 
 #include "qalora/core/error.h"
@@ -26,6 +31,8 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Avx512Vnni:
+      return "avx512vnni";
   }
   return "?";
 }
@@ -41,6 +48,8 @@ bool isa_supported(Isa isa) {
     case Isa::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::Avx512Vnni:
+      return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
   }
   return false;
 #else
@@ -53,6 +62,8 @@ namespace {
 const KernelTable* table_for(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   switch (isa) {
+    case Isa::Avx512Vnni:
+      return &kAvx512VnniTable;
     case Isa::Avx512:
       return &kAvx512Table;
     case Isa::Avx2:
@@ -66,8 +77,18 @@ const KernelTable* table_for(Isa isa) {
 #endif
 }
 
+// The best ISA this CPU runs, or the one QALORA_ISA names (to compare kernels, or to keep
+// decode in exact fp32 arithmetic on a VNNI machine: QALORA_ISA=avx512).
 const KernelTable* best_table() {
-  for (Isa isa : {Isa::Avx512, Isa::Avx2})
+  if (const char* want = std::getenv("QALORA_ISA")) {
+    for (Isa isa : kAllIsas)
+      if (std::string_view(want) == isa_name(isa)) {
+        QL_CHECK(isa_supported(isa), "QALORA_ISA=", want, ": this CPU cannot run it");
+        return table_for(isa);
+      }
+    QL_CHECK(false, "QALORA_ISA=", want, ": expected portable, avx2, avx512 or avx512vnni");
+  }
+  for (Isa isa : {Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2})
     if (isa_supported(isa)) return table_for(isa);
   return &kPortableTable;
 }
@@ -172,10 +193,13 @@ void parallel_rows(int64_t n, int64_t work, F&& f) {
 thread_local std::vector<float> tl_weights;   // dequantized weight (prefill, backward)
 thread_local std::vector<float> tl_x;         // padded activations (GEMV)
 thread_local std::vector<float> tl_xsum;      // per-group activation sums (GEMV)
+thread_local std::vector<int8_t> tl_xq;       // int8 activations (int8 GEMV)
+thread_local std::vector<float> tl_xd;        // their per-lane chunk scales (int8 GEMV)
 thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV)
 thread_local std::vector<int32_t> tl_groups;  // group of each column (GEMV, odd layouts)
 
-float* scratch(std::vector<float>& v, int64_t n) {
+template <typename T>
+T* scratch(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
 }
@@ -190,7 +214,7 @@ float* aligned_scratch(std::vector<float>& v, int64_t n) {
 }
 
 void gemv(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
-          const KernelTable& k) {
+          DecodeActivations activations, const KernelTable& k) {
   const int64_t O = w.rows, I = w.cols, P = w.padded_cols();
   // Zero-padded copies let the kernels read whole chunks without tail masks.
   float* xp = aligned_scratch(tl_x, T * P);
@@ -206,21 +230,31 @@ void gemv(float* y, const float* x, const QMatrix& w, const float* bias, int64_t
     a.y = y;
     a.bias = bias;
     a.T = T;
-    if (w.type == QuantType::Affine) {
-      a.L = w.n_groups();
-      if (affine_chunk_aligned(w)) {
-        const int64_t G = w.group_size, L = a.L;
-        float* xs = scratch(tl_xsum, T * L);
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t g = 0; g < L; ++g) {
-            double s = 0.0;
-            for (int64_t i = g * G; i < std::min(I, (g + 1) * G); ++i) s += xp[t * P + i];
-            xs[t * L + g] = static_cast<float>(s);
-          }
-        a.xsum = xs;
-      } else {
-        a.groups = column_groups(w, tl_groups);
-      }
+    if (w.type == QuantType::Affine) a.L = w.n_groups();
+    if (activations == DecodeActivations::Int8 && k.gemv_int8_rows && int8_gemv_layout(w)) {
+      a.xq_stride = int8_stride(w);
+      int8_t* xq = scratch(tl_xq, T * a.xq_stride);
+      float* xd = scratch(tl_xd, T * a.xq_stride / 4);
+      float* xs = scratch(tl_xsum, T * a.L);
+      quantize_activations(xp, P, T, w, xq, xd, xs);
+      a.xq = xq;
+      a.xd = xd;
+      a.xsum = xs;
+      parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) { k.gemv_int8_rows(a, r0, r1); });
+      return;
+    }
+    if (affine_chunk_aligned(w)) {
+      const int64_t G = w.group_size, L = a.L;
+      float* xs = scratch(tl_xsum, T * L);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < L; ++g) {
+          double s = 0.0;
+          for (int64_t i = g * G; i < std::min(I, (g + 1) * G); ++i) s += xp[t * P + i];
+          xs[t * L + g] = static_cast<float>(s);
+        }
+      a.xsum = xs;
+    } else if (w.type == QuantType::Affine) {
+      a.groups = column_groups(w, tl_groups);
     }
     parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) { k.gemv_rows(a, r0, r1); });
     return;
@@ -272,7 +306,99 @@ const int32_t* column_groups(const QMatrix& w, std::vector<int32_t>& buf) {
   return buf.data();
 }
 
-const KernelTable kPortableTable = {Isa::Portable, nullptr, portable_dequant_rows, portable_dot};
+bool int8_gemv_layout(const QMatrix& w) {
+  return affine_chunk_aligned(w) && (w.bits == 2 || w.bits == 4 || w.bits == 8);
+}
+
+const uint8_t* int8_lane_order(int bits) {
+  // How one vector of a chunk pair's packed bytes unpacks (layouts: qmatrix.h).
+  static const auto orders = [] {
+    std::array<std::array<uint8_t, 64>, 3> o{};  // bits 2, 4, 8
+    for (int k = 0; k < 64; ++k) {
+      // 2-bit: the pair's 16 bytes (8 per chunk) four times, at bit shifts 0, 2, 4, 6.
+      const int shift = k / 16, b2 = k % 16;
+      o[0][k] = static_cast<uint8_t>((b2 < 8 ? 0 : 32) + b2 % 8 + 8 * shift);
+      // 4-bit: the pair's 32 bytes (16 per chunk) twice, low nibbles then high nibbles.
+      const int nibble = k / 32, b4 = k % 32;
+      o[1][k] = static_cast<uint8_t>((b4 < 16 ? 0 : 32) + b4 % 16 + 16 * nibble);
+      // 8-bit: the bytes in column order.
+      o[2][k] = static_cast<uint8_t>(k);
+    }
+    return o;
+  }();
+  return orders[bits == 2 ? 0 : bits == 4 ? 1 : 2].data();
+}
+
+int64_t int8_stride(const QMatrix& w) {
+  return (w.padded_cols() + 2 * kQChunk - 1) / (2 * kQChunk) * (2 * kQChunk);
+}
+
+float quantize_chunk_int8(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    amax = std::max(amax, std::abs(x[i]));
+    finite = finite && std::isfinite(x[i]);
+  }
+  const float inv = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+  for (int64_t i = 0; i < n; ++i)
+    q[i] = static_cast<int8_t>(std::clamp(std::lrint(x[i] * inv), -127L, 127L));
+  // A NaN or inf activation makes the chunk's scale NaN, so it reaches the output as in fp32.
+  return finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+}
+
+void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w,
+                          int8_t* xq, float* xd, float* xsum) {
+  const int64_t S = int8_stride(w), nc = w.padded_cols() / kQChunk, L = w.n_groups();
+  const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
+  const uint8_t* order = int8_lane_order(w.bits);
+  int8_t q[2 * kQChunk];
+  float d[2];
+  std::fill(xsum, xsum + T * L, 0.0f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t v = 0; v < S / (2 * kQChunk); ++v) {
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t c = 2 * v + h;
+        if (c < nc) {
+          d[h] = quantize_chunk_int8(x + t * x_stride + c * kQChunk, kQChunk, q + h * kQChunk);
+          int32_t qsum = 0;
+          for (int k = 0; k < kQChunk; ++k) qsum += q[h * kQChunk + k];
+          xsum[t * L + c / cpg] += d[h] * static_cast<float>(qsum);
+        } else {
+          d[h] = 0.0f;
+          std::fill(q + h * kQChunk, q + (h + 1) * kQChunk, int8_t{0});
+        }
+      }
+      int8_t* out = xq + t * S + v * 2 * kQChunk;
+      for (int k = 0; k < 2 * kQChunk; ++k) out[k] = q[order[k]];
+      float* scales = xd + t * (S / 4) + v * 16;
+      for (int l = 0; l < 16; ++l) scales[l] = d[order[4 * l] / kQChunk];
+    }
+}
+
+void gemv_int8_ref(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T) {
+  const int64_t O = w.rows, I = w.cols, L = w.n_groups();
+  std::vector<int8_t> q(static_cast<size_t>(I));
+  std::vector<float> d(static_cast<size_t>((I + kQChunk - 1) / kQChunk));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * I;
+    for (int64_t c = 0; c * kQChunk < I; ++c)
+      d[c] = quantize_chunk_int8(xt + c * kQChunk, std::min(kQChunk, I - c * kQChunk),
+                                 q.data() + c * kQChunk);
+    std::vector<double> xsum(static_cast<size_t>(L), 0.0);  // of x^
+    for (int64_t i = 0; i < I; ++i) xsum[w.group_of(i)] += static_cast<double>(d[i / kQChunk]) * q[i];
+    for (int64_t j = 0; j < O; ++j) {
+      double acc = bias ? bias[j] : 0.0;
+      for (int64_t i = 0; i < I; ++i)
+        acc += static_cast<double>(w.scales[j * L + w.group_of(i)]) * d[i / kQChunk] *
+               code_at(w, j, i) * q[i];
+      for (int64_t g = 0; g < L; ++g) acc += static_cast<double>(w.offsets[j * L + g]) * xsum[g];
+      y[t * O + j] = static_cast<float>(acc);
+    }
+  }
+}
+
+const KernelTable kPortableTable = {Isa::Portable, nullptr, nullptr, portable_dequant_rows, portable_dot};
 
 }  // namespace qk
 
@@ -287,10 +413,11 @@ void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
   });
 }
 
-void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T) {
+void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
+                     DecodeActivations activations) {
   const int64_t O = w.rows, I = w.cols;
   if (T <= 0) return;
-  if (T <= qk::kGemvMaxTokens) return qk::gemv(y, x, w, bias, T, qk::table());
+  if (T <= qk::kGemvMaxTokens) return qk::gemv(y, x, w, bias, T, activations, qk::table());
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   for (int64_t t = 0; t < T; ++t)

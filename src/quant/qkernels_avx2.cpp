@@ -424,7 +424,7 @@ QL_AVX2 float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-const KernelTable kAvx2Table = {Isa::Avx2, gemv_rows, dequant_rows, dot};
+const KernelTable kAvx2Table = {Isa::Avx2, gemv_rows, nullptr, dequant_rows, dot};
 
 }  // namespace qalora::qk
 

@@ -1,26 +1,14 @@
-// AVX-512 quantized kernels (F, BW, VL, DQ). Compiled with a target attribute rather than the
-// build's -march so that a portable build still carries them; qkernels.cpp picks them at run
-// time. A 32-column chunk decodes into two 16-lane vectors: codes 0..15 and 16..31.
-// x86 only; elsewhere qkernels.cpp uses the portable kernels.
+// AVX-512 quantized kernels (F, BW, VL, DQ), picked at run time by qkernels.cpp. A 32-column
+// chunk decodes into two 16-lane vectors: codes 0..15 and 16..31. x86 only; elsewhere
+// qkernels.cpp uses the portable kernels.
 #if defined(__x86_64__) || defined(__i386__)
-
-// GCC 12 warns that the placeholder operand of unmasked AVX-512 intrinsics (their
-// _mm512_undefined_*() argument) is uninitialized when they are inlined into a target-attribute
-// function (GCC bug 105593); the warning points into the header, so it is silenced there only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "quant/qkernels_avx512.h"
 #include "quant/qkernels_internal.h"
-
-#define QL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define QL_AVX512_INLINE QL_AVX512 inline __attribute__((always_inline))
 
 namespace qalora::qk {
 namespace {
@@ -122,20 +110,6 @@ QL_AVX512_INLINE void affine_dot_chunk(const uint8_t* p, const float* x, int64_t
       acc[1][t] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + t * xs + 16), acc[1][t]);
     }
   }
-}
-
-// acc + a[0..n) * b[0..n) lane-wise (masked tail): the offsets' share of a row's result, folded
-// into its vector accumulator so one reduction serves both (a scalar loop over 48 groups
-// cost as much as the codes at G = 32).
-QL_AVX512_INLINE __m512 fma_masked(const float* a, const float* b, int64_t n, __m512 acc) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  if (i < n) {
-    const auto m = static_cast<__mmask16>((1u << (n - i)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-  }
-  return acc;
 }
 
 // y_j = sum_g s[j,g] (q_jg . x_g) + m[j,g] sum(x_g): the offsets cost one dot over the groups
@@ -440,7 +414,9 @@ QL_AVX512 float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-const KernelTable kAvx512Table = {Isa::Avx512, gemv_rows, dequant_rows, dot};
+const KernelTable kAvx512Table = {Isa::Avx512, gemv_rows, nullptr, dequant_rows, dot};
+const KernelTable kAvx512VnniTable = {Isa::Avx512Vnni, gemv_rows, gemv_int8_rows_avx512vnni,
+                                      dequant_rows, dot};
 
 }  // namespace qalora::qk
 

@@ -9,7 +9,10 @@
 
 namespace qalora::qk {
 
-enum class Isa { Portable, Avx2, Avx512 };
+// Avx512Vnni is Avx512 plus int8 dot products: its decode GEMV quantizes the activations to
+// int8 (gemv_int8_rows below); every other kernel is the Avx512 one.
+enum class Isa { Portable, Avx2, Avx512, Avx512Vnni };
+inline constexpr Isa kAllIsas[] = {Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni};
 const char* isa_name(Isa isa);
 // Whether this CPU can run `isa` (Portable always).
 bool isa_supported(Isa isa);
@@ -25,15 +28,47 @@ struct GemvArgs {
   const float* x = nullptr;  // [T, padded_cols], zero past cols (no tail masks needed)
   int64_t x_stride = 0;      // padded_cols
   int64_t L = 0;             // affine: w.n_groups()
-  // Affine with chunk-aligned groups: [T, L] sums of x over each group.
+  // Affine with chunk-aligned groups: [T, L] sums of x over each group (of x^ for the int8
+  // GEMV).
   const float* xsum = nullptr;
   // Affine otherwise: the group of each column, [padded_cols] (column_groups).
   const int32_t* groups = nullptr;
   float* y = nullptr;           // [T, rows]
   const float* bias = nullptr;  // [rows] or null
   int64_t T = 0;                // 1..kGemvMaxTokens
+  // gemv_int8_rows only: x quantized by quantize_activations.
+  const int8_t* xq = nullptr;  // [T, xq_stride]
+  const float* xd = nullptr;   // [T, xq_stride / 4]
+  int64_t xq_stride = 0;
 };
 inline constexpr int64_t kGemvMaxTokens = 4;
+
+// The int8-activation GEMV (llama.cpp's Q8 activations, in spirit): every 32-column chunk of x
+// becomes x^ = d_c * q with q in [-127, 127] and d_c = max|x_c| / 127, and y = x^ W^T:
+//   y_j = sum_c s[j,g(c)] d_c (codes_jc . q_c) + sum_g m[j,g] sum(x^_g) + bias_j.
+// The offsets must see x^ too: with sum(x) instead, a symmetric weight's m = -s 2^(bits-1)
+// would multiply the rounding of x by 2^(bits-1) (5% logit error on SmolLM2's Q8_0 head).
+// So the error against the fp32 GEMV is W (x^ - x), at most sum_c d_c / 2 * sum_{i in c}
+// |W[j,i]| per output. It serves affine 2/4/8-bit weights with contiguous groups that start
+// on chunk boundaries (int8_gemv_layout).
+bool int8_gemv_layout(const QMatrix& w);
+
+// The int8 kernel reads two chunks (64 columns) of x per vector, in the order in which one
+// vector of the weight's packed bytes unpacks: byte k of the unpacked vector holds column
+// (2v) * 32 + int8_lane_order(bits)[k] of the pair. Every 4-byte lane stays within one chunk.
+const uint8_t* int8_lane_order(int bits);
+
+// x [T, padded cols] -> xq [T, xq_stride] in int8_lane_order, xd [T, xq_stride / 4]: the
+// d_c of the chunk each 4-byte lane of xq comes from, and xsum [T, n_groups]: the group sums
+// of x^. xq_stride = padded cols rounded up to 64.
+int64_t int8_stride(const QMatrix& w);
+void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w,
+                          int8_t* xq, float* xd, float* xsum);
+// The scale of one chunk and its int8 codes: the definition both the kernel's input and the
+// reference below use.
+float quantize_chunk_int8(const float* x, int64_t n, int8_t* q);
+// The plain reference of the int8 GEMV: the formula above, element by element in double.
+void gemv_int8_ref(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T);
 
 // Affine with contiguous groups that start on chunk boundaries (G % 32 == 0, or one group
 // per row): one scale and offset per chunk, and the GEMV can use
@@ -49,6 +84,8 @@ struct KernelTable {
   Isa isa;
   // Rows r0..r1-1 of y for any layout, single-threaded. Null: dequantize rows + dot instead.
   void (*gemv_rows)(const GemvArgs& a, int64_t r0, int64_t r1);
+  // The int8-activation GEMV for int8_gemv_layout weights, or null.
+  void (*gemv_int8_rows)(const GemvArgs& a, int64_t r0, int64_t r1);
   // out[(j - r0) * cols + i] for rows r0..r1-1, any layout, single-threaded.
   void (*dequant_rows)(const QMatrix& w, int64_t r0, int64_t r1, float* out);
   // sum a[i] * b[i].
@@ -58,5 +95,8 @@ struct KernelTable {
 extern const KernelTable kPortableTable;
 extern const KernelTable kAvx2Table;
 extern const KernelTable kAvx512Table;
+extern const KernelTable kAvx512VnniTable;
+// The AVX-512 VNNI int8 GEMV (qkernels_avx512vnni.cpp).
+void gemv_int8_rows_avx512vnni(const GemvArgs& a, int64_t r0, int64_t r1);
 
 }  // namespace qalora::qk

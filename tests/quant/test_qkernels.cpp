@@ -69,9 +69,33 @@ constexpr double kTol = 1e-5;
 
 std::vector<Isa> runnable_isas() {
   std::vector<Isa> v;
-  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512})
+  for (Isa isa : qk::kAllIsas)
     if (qk::isa_supported(isa)) v.push_back(isa);
   return v;
+}
+
+// Whether qmatmul_forward quantizes x to int8 for this weight and token count on `isa`.
+bool int8_path(Isa isa, const QMatrix& w, int64_t T) {
+  return isa == Isa::Avx512Vnni && qk::int8_gemv_layout(w) && T <= qk::kGemvMaxTokens;
+}
+
+// The largest error int8 activations may add to each output of x W^T: per chunk c of 32
+// columns, |x_i - d_c q_i| <= d_c / 2, so |dy_j| <= sum_c d_c / 2 * sum_{i in c} |W[j,i]|.
+std::vector<double> int8_error_bound(const std::vector<float>& x, const std::vector<float>& W,
+                                     int64_t T, int64_t O, int64_t I) {
+  std::vector<double> bound(static_cast<size_t>(T * O), 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c0 = 0; c0 < I; c0 += kQChunk) {
+      const int64_t c1 = std::min(I, c0 + kQChunk);
+      float amax = 0.0f;
+      for (int64_t i = c0; i < c1; ++i) amax = std::max(amax, std::abs(x[t * I + i]));
+      for (int64_t j = 0; j < O; ++j) {
+        double wsum = 0.0;
+        for (int64_t i = c0; i < c1; ++i) wsum += std::abs(W[j * I + i]);
+        bound[t * O + j] += amax / 127.0 / 2.0 * wsum;
+      }
+    }
+  return bound;
 }
 
 // Runs f once per runnable ISA with the kernels forced to it, then restores the default.
@@ -97,35 +121,57 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
     int64_t T;
     const float* bias;
     std::vector<float> x, ref;
+    std::vector<float> int8_ref;  // the int8-activation GEMV's reference, where it applies
+    std::vector<double> int8_bound;
   };
+  std::vector<float> deq_ref(static_cast<size_t>(O * I));
+  dequantize_rows_ref(w, 0, O, deq_ref.data());
   std::vector<Case> fwd;
   for (size_t k = 0; k < tokens.size(); ++k) {
     Case c{tokens[k],
            k % 2 == 0 ? bias.data() : nullptr,
            random_uniform(tokens[k] * I, seed + 10 + k, x_lo, 1.0f),
+           {},
+           {},
            {}};
     c.ref.resize(static_cast<size_t>(c.T * O));
     qmatmul_forward_ref(c.ref.data(), c.x.data(), w, c.bias, c.T);
+    if (int8_path(Isa::Avx512Vnni, w, c.T)) {
+      c.int8_ref.resize(c.ref.size());
+      qk::gemv_int8_ref(c.int8_ref.data(), c.x.data(), w, c.bias, c.T);
+      c.int8_bound = int8_error_bound(c.x, deq_ref, c.T, O, I);
+    }
     fwd.push_back(std::move(c));
   }
   std::vector<Case> bwd;
   for (size_t k = 0; k < backward_tokens.size(); ++k) {
-    Case c{backward_tokens[k], nullptr, random_uniform(backward_tokens[k] * O, seed + 30 + k), {}};
+    Case c{backward_tokens[k], nullptr, random_uniform(backward_tokens[k] * O, seed + 30 + k),
+           {}, {}, {}};
     c.ref.resize(static_cast<size_t>(c.T * I));
     qmatmul_backward_input_ref(c.ref.data(), c.x.data(), w, c.T);
     bwd.push_back(std::move(c));
   }
-  std::vector<float> deq_ref(static_cast<size_t>(O * I));
-  dequantize_rows_ref(w, 0, O, deq_ref.data());
   const int64_t r0 = O > 2 ? 1 : 0, r1 = O > 2 ? O - 1 : O;
   const std::vector<float> part_ref(deq_ref.begin() + r0 * I, deq_ref.begin() + r1 * I);
 
-  for_each_isa([&](Isa) {
+  for_each_isa([&](Isa isa) {
     for (const Case& c : fwd) {
       // Sized exactly, so the sanitizer build catches reads or writes past the ends.
       std::vector<float> y(c.ref.size(), -7.0f);
       qmatmul_forward(y.data(), c.x.data(), w, c.bias, c.T);
-      EXPECT_LE(rel_err(y, c.ref), kTol) << "forward T " << c.T << (c.bias ? " bias" : "");
+      if (!int8_path(isa, w, c.T)) {
+        EXPECT_LE(rel_err(y, c.ref), kTol) << "forward T " << c.T << (c.bias ? " bias" : "");
+        continue;
+      }
+      EXPECT_LE(rel_err(y, c.int8_ref), kTol) << "int8 forward T " << c.T;
+      std::vector<float> exact(c.ref.size(), -7.0f);
+      qmatmul_forward(exact.data(), c.x.data(), w, c.bias, c.T, DecodeActivations::Exact);
+      EXPECT_LE(rel_err(exact, c.ref), kTol) << "exact forward T " << c.T;
+      // Against fp32: within the rounding bound of the activations (plus fp32 slack).
+      for (size_t i = 0; i < y.size(); ++i)
+        ASSERT_LE(std::abs(static_cast<double>(y[i]) - c.ref[i]),
+                  c.int8_bound[i] + 1e-5 * (1.0 + std::abs(c.ref[i])))
+            << "int8 forward T " << c.T << " output " << i;
     }
     for (const Case& c : bwd) {
       std::vector<float> dx(c.ref.size(), -7.0f);
@@ -156,7 +202,7 @@ TEST(QKernels, IsaDispatch) {
   const Isa prev = qk::force_isa(Isa::Portable);
   EXPECT_STREQ(qkernel_isa(), "portable");
   EXPECT_EQ(qk::force_isa(prev), Isa::Portable);
-  for (Isa isa : {Isa::Avx2, Isa::Avx512})
+  for (Isa isa : qk::kAllIsas)
     if (!qk::isa_supported(isa)) {
       EXPECT_THROW(qk::force_isa(isa), Error);
     }
@@ -265,6 +311,20 @@ TEST(QKernels, PositiveActivationsKeepOffsetTermAccurate) {
     const auto W = random_uniform(64 * 576, 4, -0.1f, 0.1f);
     const QMatrix w = quantize_rtn(W.data(), 64, 576, bits, 128, true);
     check_all_kernels(w, {1, 3}, {}, 40000 + bits, 0.0f);
+  }
+}
+
+TEST(QKernels, Int8ActivationsOnSymmetricWeightsStayWithinTheirBound) {
+  // Q8_0-like weights: symmetric codes around the zero point 2^(bits-1) (m = -s 2^(bits-1)),
+  // most of them near it because one outlier per group sets the scale. Here the offsets'
+  // share is as large as the codes' and cancels them; it must be taken from the same rounded
+  // activations, or the rounding error of x comes back multiplied by 2^(bits-1).
+  const int64_t rows = 64, cols = 576;
+  auto W = test::random_normal(rows * cols, 61, 0.02f);
+  for (int64_t i = 0; i < rows * cols; i += 32) W[i] = 0.5f;
+  for (auto [bits, G] : {std::pair<int, int64_t>{8, 32}, {4, 128}, {2, 64}}) {
+    SCOPED_TRACE(testing::Message() << "bits " << bits << " G " << G);
+    check_all_kernels(quantize_rtn(W.data(), rows, cols, bits, G, true), {1, 2, 4}, {}, 62, 0.0f);
   }
 }
 

@@ -27,6 +27,7 @@ struct BenchArgs {
   int64_t prompt_tokens = 256;
   int64_t gen_tokens = 64;
   std::string baseline;
+  int reps = 3;
   bool json = false;
 };
 
@@ -107,6 +108,8 @@ struct Speed {
   double linear_gflops = 0;
   double linear_share = 0;  // of prefill time
   double decode_tps = 0;
+  double decode_linear_share = 0;     // of decode time
+  double decode_attention_share = 0;  // of decode time
   double bytes_per_token = 0;
 };
 
@@ -127,12 +130,14 @@ Speed measure(const Model& model, const BenchArgs& args) {
   const double prefill_s = seconds_since(start);
   const ForwardStats prefill = session.stats();
 
+  session.stats().reset();
   start = Clock::now();
   for (int64_t i = 0; i < args.gen_tokens; ++i) {
     const int32_t next[] = {argmax(logits)};
     logits = session.forward_last(next);
   }
   const double decode_s = seconds_since(start);
+  const ForwardStats decode = session.stats();
 
   Speed r;
   r.prefill_tps = static_cast<double>(args.prompt_tokens) / prefill_s;
@@ -140,6 +145,8 @@ Speed measure(const Model& model, const BenchArgs& args) {
       prefill.linear_seconds > 0 ? prefill.linear_flops / prefill.linear_seconds / 1e9 : 0.0;
   r.linear_share = prefill.linear_seconds / prefill_s;
   r.decode_tps = static_cast<double>(args.gen_tokens) / decode_s;
+  r.decode_linear_share = decode.linear_seconds / decode_s;
+  r.decode_attention_share = decode.attention_seconds / decode_s;
   r.bytes_per_token = weight_bytes_per_token(model);
   return r;
 }
@@ -155,12 +162,33 @@ void run_bench(const BenchArgs& args) {
     baseline.emplace(load_model(b));
   }
 
+  QL_CHECK(args.reps >= 1, "--reps must be >= 1, got ", args.reps);
   const Bandwidth bw = memory_bandwidth();
   const double gemm = gemm_peak_gflops();
-  const Speed sp = measure(model, args);
-  const double weight_gbs = sp.bytes_per_token * sp.decode_tps / 1e9;
+  // The model and the baseline alternate, and each keeps its fastest run: a shared machine's
+  // passing load then slows both alike instead of skewing their ratio.
+  Speed sp;
   std::optional<Speed> base;
-  if (baseline) base = measure(*baseline, args);
+  auto keep_best = [](Speed& best, const Speed& s) {
+    if (s.prefill_tps > best.prefill_tps) {
+      best.prefill_tps = s.prefill_tps;
+      best.linear_gflops = s.linear_gflops;
+      best.linear_share = s.linear_share;
+    }
+    if (s.decode_tps > best.decode_tps) {
+      best.decode_tps = s.decode_tps;
+      best.decode_linear_share = s.decode_linear_share;
+      best.decode_attention_share = s.decode_attention_share;
+    }
+    best.bytes_per_token = s.bytes_per_token;
+  };
+  for (int rep = 0; rep < args.reps; ++rep) {
+    keep_best(sp, measure(model, args));
+    if (!baseline) continue;
+    if (!base) base.emplace();
+    keep_best(*base, measure(*baseline, args));
+  }
+  const double weight_gbs = sp.bytes_per_token * sp.decode_tps / 1e9;
 
   nlohmann::ordered_json j = {{"model", args.model.model},
                               {"quantization", model.quant.empty() ? "none" : model.quant.method},
@@ -176,8 +204,11 @@ void run_bench(const BenchArgs& args) {
                               {"prefill_linear_share_of_time", sp.linear_share},
                               {"prefill_gemm_efficiency", sp.linear_gflops / gemm},
                               {"gen_tokens", args.gen_tokens},
+                              {"reps", args.reps},
                               {"decode_tokens_per_s", sp.decode_tps},
                               {"decode_weight_gbs", weight_gbs},
+                              {"decode_linear_share_of_time", sp.decode_linear_share},
+                              {"decode_attention_share_of_time", sp.decode_attention_share},
                               {"decode_bandwidth_efficiency", weight_gbs / bw.read_gbs}};
   if (base) {
     j["baseline"] = args.baseline;
@@ -203,6 +234,8 @@ void run_bench(const BenchArgs& args) {
   std::printf("  throughput           %9.1f tok/s\n", sp.decode_tps);
   std::printf("  weight bandwidth     %9.2f GB/s     %5.1f%% of memory read (%.1f MB per token)\n",
               weight_gbs, 100 * weight_gbs / bw.read_gbs, sp.bytes_per_token / 1e6);
+  std::printf("  time                 %9.0f%% linear layers, %.0f%% attention\n",
+              100 * sp.decode_linear_share, 100 * sp.decode_attention_share);
   if (base) {
     std::printf("against the baseline %s\n", args.baseline.c_str());
     std::printf("  prefill              %9.1f tok/s    this model %.2fx\n", base->prefill_tps,
@@ -224,6 +257,9 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--gen-tokens", args->gen_tokens, "decoded tokens")->capture_default_str();
   cmd->add_option("--baseline", args->baseline,
                   "a second model (e.g. the fp32 source) to run the same way and compare against");
+  cmd->add_option("--reps", args->reps,
+                  "runs of each model, alternating with the baseline; the fastest counts")
+      ->capture_default_str();
   cmd->add_flag("--json", args->json, "machine-readable output");
   cmd->callback([args] { run_bench(*args); });
 }

@@ -14,6 +14,7 @@ namespace qalora {
 struct ForwardStats {
   double linear_seconds = 0;
   double linear_flops = 0;
+  double attention_seconds = 0;
   double total_seconds = 0;
   int64_t tokens = 0;
   void reset() { *this = {}; }
@@ -46,9 +47,9 @@ class InferenceSession {
  private:
   void ensure_buffers(int64_t T);
   void linear(const Linear& l, const float* x, float* y, int64_t T);
-  // y = x W^T + b with W quantized when `qweight` holds codes, else the fp32 `weight`.
+  // linear_forward, timed into stats_.
   void project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias, const float* x,
-               float* y, int64_t T);
+               float* y, int64_t T, DecodeActivations activations = DecodeActivations::Int8);
 
   const Model& model_;
   int64_t max_ctx_ = 0;
@@ -62,9 +63,11 @@ class InferenceSession {
 };
 
 // y[T, out] = x[T, in] W^T (+ bias) with W quantized when `qweight` holds codes, else the fp32
-// `weight`: the one place that picks the kernel for a linear layer.
+// `weight`: the one place that picks the kernel for a linear layer. `activations`: see
+// qmatmul_forward (the output head asks for Exact).
 void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
-                    const float* x, float* y, int64_t T);
+                    const float* x, float* y, int64_t T,
+                    DecodeActivations activations = DecodeActivations::Int8);
 inline void linear_forward(const Linear& l, const float* x, float* y, int64_t T) {
   linear_forward(l.weight, l.qweight, l.bias, x, y, T);
 }

@@ -108,9 +108,17 @@ void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out);
 void dequantize_rows_ref(const QMatrix& w, int64_t r0, int64_t r1, float* out);
 Tensor dequantize(const QMatrix& w);
 
+// How the decode GEMV (T <= 4) may treat the activations. Int8: on CPUs with int8 dot
+// products (AVX-512 VNNI) it rounds x to int8 per 32 columns, as llama.cpp does, for about
+// twice the speed; the result is then exactly x^ W^T with |x^ - x| <= max|x_chunk| / 254, a
+// relative error near 0.5% on each output. Exact: fp32 arithmetic throughout, for outputs
+// where that noise matters (logits, whose top two can be that close).
+enum class DecodeActivations { Int8, Exact };
+
 // y[T, rows] = x[T, cols] W^T (+ bias[rows]); bias may be null. GEMV for small T (decode),
 // dequantize-a-tile + GEMM for larger T (prefill, training).
-void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T);
+void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
+                     DecodeActivations activations = DecodeActivations::Int8);
 void qmatmul_forward_ref(float* y, const float* x, const QMatrix& w, const float* bias,
                          int64_t T);
 // dx[T, cols] = dy[T, rows] W: the input gradient of y = x W^T (the frozen-base backward).

@@ -1,0 +1,191 @@
+// AVX-512 VNNI decode GEMV on int8 activations (the formula and its error bound:
+// int8_gemv_layout in qkernels_internal.h). One 512-bit vector holds the 64 codes of two
+// chunks as bytes, and vpdpbusd multiplies them (unsigned) with 64 int8 activations (signed),
+// summing each four into an int32 lane: a vector of 4-bit codes costs one load, one shift, one
+// mask and one dot product, where the fp32 kernel needs a lookup and an FMA per 16 codes.
+// Compiled with a target attribute like qkernels_avx512.cpp; picked at run time.
+#if defined(__x86_64__) || defined(__i386__)
+
+#include <algorithm>
+
+#include "quant/qkernels_avx512.h"
+#include "quant/qkernels_internal.h"
+
+#define QL_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define QL_VNNI_INLINE QL_VNNI inline __attribute__((always_inline))
+
+namespace qalora::qk {
+namespace {
+
+// The codes of chunks 2v and 2v + 1 (at p) as 64 bytes in int8_lane_order(B). `half`: chunk
+// 2v is the row's last, so only its bytes are read and the second chunk's codes are zero.
+template <int B>
+QL_VNNI_INLINE __m512i codes_u8(const uint8_t* p, bool half) {
+  if constexpr (B == 8) {
+    return half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, p) : _mm512_loadu_si512(p);
+  } else if constexpr (B == 4) {
+    // The 32 packed bytes in both halves; the upper half shifted down to the high nibbles.
+    const __m256i b = half ? _mm256_maskz_loadu_epi8(0xFFFFu, p)
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m512i shift = _mm512_set_epi64(0x0004000400040004, 0x0004000400040004,
+                                           0x0004000400040004, 0x0004000400040004, 0, 0, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(b), shift),
+                            _mm512_set1_epi8(0x0F));
+  } else {
+    static_assert(B == 2, "the int8 GEMV takes 2, 4 and 8-bit codes");
+    // The 16 packed bytes in all four 128-bit lanes, shifted by 0, 2, 4 and 6 bits.
+    const __m128i b = half ? _mm_maskz_loadu_epi8(0xFFu, p)
+                           : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m512i shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006,
+                                           0x0004000400040004, 0x0004000400040004,
+                                           0x0002000200020002, 0x0002000200020002, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(b), shift),
+                            _mm512_set1_epi8(0x03));
+  }
+}
+
+// The 16 int32 lanes that come from the second chunk of a vector, as a blend mask.
+__mmask16 second_chunk_lanes(int bits) {
+  const uint8_t* order = int8_lane_order(bits);
+  unsigned m = 0;
+  for (int l = 0; l < 16; ++l)
+    if (order[4 * l] >= kQChunk) m |= 1u << l;
+  return static_cast<__mmask16>(m);
+}
+
+// The groups of chunks 2v and 2v + 1, advanced one vector at a time (no division per vector).
+struct VectorGroups {
+  int64_t per_group, last, g = 0, k = 0;  // k: chunk 2v's index within its group g
+  int64_t first() const { return g; }
+  int64_t second() const { return std::min(k + 1 < per_group ? g : g + 1, last); }
+  void next() {
+    for (k += 2; k >= per_group; k -= per_group) ++g;
+  }
+};
+
+// Rows j0..j0+R-1 of y for NT tokens. Several rows at a time share the activation loads and
+// the group bookkeeping, which at 576 columns (9 vectors a row) cost more than the codes.
+// kPerVector: each vector is scaled on its own, per lane where its two chunks lie in
+// different groups (G = 32, 96, ...); otherwise (G a multiple of 128, or one group per row)
+// a group's vectors are summed unscaled and the sum scaled once.
+template <int B, int NT, int R, bool kPerVector>
+QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 second) {
+  const QMatrix& w = *a.w;
+  const int64_t L = a.L, nc = w.padded_cols() / kQChunk, rb = w.row_bytes();
+  const int64_t nv = (nc + 1) / 2, half = nc % 2 ? nc / 2 : -1;  // vector `half` has one chunk
+  const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;      // chunks per group
+  const int64_t ds = a.xq_stride / 4;
+  constexpr int64_t VB = 2 * chunk_bytes(B);
+  const uint8_t* p[R];
+  const float* s[R];
+  for (int r = 0; r < R; ++r) {
+    p[r] = w.codes.data() + (j0 + r) * rb;
+    s[r] = w.scales.data() + (j0 + r) * L;
+  }
+  // Decode streams the weights from memory once: ask for the rows a few blocks ahead.
+  constexpr int64_t kAheadBlocks = 6;
+  const auto codes_size = static_cast<int64_t>(w.codes.size());
+  for (int64_t b = (j0 + kAheadBlocks * R) * rb, end = std::min(b + R * rb, codes_size); b < end;
+       b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(w.codes.data() + b), _MM_HINT_T0);
+  __m512 acc[R][NT], grp[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm512_setzero_ps();
+  VectorGroups vg{cpg, L - 1};
+  const int64_t vpg = L == 1 ? nv : cpg / 2;  // !kPerVector: vectors per group
+  for (int64_t v = 0, g = 0, in_group = 0; v < nv; ++v) {
+    __m512i xq[NT];
+    __m512 xd[NT];
+    for (int t = 0; t < NT; ++t) {
+      xq[t] = _mm512_loadu_si512(a.xq + t * a.xq_stride + v * 64);
+      xd[t] = _mm512_loadu_ps(a.xd + t * ds + v * 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i q = codes_u8<B>(p[r] + v * VB, v == half);
+      if constexpr (kPerVector) {
+        const __m512 scale = _mm512_mask_blend_ps(second, _mm512_set1_ps(s[r][vg.first()]),
+                                                  _mm512_set1_ps(s[r][vg.second()]));
+        for (int t = 0; t < NT; ++t) {
+          const __m512 dot =
+              _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq[t]));
+          acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(dot, xd[t]), scale, acc[r][t]);
+        }
+      } else {
+        for (int t = 0; t < NT; ++t) {
+          const __m512 dot =
+              _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xq[t]));
+          grp[r][t] = _mm512_fmadd_ps(dot, xd[t], grp[r][t]);
+        }
+      }
+    }
+    if constexpr (kPerVector) {
+      vg.next();
+    } else if (++in_group == vpg || v + 1 == nv) {  // the group ends with this vector
+      in_group = 0;
+      for (int r = 0; r < R; ++r) {
+        const __m512 sg = _mm512_set1_ps(s[r][g]);
+        for (int t = 0; t < NT; ++t) {
+          acc[r][t] = _mm512_fmadd_ps(grp[r][t], sg, acc[r][t]);
+          grp[r][t] = _mm512_setzero_ps();
+        }
+      }
+      ++g;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t j = j0 + r;
+    for (int t = 0; t < NT; ++t)
+      // The offsets' share, m . sum(x_g), folded into the vector before the one reduction.
+      a.y[t * w.rows + j] =
+          _mm512_reduce_add_ps(fma_masked(w.offsets.data() + j * L, a.xsum + t * L, L, acc[r][t])) +
+          (a.bias ? a.bias[j] : 0.0f);
+  }
+}
+
+template <int B, int NT, bool kPerVector>
+QL_VNNI void gemv_int8(const GemvArgs& a, int64_t r0, int64_t r1) {
+  constexpr int R = NT <= 2 ? 4 : 2;  // rows per block: what fits the 32 vector registers
+  const __mmask16 second = second_chunk_lanes(B);
+  int64_t j = r0;
+  for (; j + R <= r1; j += R) gemv_int8_block<B, NT, R, kPerVector>(a, j, second);
+  for (; j < r1; ++j) gemv_int8_block<B, NT, 1, kPerVector>(a, j, second);
+}
+
+template <int B, int NT>
+QL_VNNI void gemv_int8_nt(const GemvArgs& a, int64_t r0, int64_t r1) {
+  // Whole vectors per group: groups of an even number of chunks, or one group per row.
+  const int64_t cpg = a.w->group_size / kQChunk;
+  if (a.L == 1 || cpg % 2 == 0) return gemv_int8<B, NT, false>(a, r0, r1);
+  gemv_int8<B, NT, true>(a, r0, r1);
+}
+
+template <int B>
+QL_VNNI void gemv_int8_bits(const GemvArgs& a, int64_t r0, int64_t r1) {
+  switch (a.T) {
+    case 1:
+      return gemv_int8_nt<B, 1>(a, r0, r1);
+    case 2:
+      return gemv_int8_nt<B, 2>(a, r0, r1);
+    case 3:
+      return gemv_int8_nt<B, 3>(a, r0, r1);
+    default:
+      return gemv_int8_nt<B, 4>(a, r0, r1);
+  }
+}
+
+}  // namespace
+
+QL_VNNI void gemv_int8_rows_avx512vnni(const GemvArgs& a, int64_t r0, int64_t r1) {
+  switch (a.w->bits) {
+    case 2:
+      return gemv_int8_bits<2>(a, r0, r1);
+    case 4:
+      return gemv_int8_bits<4>(a, r0, r1);
+    default:
+      return gemv_int8_bits<8>(a, r0, r1);
+  }
+}
+
+}  // namespace qalora::qk
+
+#endif  // x86
