@@ -114,6 +114,33 @@ BENCHMARK(BM_Attention<false>)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Attention<true>)->Name("Attention/reference")->Arg(64)->Unit(benchmark::kMicrosecond);
 
+// One decode step's attention over all 30 layers of SmolLM2 with `pos` cached positions: the
+// caches (17 MB at pos 384) cycle as in a real step, so keys and values come from memory.
+// GBps: K and V bytes read per second.
+void BM_AttentionDecode(benchmark::State& state) {
+  const int64_t pos = state.range(0), layers = 30, H = 9, KV = 3, Hd = 64, stride = pos + 1;
+  auto q = random_vec(static_cast<size_t>(H * Hd));
+  auto k = random_vec(static_cast<size_t>(layers * KV * stride * Hd)), v = k;
+  std::vector<float> out(q.size());
+  for (auto _ : state)
+    for (int64_t l = 0; l < layers; ++l) {
+      const size_t off = static_cast<size_t>(l * KV * stride * Hd);
+      qalora::ops::attention_forward(out.data(), q.data(), k.data() + off, v.data() + off, 1, pos,
+                                     H, KV, Hd, stride);
+      benchmark::DoNotOptimize(out.data());
+    }
+  state.counters["GBps"] = benchmark::Counter(
+      2.0 * 4.0 * static_cast<double>(layers * KV * (pos + 1) * Hd) *
+          static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_AttentionDecode)
+    ->Name("AttentionDecode/30_layers")
+    ->Arg(384)
+    ->Arg(1024)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+
 }  // namespace
 
 BENCHMARK_MAIN();

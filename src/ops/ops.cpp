@@ -1,6 +1,7 @@
 #include "qalora/ops/ops.h"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -124,15 +125,84 @@ void swiglu_forward_ref(float* out, const float* gate, const float* up, int64_t 
   }
 }
 
+namespace {
+
+// One decoded token (T = 1) over P cached positions. Decoding reads the whole cache once per
+// token from memory, so the threads split the positions, not the heads (of which there may be
+// fewer KV heads than threads): each reads its share of every key and value once, for all the
+// query heads that use it, and keeps a partial softmax (its max, its sum of exponentials and
+// its weighted sum of values) per head; the partials are then merged, as in flash-decoding.
+void attention_decode(float* out, const float* q, const float* k_cache, const float* v_cache,
+                      int64_t P, int64_t H, int64_t KV, int64_t Hd, int64_t cache_stride) {
+  const int64_t group = H / KV;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
+  const bool parallel = P * H * Hd > (int64_t{1} << 15);  // else not worth waking threads
+  const int64_t slots = parallel ? omp_get_max_threads() : 1;
+  const int64_t part = Hd + 2;  // per thread and head: O[Hd], max, sum
+  std::vector<float> partial(static_cast<size_t>(slots * H * part));
+  int64_t used = 1;
+#pragma omp parallel if (parallel)
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+#pragma omp single
+    used = nth;
+    const int64_t p0 = P * tid / nth, p1 = P * (tid + 1) / nth;
+    thread_local std::vector<float> scores;
+    if (static_cast<int64_t>(scores.size()) < group * P)
+      scores.resize(static_cast<size_t>(group * P));
+    for (int64_t kvh = 0; kvh < KV; ++kvh) {
+      const float* K = k_cache + kvh * cache_stride * Hd;
+      const float* V = v_cache + kvh * cache_stride * Hd;
+      const float* Q = q + kvh * group * Hd;
+      float* s = scores.data();
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t r = 0; r < group; ++r) s[r * P + p] = scale * dot(Q + r * Hd, K + p * Hd, Hd);
+      for (int64_t r = 0; r < group; ++r) {
+        float* pr = partial.data() + (tid * H + kvh * group + r) * part;
+        float* sr = s + r * P;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t p = p0; p < p1; ++p) mx = std::max(mx, sr[p]);
+        for (int64_t p = p0; p < p1; ++p) sum += (sr[p] = std::exp(sr[p] - mx));
+        pr[Hd] = mx;
+        pr[Hd + 1] = sum;
+        std::fill(pr, pr + Hd, 0.0f);
+      }
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t r = 0; r < group; ++r)
+          axpy(partial.data() + (tid * H + kvh * group + r) * part, s[r * P + p], V + p * Hd, Hd);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < used; ++t) {
+      const float* pr = partial.data() + (t * H + h) * part;
+      if (pr[Hd + 1] > 0.0f) mx = std::max(mx, pr[Hd]);  // empty shares have sum 0
+    }
+    float* o = out + h * Hd;
+    std::fill(o, o + Hd, 0.0f);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < used; ++t) {
+      const float* pr = partial.data() + (t * H + h) * part;
+      if (pr[Hd + 1] == 0.0f) continue;
+      const float w = std::exp(pr[Hd] - mx);
+      sum += w * pr[Hd + 1];
+      axpy(o, w, pr, Hd);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < Hd; ++i) o[i] *= inv;
+  }
+}
+
+}  // namespace
+
 void attention_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                        int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
                        int64_t cache_stride) {
+  if (T == 1) return attention_decode(out, q, k_cache, v_cache, pos0 + 1, H, KV, Hd, cache_stride);
   const int64_t P = pos0 + T;  // keys visible to the last query
   const int64_t group = H / KV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   const int64_t qstride = H * Hd;
-  // Heads run in parallel once there is enough work to pay for waking the threads (a decode
-  // step over a cache of ~60 positions).
 #pragma omp parallel if (T * P * H * Hd > (int64_t{1} << 15))
   {
     thread_local std::vector<float> scores;
@@ -144,14 +214,10 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
       const float* Q = q + h * Hd;
       float* O = out + h * Hd;
       // S[T, P] = Q_h[T, Hd] K[P, Hd]^T; BLAS runs single-threaded inside this parallel loop.
-      if (T > 1)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
-                    static_cast<blasint>(P), static_cast<blasint>(Hd), scale, Q,
-                    static_cast<blasint>(qstride), K, static_cast<blasint>(Hd), 0.0f, scores.data(),
-                    static_cast<blasint>(P));
-      else
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(P), static_cast<blasint>(Hd),
-                    scale, K, static_cast<blasint>(Hd), Q, 1, 0.0f, scores.data(), 1);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
+                  static_cast<blasint>(P), static_cast<blasint>(Hd), scale, Q,
+                  static_cast<blasint>(qstride), K, static_cast<blasint>(Hd), 0.0f, scores.data(),
+                  static_cast<blasint>(P));
       for (int64_t t = 0; t < T; ++t) {
         float* s = scores.data() + t * P;
         const int64_t visible = pos0 + t + 1;
@@ -166,14 +232,10 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
         std::fill(s + visible, s + P, 0.0f);  // causal mask
       }
       // O_h[T, Hd] = S[T, P] V[P, Hd]
-      if (T > 1)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
-                    static_cast<blasint>(Hd), static_cast<blasint>(P), 1.0f, scores.data(),
-                    static_cast<blasint>(P), V, static_cast<blasint>(Hd), 0.0f, O,
-                    static_cast<blasint>(qstride));
-      else
-        cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(P), static_cast<blasint>(Hd),
-                    1.0f, V, static_cast<blasint>(Hd), scores.data(), 1, 0.0f, O, 1);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
+                  static_cast<blasint>(Hd), static_cast<blasint>(P), 1.0f, scores.data(),
+                  static_cast<blasint>(P), V, static_cast<blasint>(Hd), 0.0f, O,
+                  static_cast<blasint>(qstride));
     }
   }
 }

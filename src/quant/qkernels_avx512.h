@@ -12,7 +12,10 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include <algorithm>
 #include <cstdint>
+
+#include "qalora/quant/qmatrix.h"
 
 #define QL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define QL_AVX512_INLINE QL_AVX512 inline __attribute__((always_inline))
@@ -31,6 +34,16 @@ QL_AVX512_INLINE __m512 fma_masked(const float* a, const float* b, int64_t n, __
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
   }
   return acc;
+}
+
+// Decode streams every weight from memory once per token; the hardware prefetcher restarts
+// cold at every GEMV call, so the kernels ask for the codes of rows [row, row + n) ahead of
+// use (a few kilobytes ahead measured best on Zen 4).
+inline constexpr int64_t kPrefetchRows = 24;
+QL_AVX512_INLINE void prefetch_rows(const QMatrix& w, int64_t row, int64_t n) {
+  const int64_t rb = w.row_bytes(), size = static_cast<int64_t>(w.codes.size());
+  for (int64_t b = row * rb, end = std::min((row + n) * rb, size); b < end; b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(w.codes.data() + b), _MM_HINT_T0);
 }
 
 }  // namespace qalora::qk

@@ -82,12 +82,7 @@ QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 sec
     p[r] = w.codes.data() + (j0 + r) * rb;
     s[r] = w.scales.data() + (j0 + r) * L;
   }
-  // Decode streams the weights from memory once: ask for the rows a few blocks ahead.
-  constexpr int64_t kAheadBlocks = 6;
-  const auto codes_size = static_cast<int64_t>(w.codes.size());
-  for (int64_t b = (j0 + kAheadBlocks * R) * rb, end = std::min(b + R * rb, codes_size); b < end;
-       b += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(w.codes.data() + b), _MM_HINT_T0);
+  prefetch_rows(w, j0 + kPrefetchRows, R);
   __m512 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm512_setzero_ps();

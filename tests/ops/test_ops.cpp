@@ -73,15 +73,23 @@ TEST(Ops, SwigluMatchesReference) {
 }
 
 TEST(Ops, AttentionMatchesReference) {
-  // Prefill (T > 1, BLAS path) and decode (T == 1) with GQA ratios 1, 2, 3.
+  // Prefill (T > 1, BLAS path) and decode (T == 1) with GQA ratios 1, 2, 3; decode over one
+  // position, and over enough (Hd 64, 150 positions) that the threads split the positions.
+  struct Case {
+    int64_t T, pos0, Hd;
+  };
   for (auto [H, KV] : {std::pair<int64_t, int64_t>{4, 4}, {4, 2}, {6, 2}}) {
-    for (auto [T, pos0] : {std::pair<int64_t, int64_t>{7, 0}, {5, 3}, {1, 9}}) {
-      const int64_t Hd = 8, stride = 16;
-      auto q = random_uniform(T * H * Hd, 9), k = random_uniform(KV * stride * Hd, 10),
-           v = random_uniform(KV * stride * Hd, 11);
+    for (const Case c : {Case{7, 0, 8}, Case{5, 3, 8}, Case{1, 9, 8}, Case{1, 0, 8},
+                         Case{1, 150, 64}, Case{3, 150, 64}}) {
+      SCOPED_TRACE(testing::Message() << "H " << H << " KV " << KV << " T " << c.T << " pos0 "
+                                      << c.pos0 << " Hd " << c.Hd);
+      const int64_t stride = c.pos0 + c.T + 3;
+      auto q = random_uniform(c.T * H * c.Hd, 9), k = random_uniform(KV * stride * c.Hd, 10),
+           v = random_uniform(KV * stride * c.Hd, 11);
       std::vector<float> a(q.size()), b(q.size());
-      attention_forward(a.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride);
-      attention_forward_ref(b.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride);
+      attention_forward(a.data(), q.data(), k.data(), v.data(), c.T, c.pos0, H, KV, c.Hd, stride);
+      attention_forward_ref(b.data(), q.data(), k.data(), v.data(), c.T, c.pos0, H, KV, c.Hd,
+                            stride);
       expect_close(a, b, 1e-5f);
     }
   }
