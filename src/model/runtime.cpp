@@ -70,6 +70,27 @@ void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& 
     ops::matmul_forward(y, x, weight.data(), b, T, weight.dim(1), weight.dim(0));
 }
 
+void linear_forward_shared(std::span<const LinearOutput> outputs, const float* x, int64_t T) {
+  std::vector<QProduct> products;
+  for (const LinearOutput& o : outputs) {
+    const Linear& l = *o.linear;
+    if (l.quantized())
+      products.push_back({&l.qweight, l.bias.empty() ? nullptr : l.bias.data(), o.y});
+    else
+      linear_forward(l, x, o.y, T);
+  }
+  qmatmul_forward_shared(products, x, T);
+}
+
+void InferenceSession::linears(std::span<const LinearOutput> outputs, const float* x, int64_t T) {
+  const auto t0 = Clock::now();
+  linear_forward_shared(outputs, x, T);
+  stats_.linear_seconds += seconds_since(t0);
+  for (const LinearOutput& o : outputs)
+    stats_.linear_flops += 2.0 * static_cast<double>(T) *
+                           static_cast<double>(o.linear->in_features() * o.linear->out_features());
+}
+
 void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
                                const float* x, float* y, int64_t T,
                                DecodeActivations activations) {
@@ -114,9 +135,8 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     float* vc = v_cache_.data() + li * layer_cache;
 
     ops::rmsnorm_forward(xn, x, L.attn_norm.data(), T, D, c.norm_eps);
-    linear(L.q, xn, q_.data(), T);
-    linear(L.k, xn, k_.data(), T);
-    linear(L.v, xn, v_.data(), T);
+    const LinearOutput qkv[] = {{&L.q, q_.data()}, {&L.k, k_.data()}, {&L.v, v_.data()}};
+    linears(qkv, xn, T);
     ops::rope_forward(q_.data(), T, H, Hd, pos_, rope_cos_.data(), rope_sin_.data());
     ops::rope_forward(k_.data(), T, KV, Hd, pos_, rope_cos_.data(), rope_sin_.data());
     // Scatter the new keys/values into the per-head cache rows.
@@ -134,8 +154,8 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
 
     ops::rmsnorm_forward(xn, x, L.ffn_norm.data(), T, D, c.norm_eps);
-    linear(L.gate, xn, gate_.data(), T);
-    linear(L.up, xn, up_.data(), T);
+    const LinearOutput gate_up[] = {{&L.gate, gate_.data()}, {&L.up, up_.data()}};
+    linears(gate_up, xn, T);
     ops::swiglu_forward(gate_.data(), gate_.data(), up_.data(), T * F);
     linear(L.down, gate_.data(), xn, T);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];

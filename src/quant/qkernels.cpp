@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -213,63 +214,80 @@ float* aligned_scratch(std::vector<float>& v, int64_t n) {
   return p + (misalign ? kAlign - misalign : 0);
 }
 
-void gemv(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
-          DecodeActivations activations, const KernelTable& k) {
-  const int64_t O = w.rows, I = w.cols, P = w.padded_cols();
+// The products share x, and so its padded copy and whatever the kernels derive from it (group
+// sums, int8 codes): same_activation_layout holds for all their matrices. One thread team runs
+// the rows of all the products, split evenly.
+void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivations activations,
+          const KernelTable& k) {
+  const QMatrix& w = *ps.front().w;
+  const int64_t I = w.cols, P = w.padded_cols();
   // Zero-padded copies let the kernels read whole chunks without tail masks.
   float* xp = aligned_scratch(tl_x, T * P);
   for (int64_t t = 0; t < T; ++t) {
     std::copy(x + t * I, x + (t + 1) * I, xp + t * P);
     std::fill(xp + t * P + I, xp + (t + 1) * P, 0.0f);
   }
-  if (k.gemv_rows) {
-    GemvArgs a;
-    a.w = &w;
-    a.x = xp;
-    a.x_stride = P;
-    a.y = y;
-    a.bias = bias;
-    a.T = T;
-    if (w.type == QuantType::Affine) a.L = w.n_groups();
-    if (activations == DecodeActivations::Int8 && k.gemv_int8_rows && int8_gemv_layout(w)) {
-      a.xq_stride = int8_stride(w);
-      int8_t* xq = scratch(tl_xq, T * a.xq_stride);
-      float* xd = scratch(tl_xd, T * a.xq_stride / 4);
-      float* xs = scratch(tl_xsum, T * a.L);
-      quantize_activations(xp, P, T, w, xq, xd, xs);
-      a.xq = xq;
-      a.xd = xd;
-      a.xsum = xs;
-      parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) { k.gemv_int8_rows(a, r0, r1); });
-      return;
-    }
-    if (affine_chunk_aligned(w)) {
-      const int64_t G = w.group_size, L = a.L;
-      float* xs = scratch(tl_xsum, T * L);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t g = 0; g < L; ++g) {
-          double s = 0.0;
-          for (int64_t i = g * G; i < std::min(I, (g + 1) * G); ++i) s += xp[t * P + i];
-          xs[t * L + g] = static_cast<float>(s);
-        }
-      a.xsum = xs;
-    } else if (w.type == QuantType::Affine) {
-      a.groups = column_groups(w, tl_groups);
-    }
-    parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) { k.gemv_rows(a, r0, r1); });
-    return;
+  GemvArgs shared;
+  shared.w = &w;
+  shared.x = xp;
+  shared.x_stride = P;
+  shared.T = T;
+  if (w.type == QuantType::Affine) shared.L = w.n_groups();
+  const bool int8 =
+      activations == DecodeActivations::Int8 && k.gemv_int8_rows && int8_gemv_layout(w);
+  if (int8) {
+    shared.xq_stride = int8_stride(w);
+    int8_t* xq = scratch(tl_xq, T * shared.xq_stride);
+    float* xd = scratch(tl_xd, T * shared.xq_stride / 4);
+    float* xs = scratch(tl_xsum, T * shared.L);
+    quantize_activations(xp, P, T, w, xq, xd, xs);
+    shared.xq = xq;
+    shared.xd = xd;
+    shared.xsum = xs;
+  } else if (k.gemv_rows && affine_chunk_aligned(w)) {
+    const int64_t G = w.group_size, L = shared.L;
+    float* xs = scratch(tl_xsum, T * L);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < L; ++g) {
+        double s = 0.0;
+        for (int64_t i = g * G; i < std::min(I, (g + 1) * G); ++i) s += xp[t * P + i];
+        xs[t * L + g] = static_cast<float>(s);
+      }
+    shared.xsum = xs;
+  } else if (k.gemv_rows && w.type == QuantType::Affine) {
+    shared.groups = column_groups(w, tl_groups);
   }
-  // No fused kernel: dequantize a few rows at a time (amortising the per-call set-up) and dot
-  // them with each token.
-  constexpr int64_t kRowBlock = 16;
-  parallel_rows(O, O * I * T, [&](int64_t r0, int64_t r1) {
+  auto run = [&](const GemvArgs& a, int64_t r0, int64_t r1) {
+    if (int8) return k.gemv_int8_rows(a, r0, r1);
+    if (k.gemv_rows) return k.gemv_rows(a, r0, r1);
+    // No fused kernel: dequantize a few rows at a time (amortising the per-call set-up) and
+    // dot them with each token.
+    constexpr int64_t kRowBlock = 16;
+    const QMatrix& m = *a.w;
     float* rows = scratch(tl_rows, kRowBlock * I);
     for (int64_t j0 = r0; j0 < r1; j0 += kRowBlock) {
       const int64_t j1 = std::min(r1, j0 + kRowBlock);
-      k.dequant_rows(w, j0, j1, rows);
+      k.dequant_rows(m, j0, j1, rows);
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t t = 0; t < T; ++t)
-          y[t * O + j] = k.dot(rows + (j - j0) * I, xp + t * P, I) + (bias ? bias[j] : 0.0f);
+          a.y[t * m.rows + j] =
+              k.dot(rows + (j - j0) * I, xp + t * P, I) + (a.bias ? a.bias[j] : 0.0f);
+    }
+  };
+  std::vector<GemvArgs> args(ps.size(), shared);
+  int64_t total = 0;
+  for (size_t m = 0; m < ps.size(); ++m) {
+    args[m].w = ps[m].w;
+    args[m].y = ps[m].y;
+    args[m].bias = ps[m].bias;
+    total += ps[m].w->rows;
+  }
+  parallel_rows(total, total * I * T, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = 0, first = 0; m < static_cast<int64_t>(args.size()); ++m) {
+      const int64_t rows = args[m].w->rows;
+      const int64_t a0 = std::max(r0, first), a1 = std::min(r1, first + rows);
+      if (a0 < a1) run(args[m], a0 - first, a1 - first);
+      first += rows;
     }
   });
 }
@@ -413,11 +431,33 @@ void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
   });
 }
 
+bool same_activation_layout(const QMatrix& a, const QMatrix& b) {
+  return a.cols == b.cols && a.type == b.type && a.bits == b.bits &&
+         a.group_size == b.group_size && a.g_idx == b.g_idx;
+}
+
+void qmatmul_forward_shared(std::span<const QProduct> products, const float* x, int64_t T,
+                            DecodeActivations activations) {
+  if (products.empty()) return;
+  const bool shareable = std::all_of(products.begin(), products.end(), [&](const QProduct& p) {
+    return same_activation_layout(*p.w, *products.front().w);
+  });
+  if (T > qk::kGemvMaxTokens || !shareable || T <= 0) {
+    // Prefill is compute-bound: nothing worth sharing between the GEMMs.
+    for (const QProduct& p : products) qmatmul_forward(p.y, x, *p.w, p.bias, T, activations);
+    return;
+  }
+  qk::gemv(products, x, T, activations, qk::table());
+}
+
 void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
                      DecodeActivations activations) {
   const int64_t O = w.rows, I = w.cols;
   if (T <= 0) return;
-  if (T <= qk::kGemvMaxTokens) return qk::gemv(y, x, w, bias, T, activations, qk::table());
+  if (T <= qk::kGemvMaxTokens) {
+    const QProduct p{&w, bias, y};
+    return qk::gemv({&p, 1}, x, T, activations, qk::table());
+  }
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   for (int64_t t = 0; t < T; ++t)

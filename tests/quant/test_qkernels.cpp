@@ -328,6 +328,39 @@ TEST(QKernels, Int8ActivationsOnSymmetricWeightsStayWithinTheirBound) {
   }
 }
 
+TEST(QKernels, SharedProductsMatchSeparateOnes) {
+  // q/k/v-like products of one x: shared layouts (one team, one preparation of x, rows split
+  // across matrix boundaries) and a mixed set that falls back to separate calls.
+  const int64_t cols = 200;
+  const std::vector<QMatrix> same = {random_affine(33, cols, 4, 64, 1), random_affine(7, cols, 4, 64, 2),
+                                     random_affine(1, cols, 4, 64, 3)};
+  const std::vector<QMatrix> mixed = {random_affine(9, cols, 4, 64, 4), random_affine(9, cols, 8, 32, 5),
+                                      random_codebook(QuantType::NF4, 9, cols, 6)};
+  for (const auto* set : {&same, &mixed})
+    for (int64_t T : {1, 3, 5}) {
+      SCOPED_TRACE(testing::Message() << (set == &same ? "same" : "mixed") << " T " << T);
+      ASSERT_EQ(same_activation_layout((*set)[0], (*set)[1]), set == &same);
+      const auto x = random_uniform(T * cols, 70 + T);
+      const auto bias = random_uniform(64, 71);
+      for_each_isa([&](Isa) {
+        std::vector<std::vector<float>> y, expected;
+        std::vector<QProduct> products;
+        for (size_t m = 0; m < set->size(); ++m) {
+          const QMatrix& w = (*set)[m];
+          const float* b = m == 1 ? bias.data() : nullptr;
+          expected.emplace_back(static_cast<size_t>(T * w.rows));
+          qmatmul_forward(expected.back().data(), x.data(), w, b, T);
+          y.emplace_back(static_cast<size_t>(T * w.rows), -7.0f);
+        }
+        for (size_t m = 0; m < set->size(); ++m)
+          products.push_back({&(*set)[m], m == 1 ? bias.data() : nullptr, y[m].data()});
+        qmatmul_forward_shared(products, x.data(), T);
+        for (size_t m = 0; m < set->size(); ++m) EXPECT_EQ(y[m], expected[m]) << "product " << m;
+        qmatmul_forward_shared({}, x.data(), T);  // a layer with no quantized linears
+      });
+    }
+}
+
 TEST(QKernels, SmolLmShapes) {
   // The decode shapes the benchmarks time, against the reference on a few rows' worth.
   for (auto [rows, cols] : {std::pair<int64_t, int64_t>{64, 576}, {64, 1536}}) {

@@ -20,6 +20,12 @@ struct ForwardStats {
   void reset() { *this = {}; }
 };
 
+// One output of linear_forward_shared (below).
+struct LinearOutput {
+  const Linear* linear;
+  float* y;
+};
+
 class InferenceSession {
  public:
   // max_context: KV cache length (0 = the model's context length, capped at 4096).
@@ -47,6 +53,7 @@ class InferenceSession {
  private:
   void ensure_buffers(int64_t T);
   void linear(const Linear& l, const float* x, float* y, int64_t T);
+  void linears(std::span<const LinearOutput> outputs, const float* x, int64_t T);
   // linear_forward, timed into stats_.
   void project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias, const float* x,
                float* y, int64_t T, DecodeActivations activations = DecodeActivations::Int8);
@@ -71,6 +78,9 @@ void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& 
 inline void linear_forward(const Linear& l, const float* x, float* y, int64_t T) {
   linear_forward(l.weight, l.qweight, l.bias, x, y, T);
 }
+// y_m = x W_m^T (+ b_m) for several linears of one input (q/k/v, gate/up): quantized ones go
+// through qmatmul_forward_shared, so decoding prepares x once for all of them.
+void linear_forward_shared(std::span<const LinearOutput> outputs, const float* x, int64_t T);
 
 // Plain double-precision forward over a whole sequence, no cache: the golden reference the
 // optimized runtime is tested against. Returns logits [n, vocab].

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -121,6 +122,18 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
                      DecodeActivations activations = DecodeActivations::Int8);
 void qmatmul_forward_ref(float* y, const float* x, const QMatrix& w, const float* bias,
                          int64_t T);
+// Products of one x with several matrices (q/k/v, gate/up). Matrices with the same
+// activation layout (cols, type, bits, group size and g_idx) share one preparation of x and
+// one thread team in the decode GEMV; others are run one by one.
+struct QProduct {
+  const QMatrix* w;
+  const float* bias;  // [w->rows] or null
+  float* y;           // [T, w->rows]
+};
+bool same_activation_layout(const QMatrix& a, const QMatrix& b);
+void qmatmul_forward_shared(std::span<const QProduct> products, const float* x, int64_t T,
+                            DecodeActivations activations = DecodeActivations::Int8);
+
 // dx[T, cols] = dy[T, rows] W: the input gradient of y = x W^T (the frozen-base backward).
 void qmatmul_backward_input(float* dx, const float* dy, const QMatrix& w, int64_t T);
 void qmatmul_backward_input_ref(float* dx, const float* dy, const QMatrix& w, int64_t T);
