@@ -8,14 +8,13 @@
 //   The counters of these two use each side's fastest call (see time_pair); Time is the mean.
 //   Dequantize: the non-BLAS part of prefill and backward, as GB/s of fp32 written.
 //   build/bench/bench_quant [--benchmark_filter=Gemv]   (OMP_NUM_THREADS sets the threads;
-//   QALORA_BENCH_ISA=portable|avx2|avx512|avx512vnni forces the kernels' instruction set)
+//   QALORA_ISA=portable|avx2|avx512|avx512vnni forces the kernels' instruction set)
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <utility>
@@ -23,7 +22,6 @@
 
 #include "qalora/quant/qmatrix.h"
 #include "qalora/quant/quantize.h"
-#include "quant/qkernels_internal.h"
 
 namespace {
 
@@ -230,15 +228,7 @@ BENCHMARK(BM_Dequantize)
 }  // namespace
 
 int main(int argc, char** argv) {
-  // QALORA_BENCH_ISA=portable|avx2|avx512|avx512vnni benchmarks another ISA than the dispatched one.
-  if (const char* want = std::getenv("QALORA_BENCH_ISA")) {
-    for (auto isa : qalora::qk::kAllIsas)
-      if (std::string(want) == qalora::qk::isa_name(isa)) qalora::qk::force_isa(isa);
-    if (std::string(want) != qalora::qkernel_isa()) {
-      std::fprintf(stderr, "QALORA_BENCH_ISA=%s: not a runnable ISA here\n", want);
-      return 1;
-    }
-  }
+  // QALORA_ISA=portable|avx2|avx512|avx512vnni benchmarks another ISA than the best one.
   std::fprintf(stderr, "quantized kernels: %s\n", qalora::qkernel_isa());
   benchmark::AddCustomContext("qkernel_isa", qalora::qkernel_isa());
   benchmark::Initialize(&argc, argv);

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -94,6 +95,27 @@ TEST(CliQuantize, StoriesEveryMethodRoundTripsThroughTheFolder) {
     EXPECT_EQ(g.out.rfind("Once upon", 0), 0u) << g.out;
     fs::remove_all(out);
   }
+}
+
+// QALORA_ISA picks the quantized kernels' instruction set (portable always runs) and names
+// the choices when it matches none.
+TEST(CliQuantize, KernelIsaFromTheEnvironment) {
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  const fs::path out = test::temp_dir() / "q";
+  const auto q = run_cli(stories_args({"quantize", "--method", "rtn", "--bits", "4", "-g", "32",
+                                       "--out", out.string()}));
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  const std::vector<std::string> gen = {"generate", "-m", out.string(), "--prompt", "Once upon",
+                                        "-n", "8", "--temp", "0"};
+  ASSERT_EQ(setenv("QALORA_ISA", "portable", 1), 0);
+  const auto portable = run_cli(gen);
+  ASSERT_EQ(setenv("QALORA_ISA", "avx9000", 1), 0);
+  const auto bogus = run_cli(gen);
+  unsetenv("QALORA_ISA");
+  EXPECT_EQ(portable.exit_code, 0) << portable.err;
+  EXPECT_EQ(portable.out.rfind("Once upon", 0), 0u) << portable.out;
+  test::expect_one_line_error(bogus, "QALORA_ISA=avx9000");
+  EXPECT_NE(bogus.err.find("avx512vnni"), std::string::npos) << bogus.err;
 }
 
 TEST(CliQuantize, BadOptionsAreOneLineErrors) {
