@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -62,6 +63,28 @@ TEST(Ops, RopeMatchesReferenceAndPreservesNorm) {
   expect_close(a, b, 1e-6f);
   for (size_t p = 0; p < x.size(); p += 2)  // a rotation keeps each pair's length
     EXPECT_NEAR(std::hypot(a[p], a[p + 1]), std::hypot(x[p], x[p + 1]), 1e-5f);
+}
+
+TEST(Ops, ExpMatchesReference) {
+  std::vector<float> x;
+  for (float v = -87.0f; v <= 88.0f; v += 0.0137f) x.push_back(v);
+  for (float v : {0.0f, -0.0f, 1.0f, -1.0f, 0.34657359f, -0.34657359f, 88.0f, -87.0f})
+    x.push_back(v);
+  std::vector<float> a(x.size()), b(x.size());
+  exp_forward(a.data(), x.data(), static_cast<int64_t>(x.size()));
+  exp_forward_ref(b.data(), x.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i)
+    ASSERT_NEAR(a[i], b[i], 3e-7f * b[i]) << "exp(" << x[i] << ")";
+  // Outside the range: clamped, finite; NaN propagates.
+  const float edge[] = {-200.0f, -88.0f, 89.0f, 1e30f, std::numeric_limits<float>::quiet_NaN()};
+  float y[5];
+  exp_forward(y, edge, 5);
+  EXPECT_LE(y[0], 2e-38f);
+  EXPECT_GT(y[0], 0.0f);
+  EXPECT_LE(y[1], 2e-38f);
+  EXPECT_GT(y[2], 1e38f);
+  EXPECT_TRUE(std::isfinite(y[3]));
+  EXPECT_TRUE(std::isnan(y[4]));
 }
 
 TEST(Ops, SwigluMatchesReference) {

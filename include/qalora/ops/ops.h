@@ -26,6 +26,12 @@ void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0, cons
 void rope_forward_ref(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
                       const float* cos_table, const float* sin_table);
 
+// y[n] = exp(x[n]), vectorized, within a few ulp of std::exp; x is clamped to [-87, 88] (below,
+// ~1.6e-38 instead of a smaller or subnormal value; above, ~1.7e38 instead of inf); NaN stays
+// NaN. The softmax of attention and SwiGLU's sigmoid use it.
+void exp_forward(float* y, const float* x, int64_t n);
+void exp_forward_ref(float* y, const float* x, int64_t n);
+
 // out[N] = silu(gate[N]) * up[N]
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t N);
 void swiglu_forward_ref(float* out, const float* gate, const float* up, int64_t N);
