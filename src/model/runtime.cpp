@@ -121,7 +121,6 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
 
   ensure_buffers(T);
   const int64_t D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
-  const int64_t kv_dim = c.kv_dim();
   float* x = x_.data();
   float* xn = xn_.data();
   for (int64_t t = 0; t < T; ++t)
@@ -139,14 +138,7 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     linears(qkv, xn, T);
     ops::rope_forward(q_.data(), T, H, Hd, pos_, rope_cos_.data(), rope_sin_.data());
     ops::rope_forward(k_.data(), T, KV, Hd, pos_, rope_cos_.data(), rope_sin_.data());
-    // Scatter the new keys/values into the per-head cache rows.
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t h = 0; h < KV; ++h) {
-        const size_t bytes = static_cast<size_t>(Hd) * sizeof(float);
-        std::memcpy(kc + (h * max_ctx_ + pos_ + t) * Hd, k_.data() + t * kv_dim + h * Hd, bytes);
-        std::memcpy(vc + (h * max_ctx_ + pos_ + t) * Hd, v_.data() + t * kv_dim + h * Hd, bytes);
-      }
-    }
+    ops::kv_cache_store(kc, vc, k_.data(), v_.data(), T, pos_, KV, Hd, max_ctx_);
     const auto t_att = Clock::now();
     ops::attention_forward(att_.data(), q_.data(), kc, vc, T, pos_, H, KV, Hd, max_ctx_);
     stats_.attention_seconds += seconds_since(t_att);

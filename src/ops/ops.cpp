@@ -169,7 +169,35 @@ void swiglu_forward_ref(float* out, const float* gate, const float* up, int64_t 
   }
 }
 
+void kv_cache_store(float* k_cache, float* v_cache, const float* k, const float* v, int64_t T,
+                    int64_t pos0, int64_t KV, int64_t Hd, int64_t cache_stride) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < KV; ++h) {
+      const float* kt = k + (t * KV + h) * Hd;
+      for (int64_t i = 0; i < Hd; ++i) k_cache[(h * Hd + i) * cache_stride + pos0 + t] = kt[i];
+      std::copy(v + (t * KV + h) * Hd, v + (t * KV + h + 1) * Hd,
+                v_cache + (h * cache_stride + pos0 + t) * Hd);
+    }
+}
+
 namespace {
+
+constexpr int64_t kPosBlock = 64;
+constexpr int64_t kHeadDim64 = 64;
+
+// o[kHd] += sum_{p0 <= p < p1} w[p] V[p, kHd], the sum held in registers (a fixed-size local
+// array) instead of read and written back per position.
+template <int64_t kHd>
+void weighted_rows(float* o, const float* w, const float* V, int64_t p0, int64_t p1) {
+  float acc[kHd] = {};
+  for (int64_t p = p0; p < p1; ++p) {
+    const float wp = w[p];
+    const float* v = V + p * kHd;
+#pragma omp simd
+    for (int64_t i = 0; i < kHd; ++i) acc[i] += wp * v[i];
+  }
+  for (int64_t i = 0; i < kHd; ++i) o[i] += acc[i];
+}
 
 // One decoded token (T = 1) over P cached positions. Decoding reads the whole cache once per
 // token from memory, so the threads split the positions, not the heads (of which there may be
@@ -195,12 +223,29 @@ void attention_decode(float* out, const float* q, const float* k_cache, const fl
     if (static_cast<int64_t>(scores.size()) < group * P)
       scores.resize(static_cast<size_t>(group * P));
     for (int64_t kvh = 0; kvh < KV; ++kvh) {
-      const float* K = k_cache + kvh * cache_stride * Hd;
+      const float* Kt = k_cache + kvh * Hd * cache_stride;
       const float* V = v_cache + kvh * cache_stride * Hd;
       const float* Q = q + kvh * group * Hd;
       float* s = scores.data();
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t r = 0; r < group; ++r) s[r * P + p] = scale * dot(Q + r * Hd, K + p * Hd, Hd);
+      // With the keys transposed, the scores of a query are sums of rows of Kt (one per head
+      // dimension) scaled by its elements: vector work over positions, no horizontal sums.
+      // Blocks of kPosBlock positions keep the sums in registers across the Hd rows.
+      for (int64_t r = 0; r < group; ++r)
+        for (int64_t pb = p0; pb < p1; pb += kPosBlock) {
+          float acc[kPosBlock] = {};
+          const int64_t n = std::min(kPosBlock, p1 - pb);
+          for (int64_t i = 0; i < Hd; ++i) {
+            const float qi = scale * Q[r * Hd + i];
+            const float* kt = Kt + i * cache_stride + pb;
+            if (n == kPosBlock) {
+#pragma omp simd
+              for (int64_t j = 0; j < kPosBlock; ++j) acc[j] += qi * kt[j];
+            } else {
+              for (int64_t j = 0; j < n; ++j) acc[j] += qi * kt[j];
+            }
+          }
+          std::copy(acc, acc + n, s + r * P + pb);
+        }
       for (int64_t r = 0; r < group; ++r) {
         float* pr = partial.data() + (tid * H + kvh * group + r) * part;
         float* sr = s + r * P;
@@ -210,9 +255,13 @@ void attention_decode(float* out, const float* q, const float* k_cache, const fl
         pr[Hd + 1] = exp_shifted(sr + p0, p1 - p0, mx);
         std::fill(pr, pr + Hd, 0.0f);
       }
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t r = 0; r < group; ++r)
-          axpy(partial.data() + (tid * H + kvh * group + r) * part, s[r * P + p], V + p * Hd, Hd);
+      for (int64_t r = 0; r < group; ++r) {
+        float* o = partial.data() + (tid * H + kvh * group + r) * part;
+        if (Hd == kHeadDim64)
+          weighted_rows<kHeadDim64>(o, s + r * P, V, p0, p1);
+        else
+          for (int64_t p = p0; p < p1; ++p) axpy(o, s[r * P + p], V + p * Hd, Hd);
+      }
     }
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -252,15 +301,15 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
     if (static_cast<int64_t>(scores.size()) < T * P) scores.resize(static_cast<size_t>(T * P));
 #pragma omp for schedule(dynamic)
     for (int64_t h = 0; h < H; ++h) {
-      const float* K = k_cache + (h / group) * cache_stride * Hd;
+      const float* Kt = k_cache + (h / group) * Hd * cache_stride;
       const float* V = v_cache + (h / group) * cache_stride * Hd;
       const float* Q = q + h * Hd;
       float* O = out + h * Hd;
-      // S[T, P] = Q_h[T, Hd] K[P, Hd]^T; BLAS runs single-threaded inside this parallel loop.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
+      // S[T, P] = Q_h[T, Hd] Kt[Hd, P]; BLAS runs single-threaded inside this parallel loop.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
                   static_cast<blasint>(P), static_cast<blasint>(Hd), scale, Q,
-                  static_cast<blasint>(qstride), K, static_cast<blasint>(Hd), 0.0f, scores.data(),
-                  static_cast<blasint>(P));
+                  static_cast<blasint>(qstride), Kt, static_cast<blasint>(cache_stride), 0.0f,
+                  scores.data(), static_cast<blasint>(P));
       for (int64_t t = 0; t < T; ++t) {
         float* s = scores.data() + t * P;
         const int64_t visible = pos0 + t + 1;
@@ -286,14 +335,14 @@ void attention_forward_ref(float* out, const float* q, const float* k_cache, con
   for (int64_t t = 0; t < T; ++t) {
     const int64_t visible = pos0 + t + 1;
     for (int64_t h = 0; h < H; ++h) {
-      const float* K = k_cache + (h / group) * cache_stride * Hd;
+      const float* Kt = k_cache + (h / group) * Hd * cache_stride;
       const float* V = v_cache + (h / group) * cache_stride * Hd;
       const float* Q = q + (t * H + h) * Hd;
       std::vector<double> s(static_cast<size_t>(visible));
       double mx = -1e300;
       for (int64_t p = 0; p < visible; ++p) {
         double acc = 0.0;
-        for (int64_t i = 0; i < Hd; ++i) acc += static_cast<double>(Q[i]) * K[p * Hd + i];
+        for (int64_t i = 0; i < Hd; ++i) acc += static_cast<double>(Q[i]) * Kt[i * cache_stride + p];
         s[p] = acc * scale;
         mx = std::max(mx, s[p]);
       }

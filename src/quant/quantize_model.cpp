@@ -223,11 +223,7 @@ void quantize_model(Model& model, const QuantizeOptions& o,
           const float* vs = v.data() + s * T * KVD;
           ops::rope_forward(qs, T, H, Hd, 0, cal.cos.data(), cal.sin.data());
           ops::rope_forward(ks, T, KV, Hd, 0, cal.cos.data(), cal.sin.data());
-          for (int64_t t = 0; t < T; ++t)  // [T, KV, Hd] -> the attention's [KV, T, Hd]
-            for (int64_t hh = 0; hh < KV; ++hh) {
-              std::memcpy(&kc[(hh * T + t) * Hd], &ks[t * KVD + hh * Hd], sizeof(float) * Hd);
-              std::memcpy(&vc[(hh * T + t) * Hd], &vs[t * KVD + hh * Hd], sizeof(float) * Hd);
-            }
+          ops::kv_cache_store(kc.data(), vc.data(), ks, vs, T, 0, KV, Hd, T);
           ops::attention_forward(cal.act_of(s0 + s, Q), qs, kc.data(), vc.data(), T, 0, H, KV,
                                  Hd, T);
         }

@@ -106,9 +106,20 @@ TEST(Ops, AttentionMatchesReference) {
                          Case{1, 150, 64}, Case{3, 150, 64}}) {
       SCOPED_TRACE(testing::Message() << "H " << H << " KV " << KV << " T " << c.T << " pos0 "
                                       << c.pos0 << " Hd " << c.Hd);
-      const int64_t stride = c.pos0 + c.T + 3;
-      auto q = random_uniform(c.T * H * c.Hd, 9), k = random_uniform(KV * stride * c.Hd, 10),
-           v = random_uniform(KV * stride * c.Hd, 11);
+      const int64_t stride = c.pos0 + c.T + 3, P = c.pos0 + c.T;
+      // The caches filled as the runtime fills them: position by position.
+      const auto keys = random_uniform(P * KV * c.Hd, 10), values = random_uniform(P * KV * c.Hd, 11);
+      std::vector<float> k(static_cast<size_t>(KV * stride * c.Hd), NAN), v(k);
+      for (int64_t p = 0; p < P; ++p)
+        kv_cache_store(k.data(), v.data(), keys.data() + p * KV * c.Hd,
+                       values.data() + p * KV * c.Hd, 1, p, KV, c.Hd, stride);
+      for (int64_t h = 0; h < KV; ++h)  // the layout: keys transposed, values by position
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t i = 0; i < c.Hd; ++i) {
+            ASSERT_EQ(k[(h * c.Hd + i) * stride + p], keys[(p * KV + h) * c.Hd + i]);
+            ASSERT_EQ(v[(h * stride + p) * c.Hd + i], values[(p * KV + h) * c.Hd + i]);
+          }
+      const auto q = random_uniform(c.T * H * c.Hd, 9);
       std::vector<float> a(q.size()), b(q.size());
       attention_forward(a.data(), q.data(), k.data(), v.data(), c.T, c.pos0, H, KV, c.Hd, stride);
       attention_forward_ref(b.data(), q.data(), k.data(), v.data(), c.T, c.pos0, H, KV, c.Hd,

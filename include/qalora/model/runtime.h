@@ -61,7 +61,7 @@ class InferenceSession {
   const Model& model_;
   int64_t max_ctx_ = 0;
   int64_t pos_ = 0;
-  std::vector<float> k_cache_;  // [layer][kv_head][pos][head_dim]
+  std::vector<float> k_cache_;  // [layer][kv_head][head_dim][pos] (ops::kv_cache_store)
   std::vector<float> v_cache_;
   std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim / 2]
   ForwardStats stats_;

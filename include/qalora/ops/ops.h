@@ -36,9 +36,16 @@ void exp_forward_ref(float* y, const float* x, int64_t n);
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t N);
 void swiglu_forward_ref(float* out, const float* gate, const float* up, int64_t N);
 
+// The KV cache of one layer: k_cache [KV, Hd, cache_stride], keys transposed (position
+// fastest), so that a decode step's scores are vector sums over positions rather than a dot
+// product with a horizontal sum per position; v_cache [KV, cache_stride, Hd]. Stores the T
+// new keys and values k, v [T, KV, Hd] at positions pos0..pos0+T-1.
+void kv_cache_store(float* k_cache, float* v_cache, const float* k, const float* v, int64_t T,
+                    int64_t pos0, int64_t KV, int64_t Hd, int64_t cache_stride);
+
 // Causal grouped-query attention of T new queries at positions pos0..pos0+T-1 against a cache
-// holding positions 0..pos0+T-1. q [T, H, Hd]; k_cache, v_cache [KV, cache_stride, Hd] (the
-// first pos0+T rows of each head are valid); out [T, H, Hd]. H must be a multiple of KV.
+// (kv_cache_store's layout) holding positions 0..pos0+T-1. q [T, H, Hd]; out [T, H, Hd]. H
+// must be a multiple of KV.
 void attention_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                        int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
                        int64_t cache_stride);
