@@ -358,11 +358,16 @@ float quantize_chunk_int8(const float* x, int64_t n, int8_t* q) {
     amax = std::max(amax, std::abs(x[i]));
     finite = finite && std::isfinite(x[i]);
   }
-  const float inv = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+  if (!finite) {
+    // A NaN or inf activation makes the chunk's scale NaN, so it reaches the output as in fp32.
+    std::fill(q, q + n, int8_t{0});
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  // |x * inv| <= 127 up to rounding, so the clamp only guards that last ulp.
   for (int64_t i = 0; i < n; ++i)
-    q[i] = static_cast<int8_t>(std::clamp(std::lrint(x[i] * inv), -127L, 127L));
-  // A NaN or inf activation makes the chunk's scale NaN, so it reaches the output as in fp32.
-  return finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] * inv), -127.0f, 127.0f));
+  return amax / 127.0f;
 }
 
 void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w,

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -359,6 +360,21 @@ TEST(QKernels, SharedProductsMatchSeparateOnes) {
         qmatmul_forward_shared({}, x.data(), T);  // a layer with no quantized linears
       });
     }
+}
+
+TEST(QKernels, NonFiniteActivationsReachTheOutput) {
+  // A NaN in x must come out as NaN on every path (the int8 one included), never as a number.
+  const QMatrix w = random_affine(9, 100, 4, 32, 80);
+  auto x = random_uniform(2 * 100, 81);
+  x[37] = std::numeric_limits<float>::quiet_NaN();
+  for_each_isa([&](Isa) {
+    std::vector<float> y(2 * 9);
+    qmatmul_forward(y.data(), x.data(), w, nullptr, 2);
+    for (int64_t j = 0; j < 9; ++j) {
+      EXPECT_TRUE(std::isnan(y[j])) << "row " << j;
+      EXPECT_TRUE(std::isfinite(y[9 + j])) << "row " << j;  // the other token is unaffected
+    }
+  });
 }
 
 TEST(QKernels, SmolLmShapes) {
