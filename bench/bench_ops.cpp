@@ -129,10 +129,10 @@ void BM_AttentionDecode(benchmark::State& state) {
                                      H, KV, Hd, stride);
       benchmark::DoNotOptimize(out.data());
     }
-  state.counters["GBps"] = benchmark::Counter(
-      2.0 * 4.0 * static_cast<double>(layers * KV * (pos + 1) * Hd) *
-          static_cast<double>(state.iterations()) / 1e9,
-      benchmark::Counter::kIsRate);
+  state.counters["GBps"] =
+      benchmark::Counter(2.0 * 4.0 * static_cast<double>(layers * KV * (pos + 1) * Hd) *
+                             static_cast<double>(state.iterations()) / 1e9,
+                         benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_AttentionDecode)
     ->Name("AttentionDecode/30_layers")

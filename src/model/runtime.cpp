@@ -92,8 +92,7 @@ void InferenceSession::linears(std::span<const LinearOutput> outputs, const floa
 }
 
 void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
-                               const float* x, float* y, int64_t T,
-                               DecodeActivations activations) {
+                               const float* x, float* y, int64_t T, DecodeActivations activations) {
   const auto t0 = Clock::now();
   linear_forward(weight, qweight, bias, x, y, T, activations);
   const bool quantized = !qweight.codes.empty();
@@ -243,7 +242,8 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
     const Vec o = matmul(att, L.o.dense_weight(), Tensor());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     xn = rmsnorm(x, L.ffn_norm);
-    const Vec g = matmul(xn, L.gate.dense_weight(), Tensor()), u = matmul(xn, L.up.dense_weight(), Tensor());
+    const Vec g = matmul(xn, L.gate.dense_weight(), Tensor()),
+              u = matmul(xn, L.up.dense_weight(), Tensor());
     Vec hidden(static_cast<size_t>(T * F));
     for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
     const Vec d = matmul(hidden, L.down.dense_weight(), Tensor());

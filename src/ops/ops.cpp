@@ -342,7 +342,8 @@ void attention_forward_ref(float* out, const float* q, const float* k_cache, con
       double mx = -1e300;
       for (int64_t p = 0; p < visible; ++p) {
         double acc = 0.0;
-        for (int64_t i = 0; i < Hd; ++i) acc += static_cast<double>(Q[i]) * Kt[i * cache_stride + p];
+        for (int64_t i = 0; i < Hd; ++i)
+          acc += static_cast<double>(Q[i]) * Kt[i * cache_stride + p];
         s[p] = acc * scale;
         mx = std::max(mx, s[p]);
       }

@@ -370,8 +370,8 @@ float quantize_chunk_int8(const float* x, int64_t n, int8_t* q) {
   return amax / 127.0f;
 }
 
-void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w,
-                          int8_t* xq, float* xd, float* xsum) {
+void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w, int8_t* xq,
+                          float* xd, float* xsum) {
   const int64_t S = int8_stride(w), nc = w.padded_cols() / kQChunk, L = w.n_groups();
   const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
   const uint8_t* order = int8_lane_order(w.bits);
@@ -409,7 +409,8 @@ void gemv_int8_ref(float* y, const float* x, const QMatrix& w, const float* bias
       d[c] = quantize_chunk_int8(xt + c * kQChunk, std::min(kQChunk, I - c * kQChunk),
                                  q.data() + c * kQChunk);
     std::vector<double> xsum(static_cast<size_t>(L), 0.0);  // of x^
-    for (int64_t i = 0; i < I; ++i) xsum[w.group_of(i)] += static_cast<double>(d[i / kQChunk]) * q[i];
+    for (int64_t i = 0; i < I; ++i)
+      xsum[w.group_of(i)] += static_cast<double>(d[i / kQChunk]) * q[i];
     for (int64_t j = 0; j < O; ++j) {
       double acc = bias ? bias[j] : 0.0;
       for (int64_t i = 0; i < I; ++i)
@@ -421,7 +422,8 @@ void gemv_int8_ref(float* y, const float* x, const QMatrix& w, const float* bias
   }
 }
 
-const KernelTable kPortableTable = {Isa::Portable, nullptr, nullptr, portable_dequant_rows, portable_dot};
+const KernelTable kPortableTable = {Isa::Portable, nullptr, nullptr, portable_dequant_rows,
+                                    portable_dot};
 
 }  // namespace qk
 
@@ -437,8 +439,8 @@ void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
 }
 
 bool same_activation_layout(const QMatrix& a, const QMatrix& b) {
-  return a.cols == b.cols && a.type == b.type && a.bits == b.bits &&
-         a.group_size == b.group_size && a.g_idx == b.g_idx;
+  return a.cols == b.cols && a.type == b.type && a.bits == b.bits && a.group_size == b.group_size &&
+         a.g_idx == b.g_idx;
 }
 
 void qmatmul_forward_shared(std::span<const QProduct> products, const float* x, int64_t T,

@@ -3,11 +3,12 @@
 // qkernels.cpp uses the portable kernels.
 #if defined(__x86_64__) || defined(__i386__)
 
+#include "quant/qkernels_avx512.h"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "quant/qkernels_avx512.h"
 #include "quant/qkernels_internal.h"
 
 namespace qalora::qk {

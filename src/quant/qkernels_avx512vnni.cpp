@@ -36,9 +36,9 @@ QL_VNNI_INLINE __m512i codes_u8(const uint8_t* p, bool half) {
     // The 16 packed bytes in all four 128-bit lanes, shifted by 0, 2, 4 and 6 bits.
     const __m128i b = half ? _mm_maskz_loadu_epi8(0xFFu, p)
                            : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m512i shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006,
-                                           0x0004000400040004, 0x0004000400040004,
-                                           0x0002000200020002, 0x0002000200020002, 0, 0);
+    const __m512i shift =
+        _mm512_set_epi64(0x0006000600060006, 0x0006000600060006, 0x0004000400040004,
+                         0x0004000400040004, 0x0002000200020002, 0x0002000200020002, 0, 0);
     return _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(b), shift),
                             _mm512_set1_epi8(0x03));
   }
@@ -66,7 +66,7 @@ struct VectorGroups {
 // Rows j0..j0+R-1 of y for NT tokens. Several rows at a time share the activation loads and
 // the group bookkeeping, which at 576 columns (9 vectors a row) cost more than the codes.
 // kPerVector: each vector is scaled on its own, per lane where its two chunks lie in
-// different groups (G = 32, 96, ...); otherwise (G a multiple of 128, or one group per row)
+// different groups (G = 32, 96, ...); otherwise (G a multiple of 64, or one group per row)
 // a group's vectors are summed unscaled and the sum scaled once.
 template <int B, int NT, int R, bool kPerVector>
 QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 second) {

@@ -62,8 +62,8 @@ const uint8_t* int8_lane_order(int bits);
 // d_c of the chunk each 4-byte lane of xq comes from, and xsum [T, n_groups]: the group sums
 // of x^. xq_stride = padded cols rounded up to 64.
 int64_t int8_stride(const QMatrix& w);
-void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w,
-                          int8_t* xq, float* xd, float* xsum);
+void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w, int8_t* xq,
+                          float* xd, float* xsum);
 // The scale of one chunk and its int8 codes: the definition both the kernel's input and the
 // reference below use.
 float quantize_chunk_int8(const float* x, int64_t n, int8_t* q);

@@ -28,8 +28,8 @@ std::string stories(const std::string& file) {
 }
 
 std::vector<std::string> stories_args(std::vector<std::string> args) {
-  args.insert(args.begin() + 1, {"-m", stories("stories260K.bin"), "--tokenizer",
-                                 stories("tok512.bin")});
+  args.insert(args.begin() + 1,
+              {"-m", stories("stories260K.bin"), "--tokenizer", stories("tok512.bin")});
   return args;
 }
 
@@ -53,7 +53,8 @@ TEST(CliQuantize, StoriesEveryMethodRoundTripsThroughTheFolder) {
   const fs::path eval = dir / "eval.txt", calib = dir / "calib.txt";
   std::ofstream(eval) << text.substr(0, 40000);
   std::ofstream(calib) << text.substr(100000, 100000);
-  const double fp = ppl_of({"-m", stories("stories260K.bin"), "--tokenizer", stories("tok512.bin")}, eval);
+  const double fp =
+      ppl_of({"-m", stories("stories260K.bin"), "--tokenizer", stories("tok512.bin")}, eval);
 
   struct Row {
     std::vector<std::string> flags;
@@ -89,8 +90,8 @@ TEST(CliQuantize, StoriesEveryMethodRoundTripsThroughTheFolder) {
     const double q = ppl_of({"-m", out.string()}, eval);
     EXPECT_LT(q, fp * row.max_ratio) << row.flags[1] << ": " << q << " vs fp32 " << fp;
     EXPECT_GT(q, fp * 0.97);
-    const auto g = run_cli({"generate", "-m", out.string(), "--prompt", "Once upon", "-n", "8",
-                            "--temp", "0"});
+    const auto g = run_cli(
+        {"generate", "-m", out.string(), "--prompt", "Once upon", "-n", "8", "--temp", "0"});
     EXPECT_EQ(g.exit_code, 0) << g.err;
     EXPECT_EQ(g.out.rfind("Once upon", 0), 0u) << g.out;
     fs::remove_all(out);
@@ -102,11 +103,11 @@ TEST(CliQuantize, StoriesEveryMethodRoundTripsThroughTheFolder) {
 TEST(CliQuantize, KernelIsaFromTheEnvironment) {
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
   const fs::path out = test::temp_dir() / "q";
-  const auto q = run_cli(stories_args({"quantize", "--method", "rtn", "--bits", "4", "-g", "32",
-                                       "--out", out.string()}));
+  const auto q = run_cli(stories_args(
+      {"quantize", "--method", "rtn", "--bits", "4", "-g", "32", "--out", out.string()}));
   ASSERT_EQ(q.exit_code, 0) << q.err;
   const std::vector<std::string> gen = {"generate", "-m", out.string(), "--prompt", "Once upon",
-                                        "-n", "8", "--temp", "0"};
+                                        "-n",       "8",  "--temp",     "0"};
   ASSERT_EQ(setenv("QALORA_ISA", "portable", 1), 0);
   const auto portable = run_cli(gen);
   ASSERT_EQ(setenv("QALORA_ISA", "avx9000", 1), 0);
@@ -147,21 +148,22 @@ TEST(CliQuantize, CalibrationTextShorterThanAskedIsRefused) {
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
   const fs::path dir = test::temp_dir();
   std::ofstream(dir / "short.txt") << "Once upon a time there was a cat.";
-  const auto r = run_cli(stories_args({"quantize", "--method", "gptq", "--calib",
-                                       (dir / "short.txt").string(), "--calib-len", "256",
-                                       "--out", (dir / "q").string()}));
+  const auto r =
+      run_cli(stories_args({"quantize", "--method", "gptq", "--calib", (dir / "short.txt").string(),
+                            "--calib-len", "256", "--out", (dir / "q").string()}));
   expect_one_line_error(r, "short.txt");
   EXPECT_NE(r.err.find("256"), std::string::npos) << r.err;
 }
 
 TEST(CliQuantize, NonFiniteWeightsAreRefused) {
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     Model m = test::make_random_model({}, 3);
     m.layers[1].up.weight.mutable_data()[17] = bad;
     const fs::path dir = test::temp_dir();
     save_hf_model(m, dir / "model");
-    const auto r = run_cli({"quantize", "-m", (dir / "model").string(), "--out",
-                            (dir / "q").string()});
+    const auto r =
+        run_cli({"quantize", "-m", (dir / "model").string(), "--out", (dir / "q").string()});
     expect_one_line_error(r, "up_proj");
     EXPECT_FALSE(fs::exists(dir / "q"));
   }

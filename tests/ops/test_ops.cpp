@@ -8,14 +8,12 @@
 #include <vector>
 
 #include "qalora/ops/ops.h"
-
 #include "test_util.h"
 
 namespace qalora::ops {
 namespace {
 
 using test::random_uniform;
-
 
 void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol) {
   ASSERT_EQ(a.size(), b.size());
@@ -108,7 +106,8 @@ TEST(Ops, AttentionMatchesReference) {
                                       << c.pos0 << " Hd " << c.Hd);
       const int64_t stride = c.pos0 + c.T + 3, P = c.pos0 + c.T;
       // The caches filled as the runtime fills them: position by position.
-      const auto keys = random_uniform(P * KV * c.Hd, 10), values = random_uniform(P * KV * c.Hd, 11);
+      const auto keys = random_uniform(P * KV * c.Hd, 10),
+                 values = random_uniform(P * KV * c.Hd, 11);
       std::vector<float> k(static_cast<size_t>(KV * stride * c.Hd), NAN), v(k);
       for (int64_t p = 0; p < P; ++p)
         kv_cache_store(k.data(), v.data(), keys.data() + p * KV * c.Hd,

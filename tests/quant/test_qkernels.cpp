@@ -16,7 +16,6 @@
 #include "qalora/quant/qmatrix.h"
 #include "qalora/quant/quantize.h"
 #include "quant/qkernels_internal.h"
-
 #include "test_util.h"
 
 namespace qalora {
@@ -25,7 +24,6 @@ namespace {
 using test::random_uniform;
 
 using qk::Isa;
-
 
 // Fills the codes with random values below 2^bits, row by row through pack_row.
 void random_codes(QMatrix& w, uint64_t seed) {
@@ -146,8 +144,12 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
   }
   std::vector<Case> bwd;
   for (size_t k = 0; k < backward_tokens.size(); ++k) {
-    Case c{backward_tokens[k], nullptr, random_uniform(backward_tokens[k] * O, seed + 30 + k),
-           {}, {}, {}};
+    Case c{backward_tokens[k],
+           nullptr,
+           random_uniform(backward_tokens[k] * O, seed + 30 + k),
+           {},
+           {},
+           {}};
     c.ref.resize(static_cast<size_t>(c.T * I));
     qmatmul_backward_input_ref(c.ref.data(), c.x.data(), w, c.T);
     bwd.push_back(std::move(c));
@@ -333,9 +335,11 @@ TEST(QKernels, SharedProductsMatchSeparateOnes) {
   // q/k/v-like products of one x: shared layouts (one team, one preparation of x, rows split
   // across matrix boundaries) and a mixed set that falls back to separate calls.
   const int64_t cols = 200;
-  const std::vector<QMatrix> same = {random_affine(33, cols, 4, 64, 1), random_affine(7, cols, 4, 64, 2),
+  const std::vector<QMatrix> same = {random_affine(33, cols, 4, 64, 1),
+                                     random_affine(7, cols, 4, 64, 2),
                                      random_affine(1, cols, 4, 64, 3)};
-  const std::vector<QMatrix> mixed = {random_affine(9, cols, 4, 64, 4), random_affine(9, cols, 8, 32, 5),
+  const std::vector<QMatrix> mixed = {random_affine(9, cols, 4, 64, 4),
+                                      random_affine(9, cols, 8, 32, 5),
                                       random_codebook(QuantType::NF4, 9, cols, 6)};
   for (const auto* set : {&same, &mixed})
     for (int64_t T : {1, 3, 5}) {

@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -84,8 +84,8 @@ Bandwidth memory_bandwidth() {
 }
 
 // Bytes of weights one decoded token reads: every parameter once (quantized linears and a
-// quantized head: codes and their fp32 group parameters as held in memory), except that an untied embedding table
-// contributes a single row (the head is read in full either way).
+// quantized head: codes and their fp32 group parameters as held in memory), except that an untied
+// embedding table contributes a single row (the head is read in full either way).
 double weight_bytes_per_token(const Model& model) {
   double bytes = 4.0 * static_cast<double>(model.parameter_count());
   if (!model.output.empty())

@@ -36,11 +36,13 @@ namespace qalora {
 enum class QuantType : uint8_t { Affine, NF4, FP4 };
 const char* quant_type_name(QuantType type);  // "affine", "nf4", "fp4"
 
-inline constexpr int64_t kQChunk = 32;        // columns per packed chunk
+inline constexpr int64_t kQChunk = 32;         // columns per packed chunk
 inline constexpr int64_t kCodebookBlock = 64;  // NF4/FP4 absmax block (flattened elements)
 
 // Bytes of one packed 32-column chunk of `bits`-bit codes.
-constexpr int64_t chunk_bytes(int bits) { return 4 * bits; }
+constexpr int64_t chunk_bytes(int bits) {
+  return 4 * bits;
+}
 static_assert(chunk_bytes(4) * 8 == kQChunk * 4, "a 4-bit chunk holds 32 codes");
 static_assert(chunk_bytes(3) == 8 + 4, "a 3-bit chunk is a 2-bit plane plus a 1-bit plane");
 
@@ -63,12 +65,12 @@ struct QMatrix {
   int64_t cols = 0;
   // Affine: group size G (1..cols; cols = per channel). NF4/FP4: absmax block length.
   int64_t group_size = 0;
-  std::vector<uint8_t> codes;   // [rows, row_bytes()]
-  std::vector<float> scales;    // Affine: [rows, n_groups()]
-  std::vector<float> offsets;   // Affine: [rows, n_groups()]
-  std::vector<int32_t> g_idx;   // Affine: [cols] group of each column; empty = contiguous
-  std::vector<float> absmax;    // NF4/FP4: [n_blocks()], decoded from absmax_dq when present
-  DoubleQuant absmax_dq;        // NF4/FP4 with double quantization: what is stored
+  std::vector<uint8_t> codes;  // [rows, row_bytes()]
+  std::vector<float> scales;   // Affine: [rows, n_groups()]
+  std::vector<float> offsets;  // Affine: [rows, n_groups()]
+  std::vector<int32_t> g_idx;  // Affine: [cols] group of each column; empty = contiguous
+  std::vector<float> absmax;   // NF4/FP4: [n_blocks()], decoded from absmax_dq when present
+  DoubleQuant absmax_dq;       // NF4/FP4 with double quantization: what is stored
 
   int64_t padded_cols() const { return (cols + kQChunk - 1) / kQChunk * kQChunk; }
   int64_t row_bytes() const { return padded_cols() / kQChunk * chunk_bytes(bits); }
@@ -120,8 +122,7 @@ enum class DecodeActivations { Int8, Exact };
 // dequantize-a-tile + GEMM for larger T (prefill, training).
 void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
                      DecodeActivations activations = DecodeActivations::Int8);
-void qmatmul_forward_ref(float* y, const float* x, const QMatrix& w, const float* bias,
-                         int64_t T);
+void qmatmul_forward_ref(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T);
 // Products of one x with several matrices (q/k/v, gate/up). Matrices with the same
 // activation layout (cols, type, bits, group size and g_idx) share one preparation of x and
 // one thread team in the decode GEMV; others are run one by one.
