@@ -198,6 +198,7 @@ thread_local std::vector<int8_t> tl_xq;       // int8 activations (int8 GEMV)
 thread_local std::vector<float> tl_xd;        // their per-lane chunk scales (int8 GEMV)
 thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV)
 thread_local std::vector<int32_t> tl_groups;  // group of each column (GEMV, odd layouts)
+thread_local std::vector<GemvArgs> tl_args;   // one per product (GEMV)
 
 template <typename T>
 T* scratch(std::vector<T>& v, int64_t n) {
@@ -274,7 +275,8 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
               k.dot(rows + (j - j0) * I, xp + t * P, I) + (a.bias ? a.bias[j] : 0.0f);
     }
   };
-  std::vector<GemvArgs> args(ps.size(), shared);
+  std::vector<GemvArgs>& args = tl_args;
+  args.assign(ps.size(), shared);
   int64_t total = 0;
   for (size_t m = 0; m < ps.size(); ++m) {
     args[m].w = ps[m].w;
