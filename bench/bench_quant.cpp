@@ -1,5 +1,6 @@
 // Quantized-linear benchmarks at the SmolLM2-135M shapes.
-//   Gemv/quant (decode, T = 1): each quantization against fp32 cblas_sgemv of the same shape,
+//   Gemv/quant (decode, T = 1; exact:1 = fp32 activations where the ISA has an int8 GEMV):
+//     each quantization against fp32 cblas_sgemv of the same shape,
 //     run alternately in one loop so that a shared machine's load hits both alike. GBps is
 //     the effective weight bandwidth: bytes of codes + parameters as held in memory (fp32
 //     scales/offsets/absmax) per second; fp32_GBps the same for sgemv; x_fp32 the speed-up.
@@ -120,17 +121,22 @@ void BM_GemvFp32(benchmark::State& state) {
 }
 
 // One decode step (T = 1) against sgemv on the fp32 weight of the same shape, interleaved.
+// exact = 1: fp32 activations even where the ISA has an int8 GEMV.
 void BM_GemvQuant(benchmark::State& state) {
   const int64_t kind = state.range(0), I = state.range(1), O = state.range(2);
+  const bool exact = state.range(3) != 0;
+  const auto activations =
+      exact ? qalora::DecodeActivations::Exact : qalora::DecodeActivations::Int8;
   const auto W = random_vec(static_cast<size_t>(O * I), 1), x = random_vec(size_t(I), 2);
   const QMatrix w = quantized(kind, W, O, I);
   std::vector<float> y(static_cast<size_t>(O)), yf(y.size());
   const auto [tf, tq] = time_pair(
       state, [&] { sgemv(yf.data(), x.data(), W.data(), I, O); },
-      [&] { qalora::qmatmul_forward(y.data(), x.data(), w, nullptr, 1); });
+      [&] { qalora::qmatmul_forward(y.data(), x.data(), w, nullptr, 1, activations); });
   benchmark::DoNotOptimize(y.data());
   benchmark::DoNotOptimize(yf.data());
-  state.SetLabel(std::string(kind_name(kind)) + " " + qalora::qkernel_isa());
+  state.SetLabel(std::string(kind_name(kind)) + " " + qalora::qkernel_isa() +
+                 (exact ? " exact" : ""));
   state.counters["GBps"] = weight_bytes(w) / tq / 1e9;
   state.counters["fp32_GBps"] = 4.0 * static_cast<double>(O * I) / tf / 1e9;
   state.counters["x_fp32"] = tf / tq;  // speed-up over sgemv
@@ -138,8 +144,11 @@ void BM_GemvQuant(benchmark::State& state) {
 
 void gemv_args(benchmark::internal::Benchmark* b) {
   for (auto [I, O] : {std::pair<int64_t, int64_t>{576, 1536}, {1536, 576}})
-    for (int64_t kind : {kQ4g128, kQ4g32, kQ3g128, kQ2g128, kQ8g128, kInt8, kNF4})
-      b->Args({kind, I, O});
+    for (int64_t kind : {kQ4g128, kQ4g32, kQ3g128, kQ2g128, kQ8g128, kInt8, kNF4}) {
+      b->Args({kind, I, O, 0});
+      // The layouts an int8 GEMV may take, once more with exact activations.
+      if (kind != kQ3g128 && kind != kNF4) b->Args({kind, I, O, 1});
+    }
 }
 BENCHMARK(BM_GemvFp32)
     ->Name("Gemv/fp32_sgemv")
@@ -148,7 +157,7 @@ BENCHMARK(BM_GemvFp32)
     ->UseRealTime();
 BENCHMARK(BM_GemvQuant)
     ->Name("Gemv/quant")
-    ->ArgNames({"kind", "I", "O"})
+    ->ArgNames({"kind", "I", "O", "exact"})
     ->Apply(gemv_args)
     ->UseManualTime();
 

@@ -215,6 +215,10 @@ float* aligned_scratch(std::vector<float>& v, int64_t n) {
   return p + (misalign ? kAlign - misalign : 0);
 }
 
+bool uses_int8(const KernelTable& k, const QMatrix& w) {
+  return k.gemv_int8_rows && int8_gemv_layout(w) && (k.int8_bits >> w.bits & 1u);
+}
+
 // The products share x, and so its padded copy and whatever the kernels derive from it (group
 // sums, int8 codes): same_activation_layout holds for all their matrices. One thread team runs
 // the rows of all the products, split evenly.
@@ -234,8 +238,7 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
   shared.x_stride = P;
   shared.T = T;
   if (w.type == QuantType::Affine) shared.L = w.n_groups();
-  const bool int8 =
-      activations == DecodeActivations::Int8 && k.gemv_int8_rows && int8_gemv_layout(w);
+  const bool int8 = activations == DecodeActivations::Int8 && uses_int8(k, w);
   if (int8) {
     shared.xq_stride = int8_stride(w);
     int8_t* xq = scratch(tl_xq, T * shared.xq_stride);
@@ -326,6 +329,10 @@ const int32_t* column_groups(const QMatrix& w, std::vector<int32_t>& buf) {
   return buf.data();
 }
 
+bool int8_gemv_used(Isa isa, const QMatrix& w) {
+  return uses_int8(*table_for(isa), w);
+}
+
 bool int8_gemv_layout(const QMatrix& w) {
   return affine_chunk_aligned(w) && (w.bits == 2 || w.bits == 4 || w.bits == 8);
 }
@@ -347,6 +354,14 @@ const uint8_t* int8_lane_order(int bits) {
     return o;
   }();
   return orders[bits == 2 ? 0 : bits == 4 ? 1 : 2].data();
+}
+
+unsigned int8_second_chunk_lanes(int bits) {
+  const uint8_t* order = int8_lane_order(bits);
+  unsigned m = 0;
+  for (int l = 0; l < 16; ++l)
+    if (order[4 * l] >= kQChunk) m |= 1u << l;
+  return m;
 }
 
 int64_t int8_stride(const QMatrix& w) {
@@ -424,8 +439,8 @@ void gemv_int8_ref(float* y, const float* x, const QMatrix& w, const float* bias
   }
 }
 
-const KernelTable kPortableTable = {Isa::Portable, nullptr, nullptr, portable_dequant_rows,
-                                    portable_dot};
+const KernelTable kPortableTable = {Isa::Portable,         nullptr,     nullptr, 0,
+                                    portable_dequant_rows, portable_dot};
 
 }  // namespace qk
 

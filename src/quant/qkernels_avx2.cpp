@@ -174,6 +174,135 @@ QL_AVX2 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- int8 activations (int8_gemv_layout in qkernels_internal.h), 2 and 4-bit codes ---------
+// Each 64-code vector of the AVX-512 VNNI kernel (and of quantize_activations' layout) is two
+// 256-bit halves here: half h holds bytes 32h..32h+31 of it. vpmaddubsw multiplies the codes
+// (unsigned) by the int8 activations and adds pairs into int16, which cannot saturate for codes
+// below 16 (15 * 127 * 2 < 32767; 8-bit codes could, so they keep the fp32 kernel);
+// vpmaddwd by ones then adds pairs of those into the same int32 lanes vpdpbusd fills.
+
+// Half h of the unpacked codes of chunks 2v and 2v + 1 (at p); `half_pair`: chunk 2v is the
+// row's last, so only its bytes are read.
+template <int B>
+QL_AVX2_INLINE __m256i codes_half_u8(const uint8_t* p, int h, bool half_pair) {
+  if constexpr (B == 4) {
+    // Half 0: the low nibbles of the pair's 32 packed bytes; half 1: the high nibbles.
+    const __m256i b =
+        half_pair ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_and_si256(h ? _mm256_srli_epi16(b, 4) : b, _mm256_set1_epi8(0x0F));
+  } else {
+    static_assert(B == 2, "the AVX2 int8 GEMV takes 2 and 4-bit codes");
+    // The pair's 16 packed bytes in both 128-bit lanes, shifted by 0 and 2 (half 0) or 4 and 6
+    // bits (half 1); a 32-bit shift then a 2-bit mask per byte leaves each byte's own bits.
+    const __m128i b = half_pair ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))
+                                : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256i shift =
+        h ? _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6) : _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(b), shift),
+                            _mm256_set1_epi8(0x03));
+  }
+}
+
+QL_AVX2_INLINE __m256 int8_dot(__m256i codes, const int8_t* xq) {
+  const __m256i pairs =
+      _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// Rows j0..j0+R-1 for NT tokens, as gemv_int8_block of the AVX-512 VNNI kernel.
+template <int B, int NT, int R, bool kPerVector>
+QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 (&second)[2]) {
+  const QMatrix& w = *a.w;
+  const int64_t L = a.L, nc = w.padded_cols() / kQChunk, rb = w.row_bytes();
+  const int64_t nv = (nc + 1) / 2, half = nc % 2 ? nc / 2 : -1;
+  const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
+  const int64_t vpg = L == 1 ? nv : cpg / 2;
+  const int64_t ds = a.xq_stride / 4;
+  constexpr int64_t VB = 2 * chunk_bytes(B);
+  __m256 acc[R][NT], grp[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm256_setzero_ps();
+  VectorGroups vg{cpg, L - 1};
+  for (int64_t v = 0, g = 0, in_group = 0; v < nv; ++v) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 xd[NT];
+      for (int t = 0; t < NT; ++t) xd[t] = _mm256_loadu_ps(a.xd + t * ds + v * 16 + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        const int64_t j = j0 + r;
+        const __m256i q = codes_half_u8<B>(w.codes.data() + j * rb + v * VB, h, v == half);
+        const float* s = w.scales.data() + j * L;
+        for (int t = 0; t < NT; ++t) {
+          const __m256 d = int8_dot(q, a.xq + t * a.xq_stride + v * 64 + 32 * h);
+          if constexpr (kPerVector) {
+            const __m256 scale = _mm256_blendv_ps(_mm256_set1_ps(s[vg.first()]),
+                                                  _mm256_set1_ps(s[vg.second()]), second[h]);
+            acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd[t]), scale, acc[r][t]);
+          } else {
+            grp[r][t] = _mm256_fmadd_ps(d, xd[t], grp[r][t]);
+          }
+        }
+      }
+    }
+    if constexpr (kPerVector) {
+      vg.next();
+    } else if (++in_group == vpg || v + 1 == nv) {  // the group ends with this vector
+      in_group = 0;
+      for (int r = 0; r < R; ++r) {
+        const __m256 sg = _mm256_set1_ps(w.scales[(j0 + r) * L + g]);
+        for (int t = 0; t < NT; ++t) {
+          acc[r][t] = _mm256_fmadd_ps(grp[r][t], sg, acc[r][t]);
+          grp[r][t] = _mm256_setzero_ps();
+        }
+      }
+      ++g;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t j = j0 + r;
+    for (int t = 0; t < NT; ++t)
+      a.y[t * w.rows + j] = hsum(fma_tail(w.offsets.data() + j * L, a.xsum + t * L, L, acc[r][t])) +
+                            (a.bias ? a.bias[j] : 0.0f);
+  }
+}
+
+template <int B, int NT, bool kPerVector>
+QL_AVX2 void gemv_int8(const GemvArgs& a, int64_t r0, int64_t r1) {
+  constexpr int R = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // rows per block: 16 vector registers
+  // The `second` lanes of each half as blend masks (all ones where set).
+  const unsigned lanes = int8_second_chunk_lanes(B);
+  __m256 second[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(32) int32_t m[8];
+    for (int l = 0; l < 8; ++l) m[l] = (lanes >> (8 * h + l) & 1u) ? -1 : 0;
+    second[h] = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(m)));
+  }
+  int64_t j = r0;
+  for (; j + R <= r1; j += R) gemv_int8_block<B, NT, R, kPerVector>(a, j, second);
+  for (; j < r1; ++j) gemv_int8_block<B, NT, 1, kPerVector>(a, j, second);
+}
+
+template <int B>
+QL_AVX2 void gemv_int8_bits(const GemvArgs& a, int64_t r0, int64_t r1) {
+  const int64_t cpg = a.w->group_size / kQChunk;
+  const bool per_vector = !(a.L == 1 || cpg % 2 == 0);
+  switch (a.T) {
+    case 1:
+      return per_vector ? gemv_int8<B, 1, true>(a, r0, r1) : gemv_int8<B, 1, false>(a, r0, r1);
+    case 2:
+      return per_vector ? gemv_int8<B, 2, true>(a, r0, r1) : gemv_int8<B, 2, false>(a, r0, r1);
+    case 3:
+      return per_vector ? gemv_int8<B, 3, true>(a, r0, r1) : gemv_int8<B, 3, false>(a, r0, r1);
+    default:
+      return per_vector ? gemv_int8<B, 4, true>(a, r0, r1) : gemv_int8<B, 4, false>(a, r0, r1);
+  }
+}
+
+QL_AVX2 void gemv_int8_rows(const GemvArgs& a, int64_t r0, int64_t r1) {
+  if (a.w->bits == 2) return gemv_int8_bits<2>(a, r0, r1);
+  gemv_int8_bits<4>(a, r0, r1);
+}
+
 // Per-lane lookup of a row's L group parameters by column group: from registers for L <= 8
 // (Tables = 1: one permute) or L <= 16 (Tables = 2: two permutes and a blend, as lut16), a
 // gather from memory beyond (slow on some CPUs, but only for many small groups).
@@ -424,7 +553,8 @@ QL_AVX2 float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-const KernelTable kAvx2Table = {Isa::Avx2, gemv_rows, nullptr, dequant_rows, dot};
+const KernelTable kAvx2Table = {Isa::Avx2,    gemv_rows, gemv_int8_rows, (1u << 2) | (1u << 4),
+                                dequant_rows, dot};
 
 }  // namespace qalora::qk
 

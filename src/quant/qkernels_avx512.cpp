@@ -416,9 +416,9 @@ QL_AVX512 float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-const KernelTable kAvx512Table = {Isa::Avx512, gemv_rows, nullptr, dequant_rows, dot};
-const KernelTable kAvx512VnniTable = {Isa::Avx512Vnni, gemv_rows, gemv_int8_rows_avx512vnni,
-                                      dequant_rows, dot};
+const KernelTable kAvx512Table = {Isa::Avx512, gemv_rows, nullptr, 0, dequant_rows, dot};
+const KernelTable kAvx512VnniTable = {Isa::Avx512Vnni, gemv_rows,    gemv_int8_rows_avx512vnni,
+                                      kInt8Bits248,    dequant_rows, dot};
 
 }  // namespace qalora::qk
 

@@ -44,25 +44,6 @@ QL_VNNI_INLINE __m512i codes_u8(const uint8_t* p, bool half) {
   }
 }
 
-// The 16 int32 lanes that come from the second chunk of a vector, as a blend mask.
-__mmask16 second_chunk_lanes(int bits) {
-  const uint8_t* order = int8_lane_order(bits);
-  unsigned m = 0;
-  for (int l = 0; l < 16; ++l)
-    if (order[4 * l] >= kQChunk) m |= 1u << l;
-  return static_cast<__mmask16>(m);
-}
-
-// The groups of chunks 2v and 2v + 1, advanced one vector at a time (no division per vector).
-struct VectorGroups {
-  int64_t per_group, last, g = 0, k = 0;  // k: chunk 2v's index within its group g
-  int64_t first() const { return g; }
-  int64_t second() const { return std::min(k + 1 < per_group ? g : g + 1, last); }
-  void next() {
-    for (k += 2; k >= per_group; k -= per_group) ++g;
-  }
-};
-
 // Rows j0..j0+R-1 of y for NT tokens. Several rows at a time share the activation loads and
 // the group bookkeeping, which at 576 columns (9 vectors a row) cost more than the codes.
 // kPerVector: each vector is scaled on its own, per lane where its two chunks lie in
@@ -140,7 +121,7 @@ QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 sec
 template <int B, int NT, bool kPerVector>
 QL_VNNI void gemv_int8(const GemvArgs& a, int64_t r0, int64_t r1) {
   constexpr int R = NT <= 2 ? 4 : 2;  // rows per block: what fits the 32 vector registers
-  const __mmask16 second = second_chunk_lanes(B);
+  const auto second = static_cast<__mmask16>(int8_second_chunk_lanes(B));
   int64_t j = r0;
   for (; j + R <= r1; j += R) gemv_int8_block<B, NT, R, kPerVector>(a, j, second);
   for (; j < r1; ++j) gemv_int8_block<B, NT, 1, kPerVector>(a, j, second);

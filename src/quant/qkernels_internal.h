@@ -2,6 +2,7 @@
 // calls, and a switch for tests to force one ISA so every path is checked on one machine.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -52,11 +53,26 @@ inline constexpr int64_t kGemvMaxTokens = 4;
 // |W[j,i]| per output. It serves affine 2/4/8-bit weights with contiguous groups that start
 // on chunk boundaries (int8_gemv_layout).
 bool int8_gemv_layout(const QMatrix& w);
+// Whether `isa`'s decode GEMV takes w's activations as int8 (when allowed to).
+bool int8_gemv_used(Isa isa, const QMatrix& w);
 
 // The int8 kernel reads two chunks (64 columns) of x per vector, in the order in which one
 // vector of the weight's packed bytes unpacks: byte k of the unpacked vector holds column
 // (2v) * 32 + int8_lane_order(bits)[k] of the pair. Every 4-byte lane stays within one chunk.
 const uint8_t* int8_lane_order(int bits);
+
+// Bit l set: 4-byte lane l (of 16) of a vector comes from the pair's second chunk.
+unsigned int8_second_chunk_lanes(int bits);
+
+// The groups of chunks 2v and 2v + 1, advanced one vector at a time (no division per vector).
+struct VectorGroups {
+  int64_t per_group, last, g = 0, k = 0;  // k: chunk 2v's index within its group g
+  int64_t first() const { return g; }
+  int64_t second() const { return std::min(k + 1 < per_group ? g : g + 1, last); }
+  void next() {
+    for (k += 2; k >= per_group; k -= per_group) ++g;
+  }
+};
 
 // x [T, padded cols] -> xq [T, xq_stride] in int8_lane_order, xd [T, xq_stride / 4]: the
 // d_c of the chunk each 4-byte lane of xq comes from, and xsum [T, n_groups]: the group sums
@@ -84,8 +100,10 @@ struct KernelTable {
   Isa isa;
   // Rows r0..r1-1 of y for any layout, single-threaded. Null: dequantize rows + dot instead.
   void (*gemv_rows)(const GemvArgs& a, int64_t r0, int64_t r1);
-  // The int8-activation GEMV for int8_gemv_layout weights, or null.
+  // The int8-activation GEMV for int8_gemv_layout weights of the widths in int8_bits (bit b
+  // set: b-bit codes), or null.
   void (*gemv_int8_rows)(const GemvArgs& a, int64_t r0, int64_t r1);
+  unsigned int8_bits;
   // out[(j - r0) * cols + i] for rows r0..r1-1, any layout, single-threaded.
   void (*dequant_rows)(const QMatrix& w, int64_t r0, int64_t r1, float* out);
   // sum a[i] * b[i].
@@ -98,5 +116,6 @@ extern const KernelTable kAvx512Table;
 extern const KernelTable kAvx512VnniTable;
 // The AVX-512 VNNI int8 GEMV (qkernels_avx512vnni.cpp).
 void gemv_int8_rows_avx512vnni(const GemvArgs& a, int64_t r0, int64_t r1);
+inline constexpr unsigned kInt8Bits248 = (1u << 2) | (1u << 4) | (1u << 8);
 
 }  // namespace qalora::qk

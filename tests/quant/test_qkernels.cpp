@@ -75,7 +75,7 @@ std::vector<Isa> runnable_isas() {
 
 // Whether qmatmul_forward quantizes x to int8 for this weight and token count on `isa`.
 bool int8_path(Isa isa, const QMatrix& w, int64_t T) {
-  return isa == Isa::Avx512Vnni && qk::int8_gemv_layout(w) && T <= qk::kGemvMaxTokens;
+  return qk::int8_gemv_used(isa, w) && T <= qk::kGemvMaxTokens;
 }
 
 // The largest error int8 activations may add to each output of x W^T: per chunk c of 32
@@ -135,7 +135,7 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
            {}};
     c.ref.resize(static_cast<size_t>(c.T * O));
     qmatmul_forward_ref(c.ref.data(), c.x.data(), w, c.bias, c.T);
-    if (int8_path(Isa::Avx512Vnni, w, c.T)) {
+    if (qk::int8_gemv_layout(w) && c.T <= qk::kGemvMaxTokens) {
       c.int8_ref.resize(c.ref.size());
       qk::gemv_int8_ref(c.int8_ref.data(), c.x.data(), w, c.bias, c.T);
       c.int8_bound = int8_error_bound(c.x, deq_ref, c.T, O, I);
