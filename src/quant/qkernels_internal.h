@@ -51,7 +51,7 @@ inline constexpr int64_t kGemvMaxTokens = 4;
 // would multiply the rounding of x by 2^(bits-1) (5% logit error on SmolLM2's Q8_0 head).
 // So the error against the fp32 GEMV is W (x^ - x), at most sum_c d_c / 2 * sum_{i in c}
 // |W[j,i]| per output. It serves affine 2/4/8-bit weights with contiguous groups that start
-// on chunk boundaries (int8_gemv_layout).
+// on chunk boundaries (int8_gemv_layout), of the widths each ISA's table lists.
 bool int8_gemv_layout(const QMatrix& w);
 // Whether `isa`'s decode GEMV takes w's activations as int8 (when allowed to).
 bool int8_gemv_used(Isa isa, const QMatrix& w);

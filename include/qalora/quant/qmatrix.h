@@ -111,9 +111,9 @@ void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out);
 void dequantize_rows_ref(const QMatrix& w, int64_t r0, int64_t r1, float* out);
 Tensor dequantize(const QMatrix& w);
 
-// How the decode GEMV (T <= 4) may treat the activations. Int8: on CPUs with int8 dot
-// products (AVX-512 VNNI) it rounds x to int8 per 32 columns, as llama.cpp does, for about
-// twice the speed; the result is then exactly x^ W^T with |x^ - x| <= max|x_chunk| / 254, a
+// How the decode GEMV (T <= 4) may treat the activations. Int8: with AVX-512 VNNI (2/4/8-bit
+// affine codes) or AVX2 (2/4-bit) it rounds x to int8 per 32 columns, as llama.cpp does, for
+// about twice the speed; the result is then exactly x^ W^T with |x^ - x| <= max|x_chunk| / 254, a
 // relative error near 0.5% on each output. Exact: fp32 arithmetic throughout, for outputs
 // where that noise matters (logits, whose top two can be that close).
 enum class DecodeActivations { Int8, Exact };
