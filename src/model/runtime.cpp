@@ -71,7 +71,8 @@ void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& 
 }
 
 void linear_forward_shared(std::span<const LinearOutput> outputs, const float* x, int64_t T) {
-  std::vector<QProduct> products;
+  thread_local std::vector<QProduct> products;  // reused: this runs several times per layer
+  products.clear();
   for (const LinearOutput& o : outputs) {
     const Linear& l = *o.linear;
     if (l.quantized())

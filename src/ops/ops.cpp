@@ -12,14 +12,7 @@ namespace qalora::ops {
 
 namespace {
 
-// Dot product and axpy written so that -O3 -march=native vectorizes them.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
+// axpy written so that -O3 -march=native vectorizes it.
 inline void axpy(float* y, float a, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
