@@ -114,6 +114,100 @@ BENCHMARK(BM_Attention<false>)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Attention<true>)->Name("Attention/reference")->Arg(64)->Unit(benchmark::kMicrosecond);
 
+// Training attention over one whole sequence at SmolLM2-135M's head shapes: the forward that
+// saves the probabilities, and the backward. FLOPs count the causal triangle, the work actually
+// needed (the kernels skip the blocks above the diagonal): QK^T and PV forward; dO V^T, dS K,
+// dS^T Q and P^T dO backward.
+template <bool kReference, bool kBackward>
+void BM_AttentionTrain(benchmark::State& state) {
+  const int64_t T = state.range(0), H = 9, KV = 3, Hd = 64;
+  auto q = random_vec(static_cast<size_t>(T * H * Hd)), dout = q;
+  auto k = random_vec(static_cast<size_t>(T * KV * Hd)), v = k;
+  std::vector<float> out(q.size()), probs(static_cast<size_t>(H * T * T)), dq(q.size()),
+      dk(k.size()), dv(v.size()),
+      scratch(static_cast<size_t>(qalora::ops::attention_backward_scratch(T, H)));
+  const auto forward =
+      kReference ? qalora::ops::attention_train_forward_ref : qalora::ops::attention_train_forward;
+  const auto backward = kReference ? qalora::ops::attention_train_backward_ref
+                                   : qalora::ops::attention_train_backward;
+  forward(out.data(), probs.data(), q.data(), k.data(), v.data(), T, H, KV, Hd);
+  for (auto _ : state) {
+    if constexpr (kBackward) {
+      backward(dq.data(), dk.data(), dv.data(), dout.data(), probs.data(), q.data(), k.data(),
+               v.data(), T, H, KV, Hd, scratch.data());
+      benchmark::DoNotOptimize(dv.data());
+    } else {
+      forward(out.data(), probs.data(), q.data(), k.data(), v.data(), T, H, KV, Hd);
+      benchmark::DoNotOptimize(out.data());
+    }
+  }
+  const double products = kBackward ? 4.0 : 2.0;
+  report(state, products * static_cast<double>(H * Hd * T * (T + 1)));  // 2 T(T+1)/2 Hd each
+}
+BENCHMARK(BM_AttentionTrain<false, false>)
+    ->Name("AttentionTrain/forward")
+    ->Arg(64)
+    ->Arg(512)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_AttentionTrain<false, true>)
+    ->Name("AttentionTrain/backward")
+    ->Arg(64)
+    ->Arg(512)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_AttentionTrain<true, false>)
+    ->Name("AttentionTrain/forward_reference")
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_AttentionTrain<true, true>)
+    ->Name("AttentionTrain/backward_reference")
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
+
+// dx[T, I] = dy[T, O] W[O, I], the input gradient of a linear layer, at the shapes of BM_Linear.
+void BM_MatmulBackwardInput(benchmark::State& state) {
+  const int64_t T = state.range(0), I = state.range(1), O = state.range(2);
+  auto dy = random_vec(static_cast<size_t>(T * O)), W = random_vec(static_cast<size_t>(O * I));
+  std::vector<float> dx(static_cast<size_t>(T * I));
+  for (auto _ : state) {
+    qalora::ops::matmul_backward_input(dx.data(), dy.data(), W.data(), T, I, O);
+    benchmark::DoNotOptimize(dx.data());
+  }
+  report(state, 2.0 * static_cast<double>(T * I * O));
+}
+BENCHMARK(BM_MatmulBackwardInput)
+    ->Name("MatmulBackwardInput/blas")
+    ->Apply(linear_shapes)
+    ->Unit(benchmark::kMicrosecond);
+
+// Cross-entropy forward and backward over a chunk of T tokens and SmolLM2's 49152-entry
+// vocabulary. No GEMM, so no fraction of peak: GBps counts the logits read and the gradient
+// written. Each iteration runs on the previous one's output, which is just as valid logits.
+template <bool kReference>
+void BM_CrossEntropy(benchmark::State& state) {
+  const int64_t T = state.range(0), V = 49152;
+  auto logits = random_vec(static_cast<size_t>(T * V));
+  for (auto& x : logits) x *= 8.0f;
+  std::vector<float> losses(static_cast<size_t>(T));
+  std::vector<int32_t> targets(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) targets[t] = static_cast<int32_t>((t * 7919) % V);
+  const auto fn = kReference ? qalora::ops::cross_entropy_forward_backward_ref
+                             : qalora::ops::cross_entropy_forward_backward;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(fn(logits.data(), losses.data(), targets.data(), T, V, 1.0f));
+  }
+  state.counters["GBps"] = benchmark::Counter(
+      2.0 * 4.0 * static_cast<double>(T * V) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_CrossEntropy<false>)
+    ->Name("CrossEntropy/optimized")
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CrossEntropy<true>)
+    ->Name("CrossEntropy/reference")
+    ->Arg(64)
+    ->Unit(benchmark::kMicrosecond);
+
 // One decode step's attention over all 30 layers of SmolLM2 with `pos` cached positions: the
 // caches (17 MB at pos 384) cycle as in a real step, so keys and values come from memory.
 // GBps: K and V bytes read per second.

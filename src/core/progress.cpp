@@ -43,8 +43,9 @@ ProgressBar::~ProgressBar() {
 }
 
 std::string ProgressBar::format(const std::string& label, int64_t done, int64_t total,
-                                double elapsed_seconds) {
-  const double rate = elapsed_seconds > 0 ? static_cast<double>(done) / elapsed_seconds : 0.0;
+                                double elapsed_seconds, int64_t base) {
+  const double rate =
+      elapsed_seconds > 0 ? static_cast<double>(done - base) / elapsed_seconds : 0.0;
   std::string line = label + " " + std::to_string(done);
   char buf[96];
   if (total > 0) {
@@ -90,7 +91,8 @@ void ProgressBar::finish() {
 
 void ProgressBar::print(bool final_line) {
   const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
-  const std::string line = format(label_, done_, total_, elapsed);
+  std::string line = format(label_, done_, total_, elapsed, base_);
+  if (!status_.empty()) line += "  " + status_;
   if (tty_) {
     // \033[K clears what a longer previous line left behind.
     std::fprintf(out_, "\r%s\033[K%s", line.c_str(), final_line ? "\n" : "");

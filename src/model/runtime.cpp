@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "qalora/adapters/lora.h"
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/ops/ops.h"
@@ -24,7 +25,10 @@ int num_threads() {
   return omp_get_max_threads();
 }
 
-InferenceSession::InferenceSession(const Model& model, int64_t max_context) : model_(model) {
+InferenceSession::InferenceSession(const Model& model, int64_t max_context,
+                                   const AdapterSet* adapters)
+    : model_(model), adapters_(adapters) {
+  if (adapters_) check_adapters_match(*adapters_, model, "--adapter");
   const ModelConfig& c = model.config;
   max_ctx_ = max_context > 0 ? max_context : std::min<int64_t>(c.context_length, 4096);
   QL_CHECK(max_ctx_ > 0, model.source_path, ": context length must be positive, got ", max_ctx_);
@@ -92,6 +96,22 @@ void InferenceSession::linears(std::span<const LinearOutput> outputs, const floa
                            static_cast<double>(o.linear->in_features() * o.linear->out_features());
 }
 
+void InferenceSession::adapt(int64_t layer, Target target, const float* x, float* y, int64_t T) {
+  const LoraAdapter* a = adapters_ ? adapters_->find(layer, target) : nullptr;
+  if (!a) return;
+  const auto t0 = Clock::now();
+  const auto need = [](std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  };
+  need(adapter_u_, T * a->rank());
+  need(adapter_in_, T * a->a_cols());
+  lora_forward(*a, adapters_->config.scale(), x, T, 0.0f, 0, y, adapter_u_.data(),
+               adapter_in_.data());
+  stats_.linear_seconds += seconds_since(t0);
+  stats_.linear_flops +=
+      2.0 * static_cast<double>(T * a->rank()) * static_cast<double>(a->a_cols() + a->out);
+}
+
 void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias,
                                const float* x, float* y, int64_t T, DecodeActivations activations) {
   const auto t0 = Clock::now();
@@ -136,6 +156,9 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     ops::rmsnorm_forward(xn, x, L.attn_norm.data(), T, D, c.norm_eps);
     const LinearOutput qkv[] = {{&L.q, q_.data()}, {&L.k, k_.data()}, {&L.v, v_.data()}};
     linears(qkv, xn, T);
+    adapt(li, Target::Q, xn, q_.data(), T);
+    adapt(li, Target::K, xn, k_.data(), T);
+    adapt(li, Target::V, xn, v_.data(), T);
     ops::rope_forward(q_.data(), T, H, Hd, pos_, rope_cos_.data(), rope_sin_.data());
     ops::rope_forward(k_.data(), T, KV, Hd, pos_, rope_cos_.data(), rope_sin_.data());
     ops::kv_cache_store(kc, vc, k_.data(), v_.data(), T, pos_, KV, Hd, max_ctx_);
@@ -143,13 +166,17 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     ops::attention_forward(att_.data(), q_.data(), kc, vc, T, pos_, H, KV, Hd, max_ctx_);
     stats_.attention_seconds += seconds_since(t_att);
     linear(L.o, att_.data(), xn, T);
+    adapt(li, Target::O, att_.data(), xn, T);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
 
     ops::rmsnorm_forward(xn, x, L.ffn_norm.data(), T, D, c.norm_eps);
     const LinearOutput gate_up[] = {{&L.gate, gate_.data()}, {&L.up, up_.data()}};
     linears(gate_up, xn, T);
+    adapt(li, Target::Gate, xn, gate_.data(), T);
+    adapt(li, Target::Up, xn, up_.data(), T);
     ops::swiglu_forward(gate_.data(), gate_.data(), up_.data(), T * F);
     linear(L.down, gate_.data(), xn, T);
+    adapt(li, Target::Down, gate_.data(), xn, T);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
   }
 
@@ -171,7 +198,8 @@ std::vector<float> InferenceSession::forward_last(std::span<const int32_t> token
   return logits;
 }
 
-std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens) {
+std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens,
+                                      const AdapterSet* adapters) {
   const ModelConfig& c = model.config;
   const auto T = static_cast<int64_t>(tokens.size());
   const int64_t D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
@@ -200,6 +228,25 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
       }
     return out;
   };
+  // out += scale * B A xin, xin = in (LoRA) or its group means / sums (QA-LoRA).
+  auto adapt = [&](const Vec& in, int64_t layer, Target target, Vec& out) {
+    const LoraAdapter* a = adapters ? adapters->find(layer, target) : nullptr;
+    if (!a) return;
+    const int64_t I = a->in, O = a->out, C = a->a_cols(), r = a->rank();
+    const double scale = adapters->config.scale();
+    for (int64_t t = 0; t < T; ++t) {
+      Vec xin(static_cast<size_t>(C), 0.0);
+      for (int64_t i = 0; i < I; ++i) xin[a->pooled() ? i / a->group_size : i] += in[t * I + i];
+      if (a->pooled() && adapters->config.pool == AdapterPool::Average)
+        for (int64_t l = 0; l < C; ++l)
+          xin[l] /= static_cast<double>(std::min(a->group_size, I - l * a->group_size));
+      for (int64_t k = 0; k < r; ++k) {
+        double u = 0;
+        for (int64_t j = 0; j < C; ++j) u += a->A.data()[k * C + j] * xin[j];
+        for (int64_t o = 0; o < O; ++o) out[t * O + o] += scale * a->B.data()[o * r + k] * u;
+      }
+    }
+  };
   const Vec inv_freq = rope_inv_freq(c);
   auto rope = [&](Vec& v, int64_t heads) {
     for (int64_t t = 0; t < T; ++t)
@@ -216,10 +263,14 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
   Vec x(static_cast<size_t>(T * D));
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < D; ++i) x[t * D + i] = model.tok_embeddings.row(tokens[t])[i];
-  for (const LayerWeights& L : model.layers) {
+  for (int64_t li = 0; li < c.n_layers; ++li) {
+    const LayerWeights& L = model.layers[static_cast<size_t>(li)];
     Vec xn = rmsnorm(x, L.attn_norm);
     Vec q = matmul(xn, L.q.dense_weight(), L.q.bias), k = matmul(xn, L.k.dense_weight(), L.k.bias);
-    const Vec v = matmul(xn, L.v.dense_weight(), L.v.bias);
+    Vec v = matmul(xn, L.v.dense_weight(), L.v.bias);
+    adapt(xn, li, Target::Q, q);
+    adapt(xn, li, Target::K, k);
+    adapt(xn, li, Target::V, v);
     rope(q, H);
     rope(k, KV);
     Vec att(static_cast<size_t>(T * H * Hd), 0.0);
@@ -240,14 +291,17 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
           for (int64_t i = 0; i < Hd; ++i)
             att[(t * H + h) * Hd + i] += s[p] / sum * v[(p * KV + kvh) * Hd + i];
       }
-    const Vec o = matmul(att, L.o.dense_weight(), Tensor());
+    Vec o = matmul(att, L.o.dense_weight(), Tensor());
+    adapt(att, li, Target::O, o);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     xn = rmsnorm(x, L.ffn_norm);
-    const Vec g = matmul(xn, L.gate.dense_weight(), Tensor()),
-              u = matmul(xn, L.up.dense_weight(), Tensor());
+    Vec g = matmul(xn, L.gate.dense_weight(), Tensor()), u = matmul(xn, L.up.dense_weight(), Tensor());
+    adapt(xn, li, Target::Gate, g);
+    adapt(xn, li, Target::Up, u);
     Vec hidden(static_cast<size_t>(T * F));
     for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
-    const Vec d = matmul(hidden, L.down.dense_weight(), Tensor());
+    Vec d = matmul(hidden, L.down.dense_weight(), Tensor());
+    adapt(hidden, li, Target::Down, d);
     for (size_t i = 0; i < x.size(); ++i) x[i] += d[i];
   }
   return matmul(rmsnorm(x, model.final_norm), model.head(), Tensor());

@@ -4,9 +4,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <vector>
+
+#include "ops/ops_internal.h"
 
 namespace qalora::ops {
 
@@ -16,40 +17,6 @@ namespace {
 inline void axpy(float* y, float a, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// exp(x) without a library call, so that loops over it vectorize (a call to expf costs ~20
-// cycles per element: most of a decode step's attention and SwiGLU). x = n ln2 + r with
-// |r| <= ln2 / 2 (ln2 split in two for an exact product), exp(r) from Cephes' degree-5
-// polynomial, times 2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n
-// stays a normal float (below, the result is exp(-87) ~ 1.6e-38 instead of smaller); NaN
-// stays NaN. n is read from the bits of the rounding sum, not converted from float, so NaN
-// needs no special case.
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + kRound;
-  const float n = t - kRound;
-  const int32_t n_int = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return (p * r * r + r + 1.0f) * std::bit_cast<float>((n_int + 127) << 23);
-}
-
-// s[0..n) = exp(s - mx), returning their sum.
-inline float exp_shifted(float* s, int64_t n, float mx) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t p = 0; p < n; ++p) {
-    s[p] = exp_approx(s[p] - mx);
-    sum += s[p];
-  }
-  return sum;
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <random>
 
+#include "qalora/adapters/adapter_io.h"
 #include "qalora/core/error.h"
 
 namespace qalora::cli {
@@ -38,6 +39,18 @@ Model load_model(const ModelArgs& args) {
            "--tokenizer: file not found: ", args.tokenizer);
   set_num_threads(args.threads);
   return qalora::load_model(args.model, {.tokenizer = args.tokenizer});
+}
+
+void add_adapter_arg(CLI::App* cmd, ModelArgs& args) {
+  cmd->add_option("--adapter", args.adapter,
+                  "adapter folder from `qalora train` (or a PEFT adapter), applied unmerged");
+}
+
+std::unique_ptr<AdapterSet> load_adapter_arg(const ModelArgs& args, const Model& model) {
+  if (args.adapter.empty()) return nullptr;
+  QL_CHECK(std::filesystem::is_directory(args.adapter), "--adapter: folder not found: ",
+           args.adapter);
+  return std::make_unique<AdapterSet>(load_adapter(args.adapter, model));
 }
 
 void add_ctx_arg(CLI::App* cmd, int64_t& ctx, int64_t default_ctx) {

@@ -5,10 +5,12 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "qalora/adapters/adapter.h"
 #include "qalora/core/clock.h"
 #include "qalora/model/model.h"
 #include "qalora/model/runtime.h"
@@ -24,11 +26,16 @@ struct ModelArgs {
   std::string model;
   std::string tokenizer;
   int threads = 0;
+  std::string adapter;  // --adapter DIR (inference commands)
 };
 // --model (or a positional MODEL), --tokenizer, --threads.
 void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional = false);
 // Sets the thread count and loads the model; a missing file is reported with its option.
 Model load_model(const ModelArgs& args);
+// --adapter DIR: a trained adapter (native or PEFT folder) run unmerged on the model.
+void add_adapter_arg(CLI::App* cmd, ModelArgs& args);
+// The adapter of --adapter checked against `model`; null without --adapter.
+std::unique_ptr<AdapterSet> load_adapter_arg(const ModelArgs& args, const Model& model);
 
 // --ctx: KV cache length; 0 = the model's context length. Throws when above it.
 void add_ctx_arg(CLI::App* cmd, int64_t& ctx, int64_t default_ctx = 0);

@@ -16,7 +16,10 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "qalora/core/error.h"
+#include "qalora/core/resources.h"
 #include "qalora/quant/qmatrix.h"
+#include "qalora/train/optimizer.h"
+#include "qalora/train/train_step.h"
 
 namespace qalora::cli {
 
@@ -29,6 +32,13 @@ struct BenchArgs {
   std::string baseline;
   int reps = 3;
   bool json = false;
+  // --train: one training step's speed instead of inference.
+  bool train = false;
+  std::string train_adapter;  // lora or qalora; default: qalora on an affine integer base
+  int64_t seq_len = 512;
+  int64_t rank = 64;
+  int64_t steps = 3;
+  bool grad_checkpoint = false;
 };
 
 constexpr int kReps = 3;
@@ -113,7 +123,7 @@ struct Speed {
   double bytes_per_token = 0;
 };
 
-Speed measure(const Model& model, const BenchArgs& args) {
+Speed measure(const Model& model, const AdapterSet* adapters, const BenchArgs& args) {
   const int64_t ctx = args.prompt_tokens + args.gen_tokens;
   QL_CHECK(ctx <= model.config.context_length, "--prompt-tokens + --gen-tokens = ", ctx,
            " exceeds the model's context length ", model.config.context_length);
@@ -123,7 +133,7 @@ Speed measure(const Model& model, const BenchArgs& args) {
   std::vector<int32_t> prompt(static_cast<size_t>(args.prompt_tokens));
   for (auto& t : prompt) t = any_token(rng);
 
-  InferenceSession session(model, ctx);
+  InferenceSession session(model, ctx, adapters);
   session.stats().reset();
   auto start = Clock::now();
   std::vector<float> logits = session.forward_last(prompt);
@@ -151,10 +161,112 @@ Speed measure(const Model& model, const BenchArgs& args) {
   return r;
 }
 
+// Training step speed (SPEC §5 defaults except the rank and sequence given): forward, backward,
+// gradient clipping and AdamW over one random sequence, all positions scored.
+void run_train_bench(const BenchArgs& args) {
+  QL_CHECK(args.seq_len >= 2, "--seq-len must be >= 2, got ", args.seq_len);
+  QL_CHECK(args.steps >= 1, "--steps must be >= 1, got ", args.steps);
+  const Model model = load_model(args.model);
+  AdapterConfig cfg;
+  const bool affine = !model.quant.empty() && model.quant.method != "nf4" &&
+                      model.quant.method != "fp4";
+  cfg.kind = parse_adapter_kind(args.train_adapter.empty() ? (affine ? "qalora" : "lora")
+                                                           : args.train_adapter);
+  cfg.rank = args.rank;
+  AdapterSet adapters = create_adapters(model, cfg);
+  TrainSession session(model, adapters, args.seq_len, {.grad_checkpoint = args.grad_checkpoint});
+  AdamW opt(adapters, {});
+  std::mt19937_64 rng(1234);
+  std::uniform_int_distribution<int32_t> any_token(
+      0, static_cast<int32_t>(model.config.vocab_size - 1));
+  std::vector<int32_t> tokens(static_cast<size_t>(args.seq_len));
+  const std::vector<uint8_t> target(tokens.size(), 1);
+  double data_s = 0, opt_s = 0;
+  auto step = [&] {
+    auto t0 = Clock::now();
+    for (auto& t : tokens) t = any_token(rng);
+    data_s += seconds_since(t0);
+    zero_adapter_grads(adapters);
+    int64_t n = 0;
+    session.forward_backward(tokens, target, 1.0f / static_cast<float>(args.seq_len - 1), 7, n);
+    t0 = Clock::now();
+    const double norm = grad_norm(adapters);
+    if (norm > 0.3) scale_grads(adapters, static_cast<float>(0.3 / norm));
+    opt.step(adapters, 2e-4);
+    opt_s += seconds_since(t0);
+  };
+  step();  // warm-up: buffers, page faults, BLAS threads
+  session.stats().reset();
+  data_s = opt_s = 0;
+  const auto start = Clock::now();
+  for (int64_t i = 0; i < args.steps; ++i) step();
+  const double total_s = seconds_since(start);
+  const TrainStepStats& st = session.stats();
+  const double gemm = gemm_peak_gflops();
+  const double tps = static_cast<double>(st.tokens) / total_s;
+  const double gflops = st.flops / total_s / 1e9;
+
+  // What the run must hold: the base's weights as stored in memory, the adapters with their
+  // gradients and two AdamW moments, and the activation buffers.
+  const double weights = weight_bytes_per_token(model) +
+                         4.0 * static_cast<double>(model.tok_embeddings.numel() - model.config.dim);
+  const double adapter_bytes = 4.0 * 4.0 * static_cast<double>(adapters.parameter_count());
+  const auto act_bytes = static_cast<double>(session.activation_bytes());
+  const auto rss = static_cast<double>(peak_rss_bytes());
+  nlohmann::ordered_json j = {{"model", args.model.model},
+                              {"quantization", model.quant.empty() ? "none" : model.quant.method},
+                              {"adapter", adapter_kind_name(cfg.kind)},
+                              {"rank", cfg.rank},
+                              {"adapter_parameters", adapters.parameter_count()},
+                              {"seq_len", args.seq_len},
+                              {"steps", args.steps},
+                              {"grad_checkpoint", args.grad_checkpoint},
+                              {"kernel_isa", qkernel_isa()},
+                              {"threads", num_threads()},
+                              {"tokens_per_s", tps},
+                              {"gflops", gflops},
+                              {"gemm_peak_gflops", gemm},
+                              {"gemm_efficiency", gflops / gemm},
+                              {"seconds_forward", st.forward_seconds / total_s},
+                              {"seconds_backward", st.backward_seconds / total_s},
+                              {"seconds_optimizer", opt_s / total_s},
+                              {"seconds_data", data_s / total_s},
+                              {"peak_rss_bytes", rss},
+                              {"weight_bytes", weights},
+                              {"adapter_state_bytes", adapter_bytes},
+                              {"activation_bytes", act_bytes}};
+  if (args.json) {
+    std::printf("%s\n", j.dump(2).c_str());
+    return;
+  }
+  std::printf("training step: %s r %lld (%lld parameters) on %s, %lld tokens, %d threads%s\n",
+              adapter_kind_name(cfg.kind), static_cast<long long>(cfg.rank),
+              static_cast<long long>(adapters.parameter_count()),
+              model.quant.empty() ? "an fp32 base" : (model.quant.method + " base").c_str(),
+              static_cast<long long>(args.seq_len), num_threads(),
+              args.grad_checkpoint ? ", grad checkpointing" : "");
+  std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n",
+              tps, total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
+  std::printf("  compute              %9.1f GFLOP/s  %5.1f%% of the fp32 GEMM peak (%.1f GFLOP/s)\n",
+              gflops, 100 * gflops / gemm, gemm);
+  std::printf("  time                 %9.0f%% forward, %.0f%% backward, %.1f%% optimizer, %.1f%% data\n",
+              100 * st.forward_seconds / total_s, 100 * st.backward_seconds / total_s,
+              100 * opt_s / total_s, 100 * data_s / total_s);
+  std::printf("  memory               %9.0f MB peak RSS; weights %.0f + adapter, grads, moments %.0f "
+              "+ activations %.0f = %.0f MB\n",
+              rss / 1e6, weights / 1e6, adapter_bytes / 1e6, act_bytes / 1e6,
+              (weights + adapter_bytes + act_bytes) / 1e6);
+}
+
 void run_bench(const BenchArgs& args) {
+  if (args.train) {
+    run_train_bench(args);
+    return;
+  }
   QL_CHECK(args.prompt_tokens >= 1, "--prompt-tokens must be >= 1, got ", args.prompt_tokens);
   QL_CHECK(args.gen_tokens >= 1, "--gen-tokens must be >= 1, got ", args.gen_tokens);
   const Model model = load_model(args.model);
+  const auto adapters = load_adapter_arg(args.model, model);
   std::optional<Model> baseline;
   if (!args.baseline.empty()) {
     ModelArgs b = args.model;
@@ -183,10 +295,10 @@ void run_bench(const BenchArgs& args) {
     best.bytes_per_token = s.bytes_per_token;
   };
   for (int rep = 0; rep < args.reps; ++rep) {
-    keep_best(sp, measure(model, args));
+    keep_best(sp, measure(model, adapters.get(), args));
     if (!baseline) continue;
     if (!base) base.emplace();
-    keep_best(*base, measure(*baseline, args));
+    keep_best(*base, measure(*baseline, nullptr, args));
   }
   const double weight_gbs = sp.bytes_per_token * sp.decode_tps / 1e9;
 
@@ -253,6 +365,7 @@ void register_bench(CLI::App& app) {
       app, "bench",
       "Measure prefill/decode speed against the machine's GEMM peak and memory bandwidth");
   add_model_args(cmd, args->model);
+  add_adapter_arg(cmd, args->model);
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "prefill length")->capture_default_str();
   cmd->add_option("--gen-tokens", args->gen_tokens, "decoded tokens")->capture_default_str();
   cmd->add_option("--baseline", args->baseline,
@@ -261,6 +374,16 @@ void register_bench(CLI::App& app) {
                   "runs of each model, alternating with the baseline; the fastest counts")
       ->capture_default_str();
   cmd->add_flag("--json", args->json, "machine-readable output");
+  cmd->add_flag("--train", args->train, "measure a training step instead of inference");
+  cmd->add_option("--train-adapter", args->train_adapter,
+                  "--train: lora or qalora (default: qalora on an integer-quantized base)");
+  cmd->add_option("--seq-len", args->seq_len, "--train: tokens per sequence")
+      ->capture_default_str();
+  cmd->add_option("--rank", args->rank, "--train: adapter rank (all-linear)")
+      ->capture_default_str();
+  cmd->add_option("--steps", args->steps, "--train: timed steps")->capture_default_str();
+  cmd->add_flag("--grad-checkpoint", args->grad_checkpoint,
+                "--train: recompute each block in the backward");
   cmd->callback([args] { run_bench(*args); });
 }
 

@@ -38,10 +38,11 @@ ChatTemplate resolve_template(const Tokenizer& tok, const std::string& name) {
 
 class Conversation {
  public:
-  Conversation(const Model& model, const ChatArgs& args, const SamplerConfig& sampling)
+  Conversation(const Model& model, const AdapterSet* adapters, const ChatArgs& args,
+               const SamplerConfig& sampling)
       : tok_(model.require_tokenizer()),
         template_(resolve_template(tok_, args.chat_template)),
-        session_(model, resolve_ctx(model, args.ctx)),
+        session_(model, resolve_ctx(model, args.ctx), adapters),
         sampler_(sampling),
         max_tokens_(args.sampling.max_tokens),
         system_(args.system) {
@@ -122,7 +123,8 @@ class Conversation {
 void run_chat(const ChatArgs& args) {
   const SamplerConfig sampling = resolve_sampling(args.sampling);
   const Model model = load_model(args.model);
-  Conversation chat(model, args, sampling);
+  const auto adapters = load_adapter_arg(args.model, model);
+  Conversation chat(model, adapters.get(), args, sampling);
   if (!args.prompt.empty()) {
     chat.answer(args.prompt);
     return;
@@ -150,6 +152,7 @@ void register_chat(CLI::App& app) {
   CLI::App* cmd = add_command(app, "chat",
                               "Chat with an instruction-tuned model (stdin, one message per line)");
   add_model_args(cmd, args->model);
+  add_adapter_arg(cmd, args->model);
   cmd->add_option("--system", args->system, "system prompt (default: the template's own, if any)");
   cmd->add_option("--chat-template", args->chat_template,
                   "chatml, llama2, llama3 or zephyr (default: detected from the model)");

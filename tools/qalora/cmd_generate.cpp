@@ -23,7 +23,8 @@ void run_generate(const GenerateArgs& args) {
   const Model model = load_model(args.model);
   const Tokenizer& tok = model.require_tokenizer();
   const std::vector<int32_t> prompt = encode_prompt(tok, args.prompt, !args.no_bos);
-  InferenceSession session(model, resolve_ctx(model, args.ctx));
+  const auto adapters = load_adapter_arg(args.model, model);
+  InferenceSession session(model, resolve_ctx(model, args.ctx), adapters.get());
   Sampler sampler(sampling);
 
   // The prompt goes through the decoder too, so the first generated token is decoded in
@@ -48,6 +49,7 @@ void register_generate(CLI::App& app) {
   auto args = std::make_shared<GenerateArgs>();
   CLI::App* cmd = add_command(app, "generate", "Continue a prompt (streams tokens to stdout)");
   add_model_args(cmd, args->model);
+  add_adapter_arg(cmd, args->model);
   cmd->add_option("-p,--prompt", args->prompt, "text to continue")->required();
   add_sampling_args(cmd, args->sampling, 128);
   add_ctx_arg(cmd, args->ctx);

@@ -41,7 +41,8 @@ void run_logits(const LogitsArgs& args) {
   const std::vector<int32_t> tokens =
       args.use_ids ? checked_ids(args.ids, vocab)
                    : encode_prompt(model.require_tokenizer(), args.prompt, !args.no_bos);
-  InferenceSession session(model, static_cast<int64_t>(tokens.size()));
+  const auto adapters = load_adapter_arg(args.model, model);
+  InferenceSession session(model, static_cast<int64_t>(tokens.size()), adapters.get());
   const std::vector<float> logits = session.forward_last(tokens);
 
   std::string out;
@@ -76,6 +77,7 @@ void register_logits(CLI::App& app) {
   CLI::App* cmd =
       add_command(app, "logits", "Print the token ids and last-position logits of a prompt");
   add_model_args(cmd, args->model);
+  add_adapter_arg(cmd, args->model);
   auto* prompt = cmd->add_option("-p,--prompt", args->prompt, "text to score");
   auto* ids = cmd->add_option("--ids", args->ids, "token ids instead of a prompt, e.g. 1,2,3")
                   ->delimiter(',');

@@ -33,7 +33,8 @@ void run_perplexity(const PerplexityArgs& args) {
   const Tokenizer& tok = model.require_tokenizer();
   PerplexityOptions options = args.options;
   options.metrics = args.metrics;
-  InferenceSession session(model, resolve_ctx(model, options.ctx));
+  const auto adapters = load_adapter_arg(args.model, model);
+  InferenceSession session(model, resolve_ctx(model, options.ctx), adapters.get());
 
   const std::vector<int32_t> tokens = tok.encode(text, /*add_bos=*/false);
   const int32_t bos = tok.add_bos() ? tok.bos_id() : -1;
@@ -55,6 +56,7 @@ void register_perplexity(CLI::App& app) {
   auto args = std::make_shared<PerplexityArgs>();
   CLI::App* cmd = add_command(app, "perplexity", "Perplexity of a text file");
   add_model_args(cmd, args->model);
+  add_adapter_arg(cmd, args->model);
   cmd->add_option("--text", args->text, "text file to score")->required();
   cmd->add_option("-c,--ctx", args->options.ctx, "window length in tokens (BOS included)")
       ->capture_default_str();

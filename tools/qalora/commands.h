@@ -12,6 +12,7 @@ void register_perplexity(CLI::App& app);
 void register_chat(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_quantize(CLI::App& app);
+void register_train(CLI::App& app);
 
 inline void register_commands(CLI::App& app) {
   register_info(app);
@@ -21,6 +22,7 @@ inline void register_commands(CLI::App& app) {
   register_chat(app);
   register_bench(app);
   register_quantize(app);
+  register_train(app);
 }
 
 }  // namespace qalora::cli

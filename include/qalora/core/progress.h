@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 namespace qalora {
 
@@ -24,12 +25,17 @@ class ProgressBar {
 
   void update(int64_t done);
   void advance(int64_t n = 1) { update(done_ + n); }
+  // Work already done before this bar started (a resumed run): counted in the total, not in
+  // the rate.
+  void resume_from(int64_t done) { base_ = done_ = done; }
+  // Text shown after the counts (e.g. "loss 1.234 lr 2e-4"), from the next redraw on.
+  void set_status(std::string status) { status_ = std::move(status); }
   // Prints the final state once (also done by the destructor).
   void finish();
 
   // "label 30/100 (30%) 12.5 it/s ETA 5.6s": the text of one progress line.
   static std::string format(const std::string& label, int64_t done, int64_t total,
-                            double elapsed_seconds);
+                            double elapsed_seconds, int64_t base = 0);
 
  private:
   void print(bool final_line);
@@ -41,6 +47,8 @@ class ProgressBar {
   bool tty_;
   bool finished_ = false;
   int64_t done_ = 0;
+  int64_t base_ = 0;
+  std::string status_;
   int64_t last_decile_ = 0;  // last tenth of the work reported (not a TTY)
   Clock::time_point start_;
   Clock::time_point last_print_;

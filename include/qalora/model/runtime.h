@@ -6,6 +6,7 @@
 #include <span>
 #include <vector>
 
+#include "qalora/adapters/adapter.h"
 #include "qalora/model/model.h"
 
 namespace qalora {
@@ -29,7 +30,9 @@ struct LinearOutput {
 class InferenceSession {
  public:
   // max_context: KV cache length (0 = the model's context length, capped at 4096).
-  explicit InferenceSession(const Model& model, int64_t max_context = 0);
+  // `adapters` (optional, checked against the model) are applied unmerged, without dropout.
+  explicit InferenceSession(const Model& model, int64_t max_context = 0,
+                            const AdapterSet* adapters = nullptr);
   ~InferenceSession();
   InferenceSession(const InferenceSession&) = delete;
   InferenceSession& operator=(const InferenceSession&) = delete;
@@ -54,11 +57,14 @@ class InferenceSession {
   void ensure_buffers(int64_t T);
   void linear(const Linear& l, const float* x, float* y, int64_t T);
   void linears(std::span<const LinearOutput> outputs, const float* x, int64_t T);
+  // y += the adapter of (layer, target) applied to x, when there is one.
+  void adapt(int64_t layer, Target target, const float* x, float* y, int64_t T);
   // linear_forward, timed into stats_.
   void project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias, const float* x,
                float* y, int64_t T, DecodeActivations activations = DecodeActivations::Int8);
 
   const Model& model_;
+  const AdapterSet* adapters_ = nullptr;
   int64_t max_ctx_ = 0;
   int64_t pos_ = 0;
   std::vector<float> k_cache_;  // [layer][kv_head][head_dim][pos] (ops::kv_cache_store)
@@ -67,6 +73,7 @@ class InferenceSession {
   ForwardStats stats_;
   // Activations of the current batch, grown on demand and reused across calls.
   std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_;
+  std::vector<float> adapter_u_, adapter_in_;  // lora_forward's u and input scratch
 };
 
 // y[T, out] = x[T, in] W^T (+ bias) with W quantized when `qweight` holds codes, else the fp32
@@ -83,8 +90,10 @@ inline void linear_forward(const Linear& l, const float* x, float* y, int64_t T)
 void linear_forward_shared(std::span<const LinearOutput> outputs, const float* x, int64_t T);
 
 // Plain double-precision forward over a whole sequence, no cache: the golden reference the
-// optimized runtime is tested against. Returns logits [n, vocab].
-std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens);
+// optimized runtime and the training step are tested against, with `adapters` (unmerged, no
+// dropout) when given. Returns logits [n, vocab].
+std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens,
+                                      const AdapterSet* adapters = nullptr);
 
 // Sets the threads used by BLAS and OpenMP loops (0 = all cores).
 void set_num_threads(int threads);

@@ -53,4 +53,66 @@ void attention_forward_ref(float* out, const float* q, const float* k_cache, con
                            int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
                            int64_t cache_stride);
 
+// ---- Training: whole sequences, no cache. Backwards take the forward's inputs (and what it
+// saved) and give input gradients only: the base weights are frozen.
+
+// dx[T, D] += the input gradient of rmsnorm_forward given dout[T, D] (accumulates, as the
+// residual stream does).
+void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, int64_t T,
+                      int64_t D, float eps);
+void rmsnorm_backward_ref(float* dx, const float* dout, const float* x, const float* w, int64_t T,
+                          int64_t D, float eps);
+
+// dx[T, I] = dy[T, O] W[O, I] (overwrites): the input gradient of matmul_forward.
+void matmul_backward_input(float* dx, const float* dy, const float* W, int64_t T, int64_t I,
+                           int64_t O);
+void matmul_backward_input_ref(float* dx, const float* dy, const float* W, int64_t T, int64_t I,
+                               int64_t O);
+
+// The adjoint of rope_forward, in place on dx [T, H, Hd]: rotates each pair back.
+void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
+                   const float* cos_table, const float* sin_table);
+void rope_backward_ref(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
+                       const float* cos_table, const float* sin_table);
+
+// Causal grouped-query attention over one whole sequence: q [T, H, Hd], k and v [T, KV, Hd],
+// out [T, H, Hd]; scores scaled by 1/sqrt(Hd); query head h reads kv head h / (H / KV). Saves
+// the softmax probabilities probs [H, T, T] (row t holds positions 0..t, zeros above the
+// diagonal) for the backward. H must be a multiple of KV.
+void attention_train_forward(float* out, float* probs, const float* q, const float* k,
+                             const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd);
+void attention_train_forward_ref(float* out, float* probs, const float* q, const float* k,
+                                 const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd);
+// Gradients of attention_train_forward given dout [T, H, Hd] and its probs: dq [T, H, Hd], dk
+// and dv [T, KV, Hd] (overwritten; dk and dv sum over the query heads of each group). `scratch`
+// holds at least attention_backward_scratch(T, H) floats: the score gradients of every head
+// ([H, T, T], as probs), kept so that heads and row blocks run in parallel while each dk/dv
+// row is still summed in a fixed order (results do not depend on the thread count). The
+// reference ignores it.
+int64_t attention_backward_scratch(int64_t T, int64_t H);
+void attention_train_backward(float* dq, float* dk, float* dv, const float* dout,
+                              const float* probs, const float* q, const float* k, const float* v,
+                              int64_t T, int64_t H, int64_t KV, int64_t Hd, float* scratch);
+void attention_train_backward_ref(float* dq, float* dk, float* dv, const float* dout,
+                                  const float* probs, const float* q, const float* k,
+                                  const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd,
+                                  float* scratch);
+
+// Given dout[N] of swiglu_forward: dgate[N], dup[N] (overwritten; dgate may alias dout).
+void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                     const float* up, int64_t N);
+void swiglu_backward_ref(float* dgate, float* dup, const float* dout, const float* gate,
+                         const float* up, int64_t N);
+
+// Cross-entropy of logits [T, V] against targets[T] (a target < 0 is ignored: no loss, zero
+// gradient). Replaces the logits by their gradient times grad_scale: (softmax - onehot) *
+// grad_scale, and writes each token's loss (natural log) to losses[T] (0 for ignored).
+// Returns the sum of the losses, in double (summed in token order). A target >= V throws
+// Error. Callers run it on chunks of tokens so that the whole [T, vocab] matrix never exists
+// at once.
+double cross_entropy_forward_backward(float* logits, float* losses, const int32_t* targets,
+                                      int64_t T, int64_t V, float grad_scale);
+double cross_entropy_forward_backward_ref(float* logits, float* losses, const int32_t* targets,
+                                          int64_t T, int64_t V, float grad_scale);
+
 }  // namespace qalora::ops

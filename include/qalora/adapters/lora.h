@@ -1,0 +1,50 @@
+// The adapter's forward and backward (SPEC §4), the ops a training backend implements for
+// adapters. Shapes as in adapter.h. Dropout masks are not stored: they are a pure function of
+// (dropout_seed, token, column), so the backward and a recomputed forward regenerate them.
+#pragma once
+
+#include <cstdint>
+
+#include "qalora/adapters/adapter.h"
+
+namespace qalora {
+
+// P(x): out[T, L] = per-group mean (Average, over the group's true size) or sum (Sum) of
+// x[T, I] over consecutive groups of G columns (the last group may be smaller).
+void pool_groups_forward(float* out, const float* x, int64_t T, int64_t I, int64_t G,
+                         AdapterPool pool);
+void pool_groups_forward_ref(float* out, const float* x, int64_t T, int64_t I, int64_t G,
+                             AdapterPool pool);
+// The adjoint of P: dx[T, I] += dout[T, L] spread over each group (divided by |l| for Average).
+void pool_groups_backward(float* dx, const float* dout, int64_t T, int64_t I, int64_t G,
+                          AdapterPool pool);
+void pool_groups_backward_ref(float* dx, const float* dout, int64_t T, int64_t I, int64_t G,
+                              AdapterPool pool);
+
+// Inverted dropout applied in place to x[T, C]: element (t, c) is kept with probability 1 - p
+// and scaled by 1 / (1 - p); which elements are kept depends only on (seed, t, c). p = 0 is a
+// no-op.
+void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed);
+
+// Saved by lora_forward for lora_backward.
+//   u [T, r] = xin A^T, where xin [T, C] = dropout(x) (LoRA) or dropout(P(x)) (QA-LoRA).
+// y[T, O] += scale * u B^T. `u` must hold T * r floats. `scratch` must hold T * C floats (it
+// receives xin). p = dropout probability (0 at inference).
+void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
+                  uint64_t dropout_seed, float* y, float* u, float* scratch);
+void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
+                      uint64_t dropout_seed, float* y, float* u, float* scratch);
+
+// Given dy [T, O], the forward's input x [T, I] and its saved u [T, r], with
+// g = scale * dy B [T, r] and xin regenerated from x:
+//   grad_B [O, r] += scale * dy^T u;  grad_A [r, C] += g^T xin;
+//   dx [T, I] += E(dropout'(g A))  (dropout' = the forward's mask and 1 / (1 - p); E = the
+//   pooling adjoint pool_groups_backward for QA-LoRA, identity for LoRA).
+// Accumulates into a.grad_A and a.grad_B (which must be allocated) and into dx. `scratch`
+// must hold T * C + T * r floats.
+void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
+                   int64_t T, float p, uint64_t dropout_seed, float* dx, float* scratch);
+void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
+                       int64_t T, float p, uint64_t dropout_seed, float* dx, float* scratch);
+
+}  // namespace qalora

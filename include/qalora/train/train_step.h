@@ -1,0 +1,68 @@
+// One training step's compute: the model's forward over a whole sequence with the activations
+// the backward needs, the chunked cross-entropy, and the backward down to the adapters. The
+// base is frozen: gradients flow through its (possibly quantized) weights and only adapter
+// parameters receive them. Every op runs through `ops::` and the adapter ops of lora.h — the
+// list a second (GPU) backend implements; host code (data, schedule, checkpoints) never sees
+// the buffers.
+//
+// Shapes, named once: T tokens, D model dim, H query heads, KV key/value heads, Hd head dim,
+// F MLP features, V vocabulary, r adapter rank.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "qalora/adapters/adapter.h"
+#include "qalora/model/model.h"
+
+namespace qalora {
+
+// Time and useful work of the step's phases, accumulated across calls (for `bench --train`).
+struct TrainStepStats {
+  double forward_seconds = 0;   // model forward, including the recomputation of checkpointing
+  double backward_seconds = 0;  // cross-entropy and the backward
+  double flops = 0;             // matmul work actually done (recomputation included)
+  int64_t tokens = 0;
+  void reset() { *this = {}; }
+};
+
+struct TrainStepOptions {
+  // Keep only each block's input and recompute the block inside its backward: activation
+  // memory drops from n_layers blocks to one, for one more forward.
+  bool grad_checkpoint = false;
+  int64_t loss_chunk = 64;  // tokens per cross-entropy chunk ([chunk, V] logits at a time)
+};
+
+class TrainSession {
+ public:
+  // Buffers are sized for sequences of up to max_tokens tokens.
+  TrainSession(const Model& model, AdapterSet& adapters, int64_t max_tokens,
+               TrainStepOptions options = {});
+  ~TrainSession();
+  TrainSession(const TrainSession&) = delete;
+  TrainSession& operator=(const TrainSession&) = delete;
+
+  // Forward and backward of one sequence. The loss is the sum of -log p(tokens[t]) over the
+  // positions t with target[t] = 1; grad_scale * d(loss)/d(adapter) is added to the adapters'
+  // grad_A / grad_B (allocated here on first use). Dropout masks derive from dropout_seed.
+  // Returns the loss sum (nats) and sets `targets` to the number of scored tokens.
+  double forward_backward(std::span<const int32_t> tokens, std::span<const uint8_t> target,
+                          float grad_scale, uint64_t dropout_seed, int64_t& targets);
+  // The same loss without dropout and without gradients (held-out evaluation).
+  double loss(std::span<const int32_t> tokens, std::span<const uint8_t> target, int64_t& targets);
+
+  // Bytes of activation buffers held (for memory reports).
+  int64_t activation_bytes() const;
+  TrainStepStats& stats() { return stats_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  TrainStepStats stats_;
+};
+
+// Sets every adapter's gradients to zero (allocating them when absent).
+void zero_adapter_grads(AdapterSet& adapters);
+
+}  // namespace qalora

@@ -1,0 +1,71 @@
+// The training loop (SPEC §5): batches -> forward/backward -> clip -> AdamW -> schedule, with
+// held-out evaluation, checkpoints that resume bit-exactly, metrics and a loss curve.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "qalora/adapters/adapter.h"
+#include "qalora/data/dataset.h"
+#include "qalora/model/model.h"
+#include "qalora/train/optimizer.h"
+
+namespace qalora {
+
+struct TrainConfig {
+  std::filesystem::path data;
+  std::filesystem::path eval_data;  // empty: split eval_fraction off `data`
+  double eval_fraction = 0.05;
+  DataOptions data_options;
+  AdapterConfig adapter;
+
+  double learning_rate = 2e-4;
+  LrSchedule lr_schedule = LrSchedule::Constant;
+  double warmup_ratio = 0.03;
+  double max_grad_norm = 0.3;  // <= 0: no clipping
+  AdamWConfig adamw;
+  int64_t batch_size = 1;
+  int64_t grad_accum = 16;
+  int64_t max_steps = 0;  // > 0 overrides num_epochs
+  int64_t num_epochs = 1;
+  bool group_by_length = false;
+  uint64_t seed = 42;
+  bool grad_checkpoint = false;
+
+  int64_t eval_steps = 0;        // held-out loss every N steps (0: at the start and end only)
+  int64_t save_steps = 0;        // checkpoint every N steps (0: only at the end)
+  int64_t save_total_limit = 0;  // keep the last K checkpoints (0: all)
+  std::filesystem::path out;
+  std::filesystem::path resume;  // a checkpoint-N folder, or an output folder (its latest)
+  bool progress = true;
+
+  // The fields that determine the trained adapter, as JSON: a resumed run must match them.
+  nlohmann::json identity() const;
+};
+
+struct TrainResult {
+  int64_t steps = 0;  // optimizer steps done in total (including before a resume)
+  int64_t total_steps = 0;
+  int64_t tokens = 0;         // tokens run through the model in this invocation
+  int64_t target_tokens = 0;  // of which scored
+  double seconds = 0;
+  double eval_loss_before = -1;  // mean held-out loss per target token; -1 without held-out data
+  double eval_loss_after = -1;
+  double train_loss_last = 0;  // of the last step
+  bool interrupted = false;
+  std::filesystem::path checkpoint;  // the last checkpoint written
+};
+
+// Runs (or resumes) a training run writing into config.out: the adapter (adapter_io.h layouts)
+// at the end, checkpoint-<step>/ folders, metrics.jsonl, loss.svg, train_config.json. Stops
+// early, after writing a checkpoint, when `stop` becomes true (set it from a signal handler).
+TrainResult train(const Model& model, const TrainConfig& config, const std::atomic<bool>* stop);
+
+// The checkpoint-<step> folder with the highest step in `dir`, or `dir` itself when it is one.
+std::filesystem::path find_checkpoint(const std::filesystem::path& dir);
+
+}  // namespace qalora

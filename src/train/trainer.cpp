@@ -1,0 +1,467 @@
+#include "qalora/train/trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "qalora/adapters/adapter_io.h"
+#include "qalora/core/atomic_file.h"
+#include "qalora/core/clock.h"
+#include "qalora/core/error.h"
+#include "qalora/core/hash.h"
+#include "qalora/core/progress.h"
+#include "qalora/core/resources.h"
+#include "qalora/io/safetensors.h"
+#include "qalora/train/loss_curve.h"
+#include "qalora/train/train_step.h"
+
+namespace qalora {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kStateFile = "trainer_state.json";
+constexpr const char* kOptimizerFile = "optimizer.safetensors";
+constexpr const char* kCheckpointPrefix = "checkpoint-";
+
+// Where the per-sequence dropout seeds of the run come from (derive_seed streams).
+constexpr uint64_t kDropoutStream = 0xD50F;
+
+json data_identity(const fs::path& path) {
+  if (path.empty()) return nullptr;
+  return {{"path", path.filename().string()},
+          {"bytes", fs::file_size(path)},
+          {"fnv1a64", file_fingerprint(path)}};
+}
+
+json points_json(const std::vector<LossPoint>& pts) {
+  json a = json::array();
+  for (const LossPoint& p : pts) a.push_back({p.step, p.loss});
+  return a;
+}
+
+std::vector<LossPoint> points_from(const json& a) {
+  std::vector<LossPoint> pts;
+  for (const json& p : a) pts.push_back({p.at(0).get<int64_t>(), p.at(1).get<double>()});
+  return pts;
+}
+
+int64_t checkpoint_step(const fs::path& dir) {
+  const std::string name = dir.filename().string();
+  if (!name.starts_with(kCheckpointPrefix)) return -1;
+  const std::string digits = name.substr(std::char_traits<char>::length(kCheckpointPrefix));
+  if (digits.empty() || !std::all_of(digits.begin(), digits.end(), ::isdigit)) return -1;
+  return std::stoll(digits);
+}
+
+std::vector<std::pair<int64_t, fs::path>> list_checkpoints(const fs::path& dir) {
+  std::vector<std::pair<int64_t, fs::path>> found;
+  if (!fs::is_directory(dir)) return found;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const int64_t step = checkpoint_step(e.path());
+    if (e.is_directory() && step >= 0 && fs::exists(e.path() / kStateFile))
+      found.emplace_back(step, e.path());
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+// The first field where two identity objects differ, as "a.b.c".
+std::string first_difference(const json& a, const json& b, const std::string& prefix = "") {
+  if (a.is_object() && b.is_object()) {
+    for (const auto& [k, v] : a.items()) {
+      const std::string name = prefix.empty() ? k : prefix + "." + k;
+      if (!b.contains(k)) return name;
+      if (std::string d = first_difference(v, b.at(k), name); !d.empty()) return d;
+    }
+    for (const auto& [k, v] : b.items())
+      if (!a.contains(k)) return prefix.empty() ? k : prefix + "." + k;
+    return "";
+  }
+  return a == b ? "" : (prefix.empty() ? "(root)" : prefix);
+}
+
+const json& field_at(const json& j, const std::string& dotted) {
+  const json* p = &j;
+  std::stringstream ss(dotted);
+  for (std::string part; std::getline(ss, part, '.');) {
+    static const json missing = "(absent)";
+    if (!p->is_object() || !p->contains(part)) return missing;
+    p = &p->at(part);
+  }
+  return *p;
+}
+
+struct RunState {
+  int64_t step = 0;
+  BatcherState batcher;
+  double eval_loss_before = -1;
+  std::vector<LossPoint> train_points, eval_points;
+};
+
+void save_checkpoint(const fs::path& out, const Model& model, const AdapterSet& adapters,
+                     AdamW& opt, const RunState& rs, const json& identity, int64_t keep) {
+  const fs::path final_dir = out / (kCheckpointPrefix + std::to_string(rs.step));
+  const fs::path tmp = out / (final_dir.filename().string() + ".tmp");
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  save_adapter(adapters, model, tmp);
+  std::vector<StWriteTensor> moments;
+  for (size_t k = 0; k < opt.first_moments().size(); ++k) {
+    const LoraAdapter& a = adapters.adapters[k / 2];
+    const std::string base = std::string("layers.") + std::to_string(a.layer) + "." +
+                             target_name(a.target) + (k % 2 ? ".B" : ".A");
+    const Shape shape = (k % 2 ? a.B : a.A).shape();
+    for (auto [suffix, vec] : {std::pair{".exp_avg", &opt.first_moments()[k]},
+                               std::pair{".exp_avg_sq", &opt.second_moments()[k]}}) {
+      StWriteTensor t{base + suffix, StDtype::F32, shape, {}};
+      t.bytes.resize(vec->size() * sizeof(float));
+      std::memcpy(t.bytes.data(), vec->data(), t.bytes.size());
+      moments.push_back(std::move(t));
+    }
+  }
+  write_safetensors(tmp / kOptimizerFile, moments);
+  const json state = {{"step", rs.step},
+                      {"optimizer_steps", opt.steps()},
+                      {"batcher", {{"epoch", rs.batcher.epoch}, {"position", rs.batcher.position}}},
+                      {"eval_loss_before", rs.eval_loss_before},
+                      {"train_loss", points_json(rs.train_points)},
+                      {"eval_loss", points_json(rs.eval_points)},
+                      {"identity", identity}};
+  write_file_atomic(tmp / kStateFile, state.dump(1));
+  // The folder appears under its final name only once complete.
+  fs::remove_all(final_dir);
+  fs::rename(tmp, final_dir);
+  if (keep > 0) {
+    auto all = list_checkpoints(out);
+    for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i].second);
+  }
+}
+
+RunState load_checkpoint(const fs::path& dir, const Model& model, const json& identity,
+                         AdapterSet& adapters, AdamW& opt) {
+  const fs::path state_path = dir / kStateFile;
+  std::ifstream in(state_path);
+  QL_CHECK(in, "--resume: ", state_path.string(), " not found (expected a checkpoint-N folder)");
+  json state;
+  RunState rs;
+  try {
+    state = json::parse(in);
+    const json& saved = state.at("identity");
+    if (const std::string d = first_difference(saved, identity); !d.empty())
+      fail("--resume: ", dir.string(), " is from another run configuration: ", d, " was ",
+           field_at(saved, d).dump(), ", this run has ", field_at(identity, d).dump());
+    rs.step = state.at("step").get<int64_t>();
+    rs.batcher.epoch = state.at("batcher").at("epoch").get<int64_t>();
+    rs.batcher.position = state.at("batcher").at("position").get<int64_t>();
+    rs.eval_loss_before = state.at("eval_loss_before").get<double>();
+    rs.train_points = points_from(state.at("train_loss"));
+    rs.eval_points = points_from(state.at("eval_loss"));
+    opt.set_steps(state.at("optimizer_steps").get<int64_t>());
+  } catch (const json::exception& e) {
+    fail(state_path.string(), ": malformed trainer state: ", e.what());
+  }
+  adapters = load_adapter(dir, model);
+  const fs::path opt_path = dir / kOptimizerFile;
+  QL_CHECK(fs::exists(opt_path), "--resume: ", opt_path.string(), " not found");
+  const SafetensorsFile st = SafetensorsFile::open(opt_path);
+  const int64_t optimizer_steps = opt.steps();
+  opt = AdamW(adapters, opt.config());
+  opt.set_steps(optimizer_steps);
+  for (size_t k = 0; k < opt.first_moments().size(); ++k) {
+    const LoraAdapter& a = adapters.adapters[k / 2];
+    const std::string base = std::string("layers.") + std::to_string(a.layer) + "." +
+                             target_name(a.target) + (k % 2 ? ".B" : ".A");
+    for (auto [suffix, vec] : {std::pair{".exp_avg", &opt.first_moments()[k]},
+                               std::pair{".exp_avg_sq", &opt.second_moments()[k]}}) {
+      const StTensorInfo* info = st.find(base + suffix);
+      QL_CHECK(info != nullptr, opt_path.string(), ": tensor '", base + suffix, "' missing");
+      const Tensor t = st.load_f32(*info);
+      QL_CHECK(static_cast<size_t>(t.numel()) == vec->size(), opt_path.string(), ": tensor '",
+               base + suffix, "' has ", t.numel(), " values, expected ", vec->size());
+      std::copy(t.data(), t.data() + t.numel(), vec->begin());
+    }
+  }
+  return rs;
+}
+
+// Keeps the metrics of steps up to `step` (those a resumed run does not redo).
+void truncate_metrics(const fs::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const json j = json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
+  }
+  write_file_atomic(path, kept);
+}
+
+void write_loss_curve(const fs::path& out, const RunState& rs, const std::string& title) {
+  write_file_atomic(out / "loss.svg", loss_curve_svg(rs.train_points, rs.eval_points, title));
+}
+
+}  // namespace
+
+json TrainConfig::identity() const {
+  const AdapterConfig& a = adapter;
+  json targets = json::array();
+  for (Target t : a.targets) targets.push_back(target_name(t));
+  const DataOptions& d = data_options;
+  return {
+      {"data", data_identity(data)},
+      {"eval_data", data_identity(eval_data)},
+      {"eval_fraction", eval_data.empty() ? eval_fraction : 0.0},
+      {"data_options",
+       {{"format", data_format_name(d.format)},
+        {"train_on_source", d.train_on_source},
+        {"source_max_len", d.source_max_len},
+        {"target_max_len", d.target_max_len},
+        {"max_seq_len", d.max_seq_len},
+        {"chat_template", d.chat_template ? chat_format_name(*d.chat_template) : "model"}}},
+      {"adapter",
+       {{"kind", adapter_kind_name(a.kind)},
+        {"rank", a.rank},
+        {"alpha", a.alpha},
+        {"dropout", a.dropout},
+        {"rslora", a.rslora},
+        {"targets", targets},
+        {"init", adapter_init_name(a.init)},
+        {"pool", adapter_pool_name(a.pool)},
+        {"seed", a.seed}}},
+      {"learning_rate", learning_rate},
+      {"lr_scheduler", lr_schedule_name(lr_schedule)},
+      {"warmup_ratio", warmup_ratio},
+      {"max_grad_norm", max_grad_norm},
+      {"adamw",
+       {{"beta1", adamw.beta1},
+        {"beta2", adamw.beta2},
+        {"eps", adamw.eps},
+        {"weight_decay", adamw.weight_decay}}},
+      {"batch_size", batch_size},
+      {"grad_accum", grad_accum},
+      {"max_steps", max_steps},
+      {"num_epochs", num_epochs},
+      {"group_by_length", group_by_length},
+      {"seed", seed},
+  };
+}
+
+fs::path find_checkpoint(const fs::path& dir) {
+  QL_CHECK(fs::is_directory(dir), "--resume: ", dir.string(), " is not a folder");
+  if (fs::exists(dir / kStateFile)) return dir;
+  const auto all = list_checkpoints(dir);
+  QL_CHECK(!all.empty(), "--resume: ", dir.string(), " holds no ", kStateFile,
+           " and no checkpoint-N folder");
+  return all.back().second;
+}
+
+TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<bool>* stop) {
+  const Tokenizer& tok = model.require_tokenizer();
+  QL_CHECK(!cfg.out.empty(), "train: --out is required");
+  QL_CHECK(cfg.learning_rate > 0 && std::isfinite(cfg.learning_rate),
+           "--learning-rate: expected a positive number, got ", cfg.learning_rate);
+  QL_CHECK(cfg.batch_size >= 1, "--batch-size: expected >= 1, got ", cfg.batch_size);
+  QL_CHECK(cfg.grad_accum >= 1, "--grad-accum: expected >= 1, got ", cfg.grad_accum);
+  QL_CHECK(cfg.warmup_ratio >= 0 && cfg.warmup_ratio <= 1,
+           "--warmup-ratio: expected a value in [0, 1], got ", cfg.warmup_ratio);
+  QL_CHECK(cfg.max_steps > 0 || cfg.num_epochs >= 1,
+           "--num-epochs: expected >= 1 (or --max-steps > 0), got ", cfg.num_epochs);
+  QL_CHECK(cfg.eval_fraction >= 0 && cfg.eval_fraction < 1,
+           "--eval-fraction: expected a value in [0, 1), got ", cfg.eval_fraction);
+
+  Dataset train_set = load_dataset(cfg.data, tok, cfg.data_options);
+  std::printf("data: %s (%s): %s\n", cfg.data.string().c_str(), data_format_name(train_set.format),
+              train_set.stats.summary().c_str());
+  Dataset eval_set = cfg.eval_data.empty() ? split_heldout(train_set, cfg.eval_fraction, cfg.seed)
+                                           : load_dataset(cfg.eval_data, tok, cfg.data_options);
+  QL_CHECK(!train_set.examples.empty(), cfg.data.string(), ": no training examples left");
+  std::printf("split: %zu training, %zu held-out examples%s\n", train_set.examples.size(),
+              eval_set.examples.size(),
+              cfg.eval_data.empty() ? "" : (" (from " + cfg.eval_data.string() + ")").c_str());
+
+  Batcher batcher(train_set, cfg.batch_size, cfg.group_by_length, cfg.seed);
+  const int64_t steps_per_epoch =
+      (batcher.batches_per_epoch() + cfg.grad_accum - 1) / cfg.grad_accum;
+  const int64_t total = cfg.max_steps > 0 ? cfg.max_steps : cfg.num_epochs * steps_per_epoch;
+  const auto warmup = static_cast<int64_t>(std::ceil(cfg.warmup_ratio * static_cast<double>(total)));
+
+  const json identity = cfg.identity();
+  AdapterSet adapters;
+  RunState rs;
+  AdamW opt(adapters, cfg.adamw);
+  fs::path resumed_from;
+  if (!cfg.resume.empty()) {
+    resumed_from = find_checkpoint(cfg.resume);
+    rs = load_checkpoint(resumed_from, model, identity, adapters, opt);
+    batcher.restore(rs.batcher);
+  } else {
+    adapters = create_adapters(model, cfg.adapter);
+    opt = AdamW(adapters, cfg.adamw);
+  }
+  fs::create_directories(cfg.out);
+  json run_config = identity;
+  run_config["model"] = model.source_path;
+  run_config["total_steps"] = total;
+  run_config["warmup_steps"] = warmup;
+  run_config["grad_checkpoint"] = cfg.grad_checkpoint;
+  write_file_atomic(cfg.out / "train_config.json", run_config.dump(1));
+
+  int64_t max_len = 1;
+  for (const Dataset* d : {&train_set, &eval_set})
+    for (const Example& e : d->examples) max_len = std::max<int64_t>(max_len, std::ssize(e.tokens));
+  TrainSession session(model, adapters, max_len, {.grad_checkpoint = cfg.grad_checkpoint});
+
+  const AdapterConfig& ac = adapters.config;
+  std::printf("adapter: %s r %lld alpha %g (scale %g%s) dropout %g, %lld parameters on %zu layers\n",
+              adapter_kind_name(ac.kind), static_cast<long long>(ac.rank), ac.alpha, ac.scale(),
+              ac.rslora ? ", rsLoRA" : "", ac.dropout,
+              static_cast<long long>(adapters.parameter_count()), adapters.adapters.size());
+  std::printf(
+      "optimizer: AdamW lr %g %s, warmup %lld steps, max grad norm %g, weight decay %g; batch %lld "
+      "x accum %lld; %lld steps (%lld per epoch)%s; seed %llu\n",
+      cfg.learning_rate, lr_schedule_name(cfg.lr_schedule), static_cast<long long>(warmup),
+      cfg.max_grad_norm, cfg.adamw.weight_decay, static_cast<long long>(cfg.batch_size),
+      static_cast<long long>(cfg.grad_accum), static_cast<long long>(total),
+      static_cast<long long>(steps_per_epoch), cfg.grad_checkpoint ? ", grad checkpointing" : "",
+      static_cast<unsigned long long>(cfg.seed));
+  if (!resumed_from.empty())
+    std::printf("resumed from %s at step %lld\n", resumed_from.string().c_str(),
+                static_cast<long long>(rs.step));
+  std::fflush(stdout);
+
+  const fs::path metrics_path = cfg.out / "metrics.jsonl";
+  if (!resumed_from.empty()) truncate_metrics(metrics_path, rs.step);
+  JsonlWriter metrics(metrics_path, !resumed_from.empty());
+
+  auto eval_loss = [&]() {
+    double sum = 0;
+    int64_t n = 0;
+    for (const Example& e : eval_set.examples) {
+      int64_t count = 0;
+      sum += session.loss(e.tokens, e.target, count);
+      n += count;
+    }
+    return n > 0 ? sum / static_cast<double>(n) : -1.0;
+  };
+  auto record_eval = [&](int64_t step) {
+    const auto t0 = Clock::now();
+    const double loss = eval_loss();
+    if (loss < 0) return loss;
+    rs.eval_points.push_back({step, loss});
+    metrics.write({{"step", step}, {"eval_loss", loss}, {"eval_seconds", seconds_since(t0)}});
+    return loss;
+  };
+
+  TrainResult result;
+  result.total_steps = total;
+  if (resumed_from.empty()) {
+    rs.eval_loss_before = record_eval(0);
+    if (rs.eval_loss_before >= 0) std::printf("held-out loss before training: %.4f\n", rs.eval_loss_before);
+  }
+  result.eval_loss_before = rs.eval_loss_before;
+  const std::string title = cat(adapter_kind_name(ac.kind), " r", ac.rank, " on ",
+                                fs::path(model.source_path).filename().string(), ", ",
+                                cfg.data.filename().string());
+
+  const auto t_start = Clock::now();
+  ProgressBar bar("train", total, stderr);
+  if (!cfg.progress) bar.finish();
+  bar.resume_from(rs.step);
+  std::vector<const Example*> step_examples;
+  while (rs.step < total) {
+    const auto t_data = Clock::now();
+    step_examples.clear();
+    for (int64_t m = 0; m < cfg.grad_accum; ++m)
+      for (int64_t i : batcher.next()) step_examples.push_back(&train_set.examples[static_cast<size_t>(i)]);
+    int64_t step_targets = 0, step_tokens = 0;
+    for (const Example* e : step_examples) {
+      step_targets += e->target_count();
+      step_tokens += std::ssize(e->tokens);
+    }
+    const double data_s = seconds_since(t_data);
+
+    zero_adapter_grads(adapters);
+    const auto t_fb = Clock::now();
+    double loss_sum = 0;
+    const uint64_t step_seed = derive_seed(derive_seed(cfg.seed, kDropoutStream), static_cast<uint64_t>(rs.step));
+    for (size_t i = 0; i < step_examples.size(); ++i) {
+      int64_t n = 0;
+      loss_sum += session.forward_backward(step_examples[i]->tokens, step_examples[i]->target,
+                                           1.0f / static_cast<float>(step_targets),
+                                           derive_seed(step_seed, i), n);
+    }
+    const double fb_s = seconds_since(t_fb);
+
+    const auto t_opt = Clock::now();
+    const double norm = grad_norm(adapters);
+    if (cfg.max_grad_norm > 0 && norm > cfg.max_grad_norm)
+      scale_grads(adapters, static_cast<float>(cfg.max_grad_norm / norm));
+    const double lr = learning_rate(cfg.lr_schedule, cfg.learning_rate, rs.step, warmup, total);
+    opt.step(adapters, lr);
+    const double opt_s = seconds_since(t_opt);
+
+    ++rs.step;
+    rs.batcher = batcher.state();
+    const double loss = loss_sum / static_cast<double>(std::max<int64_t>(1, step_targets));
+    rs.train_points.push_back({rs.step, loss});
+    result.tokens += step_tokens;
+    result.target_tokens += step_targets;
+    result.train_loss_last = loss;
+    const double step_s = data_s + fb_s + opt_s;
+    metrics.write({{"step", rs.step},
+                   {"loss", loss},
+                   {"lr", lr},
+                   {"grad_norm", norm},
+                   {"tokens", step_tokens},
+                   {"target_tokens", step_targets},
+                   {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
+                   {"seconds", {{"data", data_s}, {"forward_backward", fb_s}, {"optimizer", opt_s}}},
+                   {"epoch", rs.batcher.epoch}});
+    char status[128];
+    std::snprintf(status, sizeof status, "loss %.4f lr %.2e %.0f tok/s", loss, lr,
+                  static_cast<double>(result.tokens) / seconds_since(t_start));
+    bar.set_status(status);
+    bar.update(rs.step);
+
+    const bool last = rs.step == total;
+    if (!last && cfg.eval_steps > 0 && rs.step % cfg.eval_steps == 0) record_eval(rs.step);
+    const bool stopping = stop != nullptr && stop->load();
+    if ((!last && cfg.save_steps > 0 && rs.step % cfg.save_steps == 0) || stopping) {
+      save_checkpoint(cfg.out, model, adapters, opt, rs, identity, cfg.save_total_limit);
+      result.checkpoint = cfg.out / (kCheckpointPrefix + std::to_string(rs.step));
+      write_loss_curve(cfg.out, rs, title);
+    }
+    if (stopping && !last) {
+      result.interrupted = true;
+      break;
+    }
+  }
+  bar.finish();
+  result.steps = rs.step;
+  result.seconds = seconds_since(t_start);
+
+  if (!result.interrupted) {
+    result.eval_loss_after = record_eval(rs.step);
+    save_adapter(adapters, model, cfg.out);
+  }
+  write_loss_curve(cfg.out, rs, title);
+  metrics.write({{"step", rs.step},
+                 {"summary",
+                  {{"tokens", result.tokens},
+                   {"target_tokens", result.target_tokens},
+                   {"seconds", result.seconds},
+                   {"tokens_per_second", static_cast<double>(result.tokens) / std::max(1e-9, result.seconds)},
+                   {"eval_loss_before", result.eval_loss_before},
+                   {"eval_loss_after", result.eval_loss_after},
+                   {"peak_rss_mb", static_cast<double>(peak_rss_bytes()) / 1e6},
+                   {"interrupted", result.interrupted}}}});
+  return result;
+}
+
+}  // namespace qalora
