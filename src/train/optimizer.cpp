@@ -37,8 +37,12 @@ double learning_rate(LrSchedule schedule, double peak, int64_t step, int64_t war
 double grad_norm(const AdapterSet& adapters) {
   double ss = 0;
   for (const LoraAdapter& a : adapters.adapters)
-    for (const std::vector<float>* g : {&a.grad_A, &a.grad_B})
-      for (float x : *g) ss += static_cast<double>(x) * x;
+    for (const std::vector<float>* g : {&a.grad_A, &a.grad_B}) {
+      const float* v = g->data();
+      const auto n = static_cast<int64_t>(g->size());
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(v[i]) * v[i];
+    }
   return std::sqrt(ss);
 }
 
@@ -79,7 +83,8 @@ void AdamW::step(AdapterSet& adapters, double lr) {
       const auto n = static_cast<int64_t>(m_[k].size());
       QL_CHECK(static_cast<int64_t>(grad->size()) == n, "optimizer: gradient of ", grad->size(),
                " values for a tensor of ", n);
-#pragma omp simd
+      // Elementwise: the result does not depend on how the threads split the range.
+#pragma omp parallel for simd if (n > 65536)
       for (int64_t i = 0; i < n; ++i) {
         m[i] = b1 * m[i] + (1.0f - b1) * g[i];
         v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];

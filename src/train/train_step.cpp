@@ -40,17 +40,15 @@ void add_into(float* y, const float* x, int64_t n) {
 
 using Buf = std::vector<float>;
 
-// What one block's backward needs from its forward.
+// What one block's backward needs from its forward. The norms' outputs, the MLP activation
+// and the attention probabilities are recomputed in the backward instead (a few percent of the
+// step's work): kept for every layer they would be most of the activation memory.
 struct BlockActs {
-  Buf xn1;    // [T, D] attention norm output: input of q, k, v
-  Buf q;      // [T, H * Hd] after RoPE
-  Buf k, v;   // [T, KV * Hd] (k after RoPE)
-  Buf probs;  // [H, T, T]
-  Buf att;    // [T, H * Hd] attention output: input of o
-  Buf x_mid;  // [T, D] residual stream after attention
-  Buf xn2;    // [T, D] MLP norm output: input of gate, up
+  Buf q;         // [T, H * Hd] after RoPE
+  Buf k, v;      // [T, KV * Hd] (k after RoPE)
+  Buf att;       // [T, H * Hd] attention output: input of o
+  Buf x_mid;     // [T, D] residual stream after attention
   Buf gate, up;  // [T, F] before the activation
-  Buf hidden;    // [T, F] silu(gate) * up: input of down
   Buf u[kNumTargets];  // [T, r] per adapted target
 };
 
@@ -65,6 +63,9 @@ struct TrainSession::Impl {
   std::vector<float> rope_cos, rope_sin;
   std::vector<Buf> x_in;       // [n_layers + 1][T, D]: block inputs, then the last block's output
   std::vector<BlockActs> acts;  // one per layer, or one shared with grad_checkpoint
+  // Shared by all layers, valid for the block being run: a norm's output [T, D] (input of
+  // q/k/v or gate/up), silu(gate) * up [T, F] (input of down), softmax probabilities [H, T, T].
+  Buf xn, hidden, probs;
   Buf xf, logits, losses;       // final norm output [T, D]; [chunk, V]; [chunk]
   std::vector<int32_t> next_ids;  // [T] target id per position, -1 = not scored
   Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dhidden;
@@ -84,12 +85,11 @@ struct TrainSession::Impl {
     x_in.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
     acts.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
     for (BlockActs& b : acts) {
-      b.xn1.resize(n(D)), b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
-      b.probs.resize(static_cast<size_t>(H * T * T)), b.att.resize(n(QD));
-      b.x_mid.resize(n(D)), b.xn2.resize(n(D));
-      b.gate.resize(n(F)), b.up.resize(n(F)), b.hidden.resize(n(F));
+      b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD)), b.att.resize(n(QD));
+      b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(n(R));
     }
+    xn.resize(n(D)), hidden.resize(n(F)), probs.resize(static_cast<size_t>(H * T * T));
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk)), next_ids.resize(static_cast<size_t>(T));
@@ -110,12 +110,16 @@ struct TrainSession::Impl {
               uint64_t seed, TrainStepStats& st) {
     const Linear& l = target_linear(model.layers[static_cast<size_t>(layer)], t);
     // Exact activations: a short sequence would otherwise take the int8 decode GEMV.
+    auto t0 = Clock::now();
     linear_forward(l.weight, l.qweight, l.bias, x, y, T, DecodeActivations::Exact);
     st.flops += matmul_flops(T, l.in_features(), l.out_features());
+    st.base_seconds += seconds_since(t0);
     if (const LoraAdapter* a = adapters.find(layer, t)) {
+      t0 = Clock::now();
       lora_forward(*a, adapters.config.scale(), x, T, p, adapter_seed(seed, layer, t), y,
                    b.u[static_cast<int>(t)].data(), lora_scratch.data());
       st.flops += matmul_flops(T, a->a_cols() + a->out, R);
+      st.adapter_seconds += seconds_since(t0);
     }
   }
 
@@ -124,6 +128,7 @@ struct TrainSession::Impl {
                        bool accumulate, BlockActs& b, int64_t T, float p, uint64_t seed,
                        TrainStepStats& st) {
     const Linear& l = target_linear(model.layers[static_cast<size_t>(layer)], t);
+    auto t0 = Clock::now();
     if (accumulate) {
       linear_backward_input(l, dy, dtmp.data(), T);
       add_into(dx_out, dtmp.data(), T * l.in_features());
@@ -131,10 +136,13 @@ struct TrainSession::Impl {
       linear_backward_input(l, dy, dx_out, T);
     }
     st.flops += matmul_flops(T, l.in_features(), l.out_features());
+    st.base_seconds += seconds_since(t0);
     if (LoraAdapter* a = adapters.find(layer, t)) {
+      t0 = Clock::now();
       lora_backward(*a, adapters.config.scale(), dy, x, b.u[static_cast<int>(t)].data(), T, p,
                     adapter_seed(seed, layer, t), dx_out, lora_scratch.data());
       st.flops += 2.0 * matmul_flops(T, a->a_cols() + a->out, R);
+      st.adapter_seconds += seconds_since(t0);
     }
   }
 
@@ -145,51 +153,66 @@ struct TrainSession::Impl {
     BlockActs& b = acts_of(li);
     const float* x = x_in[static_cast<size_t>(li)].data();
     float* x_out = x_in[static_cast<size_t>(li + 1)].data();
-    ops::rmsnorm_forward(b.xn1.data(), x, L.attn_norm.data(), T, D, eps);
-    linear(li, Target::Q, b.xn1.data(), b.q.data(), b, T, p, seed, st);
-    linear(li, Target::K, b.xn1.data(), b.k.data(), b, T, p, seed, st);
-    linear(li, Target::V, b.xn1.data(), b.v.data(), b, T, p, seed, st);
+    ops::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
+    linear(li, Target::Q, xn.data(), b.q.data(), b, T, p, seed, st);
+    linear(li, Target::K, xn.data(), b.k.data(), b, T, p, seed, st);
+    linear(li, Target::V, xn.data(), b.v.data(), b, T, p, seed, st);
     ops::rope_forward(b.q.data(), T, H, Hd, 0, rope_cos.data(), rope_sin.data());
     ops::rope_forward(b.k.data(), T, KV, Hd, 0, rope_cos.data(), rope_sin.data());
-    ops::attention_train_forward(b.att.data(), b.probs.data(), b.q.data(), b.k.data(),
-                                 b.v.data(), T, H, KV, Hd);
-    st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+    attention(b.att.data(), b, T, st);
     linear(li, Target::O, b.att.data(), b.x_mid.data(), b, T, p, seed, st);
     add_into(b.x_mid.data(), x, T * D);
-    ops::rmsnorm_forward(b.xn2.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-    linear(li, Target::Gate, b.xn2.data(), b.gate.data(), b, T, p, seed, st);
-    linear(li, Target::Up, b.xn2.data(), b.up.data(), b, T, p, seed, st);
-    ops::swiglu_forward(b.hidden.data(), b.gate.data(), b.up.data(), T * F);
-    linear(li, Target::Down, b.hidden.data(), x_out, b, T, p, seed, st);
+    ops::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
+    linear(li, Target::Gate, xn.data(), b.gate.data(), b, T, p, seed, st);
+    linear(li, Target::Up, xn.data(), b.up.data(), b, T, p, seed, st);
+    ops::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
+    linear(li, Target::Down, hidden.data(), x_out, b, T, p, seed, st);
     add_into(x_out, b.x_mid.data(), T * D);
   }
 
-  // dx: the gradient of the block's output on entry, of its input on return.
-  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) {
+  // out [T, H * Hd] and `probs` from the block's q, k, v.
+  void attention(float* out, const BlockActs& b, int64_t T, TrainStepStats& st) {
+    const auto t0 = Clock::now();
+    ops::attention_train_forward(out, probs.data(), b.q.data(), b.k.data(), b.v.data(), T, H, KV,
+                                 Hd);
+    st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+    st.attention_seconds += seconds_since(t0);
+  }
+
+  // dx: the gradient of the block's output on entry, of its input on return. `fresh`: the
+  // block's forward has just run (recomputation), so `probs` still holds its probabilities.
+  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
+                      TrainStepStats& st) {
     const LayerWeights& L = model.layers[static_cast<size_t>(li)];
     const float eps = model.config.norm_eps;
     BlockActs& b = acts_of(li);
-    linear_backward(li, Target::Down, dx.data(), b.hidden.data(), dhidden.data(), false, b, T, p,
+    ops::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
+    linear_backward(li, Target::Down, dx.data(), hidden.data(), dhidden.data(), false, b, T, p,
                     seed, st);
     ops::swiglu_backward(dgate.data(), dup.data(), dhidden.data(), b.gate.data(), b.up.data(),
                          T * F);
-    linear_backward(li, Target::Gate, dgate.data(), b.xn2.data(), dxn.data(), false, b, T, p, seed,
+    ops::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
+    linear_backward(li, Target::Gate, dgate.data(), xn.data(), dxn.data(), false, b, T, p, seed,
                     st);
-    linear_backward(li, Target::Up, dup.data(), b.xn2.data(), dxn.data(), true, b, T, p, seed, st);
+    linear_backward(li, Target::Up, dup.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
     ops::rmsnorm_backward(dx.data(), dxn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
 
     linear_backward(li, Target::O, dx.data(), b.att.data(), datt.data(), false, b, T, p, seed, st);
-    ops::attention_train_backward(dq.data(), dk.data(), dv.data(), datt.data(), b.probs.data(),
+    if (!fresh) attention(dq.data(), b, T, st);  // dq is free until the attention backward
+    const auto t_att = Clock::now();
+    ops::attention_train_backward(dq.data(), dk.data(), dv.data(), datt.data(), probs.data(),
                                   b.q.data(), b.k.data(), b.v.data(), T, H, KV, Hd,
                                   attn_scratch.data());
     st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+    st.attention_seconds += seconds_since(t_att);
     ops::rope_backward(dq.data(), T, H, Hd, 0, rope_cos.data(), rope_sin.data());
     ops::rope_backward(dk.data(), T, KV, Hd, 0, rope_cos.data(), rope_sin.data());
-    linear_backward(li, Target::Q, dq.data(), b.xn1.data(), dxn.data(), false, b, T, p, seed, st);
-    linear_backward(li, Target::K, dk.data(), b.xn1.data(), dxn.data(), true, b, T, p, seed, st);
-    linear_backward(li, Target::V, dv.data(), b.xn1.data(), dxn.data(), true, b, T, p, seed, st);
-    ops::rmsnorm_backward(dx.data(), dxn.data(), x_in[static_cast<size_t>(li)].data(),
-                          L.attn_norm.data(), T, D, eps);
+    const float* x = x_in[static_cast<size_t>(li)].data();
+    ops::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
+    linear_backward(li, Target::Q, dq.data(), xn.data(), dxn.data(), false, b, T, p, seed, st);
+    linear_backward(li, Target::K, dk.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
+    linear_backward(li, Target::V, dv.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
+    ops::rmsnorm_backward(dx.data(), dxn.data(), x, L.attn_norm.data(), T, D, eps);
   }
 
   void embed(std::span<const int32_t> tokens) {
@@ -225,6 +248,7 @@ struct TrainSession::Impl {
   // Final norm, head and cross-entropy in chunks of tokens; with `backward`, leaves the
   // gradient of the last block's output in dx.
   double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) {
+    const auto t0 = Clock::now();
     const float* x_last = x_in.back().data();
     ops::rmsnorm_forward(xf.data(), x_last, model.final_norm.data(), T, D, model.config.norm_eps);
     const Tensor& head = model.head();
@@ -254,6 +278,7 @@ struct TrainSession::Impl {
       ops::rmsnorm_backward(dx.data(), dxn.data(), x_last, model.final_norm.data(), T, D,
                             model.config.norm_eps);
     }
+    st.head_seconds += seconds_since(t0);
     return loss;
   }
 };
@@ -294,7 +319,7 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
       m.block_forward(li, T, p, dropout_seed, stats_);
       stats_.forward_seconds += seconds_since(tr);
     }
-    m.block_backward(li, T, p, dropout_seed, stats_);
+    m.block_backward(li, T, p, dropout_seed, m.options.grad_checkpoint, stats_);
   }
   stats_.backward_seconds += seconds_since(t1);
   stats_.tokens += T;
@@ -316,15 +341,14 @@ double TrainSession::loss(std::span<const int32_t> tokens, std::span<const uint8
 
 int64_t TrainSession::activation_bytes() const {
   const Impl& m = *impl_;
-  size_t floats = m.xf.size() + m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() +
+  size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.xf.size() + m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() +
                   m.dtmp.size() + m.datt.size() + m.dq.size() + m.dk.size() + m.dv.size() +
                   m.dgate.size() + m.dup.size() + m.dhidden.size() + m.lora_scratch.size() +
                   m.attn_scratch.size();
   for (const Buf& b : m.x_in) floats += b.size();
   for (const BlockActs& b : m.acts) {
-    floats += b.xn1.size() + b.q.size() + b.k.size() + b.v.size() + b.probs.size() +
-              b.att.size() + b.x_mid.size() + b.xn2.size() + b.gate.size() + b.up.size() +
-              b.hidden.size();
+    floats += b.q.size() + b.k.size() + b.v.size() + b.att.size() + b.x_mid.size() +
+              b.gate.size() + b.up.size();
     for (const Buf& u : b.u) floats += u.size();
   }
   return static_cast<int64_t>(floats * sizeof(float) + m.next_ids.size() * sizeof(int32_t));

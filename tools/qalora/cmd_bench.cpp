@@ -17,6 +17,7 @@
 #include "commands.h"
 #include "qalora/core/error.h"
 #include "qalora/core/resources.h"
+#include "qalora/ops/blas.h"
 #include "qalora/quant/qmatrix.h"
 #include "qalora/train/optimizer.h"
 #include "qalora/train/train_step.h"
@@ -222,6 +223,7 @@ void run_train_bench(const BenchArgs& args) {
                               {"steps", args.steps},
                               {"grad_checkpoint", args.grad_checkpoint},
                               {"kernel_isa", qkernel_isa()},
+                              {"blas_core", blas_core_name()},
                               {"threads", num_threads()},
                               {"tokens_per_s", tps},
                               {"gflops", gflops},
@@ -231,6 +233,10 @@ void run_train_bench(const BenchArgs& args) {
                               {"seconds_backward", st.backward_seconds / total_s},
                               {"seconds_optimizer", opt_s / total_s},
                               {"seconds_data", data_s / total_s},
+                              {"share_base_linears", st.base_seconds / total_s},
+                              {"share_adapters", st.adapter_seconds / total_s},
+                              {"share_attention", st.attention_seconds / total_s},
+                              {"share_head", st.head_seconds / total_s},
                               {"peak_rss_bytes", rss},
                               {"weight_bytes", weights},
                               {"adapter_state_bytes", adapter_bytes},
@@ -247,11 +253,16 @@ void run_train_bench(const BenchArgs& args) {
               args.grad_checkpoint ? ", grad checkpointing" : "");
   std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n",
               tps, total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
-  std::printf("  compute              %9.1f GFLOP/s  %5.1f%% of the fp32 GEMM peak (%.1f GFLOP/s)\n",
-              gflops, 100 * gflops / gemm, gemm);
+  std::printf("  compute              %9.1f GFLOP/s  %5.1f%% of the fp32 GEMM peak (%.1f GFLOP/s, "
+              "OpenBLAS %s kernels; quantized: %s)\n",
+              gflops, 100 * gflops / gemm, gemm, blas_core_name(), qkernel_isa());
   std::printf("  time                 %9.0f%% forward, %.0f%% backward, %.1f%% optimizer, %.1f%% data\n",
               100 * st.forward_seconds / total_s, 100 * st.backward_seconds / total_s,
               100 * opt_s / total_s, 100 * data_s / total_s);
+  std::printf("  by op                %9.0f%% frozen linears, %.0f%% adapters, %.0f%% attention, %.0f%% "
+              "head and loss\n",
+              100 * st.base_seconds / total_s, 100 * st.adapter_seconds / total_s,
+              100 * st.attention_seconds / total_s, 100 * st.head_seconds / total_s);
   std::printf("  memory               %9.0f MB peak RSS; weights %.0f + adapter, grads, moments %.0f "
               "+ activations %.0f = %.0f MB\n",
               rss / 1e6, weights / 1e6, adapter_bytes / 1e6, act_bytes / 1e6,
@@ -305,6 +316,7 @@ void run_bench(const BenchArgs& args) {
   nlohmann::ordered_json j = {{"model", args.model.model},
                               {"quantization", model.quant.empty() ? "none" : model.quant.method},
                               {"kernel_isa", qkernel_isa()},
+                              {"blas_core", blas_core_name()},
                               {"threads", num_threads()},
                               {"parameters", model.parameter_count()},
                               {"gemm_peak_gflops", gemm},
@@ -333,7 +345,8 @@ void run_bench(const BenchArgs& args) {
     std::printf("%s\n", j.dump(2).c_str());
     return;
   }
-  std::printf("machine (%d threads, quantized kernels: %s)\n", num_threads(), qkernel_isa());
+  std::printf("machine (%d threads, quantized kernels: %s, OpenBLAS kernels: %s)\n", num_threads(),
+              qkernel_isa(), blas_core_name());
   std::printf("  fp32 GEMM peak       %9.1f GFLOP/s  (cblas_sgemm 2048^3)\n", gemm);
   std::printf("  memory read          %9.1f GB/s\n", bw.read_gbs);
   std::printf("  memory copy          %9.1f GB/s     (read + write)\n", bw.copy_gbs);

@@ -5,8 +5,10 @@
 
 #include "commands.h"
 #include "qalora/core/error.h"
+#include "qalora/ops/blas.h"
 
 int main(int argc, char** argv) {
+  qalora::select_blas_kernels(argv);
   CLI::App app{
       "qalora: quantize, fine-tune (LoRA / QLoRA / QA-LoRA), merge, export and evaluate "
       "Llama-family models"};

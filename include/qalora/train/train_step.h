@@ -23,6 +23,11 @@ struct TrainStepStats {
   double forward_seconds = 0;   // model forward, including the recomputation of checkpointing
   double backward_seconds = 0;  // cross-entropy and the backward
   double flops = 0;             // matmul work actually done (recomputation included)
+  // Where the time went, forward and backward together:
+  double base_seconds = 0;       // the frozen linear layers of the blocks
+  double adapter_seconds = 0;    // adapter forward and backward
+  double attention_seconds = 0;  // attention forward, backward and recomputation
+  double head_seconds = 0;       // final norm, output head and cross-entropy
   int64_t tokens = 0;
   void reset() { *this = {}; }
 };
@@ -31,7 +36,7 @@ struct TrainStepOptions {
   // Keep only each block's input and recompute the block inside its backward: activation
   // memory drops from n_layers blocks to one, for one more forward.
   bool grad_checkpoint = false;
-  int64_t loss_chunk = 64;  // tokens per cross-entropy chunk ([chunk, V] logits at a time)
+  int64_t loss_chunk = 256;  // tokens per cross-entropy chunk ([chunk, V] logits at a time)
 };
 
 class TrainSession {

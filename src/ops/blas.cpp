@@ -1,0 +1,42 @@
+#include "qalora/ops/blas.h"
+
+#include <cblas.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <string>
+
+namespace qalora {
+
+const char* blas_core_name() {
+  return openblas_get_corename();
+}
+
+void select_blas_kernels(char** argv) {
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  std::string core = blas_core_name();
+  std::transform(core.begin(), core.end(), core.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  // Kernel families older than AVX2: a sign the CPU model was not recognised when the CPU
+  // itself has more.
+  constexpr const char* kLegacy[] = {"prescott", "core2",   "penryn",  "dunnington",
+                                     "nehalem",  "katmai",  "banias",  "atom",
+                                     "athlon",   "opteron", "barcelona", "bobcat"};
+  if (std::none_of(std::begin(kLegacy), std::end(kLegacy),
+                   [&](const char* c) { return core == c; }))
+    return;
+  __builtin_cpu_init();
+  const char* wanted = nullptr;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    wanted = "SkylakeX";
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    wanted = "Haswell";
+  if (wanted == nullptr) return;
+  setenv("OPENBLAS_CORETYPE", wanted, 1);
+  execv("/proc/self/exe", argv);  // returns only on failure: keep the slow kernels
+}
+
+}  // namespace qalora
