@@ -401,6 +401,18 @@ Model load_hf_model(const fs::path& dir) {
   if (!c.tied_embeddings && m.output.empty())
     m.output = w.get("lm_head.weight", {c.vocab_size, c.dim});
   m.tokenizer = load_folder_tokenizer(dir);
+  if (!m.quant.empty()) {
+    // The codes are copied into the QMatrix; copying the few float tensors too (norms,
+    // biases) releases the memory map, whose touched pages would stay resident.
+    for (LayerWeights& L : m.layers) {
+      for (Tensor* t : {&L.attn_norm, &L.ffn_norm}) t->mutable_data();
+      for (Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+        for (Tensor* t : {&l->weight, &l->bias})
+          if (!t->empty()) t->mutable_data();
+    }
+    for (Tensor* t : {&m.final_norm, &m.tok_embeddings, &m.output})
+      if (!t->empty()) t->mutable_data();
+  }
   return m;
 }
 

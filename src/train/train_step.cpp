@@ -40,13 +40,12 @@ void add_into(float* y, const float* x, int64_t n) {
 
 using Buf = std::vector<float>;
 
-// What one block's backward needs from its forward. The norms' outputs, the MLP activation
-// and the attention probabilities are recomputed in the backward instead (a few percent of the
-// step's work): kept for every layer they would be most of the activation memory.
+// What one block's backward needs from its forward. The norms' outputs, the MLP activation,
+// the attention probabilities and output are recomputed in the backward instead (a few percent
+// of the step's work): kept for every layer they would be most of the activation memory.
 struct BlockActs {
   Buf q;         // [T, H * Hd] after RoPE
   Buf k, v;      // [T, KV * Hd] (k after RoPE)
-  Buf att;       // [T, H * Hd] attention output: input of o
   Buf x_mid;     // [T, D] residual stream after attention
   Buf gate, up;  // [T, F] before the activation
   Buf u[kNumTargets];  // [T, r] per adapted target
@@ -64,8 +63,9 @@ struct TrainSession::Impl {
   std::vector<Buf> x_in;       // [n_layers + 1][T, D]: block inputs, then the last block's output
   std::vector<BlockActs> acts;  // one per layer, or one shared with grad_checkpoint
   // Shared by all layers, valid for the block being run: a norm's output [T, D] (input of
-  // q/k/v or gate/up), silu(gate) * up [T, F] (input of down), softmax probabilities [H, T, T].
-  Buf xn, hidden, probs;
+  // q/k/v or gate/up), silu(gate) * up [T, F] (input of down), the attention's softmax
+  // probabilities [H, T, T] and output [T, H * Hd] (input of o).
+  Buf xn, hidden, probs, att;
   Buf xf, logits, losses;       // final norm output [T, D]; [chunk, V]; [chunk]
   std::vector<int32_t> next_ids;  // [T] target id per position, -1 = not scored
   Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dhidden;
@@ -85,11 +85,12 @@ struct TrainSession::Impl {
     x_in.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
     acts.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
     for (BlockActs& b : acts) {
-      b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD)), b.att.resize(n(QD));
+      b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
       b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(n(R));
     }
     xn.resize(n(D)), hidden.resize(n(F)), probs.resize(static_cast<size_t>(H * T * T));
+    att.resize(n(QD));
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk)), next_ids.resize(static_cast<size_t>(T));
@@ -159,8 +160,8 @@ struct TrainSession::Impl {
     linear(li, Target::V, xn.data(), b.v.data(), b, T, p, seed, st);
     ops::rope_forward(b.q.data(), T, H, Hd, 0, rope_cos.data(), rope_sin.data());
     ops::rope_forward(b.k.data(), T, KV, Hd, 0, rope_cos.data(), rope_sin.data());
-    attention(b.att.data(), b, T, st);
-    linear(li, Target::O, b.att.data(), b.x_mid.data(), b, T, p, seed, st);
+    attention(b, T, st);
+    linear(li, Target::O, att.data(), b.x_mid.data(), b, T, p, seed, st);
     add_into(b.x_mid.data(), x, T * D);
     ops::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
     linear(li, Target::Gate, xn.data(), b.gate.data(), b, T, p, seed, st);
@@ -170,17 +171,17 @@ struct TrainSession::Impl {
     add_into(x_out, b.x_mid.data(), T * D);
   }
 
-  // out [T, H * Hd] and `probs` from the block's q, k, v.
-  void attention(float* out, const BlockActs& b, int64_t T, TrainStepStats& st) {
+  // `att` and `probs` from the block's q, k, v.
+  void attention(const BlockActs& b, int64_t T, TrainStepStats& st) {
     const auto t0 = Clock::now();
-    ops::attention_train_forward(out, probs.data(), b.q.data(), b.k.data(), b.v.data(), T, H, KV,
-                                 Hd);
+    ops::attention_train_forward(att.data(), probs.data(), b.q.data(), b.k.data(), b.v.data(), T,
+                                 H, KV, Hd);
     st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
     st.attention_seconds += seconds_since(t0);
   }
 
   // dx: the gradient of the block's output on entry, of its input on return. `fresh`: the
-  // block's forward has just run (recomputation), so `probs` still holds its probabilities.
+  // block's forward has just run (recomputation), so `att` and `probs` still hold its values.
   void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
                       TrainStepStats& st) {
     const LayerWeights& L = model.layers[static_cast<size_t>(li)];
@@ -197,8 +198,8 @@ struct TrainSession::Impl {
     linear_backward(li, Target::Up, dup.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
     ops::rmsnorm_backward(dx.data(), dxn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
 
-    linear_backward(li, Target::O, dx.data(), b.att.data(), datt.data(), false, b, T, p, seed, st);
-    if (!fresh) attention(dq.data(), b, T, st);  // dq is free until the attention backward
+    if (!fresh) attention(b, T, st);
+    linear_backward(li, Target::O, dx.data(), att.data(), datt.data(), false, b, T, p, seed, st);
     const auto t_att = Clock::now();
     ops::attention_train_backward(dq.data(), dk.data(), dv.data(), datt.data(), probs.data(),
                                   b.q.data(), b.k.data(), b.v.data(), T, H, KV, Hd,
@@ -311,17 +312,19 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
   stats_.forward_seconds += seconds_since(t0);
 
   const auto t1 = Clock::now();
+  double recompute_s = 0;
   const double loss = m.head_loss(T, grad_scale, true, stats_);
   for (int64_t li = layers - 1; li >= 0; --li) {
     if (m.options.grad_checkpoint) {
       // Reruns the block from its saved input with the same dropout masks.
       const auto tr = Clock::now();
       m.block_forward(li, T, p, dropout_seed, stats_);
-      stats_.forward_seconds += seconds_since(tr);
+      recompute_s += seconds_since(tr);
     }
     m.block_backward(li, T, p, dropout_seed, m.options.grad_checkpoint, stats_);
   }
-  stats_.backward_seconds += seconds_since(t1);
+  stats_.forward_seconds += recompute_s;
+  stats_.backward_seconds += seconds_since(t1) - recompute_s;
   stats_.tokens += T;
   return loss;
 }
@@ -341,14 +344,13 @@ double TrainSession::loss(std::span<const int32_t> tokens, std::span<const uint8
 
 int64_t TrainSession::activation_bytes() const {
   const Impl& m = *impl_;
-  size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.xf.size() + m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() +
+  size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.att.size() + m.xf.size() + m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() +
                   m.dtmp.size() + m.datt.size() + m.dq.size() + m.dk.size() + m.dv.size() +
                   m.dgate.size() + m.dup.size() + m.dhidden.size() + m.lora_scratch.size() +
                   m.attn_scratch.size();
   for (const Buf& b : m.x_in) floats += b.size();
   for (const BlockActs& b : m.acts) {
-    floats += b.q.size() + b.k.size() + b.v.size() + b.att.size() + b.x_mid.size() +
-              b.gate.size() + b.up.size();
+    floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();
     for (const Buf& u : b.u) floats += u.size();
   }
   return static_cast<int64_t>(floats * sizeof(float) + m.next_ids.size() * sizeof(int32_t));
