@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <random>
@@ -121,6 +122,13 @@ std::vector<float> random_uniform(int64_t n, uint64_t seed, float lo, float hi) 
   std::vector<float> v(static_cast<size_t>(n));
   for (float& x : v) x = u(rng);
   return v;
+}
+
+void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol,
+                  const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i)
+    ASSERT_NEAR(a[i], b[i], tol * (1.0f + std::abs(b[i]))) << what << " index " << i;
 }
 
 }  // namespace qalora::test

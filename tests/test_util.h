@@ -35,6 +35,10 @@ std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f);
 // n samples of U(lo, hi), reproducible from `seed`.
 std::vector<float> random_uniform(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
 
+// Element by element, |a - b| <= tol * (1 + |b|); `what` names the comparison in failures.
+void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol,
+                  const std::string& what = "");
+
 // A fresh, empty folder for this test under the build tree (emptied on each call).
 std::filesystem::path temp_dir();
 

@@ -82,20 +82,7 @@ void matmul_forward_ref(float* y, const float* x, const float* W, const float* b
 
 void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0, const float* cos_table,
                   const float* sin_table) {
-  const int64_t half = Hd / 2;
-#pragma omp parallel for collapse(2) if (T * H > 64)
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t h = 0; h < H; ++h) {
-      float* v = x + (t * H + h) * Hd;
-      const float* c = cos_table + (pos0 + t) * half;
-      const float* s = sin_table + (pos0 + t) * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[2 * i], b = v[2 * i + 1];
-        v[2 * i] = a * c[i] - b * s[i];
-        v[2 * i + 1] = a * s[i] + b * c[i];
-      }
-    }
-  }
+  rotate_pairs(x, T, H, Hd, pos0, cos_table, sin_table, 1.0f);
 }
 
 void rope_forward_ref(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0,

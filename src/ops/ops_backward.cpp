@@ -98,21 +98,8 @@ void matmul_backward_input_ref(float* dx, const float* dy, const float* W, int64
 
 void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
                    const float* cos_table, const float* sin_table) {
-  const int64_t half = Hd / 2;
-#pragma omp parallel for collapse(2) if (T * H > 64)
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t h = 0; h < H; ++h) {
-      float* g = dx + (t * H + h) * Hd;
-      const float* c = cos_table + (pos0 + t) * half;
-      const float* s = sin_table + (pos0 + t) * half;
-      // The transpose of the rotation by +angle is the rotation by -angle.
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = g[2 * i], b = g[2 * i + 1];
-        g[2 * i] = a * c[i] + b * s[i];
-        g[2 * i + 1] = b * c[i] - a * s[i];
-      }
-    }
-  }
+  // The transpose of the rotation by +angle is the rotation by -angle.
+  rotate_pairs(dx, T, H, Hd, pos0, cos_table, sin_table, -1.0f);
 }
 
 void rope_backward_ref(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0,

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "qalora/adapters/adapter_io.h"
@@ -370,9 +371,11 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
                                 cfg.data.filename().string());
 
   const auto t_start = Clock::now();
-  ProgressBar bar("train", total, stderr);
-  if (!cfg.progress) bar.finish();
-  bar.resume_from(rs.step);
+  std::optional<ProgressBar> bar;
+  if (cfg.progress) {
+    bar.emplace("train", total, stderr);
+    bar->resume_from(rs.step);
+  }
   std::vector<const Example*> step_examples;
   while (rs.step < total) {
     const auto t_data = Clock::now();
@@ -426,8 +429,10 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     char status[128];
     std::snprintf(status, sizeof status, "loss %.4f lr %.2e %.0f tok/s", loss, lr,
                   static_cast<double>(result.tokens) / seconds_since(t_start));
-    bar.set_status(status);
-    bar.update(rs.step);
+    if (bar) {
+      bar->set_status(status);
+      bar->update(rs.step);
+    }
 
     const bool last = rs.step == total;
     if (!last && cfg.eval_steps > 0 && rs.step % cfg.eval_steps == 0) record_eval(rs.step);
@@ -442,7 +447,7 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
       break;
     }
   }
-  bar.finish();
+  if (bar) bar->finish();
   result.steps = rs.step;
   result.seconds = seconds_since(t_start);
 

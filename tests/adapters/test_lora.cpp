@@ -14,13 +14,8 @@
 namespace qalora {
 namespace {
 
+using test::expect_close;
 using test::random_uniform;
-
-void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol) {
-  ASSERT_EQ(a.size(), b.size());
-  for (size_t i = 0; i < a.size(); ++i)
-    ASSERT_NEAR(a[i], b[i], tol * (1.0f + std::abs(b[i]))) << "index " << i;
-}
 
 size_t sz(int64_t n) {
   return static_cast<size_t>(n);

@@ -18,15 +18,9 @@
 namespace qalora::ops {
 namespace {
 
+using test::expect_close;
 using test::random_uniform;
 using Vec = std::vector<double>;
-
-void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol,
-                  const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  for (size_t i = 0; i < a.size(); ++i)
-    ASSERT_NEAR(a[i], b[i], tol * (1.0f + std::abs(b[i]))) << what << " index " << i;
-}
 
 Vec to_double(const std::vector<float>& x) {
   return Vec(x.begin(), x.end());
