@@ -12,9 +12,9 @@ namespace {
 constexpr double kWidth = 720, kHeight = 420, kLeft = 64, kRight = 24, kTop = 40, kBottom = 48;
 
 std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
+  std::string out(static_cast<size_t>(std::snprintf(nullptr, 0, f, v)), '\0');
+  std::snprintf(out.data(), out.size() + 1, f, v);
+  return out;
 }
 
 std::string escape(const std::string& s) {
