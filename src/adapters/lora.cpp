@@ -17,7 +17,6 @@ namespace {
 // Loops over more elements than this split their rows across threads.
 constexpr int64_t kParallelElements = 1 << 15;
 
-
 inline int64_t group_count(int64_t I, int64_t G) {
   return (I + G - 1) / G;
 }
@@ -141,7 +140,8 @@ void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed) {
     float* xt = x + t * C;
     const auto base = static_cast<uint64_t>(t * blocks);
     for (int64_t j = 0; j < blocks; ++j) {
-      const uint64_t h = splitmix64(key + (base + static_cast<uint64_t>(j)) * 0x9E3779B97F4A7C15ULL);
+      const uint64_t h =
+          splitmix64(key + (base + static_cast<uint64_t>(j)) * 0x9E3779B97F4A7C15ULL);
       const int64_t end = std::min<int64_t>(4, C - 4 * j);
       for (int64_t k = 0; k < end; ++k) {
         const auto lane = static_cast<uint32_t>((h >> (16 * k)) & 0xFFFF);

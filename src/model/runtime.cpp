@@ -295,7 +295,8 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
     adapt(att, li, Target::O, o);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     xn = rmsnorm(x, L.ffn_norm);
-    Vec g = matmul(xn, L.gate.dense_weight(), Tensor()), u = matmul(xn, L.up.dense_weight(), Tensor());
+    Vec g = matmul(xn, L.gate.dense_weight(), Tensor()),
+        u = matmul(xn, L.up.dense_weight(), Tensor());
     adapt(xn, li, Target::Gate, g);
     adapt(xn, li, Target::Up, u);
     Vec hidden(static_cast<size_t>(T * F));

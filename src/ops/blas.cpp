@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
+#include <system_error>
 
 namespace qalora {
 
@@ -21,8 +23,8 @@ void select_blas_kernels(char** argv) {
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   // Kernel families older than AVX2: a sign the CPU model was not recognised when the CPU
   // itself has more.
-  constexpr const char* kLegacy[] = {"prescott", "core2",   "penryn",  "dunnington",
-                                     "nehalem",  "katmai",  "banias",  "atom",
+  constexpr const char* kLegacy[] = {"prescott", "core2",   "penryn",    "dunnington",
+                                     "nehalem",  "katmai",  "banias",    "atom",
                                      "athlon",   "opteron", "barcelona", "bobcat"};
   if (std::none_of(std::begin(kLegacy), std::end(kLegacy),
                    [&](const char* c) { return core == c; }))
@@ -36,7 +38,10 @@ void select_blas_kernels(char** argv) {
     wanted = "Haswell";
   if (wanted == nullptr) return;
   setenv("OPENBLAS_CORETYPE", wanted, 1);
-  execv("/proc/self/exe", argv);  // returns only on failure: keep the slow kernels
+  // The executable's own path rather than /proc/self/exe, so the process keeps its name.
+  std::error_code error;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (!error) execv(self.c_str(), argv);  // returns only on failure: keep the slow kernels
 }
 
 }  // namespace qalora

@@ -20,10 +20,14 @@ std::string fmt(const char* f, double v) {
 std::string escape(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '<') out += "&lt;";
-    else if (c == '>') out += "&gt;";
-    else if (c == '&') out += "&amp;";
-    else out += c;
+    if (c == '<')
+      out += "&lt;";
+    else if (c == '>')
+      out += "&gt;";
+    else if (c == '&')
+      out += "&amp;";
+    else
+      out += c;
   }
   return out;
 }
@@ -46,7 +50,8 @@ std::string loss_curve_svg(const std::vector<LossPoint>& train, const std::vecto
   for (const auto* series : {&train, &eval})
     for (const LossPoint& p : *series) {
       if (!std::isfinite(p.loss)) continue;
-      x0 = std::min(x0, static_cast<double>(p.step)), x1 = std::max(x1, static_cast<double>(p.step));
+      x0 = std::min(x0, static_cast<double>(p.step)),
+      x1 = std::max(x1, static_cast<double>(p.step));
       y0 = std::min(y0, p.loss), y1 = std::max(y1, p.loss);
     }
   if (x0 > x1) x0 = 0, x1 = 1, y0 = 0, y1 = 1;
@@ -77,8 +82,8 @@ std::string loss_curve_svg(const std::vector<LossPoint>& train, const std::vecto
            fmt("%g", y) + "</text>\n";
   }
   for (double x = std::ceil(x0 / xs) * xs; x <= x1; x += xs)
-    svg += fmt("<text x=\"%.1f\"", px(x)) + fmt(" y=\"%.1f\" text-anchor=\"middle\">", kTop + ph + 18) +
-           fmt("%g", x) + "</text>\n";
+    svg += fmt("<text x=\"%.1f\"", px(x)) +
+           fmt(" y=\"%.1f\" text-anchor=\"middle\">", kTop + ph + 18) + fmt("%g", x) + "</text>\n";
   svg += fmt("<rect x=\"%.1f\"", kLeft) + fmt(" y=\"%.1f\"", kTop) + fmt(" width=\"%.1f\"", pw) +
          fmt(" height=\"%.1f\" fill=\"none\" stroke=\"#888\"/>\n", ph);
   svg += fmt("<text x=\"%.1f\"", kLeft + pw / 2) +
@@ -105,8 +110,10 @@ std::string loss_curve_svg(const std::vector<LossPoint>& train, const std::vecto
   const double lx = kLeft + pw - 170, ly = kTop + 14;
   svg += fmt("<line x1=\"%.1f\"", lx) + fmt(" x2=\"%.1f\"", lx + 24) + fmt(" y1=\"%.1f\"", ly) +
          fmt(" y2=\"%.1f\" stroke=\"#1f77b4\" stroke-width=\"2.5\"/>\n", ly);
-  svg += fmt("<text x=\"%.1f\"", lx + 30) + fmt(" y=\"%.1f\">training (moving avg)</text>\n", ly + 4);
-  svg += fmt("<line x1=\"%.1f\"", lx) + fmt(" x2=\"%.1f\"", lx + 24) + fmt(" y1=\"%.1f\"", ly + 18) +
+  svg +=
+      fmt("<text x=\"%.1f\"", lx + 30) + fmt(" y=\"%.1f\">training (moving avg)</text>\n", ly + 4);
+  svg += fmt("<line x1=\"%.1f\"", lx) + fmt(" x2=\"%.1f\"", lx + 24) +
+         fmt(" y1=\"%.1f\"", ly + 18) +
          fmt(" y2=\"%.1f\" stroke=\"#d62728\" stroke-width=\"2\"/>\n", ly + 18);
   svg += fmt("<text x=\"%.1f\"", lx + 30) + fmt(" y=\"%.1f\">held-out</text>\n", ly + 22);
   return svg + "</svg>\n";

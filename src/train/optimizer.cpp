@@ -10,9 +10,12 @@ namespace qalora {
 
 const char* lr_schedule_name(LrSchedule s) {
   switch (s) {
-    case LrSchedule::Constant: return "constant";
-    case LrSchedule::Linear: return "linear";
-    case LrSchedule::Cosine: return "cosine";
+    case LrSchedule::Constant:
+      return "constant";
+    case LrSchedule::Linear:
+      return "linear";
+    case LrSchedule::Cosine:
+      return "cosine";
   }
   return "?";
 }
@@ -25,8 +28,7 @@ LrSchedule parse_lr_schedule(std::string_view name) {
 
 double learning_rate(LrSchedule schedule, double peak, int64_t step, int64_t warmup,
                      int64_t total) {
-  if (step < warmup)
-    return peak * static_cast<double>(step + 1) / static_cast<double>(warmup + 1);
+  if (step < warmup) return peak * static_cast<double>(step + 1) / static_cast<double>(warmup + 1);
   if (schedule == LrSchedule::Constant) return peak;
   const double span = static_cast<double>(std::max<int64_t>(1, total - warmup));
   const double progress = std::clamp(static_cast<double>(step - warmup) / span, 0.0, 1.0);
@@ -73,8 +75,7 @@ void AdamW::step(AdapterSet& adapters, double lr) {
   const auto decay = static_cast<float>(1.0 - lr * config_.weight_decay);
   size_t k = 0;
   for (LoraAdapter& a : adapters.adapters) {
-    const std::pair<Tensor*, std::vector<float>*> params[] = {{&a.A, &a.grad_A},
-                                                              {&a.B, &a.grad_B}};
+    const std::pair<Tensor*, std::vector<float>*> params[] = {{&a.A, &a.grad_A}, {&a.B, &a.grad_B}};
     for (auto [param, grad] : params) {
       float* w = param->mutable_data();
       float* m = m_[k].data();

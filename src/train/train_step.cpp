@@ -44,10 +44,10 @@ using Buf = std::vector<float>;
 // the attention probabilities and output are recomputed in the backward instead (a few percent
 // of the step's work): kept for every layer they would be most of the activation memory.
 struct BlockActs {
-  Buf q;         // [T, H * Hd] after RoPE
-  Buf k, v;      // [T, KV * Hd] (k after RoPE)
-  Buf x_mid;     // [T, D] residual stream after attention
-  Buf gate, up;  // [T, F] before the activation
+  Buf q;               // [T, H * Hd] after RoPE
+  Buf k, v;            // [T, KV * Hd] (k after RoPE)
+  Buf x_mid;           // [T, D] residual stream after attention
+  Buf gate, up;        // [T, F] before the activation
   Buf u[kNumTargets];  // [T, r] per adapted target
 };
 
@@ -60,13 +60,13 @@ struct TrainSession::Impl {
   TrainStepOptions options;
   int64_t D, H, KV, Hd, F, V, QD, KVD, R;
   std::vector<float> rope_cos, rope_sin;
-  std::vector<Buf> x_in;       // [n_layers + 1][T, D]: block inputs, then the last block's output
+  std::vector<Buf> x_in;        // [n_layers + 1][T, D]: block inputs, then the last block's output
   std::vector<BlockActs> acts;  // one per layer, or one shared with grad_checkpoint
   // Shared by all layers, valid for the block being run: a norm's output [T, D] (input of
   // q/k/v or gate/up), silu(gate) * up [T, F] (input of down), the attention's softmax
   // probabilities [H, T, T] and output [T, H * Hd] (input of o).
   Buf xn, hidden, probs, att;
-  Buf xf, logits, losses;       // final norm output [T, D]; [chunk, V]; [chunk]
+  Buf xf, logits, losses;         // final norm output [T, D]; [chunk, V]; [chunk]
   std::vector<int32_t> next_ids;  // [T] target id per position, -1 = not scored
   Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dhidden;
   Buf lora_scratch, attn_scratch;
@@ -174,8 +174,8 @@ struct TrainSession::Impl {
   // `att` and `probs` from the block's q, k, v.
   void attention(const BlockActs& b, int64_t T, TrainStepStats& st) {
     const auto t0 = Clock::now();
-    ops::attention_train_forward(att.data(), probs.data(), b.q.data(), b.k.data(), b.v.data(), T,
-                                 H, KV, Hd);
+    ops::attention_train_forward(att.data(), probs.data(), b.q.data(), b.k.data(), b.v.data(), T, H,
+                                 KV, Hd);
     st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
     st.attention_seconds += seconds_since(t0);
   }
@@ -228,8 +228,8 @@ struct TrainSession::Impl {
     const auto T = static_cast<int64_t>(tokens.size());
     QL_CHECK(T > 0 && T <= max_tokens, "training: a sequence of ", T,
              " tokens does not fit the session's 1..", max_tokens, " tokens");
-    QL_CHECK(target.size() == tokens.size(), "training: ", target.size(),
-             " target flags for ", T, " tokens");
+    QL_CHECK(target.size() == tokens.size(), "training: ", target.size(), " target flags for ", T,
+             " tokens");
     for (int32_t id : tokens)
       QL_CHECK(id >= 0 && id < V, "training: token id ", id, " is out of range [0, ", V, ")");
   }
@@ -264,8 +264,8 @@ struct TrainSession::Impl {
       if (std::all_of(ids, ids + n, [](int32_t id) { return id < 0; })) continue;
       linear_forward(head, dense_head ? QMatrix() : model.head_q, Tensor(), xf.data() + c0 * D,
                      logits.data(), n, DecodeActivations::Exact);
-      loss += ops::cross_entropy_forward_backward(logits.data(), losses.data(), ids, n, V,
-                                                  grad_scale);
+      loss +=
+          ops::cross_entropy_forward_backward(logits.data(), losses.data(), ids, n, V, grad_scale);
       st.flops += matmul_flops(n, D, V);
       if (!backward) continue;
       if (dense_head)
@@ -344,10 +344,10 @@ double TrainSession::loss(std::span<const int32_t> tokens, std::span<const uint8
 
 int64_t TrainSession::activation_bytes() const {
   const Impl& m = *impl_;
-  size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.att.size() + m.xf.size() + m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() +
-                  m.dtmp.size() + m.datt.size() + m.dq.size() + m.dk.size() + m.dv.size() +
-                  m.dgate.size() + m.dup.size() + m.dhidden.size() + m.lora_scratch.size() +
-                  m.attn_scratch.size();
+  size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.att.size() + m.xf.size() +
+                  m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() + m.dtmp.size() +
+                  m.datt.size() + m.dq.size() + m.dk.size() + m.dv.size() + m.dgate.size() +
+                  m.dup.size() + m.dhidden.size() + m.lora_scratch.size() + m.attn_scratch.size();
   for (const Buf& b : m.x_in) floats += b.size();
   for (const BlockActs& b : m.acts) {
     floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();

@@ -140,7 +140,8 @@ void save_checkpoint(const fs::path& out, const Model& model, const AdapterSet& 
   fs::rename(tmp, final_dir);
   if (keep > 0) {
     auto all = list_checkpoints(out);
-    for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i].second);
+    for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i)
+      fs::remove_all(all[i].second);
   }
 }
 
@@ -290,7 +291,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   const int64_t steps_per_epoch =
       (batcher.batches_per_epoch() + cfg.grad_accum - 1) / cfg.grad_accum;
   const int64_t total = cfg.max_steps > 0 ? cfg.max_steps : cfg.num_epochs * steps_per_epoch;
-  const auto warmup = static_cast<int64_t>(std::ceil(cfg.warmup_ratio * static_cast<double>(total)));
+  const auto warmup =
+      static_cast<int64_t>(std::ceil(cfg.warmup_ratio * static_cast<double>(total)));
 
   const json identity = cfg.identity();
   AdapterSet adapters;
@@ -319,10 +321,11 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   TrainSession session(model, adapters, max_len, {.grad_checkpoint = cfg.grad_checkpoint});
 
   const AdapterConfig& ac = adapters.config;
-  std::printf("adapter: %s r %lld alpha %g (scale %g%s) dropout %g, %lld parameters on %zu layers\n",
-              adapter_kind_name(ac.kind), static_cast<long long>(ac.rank), ac.alpha, ac.scale(),
-              ac.rslora ? ", rsLoRA" : "", ac.dropout,
-              static_cast<long long>(adapters.parameter_count()), adapters.adapters.size());
+  std::printf(
+      "adapter: %s r %lld alpha %g (scale %g%s) dropout %g, %lld parameters on %zu layers\n",
+      adapter_kind_name(ac.kind), static_cast<long long>(ac.rank), ac.alpha, ac.scale(),
+      ac.rslora ? ", rsLoRA" : "", ac.dropout, static_cast<long long>(adapters.parameter_count()),
+      adapters.adapters.size());
   std::printf(
       "optimizer: AdamW lr %g %s, warmup %lld steps, max grad norm %g, weight decay %g; batch %lld "
       "x accum %lld; %lld steps (%lld per epoch)%s; seed %llu\n",
@@ -363,12 +366,13 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   result.total_steps = total;
   if (resumed_from.empty()) {
     rs.eval_loss_before = record_eval(0);
-    if (rs.eval_loss_before >= 0) std::printf("held-out loss before training: %.4f\n", rs.eval_loss_before);
+    if (rs.eval_loss_before >= 0)
+      std::printf("held-out loss before training: %.4f\n", rs.eval_loss_before);
   }
   result.eval_loss_before = rs.eval_loss_before;
-  const std::string title = cat(adapter_kind_name(ac.kind), " r", ac.rank, " on ",
-                                fs::path(model.source_path).filename().string(), ", ",
-                                cfg.data.filename().string());
+  const std::string title =
+      cat(adapter_kind_name(ac.kind), " r", ac.rank, " on ",
+          fs::path(model.source_path).filename().string(), ", ", cfg.data.filename().string());
 
   const auto t_start = Clock::now();
   std::optional<ProgressBar> bar;
@@ -381,7 +385,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     const auto t_data = Clock::now();
     step_examples.clear();
     for (int64_t m = 0; m < cfg.grad_accum; ++m)
-      for (int64_t i : batcher.next()) step_examples.push_back(&train_set.examples[static_cast<size_t>(i)]);
+      for (int64_t i : batcher.next())
+        step_examples.push_back(&train_set.examples[static_cast<size_t>(i)]);
     int64_t step_targets = 0, step_tokens = 0;
     for (const Example* e : step_examples) {
       step_targets += e->target_count();
@@ -392,7 +397,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     zero_adapter_grads(adapters);
     const auto t_fb = Clock::now();
     double loss_sum = 0;
-    const uint64_t step_seed = derive_seed(derive_seed(cfg.seed, kDropoutStream), static_cast<uint64_t>(rs.step));
+    const uint64_t step_seed =
+        derive_seed(derive_seed(cfg.seed, kDropoutStream), static_cast<uint64_t>(rs.step));
     for (size_t i = 0; i < step_examples.size(); ++i) {
       int64_t n = 0;
       loss_sum += session.forward_backward(step_examples[i]->tokens, step_examples[i]->target,
@@ -417,15 +423,16 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     result.target_tokens += step_targets;
     result.train_loss_last = loss;
     const double step_s = data_s + fb_s + opt_s;
-    metrics.write({{"step", rs.step},
-                   {"loss", loss},
-                   {"lr", lr},
-                   {"grad_norm", norm},
-                   {"tokens", step_tokens},
-                   {"target_tokens", step_targets},
-                   {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
-                   {"seconds", {{"data", data_s}, {"forward_backward", fb_s}, {"optimizer", opt_s}}},
-                   {"epoch", rs.batcher.epoch}});
+    metrics.write(
+        {{"step", rs.step},
+         {"loss", loss},
+         {"lr", lr},
+         {"grad_norm", norm},
+         {"tokens", step_tokens},
+         {"target_tokens", step_targets},
+         {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
+         {"seconds", {{"data", data_s}, {"forward_backward", fb_s}, {"optimizer", opt_s}}},
+         {"epoch", rs.batcher.epoch}});
     char status[128];
     std::snprintf(status, sizeof status, "loss %.4f lr %.2e %.0f tok/s", loss, lr,
                   static_cast<double>(result.tokens) / seconds_since(t_start));
@@ -456,16 +463,17 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     save_adapter(adapters, model, cfg.out);
   }
   write_loss_curve(cfg.out, rs, title);
-  metrics.write({{"step", rs.step},
-                 {"summary",
-                  {{"tokens", result.tokens},
-                   {"target_tokens", result.target_tokens},
-                   {"seconds", result.seconds},
-                   {"tokens_per_second", static_cast<double>(result.tokens) / std::max(1e-9, result.seconds)},
-                   {"eval_loss_before", result.eval_loss_before},
-                   {"eval_loss_after", result.eval_loss_after},
-                   {"peak_rss_mb", static_cast<double>(peak_rss_bytes()) / 1e6},
-                   {"interrupted", result.interrupted}}}});
+  metrics.write(
+      {{"step", rs.step},
+       {"summary",
+        {{"tokens", result.tokens},
+         {"target_tokens", result.target_tokens},
+         {"seconds", result.seconds},
+         {"tokens_per_second", static_cast<double>(result.tokens) / std::max(1e-9, result.seconds)},
+         {"eval_loss_before", result.eval_loss_before},
+         {"eval_loss_after", result.eval_loss_after},
+         {"peak_rss_mb", static_cast<double>(peak_rss_bytes()) / 1e6},
+         {"interrupted", result.interrupted}}}});
   return result;
 }
 

@@ -6,8 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -29,7 +29,9 @@ const fs::path kStories = "models/stories260K";
 const fs::path kTinyStories = "text/tinystories_val.txt";
 const fs::path kAlpaca = "instruct/alpaca_en_demo.json";
 
-std::string data(const fs::path& rel) { return (test::data_dir() / rel).string(); }
+std::string data(const fs::path& rel) {
+  return (test::data_dir() / rel).string();
+}
 
 std::vector<std::string> stories_model() {
   return {"-m", data(kStories / "stories260K.bin"), "--tokenizer", data(kStories / "tok512.bin")};
@@ -63,14 +65,32 @@ TEST(CliTrain, QaLoraOnGptqStoriesLowersTheHeldOutLoss) {
   std::ofstream(eval) << read_file(test::data_dir() / kTinyStories).substr(0, 20000);
   for (const std::string bits : {"4", "2"}) {
     const fs::path q = dir / ("q" + bits), run = dir / ("run" + bits);
-    auto r = run_cli(concat(concat({"quantize"}, stories_model()),
-                            {"--method", "gptq", "--bits", bits, "-g", "32", "--calib",
-                             data(kTinyStories), "--calib-samples", "16", "--calib-len", "128",
-                             "-o", q.string()}));
+    auto r = run_cli(
+        concat(concat({"quantize"}, stories_model()),
+               {"--method", "gptq", "--bits", bits, "-g", "32", "--calib", data(kTinyStories),
+                "--calib-samples", "16", "--calib-len", "128", "-o", q.string()}));
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    r = run_cli({"train", "-m", q.string(), "--data", data(kTinyStories), "--max-seq-len", "128",
-                 "--adapter", "qalora", "--rank", "8", "--learning-rate", "2e-3", "--max-steps",
-                 "30", "--grad-accum", "4", "--eval-fraction", "0.02", "--out", run.string()});
+    r = run_cli({"train",
+                 "-m",
+                 q.string(),
+                 "--data",
+                 data(kTinyStories),
+                 "--max-seq-len",
+                 "128",
+                 "--adapter",
+                 "qalora",
+                 "--rank",
+                 "8",
+                 "--learning-rate",
+                 "2e-3",
+                 "--max-steps",
+                 "30",
+                 "--grad-accum",
+                 "4",
+                 "--eval-fraction",
+                 "0.02",
+                 "--out",
+                 run.string()});
     ASSERT_EQ(r.exit_code, 0) << r.err;
     const auto [before, after] = heldout_losses(r.out);
     EXPECT_LT(after, before - 0.01) << "INT" << bits << ": " << r.out;
@@ -86,9 +106,8 @@ TEST(CliTrain, QaLoraOnGptqStoriesLowersTheHeldOutLoss) {
     EXPECT_NE(r.out, base.out) << "the adapter must change the logits";
     // Trained on TinyStories, it scores TinyStories text better than the bare quantized model.
     const auto ppl = [&](const std::vector<std::string>& extra) {
-      const auto p = run_cli(concat({"perplexity", "-m", q.string(), "--text", eval.string(),
-                                     "--ctx", "128"},
-                                    extra));
+      const auto p = run_cli(
+          concat({"perplexity", "-m", q.string(), "--text", eval.string(), "--ctx", "128"}, extra));
       EXPECT_EQ(p.exit_code, 0) << p.err;
       const auto at = p.out.find("ppl:");
       return at == std::string::npos ? NAN : std::stod(p.out.substr(at + 4));
@@ -125,12 +144,31 @@ TEST(CliTrain, InterruptedBySignalAndResumedGivesTheSameAdapter) {
   QL_REQUIRE_DATA(kTinyStories);
   const fs::path dir = test::temp_dir();
   const auto args = [&](const fs::path& out) {
-    return concat(concat({"train"}, stories_model()),
-                  {"--data", data(kTinyStories), "--max-seq-len", "64", "--rank", "4",
-                   "--dropout", "0.1", "--learning-rate", "1e-3", "--lr-scheduler", "cosine",
-                   "--warmup-ratio", "0.1", "--max-steps", "200", "--grad-accum", "2",
-                   "--eval-fraction", "0.01", "--group-by-length", "--threads", "1", "--out",
-                   out.string()});
+    return concat(concat({"train"}, stories_model()), {"--data",
+                                                       data(kTinyStories),
+                                                       "--max-seq-len",
+                                                       "64",
+                                                       "--rank",
+                                                       "4",
+                                                       "--dropout",
+                                                       "0.1",
+                                                       "--learning-rate",
+                                                       "1e-3",
+                                                       "--lr-scheduler",
+                                                       "cosine",
+                                                       "--warmup-ratio",
+                                                       "0.1",
+                                                       "--max-steps",
+                                                       "200",
+                                                       "--grad-accum",
+                                                       "2",
+                                                       "--eval-fraction",
+                                                       "0.01",
+                                                       "--group-by-length",
+                                                       "--threads",
+                                                       "1",
+                                                       "--out",
+                                                       out.string()});
   };
   const fs::path whole = dir / "whole", parts = dir / "parts";
   auto r = run_cli(args(whole));
@@ -195,10 +233,11 @@ TEST(CliTrain, BadInputIsOneClearLine) {
   expect_one_line_error(train({"--data", good.string(), "--targets", "q_proj,wq", "--out", out}),
                         "wq");
   const fs::path chat = dir / "chat.jsonl";
-  std::ofstream(chat) << R"({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})"
-                      << "\n";
-  expect_one_line_error(
-      train({"--data", chat.string(), "--chat-template", "vicuna", "--out", out}), "vicuna");
+  std::ofstream(chat)
+      << R"({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})"
+      << "\n";
+  expect_one_line_error(train({"--data", chat.string(), "--chat-template", "vicuna", "--out", out}),
+                        "vicuna");
   fs::create_directories(dir / "full");
   std::ofstream(dir / "full" / "x") << "x";
   expect_one_line_error(train({"--data", good.string(), "--out", (dir / "full").string()}),
@@ -221,10 +260,29 @@ TEST(CliTrain, SmolLm2QaLoraOnAlpacaLowersTheHeldOutLoss) {
   auto r = run_cli({"quantize", "-m", test::smollm2_path().string(), "--method", "rtn", "--bits",
                     "4", "-g", "32", "-o", (dir / "q4").string()});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = run_cli({"train", "-m", (dir / "q4").string(), "--data", data(kAlpaca), "--adapter",
-               "qalora", "--rank", "16", "--learning-rate", "1e-3", "--max-steps", "6",
-               "--grad-accum", "4", "--source-max-len", "128", "--target-max-len", "64",
-               "--eval-fraction", "0.015", "--out", (dir / "run").string()});
+  r = run_cli({"train",
+               "-m",
+               (dir / "q4").string(),
+               "--data",
+               data(kAlpaca),
+               "--adapter",
+               "qalora",
+               "--rank",
+               "16",
+               "--learning-rate",
+               "1e-3",
+               "--max-steps",
+               "6",
+               "--grad-accum",
+               "4",
+               "--source-max-len",
+               "128",
+               "--target-max-len",
+               "64",
+               "--eval-fraction",
+               "0.015",
+               "--out",
+               (dir / "run").string()});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto [before, after] = heldout_losses(r.out);
   EXPECT_LT(after, before) << r.out;

@@ -38,7 +38,8 @@ std::vector<float> session_logits(const Model& m, const AdapterSet* set,
   // Prefill then one decode step: both paths apply the adapters.
   const std::span<const int32_t> all(tokens);
   session.forward(all.first(tokens.size() - 1), logits, true);
-  session.forward(all.last(1), std::span<float>(logits).last(static_cast<size_t>(m.config.vocab_size)));
+  session.forward(all.last(1),
+                  std::span<float>(logits).last(static_cast<size_t>(m.config.vocab_size)));
   return logits;
 }
 
@@ -94,7 +95,8 @@ TEST(AdapterRuntime, LoraOnDenseEqualsTheMergedWeights) {
   const std::vector<int32_t> tokens = {2, 9, 9, 30, 1, 5};
   const std::vector<float> got = session_logits(m, &set, tokens);
   const std::vector<float> want = session_logits(merged, nullptr, tokens);
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-4 * (1 + std::abs(want[i])));
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], 2e-4 * (1 + std::abs(want[i])));
 }
 
 TEST(AdapterRuntime, RejectsAnAdapterOfAnotherModel) {

@@ -29,7 +29,9 @@ struct Case {
   bool tied;
 };
 
-std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
+std::ostream& operator<<(std::ostream& os, const Case& c) {
+  return os << c.name;
+}
 
 // dim 40 and hidden 24 with groups of 16: every layer has a ragged last group (8 inputs).
 Model make_base(const Case& c) {
@@ -117,8 +119,7 @@ TEST_P(TrainStepGradient, MatchesFiniteDifferencesOfTheDoubleReference) {
         *w = w0;
         const double fd = (l_hi - l_lo) / (static_cast<double>(hi) - lo);
         EXPECT_NEAR(g[static_cast<size_t>(i)], fd, 2e-3 + 2e-3 * std::abs(fd))
-            << target_name(a.target) << " layer " << a.layer << (which ? " B[" : " A[") << i
-            << "]";
+            << target_name(a.target) << " layer " << a.layer << (which ? " B[" : " A[") << i << "]";
         ++checked;
       }
     }

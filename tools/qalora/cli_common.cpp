@@ -48,8 +48,8 @@ void add_adapter_arg(CLI::App* cmd, ModelArgs& args) {
 
 std::unique_ptr<AdapterSet> load_adapter_arg(const ModelArgs& args, const Model& model) {
   if (args.adapter.empty()) return nullptr;
-  QL_CHECK(std::filesystem::is_directory(args.adapter), "--adapter: folder not found: ",
-           args.adapter);
+  QL_CHECK(std::filesystem::is_directory(args.adapter),
+           "--adapter: folder not found: ", args.adapter);
   return std::make_unique<AdapterSet>(load_adapter(args.adapter, model));
 }
 

@@ -169,8 +169,8 @@ void run_train_bench(const BenchArgs& args) {
   QL_CHECK(args.steps >= 1, "--steps must be >= 1, got ", args.steps);
   const Model model = load_model(args.model);
   AdapterConfig cfg;
-  const bool affine = !model.quant.empty() && model.quant.method != "nf4" &&
-                      model.quant.method != "fp4";
+  const bool affine =
+      !model.quant.empty() && model.quant.method != "nf4" && model.quant.method != "fp4";
   cfg.kind = parse_adapter_kind(args.train_adapter.empty() ? (affine ? "qalora" : "lora")
                                                            : args.train_adapter);
   cfg.rank = args.rank;
@@ -253,22 +253,26 @@ void run_train_bench(const BenchArgs& args) {
               model.quant.empty() ? "an fp32 base" : (model.quant.method + " base").c_str(),
               static_cast<long long>(args.seq_len), num_threads(),
               args.grad_checkpoint ? ", grad checkpointing" : "");
-  std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n",
-              tps, total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
-  std::printf("  compute              %9.1f GFLOP/s  %5.1f%% of the fp32 GEMM peak (%.1f GFLOP/s, "
-              "OpenBLAS %s kernels; quantized: %s)\n",
-              gflops, 100 * gflops / gemm, gemm, blas_core_name(), qkernel_isa());
-  std::printf("  time                 %9.0f%% forward, %.0f%% backward, %.1f%% optimizer, %.1f%% data\n",
-              100 * st.forward_seconds / total_s, 100 * st.backward_seconds / total_s,
-              100 * opt_s / total_s, 100 * data_s / total_s);
-  std::printf("  by op                %9.0f%% frozen linears, %.0f%% adapters, %.0f%% attention, %.0f%% "
-              "head and loss\n",
-              100 * st.base_seconds / total_s, 100 * st.adapter_seconds / total_s,
-              100 * st.attention_seconds / total_s, 100 * st.head_seconds / total_s);
-  std::printf("  memory               %9.0f MB peak RSS; weights %.0f + adapter, grads, moments %.0f "
-              "+ activations %.0f = %.0f MB\n",
-              rss / 1e6, weights / 1e6, adapter_bytes / 1e6, act_bytes / 1e6,
-              (weights + adapter_bytes + act_bytes) / 1e6);
+  std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n", tps,
+              total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
+  std::printf(
+      "  compute              %9.1f GFLOP/s  %5.1f%% of the fp32 GEMM peak (%.1f GFLOP/s, "
+      "OpenBLAS %s kernels; quantized: %s)\n",
+      gflops, 100 * gflops / gemm, gemm, blas_core_name(), qkernel_isa());
+  std::printf(
+      "  time                 %9.0f%% forward, %.0f%% backward, %.1f%% optimizer, %.1f%% data\n",
+      100 * st.forward_seconds / total_s, 100 * st.backward_seconds / total_s,
+      100 * opt_s / total_s, 100 * data_s / total_s);
+  std::printf(
+      "  by op                %9.0f%% frozen linears, %.0f%% adapters, %.0f%% attention, %.0f%% "
+      "head and loss\n",
+      100 * st.base_seconds / total_s, 100 * st.adapter_seconds / total_s,
+      100 * st.attention_seconds / total_s, 100 * st.head_seconds / total_s);
+  std::printf(
+      "  memory               %9.0f MB peak RSS; weights %.0f + adapter, grads, moments %.0f "
+      "+ activations %.0f = %.0f MB\n",
+      rss / 1e6, weights / 1e6, adapter_bytes / 1e6, act_bytes / 1e6,
+      (weights + adapter_bytes + act_bytes) / 1e6);
 }
 
 void run_bench(const BenchArgs& args) {

@@ -44,15 +44,15 @@ void run_train(TrainArgs& args) {
   QL_CHECK(c.eval_data.empty() || std::filesystem::exists(c.eval_data),
            "--eval-data: file not found: ", args.eval_data);
   c.data_options.format = parse_data_format(args.format);
-  if (!args.chat_template.empty()) c.data_options.chat_template = parse_chat_format(args.chat_template);
+  if (!args.chat_template.empty())
+    c.data_options.chat_template = parse_chat_format(args.chat_template);
   c.adapter.kind = parse_adapter_kind(args.adapter);
   c.adapter.targets = parse_targets(args.targets);
   c.adapter.init = parse_adapter_init(args.init);
   c.adapter.pool = parse_adapter_pool(args.pool);
   c.adapter.seed = c.seed;
   c.lr_schedule = parse_lr_schedule(args.scheduler);
-  QL_CHECK(!std::filesystem::exists(c.out) || !c.resume.empty() ||
-               std::filesystem::is_empty(c.out),
+  QL_CHECK(!std::filesystem::exists(c.out) || !c.resume.empty() || std::filesystem::is_empty(c.out),
            "--out: ", args.out, " exists and is not empty (use --resume ", args.out,
            " to continue that run, or another folder)");
 
@@ -79,8 +79,9 @@ void run_train(TrainArgs& args) {
   if (r.eval_loss_before >= 0 && r.eval_loss_after >= 0)
     std::printf("held-out loss: %.4f -> %.4f\n", r.eval_loss_before, r.eval_loss_after);
   std::printf("last training loss: %.4f\n", r.train_loss_last);
-  std::printf("adapter: %s (native + PEFT files), loss curve: %s/loss.svg, metrics: %s/metrics.jsonl\n",
-              args.out.c_str(), args.out.c_str(), args.out.c_str());
+  std::printf(
+      "adapter: %s (native + PEFT files), loss curve: %s/loss.svg, metrics: %s/metrics.jsonl\n",
+      args.out.c_str(), args.out.c_str(), args.out.c_str());
 }
 
 }  // namespace
@@ -119,8 +120,7 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--num-epochs", c.num_epochs, "epochs when --max-steps is 0")
       ->capture_default_str();
-  cmd->add_option("--batch-size", c.batch_size, "sequences per micro-batch")
-      ->capture_default_str();
+  cmd->add_option("--batch-size", c.batch_size, "sequences per micro-batch")->capture_default_str();
   cmd->add_option("--grad-accum", c.grad_accum, "micro-batches per optimizer step")
       ->capture_default_str();
   cmd->add_option("--max-grad-norm", c.max_grad_norm, "clip the gradient norm (0 = off)")
@@ -141,11 +141,11 @@ void register_train(CLI::App& app) {
   cmd->add_flag("--grad-checkpoint", c.grad_checkpoint,
                 "recompute each block in the backward (less memory, one more forward)");
   // Data
-  cmd->add_option("--eval-data", args->eval_data, "held-out data file (default: a split of --data)");
+  cmd->add_option("--eval-data", args->eval_data,
+                  "held-out data file (default: a split of --data)");
   cmd->add_option("--eval-fraction", c.eval_fraction, "held-out fraction of --data")
       ->capture_default_str();
-  cmd->add_flag("--train-on-source", c.data_options.train_on_source,
-                "also train on prompt tokens");
+  cmd->add_flag("--train-on-source", c.data_options.train_on_source, "also train on prompt tokens");
   cmd->add_option("--source-max-len", c.data_options.source_max_len, "prompt tokens kept")
       ->capture_default_str();
   cmd->add_option("--target-max-len", c.data_options.target_max_len, "response tokens kept")

@@ -13,6 +13,7 @@ void register_chat(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_quantize(CLI::App& app);
 void register_train(CLI::App& app);
+void register_merge(CLI::App& app);
 
 inline void register_commands(CLI::App& app) {
   register_info(app);
@@ -23,6 +24,7 @@ inline void register_commands(CLI::App& app) {
   register_bench(app);
   register_quantize(app);
   register_train(app);
+  register_merge(app);
 }
 
 }  // namespace qalora::cli

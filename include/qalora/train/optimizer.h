@@ -16,8 +16,7 @@ LrSchedule parse_lr_schedule(std::string_view name);
 // The learning rate of optimizer step `step` (0-based) of `total`: a linear warmup over
 // `warmup` steps ((step + 1) / (warmup + 1) of the peak, so no step has rate 0), then constant,
 // linear decay to 0 at `total`, or a cosine decay to 0 at `total`.
-double learning_rate(LrSchedule schedule, double peak, int64_t step, int64_t warmup,
-                     int64_t total);
+double learning_rate(LrSchedule schedule, double peak, int64_t step, int64_t warmup, int64_t total);
 
 // sqrt of the sum of squares of every adapter gradient (double accumulation, fixed order).
 double grad_norm(const AdapterSet& adapters);

@@ -5,9 +5,8 @@
 #include <atomic>
 #include <cstdint>
 #include <filesystem>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "qalora/adapters/adapter.h"
 #include "qalora/data/dataset.h"

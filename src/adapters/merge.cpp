@@ -1,0 +1,174 @@
+#include "qalora/adapters/merge.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "qalora/adapters/lora.h"
+#include "qalora/core/error.h"
+#include "qalora/eval/perplexity.h"
+#include "qalora/model/model.h"
+#include "qalora/model/runtime.h"
+
+namespace qalora {
+
+namespace {
+
+// The base layer an adapter sits on, to be rewritten.
+Linear& adapted_linear(Model& model, const LoraAdapter& a) {
+  // target_linear only names the member; the layer itself belongs to the non-const `model`.
+  return const_cast<Linear&>(target_linear(model.layers[static_cast<size_t>(a.layer)], a.target));
+}
+
+// scale * B A: [O, C] in double.
+std::vector<double> scaled_product(const LoraAdapter& a, double scale) {
+  const int64_t r = a.rank(), C = a.a_cols();
+  const float* A = a.A.data();
+  const float* B = a.B.data();
+  std::vector<double> d(static_cast<size_t>(a.out * C), 0.0);
+#pragma omp parallel for if (a.out * r * C > (1 << 20))
+  for (int64_t o = 0; o < a.out; ++o) {
+    double* row = d.data() + o * C;
+    for (int64_t k = 0; k < r; ++k) {
+      const double b = scale * static_cast<double>(B[o * r + k]);
+      const float* arow = A + k * C;
+      for (int64_t c = 0; c < C; ++c) row[c] += b * static_cast<double>(arow[c]);
+    }
+  }
+  return d;
+}
+
+bool has_quantized_linear(const Model& model) {
+  for (const LayerWeights& layer : model.layers)
+    for (const Target t : all_targets())
+      if (target_linear(layer, t).quantized()) return true;
+  return false;
+}
+
+// log-softmax of one row of logits, in double.
+void log_softmax(const float* logits, int64_t n, std::vector<double>& out) {
+  out.resize(static_cast<size_t>(n));
+  double max_logit = logits[0];
+  for (int64_t v = 0; v < n; ++v) max_logit = std::max(max_logit, static_cast<double>(logits[v]));
+  double sum = 0;
+  for (int64_t v = 0; v < n; ++v) sum += std::exp(static_cast<double>(logits[v]) - max_logit);
+  const double lse = max_logit + std::log(sum);
+  for (int64_t v = 0; v < n; ++v) out[v] = static_cast<double>(logits[v]) - lse;
+}
+
+}  // namespace
+
+void merge_qalora(Model& model, const AdapterSet& set) {
+  QL_CHECK(set.config.kind == AdapterKind::QaLora, "merge: the adapter is ",
+           adapter_kind_name(set.config.kind),
+           ", expected qalora (only QA-LoRA folds exactly into the quantized offsets)");
+  check_adapters_match(set, model, "merge");
+  const double scale = set.config.scale();
+  for (const LoraAdapter& a : set.adapters) {
+    QMatrix& w = adapted_linear(model, a).qweight;
+    const int64_t G = a.group_size, L = a.n_groups;
+    const std::vector<double> d = scaled_product(a, scale);
+    for (int64_t l = 0; l < L; ++l) {
+      // The last group may be smaller; average pooling divides by its true size.
+      const double len = static_cast<double>(std::min(G, a.in - l * G));
+      const double factor = a.pool == AdapterPool::Average ? 1.0 / len : 1.0;
+      for (int64_t j = 0; j < a.out; ++j) {
+        float& m = w.offsets[static_cast<size_t>(j * L + l)];
+        m = static_cast<float>(static_cast<double>(m) + d[static_cast<size_t>(j * L + l)] * factor);
+      }
+    }
+  }
+}
+
+void merge_dense(Model& model, const AdapterSet& set) {
+  check_adapters_match(set, model, "merge");
+  const double scale = set.config.scale();
+  for (const LoraAdapter& a : set.adapters) {
+    Linear& lin = adapted_linear(model, a);
+    // Written into a fresh tensor: a copied Model shares its fp32 weights with the original.
+    const Tensor base = lin.dense_weight();
+    Tensor merged = Tensor::zeros(base.shape());
+    float* w = merged.mutable_data();
+    std::copy(base.data(), base.data() + base.numel(), w);
+    const std::vector<double> d = scaled_product(a, scale);
+    if (a.pooled()) {
+      // The QA-LoRA delta is constant over each group: spread it with the pooling adjoint E.
+      const std::vector<float> delta(d.begin(), d.end());
+      pool_groups_backward(w, delta.data(), a.out, a.in, a.group_size, a.pool);
+    } else {
+      for (size_t i = 0; i < d.size(); ++i)
+        w[i] = static_cast<float>(static_cast<double>(w[i]) + d[i]);
+    }
+    lin.weight = std::move(merged);
+    lin.qweight = QMatrix{};
+  }
+  if (!has_quantized_linear(model)) model.quant = QuantInfo{};
+}
+
+MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet& set, const Model& merged,
+                             std::span<const int32_t> tokens, int64_t ctx) {
+  const int64_t vocab = merged.config.vocab_size;
+  QL_CHECK(unmerged_base.config.vocab_size == vocab, "merge fidelity: the merged model has ", vocab,
+           " vocabulary entries, the base ", unmerged_base.config.vocab_size);
+  QL_CHECK(
+      ctx >= 2 && ctx <= merged.config.context_length && ctx <= unmerged_base.config.context_length,
+      "merge fidelity: context expected in [2, ", merged.config.context_length, "], got ", ctx);
+  InferenceSession unmerged_session(unmerged_base, ctx, &set);
+  InferenceSession merged_session(merged, ctx);
+  const int32_t bos =
+      merged.tokenizer && merged.tokenizer->add_bos() ? merged.tokenizer->bos_id() : -1;
+
+  MergeFidelity f;
+  double kl_sum = 0, unmerged_nll = 0;
+  int64_t unmerged_scored = 0;
+  std::vector<float> unmerged_logits;
+  std::vector<double> lp_unmerged, lp_merged;
+  PerplexityOptions single;
+  single.progress = false;
+  // Each window runs both models; perplexity() scores the merged logits it is handed, and the
+  // unmerged ones are scored by a one-window perplexity() over the same tokens, which scores
+  // exactly the positions the outer call scores (non-overlapping windows).
+  const auto both = [&](std::span<const int32_t> window, std::span<float> merged_logits) {
+    const auto n = static_cast<int64_t>(window.size());
+    unmerged_logits.resize(merged_logits.size());
+    unmerged_session.reset();
+    unmerged_session.forward(window, unmerged_logits, /*all_logits=*/true);
+    merged_session.reset();
+    merged_session.forward(window, merged_logits, /*all_logits=*/true);
+    for (int64_t p = 0; p < n; ++p) {
+      const float* u = unmerged_logits.data() + p * vocab;
+      const float* m = merged_logits.data() + p * vocab;
+      log_softmax(u, vocab, lp_unmerged);
+      log_softmax(m, vocab, lp_merged);
+      double kl = 0;
+      for (int64_t v = 0; v < vocab; ++v) {
+        f.max_abs_logit_diff =
+            std::max(f.max_abs_logit_diff, std::abs(static_cast<double>(u[v]) - m[v]));
+        kl += std::exp(lp_unmerged[v]) * (lp_unmerged[v] - lp_merged[v]);
+      }
+      kl_sum += kl;
+    }
+    f.tokens += n;
+    single.ctx = n;
+    const auto replay = [&](std::span<const int32_t>, std::span<float> logits) {
+      std::copy(unmerged_logits.begin(), unmerged_logits.end(), logits.begin());
+    };
+    const PerplexityResult r =
+        perplexity(window.subspan(bos >= 0 ? 1 : 0), vocab, bos, replay, single);
+    unmerged_nll += r.nll_sum;
+    unmerged_scored += r.tokens_scored;
+  };
+  PerplexityOptions options;
+  options.ctx = ctx;
+  options.progress = false;
+  const PerplexityResult merged_result = perplexity(tokens, vocab, bos, both, options);
+  QL_CHECK(unmerged_scored == merged_result.tokens_scored, "merge fidelity: scored ",
+           unmerged_scored, " tokens unmerged but ", merged_result.tokens_scored, " merged");
+  f.mean_kl = kl_sum / static_cast<double>(f.tokens);
+  f.ppl_merged = merged_result.ppl;
+  f.ppl_unmerged = std::exp(unmerged_nll / static_cast<double>(unmerged_scored));
+  return f;
+}
+
+}  // namespace qalora

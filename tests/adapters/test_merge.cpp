@@ -1,0 +1,255 @@
+// Merging adapters into their base: the exact QA-LoRA offset merge keeps codes and scales and
+// reproduces the unmerged logits at INT4/3/2 with ragged groups; the dense merge does the same
+// for LoRA and QA-LoRA; merge_fidelity measures the difference; bad input is refused.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "model/random_model.h"
+#include "qalora/adapters/merge.h"
+#include "qalora/core/error.h"
+#include "qalora/model/model.h"
+#include "qalora/model/runtime.h"
+#include "qalora/quant/quantize_model.h"
+#include "test_util.h"
+
+namespace qalora {
+namespace {
+
+void randomize_b(AdapterSet& set, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  for (LoraAdapter& a : set.adapters) {
+    float* b = a.B.mutable_data();
+    for (int64_t i = 0; i < a.B.numel(); ++i) b[i] = u(rng);
+  }
+}
+
+// dim 40 and hidden 24 with group 16: groups of 16, 16, 8 and of 16, 8.
+test::RandomModelShape ragged_shape() {
+  test::RandomModelShape s;
+  s.vocab = 31, s.dim = 40, s.hidden = 24, s.layers = 2, s.heads = 4, s.kv_heads = 2;
+  s.head_dim = 10;
+  return s;
+}
+
+Model quantized_model(int bits, uint64_t seed) {
+  Model m = test::make_random_model(ragged_shape(), seed);
+  QuantizeOptions q;
+  q.method = "rtn";
+  q.bits = bits;
+  q.group_size = 16;
+  quantize_model(m, q, {});
+  return m;
+}
+
+const std::vector<int32_t> kTokens = {1, 4, 30, 7, 7, 12, 0, 19, 3, 22, 28, 5, 16, 9};
+
+std::vector<float> logits(const Model& m, const AdapterSet* set) {
+  InferenceSession session(m, 32, set);
+  std::vector<float> out(kTokens.size() * static_cast<size_t>(m.config.vocab_size));
+  session.forward(kTokens, out, /*all_logits=*/true);
+  return out;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, std::abs(static_cast<double>(a[i]) - b[i]));
+  return d;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+TEST(MergeQaLora, OffsetMergeReproducesTheUnmergedModel) {
+  for (const int bits : {4, 3, 2})
+    for (const AdapterPool pool : {AdapterPool::Average, AdapterPool::Sum}) {
+      SCOPED_TRACE(testing::Message() << "INT" << bits << " " << adapter_pool_name(pool));
+      const Model base = quantized_model(bits, 3);
+      AdapterConfig cfg;
+      cfg.kind = AdapterKind::QaLora;
+      cfg.pool = pool;
+      cfg.rank = 4;
+      cfg.alpha = 6;
+      AdapterSet set = create_adapters(base, cfg);
+      randomize_b(set, 9);
+      Model merged = base;
+      merge_qalora(merged, set);
+
+      const std::vector<float> want = logits(base, &set);
+      EXPECT_LE(max_abs_diff(logits(merged, nullptr), want), 1e-4);
+      EXPECT_GT(max_abs_diff(logits(base, nullptr), want), 1e-2)
+          << "the adapter must change the logits";
+      EXPECT_EQ(merged.quant.method, "rtn");
+      for (size_t l = 0; l < base.layers.size(); ++l)
+        for (const Target t : all_targets()) {
+          const QMatrix& before = target_linear(base.layers[l], t).qweight;
+          const QMatrix& after = target_linear(merged.layers[l], t).qweight;
+          EXPECT_EQ(after.codes, before.codes) << target_name(t);
+          EXPECT_TRUE(same_bits(after.scales, before.scales)) << target_name(t);
+          EXPECT_FALSE(same_bits(after.offsets, before.offsets)) << target_name(t);
+        }
+    }
+}
+
+// The rule itself, element by element in double, on the ragged last group.
+TEST(MergeQaLora, OffsetsMoveByScaledBAOverTheTrueGroupSize) {
+  const Model base = quantized_model(4, 5);
+  AdapterConfig cfg;
+  cfg.kind = AdapterKind::QaLora;
+  cfg.rank = 3;
+  cfg.alpha = 5;
+  cfg.targets = {Target::Q};
+  AdapterSet set = create_adapters(base, cfg);
+  randomize_b(set, 11);
+  Model merged = base;
+  merge_qalora(merged, set);
+  const LoraAdapter& a = set.adapters[0];
+  const QMatrix& before = base.layers[0].q.qweight;
+  const QMatrix& after = merged.layers[0].q.qweight;
+  const int64_t L = before.n_groups();
+  ASSERT_EQ(L, 3);
+  const double sizes[] = {16, 16, 8};
+  for (int64_t j = 0; j < before.rows; ++j)
+    for (int64_t l = 0; l < L; ++l) {
+      double ba = 0;
+      for (int64_t k = 0; k < a.rank(); ++k)
+        ba += static_cast<double>(a.B.data()[j * a.rank() + k]) * a.A.data()[k * L + l];
+      const double want = before.offsets[j * L + l] + cfg.scale() * ba / sizes[l];
+      EXPECT_NEAR(after.offsets[j * L + l], want, 1e-6 * (1 + std::abs(want))) << j << "," << l;
+    }
+}
+
+TEST(MergeQaLora, SavedMergedModelLoadsBackBitForBit) {
+  const Model base = quantized_model(3, 6);
+  AdapterConfig cfg;
+  cfg.kind = AdapterKind::QaLora;
+  cfg.rank = 2;
+  AdapterSet set = create_adapters(base, cfg);
+  randomize_b(set, 12);
+  Model merged = base;
+  merge_qalora(merged, set);
+  const auto dir = test::temp_dir() / "merged";
+  save_hf_model(merged, dir);
+  const Model loaded = load_model(dir);
+  for (size_t l = 0; l < merged.layers.size(); ++l)
+    for (const Target t : all_targets()) {
+      const QMatrix& want = target_linear(merged.layers[l], t).qweight;
+      const QMatrix& got = target_linear(loaded.layers[l], t).qweight;
+      EXPECT_EQ(got.bits, 3);
+      EXPECT_EQ(got.codes, want.codes);
+      EXPECT_TRUE(same_bits(got.offsets, want.offsets)) << "merged offsets need fp32 storage";
+    }
+  EXPECT_EQ(logits(loaded, nullptr), logits(merged, nullptr));
+}
+
+TEST(MergeDense, LoraOnDenseAndOnInt4EqualsTheUnmergedModel) {
+  for (const bool quantized : {false, true})
+    for (const bool all : {true, false}) {
+      SCOPED_TRACE(testing::Message() << (quantized ? "INT4" : "dense") << (all ? " all" : ""));
+      const Model base =
+          quantized ? quantized_model(4, 7) : test::make_random_model(ragged_shape(), 7);
+      const std::vector<float> base_before = logits(base, nullptr);
+      AdapterConfig cfg;
+      cfg.rank = 3;
+      cfg.alpha = 5;
+      cfg.rslora = true;
+      if (!all) cfg.targets = parse_targets("q_proj,v_proj,down_proj");
+      AdapterSet set = create_adapters(base, cfg);
+      randomize_b(set, 10);
+      Model merged = base;
+      merge_dense(merged, set);
+
+      const std::vector<float> want = logits(base, &set);
+      EXPECT_LE(max_abs_diff(logits(merged, nullptr), want), 1e-4);
+      EXPECT_GT(max_abs_diff(base_before, want), 1e-2);
+      EXPECT_EQ(logits(base, nullptr), base_before) << "the base must not change";
+      EXPECT_FALSE(merged.layers[1].v.quantized());
+      EXPECT_EQ(merged.layers[1].k.quantized(), quantized && !all);
+      EXPECT_EQ(merged.quant.empty(), !(quantized && !all)) << "quant info of a mixed model";
+    }
+}
+
+TEST(MergeDense, QaLoraEqualsTheUnmergedModel) {
+  for (const AdapterPool pool : {AdapterPool::Average, AdapterPool::Sum}) {
+    const Model base = quantized_model(2, 8);
+    AdapterConfig cfg;
+    cfg.kind = AdapterKind::QaLora;
+    cfg.pool = pool;
+    cfg.rank = 4;
+    AdapterSet set = create_adapters(base, cfg);
+    randomize_b(set, 13);
+    Model merged = base;
+    merge_dense(merged, set);
+    EXPECT_TRUE(merged.quant.empty());
+    EXPECT_LE(max_abs_diff(logits(merged, nullptr), logits(base, &set)), 1e-4)
+        << adapter_pool_name(pool);
+  }
+}
+
+TEST(MergeFidelity, MeasuresTheMergeAgainstTheUnmergedModel) {
+  const Model base = quantized_model(4, 14);
+  AdapterConfig cfg;
+  cfg.kind = AdapterKind::QaLora;
+  cfg.rank = 4;
+  AdapterSet set = create_adapters(base, cfg);
+  randomize_b(set, 15);
+  Model merged = base;
+  merge_qalora(merged, set);
+  std::vector<int32_t> text(45);
+  for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<int32_t>((i * 7 + 3) % 31);
+
+  const MergeFidelity f = merge_fidelity(base, set, merged, text, 16);
+  // No tokenizer, so no BOS: windows of 16, 16 and 13 positions.
+  EXPECT_EQ(f.tokens, 45);
+  EXPECT_LE(f.max_abs_logit_diff, 1e-4);
+  EXPECT_LT(f.mean_kl, 1e-8);
+  EXPECT_GT(f.ppl_unmerged, 1.0);
+  EXPECT_NEAR(f.ppl_merged, f.ppl_unmerged, 1e-5 * f.ppl_unmerged);
+
+  // The bare base as the "merged" model: the adapter's whole effect shows.
+  const MergeFidelity off = merge_fidelity(base, set, base, text, 16);
+  EXPECT_GT(off.max_abs_logit_diff, 1e-2);
+  EXPECT_GT(off.mean_kl, 1e-4);
+  EXPECT_NEAR(off.ppl_unmerged, f.ppl_unmerged, 1e-9 * f.ppl_unmerged);
+  EXPECT_GT(std::abs(off.ppl_merged - off.ppl_unmerged), 1e-3);
+}
+
+TEST(MergeErrors, RefusesWhatCannotBeMerged) {
+  const Model base = quantized_model(4, 16);
+  Model merged = base;
+  const AdapterSet lora = create_adapters(base, AdapterConfig{});
+  EXPECT_THROW(merge_qalora(merged, lora), Error);
+
+  test::RandomModelShape other = ragged_shape();
+  other.hidden = 32;
+  other.vocab = 29;
+  Model other_model = test::make_random_model(other, 16);
+  QuantizeOptions q;
+  q.method = "rtn";
+  q.group_size = 16;
+  quantize_model(other_model, q, {});
+  AdapterConfig cfg;
+  cfg.kind = AdapterKind::QaLora;
+  const AdapterSet foreign = create_adapters(other_model, cfg);
+  EXPECT_THROW(merge_qalora(merged, foreign), Error);
+  EXPECT_THROW(merge_dense(merged, foreign), Error);
+
+  const AdapterSet own = create_adapters(base, cfg);
+  const std::vector<int32_t> text = {1, 2, 3, 4};
+  EXPECT_THROW(merge_fidelity(base, own, base, text, 1), Error);
+  EXPECT_THROW(merge_fidelity(base, own, other_model, text, 4), Error) << "vocabulary";
+  try {
+    merge_qalora(merged, lora);
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("qalora"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace qalora
