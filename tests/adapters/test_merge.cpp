@@ -19,25 +19,8 @@
 namespace qalora {
 namespace {
 
-void randomize_b(AdapterSet& set, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
-  for (LoraAdapter& a : set.adapters) {
-    float* b = a.B.mutable_data();
-    for (int64_t i = 0; i < a.B.numel(); ++i) b[i] = u(rng);
-  }
-}
-
-// dim 40 and hidden 24 with group 16: groups of 16, 16, 8 and of 16, 8.
-test::RandomModelShape ragged_shape() {
-  test::RandomModelShape s;
-  s.vocab = 31, s.dim = 40, s.hidden = 24, s.layers = 2, s.heads = 4, s.kv_heads = 2;
-  s.head_dim = 10;
-  return s;
-}
-
 Model quantized_model(int bits, uint64_t seed) {
-  Model m = test::make_random_model(ragged_shape(), seed);
+  Model m = test::make_random_model(test::ragged_shape(), seed);
   QuantizeOptions q;
   q.method = "rtn";
   q.bits = bits;
@@ -76,7 +59,7 @@ TEST(MergeQaLora, OffsetMergeReproducesTheUnmergedModel) {
       cfg.rank = 4;
       cfg.alpha = 6;
       AdapterSet set = create_adapters(base, cfg);
-      randomize_b(set, 9);
+      test::randomize_adapter_b(set, 9);
       Model merged = base;
       merge_qalora(merged, set);
 
@@ -105,7 +88,7 @@ TEST(MergeQaLora, OffsetsMoveByScaledBAOverTheTrueGroupSize) {
   cfg.alpha = 5;
   cfg.targets = {Target::Q};
   AdapterSet set = create_adapters(base, cfg);
-  randomize_b(set, 11);
+  test::randomize_adapter_b(set, 11);
   Model merged = base;
   merge_qalora(merged, set);
   const LoraAdapter& a = set.adapters[0];
@@ -130,7 +113,7 @@ TEST(MergeQaLora, SavedMergedModelLoadsBackBitForBit) {
   cfg.kind = AdapterKind::QaLora;
   cfg.rank = 2;
   AdapterSet set = create_adapters(base, cfg);
-  randomize_b(set, 12);
+  test::randomize_adapter_b(set, 12);
   Model merged = base;
   merge_qalora(merged, set);
   const auto dir = test::temp_dir() / "merged";
@@ -152,7 +135,7 @@ TEST(MergeDense, LoraOnDenseAndOnInt4EqualsTheUnmergedModel) {
     for (const bool all : {true, false}) {
       SCOPED_TRACE(testing::Message() << (quantized ? "INT4" : "dense") << (all ? " all" : ""));
       const Model base =
-          quantized ? quantized_model(4, 7) : test::make_random_model(ragged_shape(), 7);
+          quantized ? quantized_model(4, 7) : test::make_random_model(test::ragged_shape(), 7);
       const std::vector<float> base_before = logits(base, nullptr);
       AdapterConfig cfg;
       cfg.rank = 3;
@@ -160,7 +143,7 @@ TEST(MergeDense, LoraOnDenseAndOnInt4EqualsTheUnmergedModel) {
       cfg.rslora = true;
       if (!all) cfg.targets = parse_targets("q_proj,v_proj,down_proj");
       AdapterSet set = create_adapters(base, cfg);
-      randomize_b(set, 10);
+      test::randomize_adapter_b(set, 10);
       Model merged = base;
       merge_dense(merged, set);
 
@@ -182,7 +165,7 @@ TEST(MergeDense, QaLoraEqualsTheUnmergedModel) {
     cfg.pool = pool;
     cfg.rank = 4;
     AdapterSet set = create_adapters(base, cfg);
-    randomize_b(set, 13);
+    test::randomize_adapter_b(set, 13);
     Model merged = base;
     merge_dense(merged, set);
     EXPECT_TRUE(merged.quant.empty());
@@ -197,7 +180,7 @@ TEST(MergeFidelity, MeasuresTheMergeAgainstTheUnmergedModel) {
   cfg.kind = AdapterKind::QaLora;
   cfg.rank = 4;
   AdapterSet set = create_adapters(base, cfg);
-  randomize_b(set, 15);
+  test::randomize_adapter_b(set, 15);
   Model merged = base;
   merge_qalora(merged, set);
   std::vector<int32_t> text(45);
@@ -225,7 +208,7 @@ TEST(MergeErrors, RefusesWhatCannotBeMerged) {
   const AdapterSet lora = create_adapters(base, AdapterConfig{});
   EXPECT_THROW(merge_qalora(merged, lora), Error);
 
-  test::RandomModelShape other = ragged_shape();
+  test::RandomModelShape other = test::ragged_shape();
   other.hidden = 32;
   other.vocab = 29;
   Model other_model = test::make_random_model(other, 16);

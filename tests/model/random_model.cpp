@@ -62,4 +62,20 @@ Model make_random_model(const RandomModelShape& s, uint64_t seed) {
   return m;
 }
 
+RandomModelShape ragged_shape() {
+  RandomModelShape s;
+  s.vocab = 31, s.dim = 40, s.hidden = 24, s.layers = 2, s.heads = 4, s.kv_heads = 2;
+  s.head_dim = 10;
+  return s;
+}
+
+void randomize_adapter_b(AdapterSet& set, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  for (LoraAdapter& a : set.adapters) {
+    float* b = a.B.mutable_data();
+    for (int64_t i = 0; i < a.B.numel(); ++i) b[i] = u(rng);
+  }
+}
+
 }  // namespace qalora::test

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "qalora/adapters/adapter.h"
 #include "qalora/model/model.h"
 
 namespace qalora::test {
@@ -23,5 +24,12 @@ struct RandomModelShape {
 
 // Weights ~ U(-a, a) with a chosen so activations stay O(1); norms around 1.
 Model make_random_model(const RandomModelShape& shape, uint64_t seed);
+
+// dim 40 and hidden 24 with 4 query and 2 key/value heads: quantization groups of 16 leave a
+// ragged last group in every layer (16, 16, 8 and 16, 8).
+RandomModelShape ragged_shape();
+
+// Every adapter's B ~ U(-0.5, 0.5): B starts at zero, which would hide A from a test.
+void randomize_adapter_b(AdapterSet& set, uint64_t seed);
 
 }  // namespace qalora::test

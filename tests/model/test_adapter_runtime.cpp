@@ -15,22 +15,6 @@
 namespace qalora {
 namespace {
 
-void randomize_b(AdapterSet& set, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
-  for (LoraAdapter& a : set.adapters) {
-    float* b = a.B.mutable_data();
-    for (int64_t i = 0; i < a.B.numel(); ++i) b[i] = u(rng);
-  }
-}
-
-test::RandomModelShape ragged_shape() {
-  test::RandomModelShape s;
-  s.vocab = 31, s.dim = 40, s.hidden = 24, s.layers = 2, s.heads = 4, s.kv_heads = 2;
-  s.head_dim = 10;
-  return s;
-}
-
 std::vector<float> session_logits(const Model& m, const AdapterSet* set,
                                   const std::vector<int32_t>& tokens) {
   InferenceSession session(m, 32, set);
@@ -44,7 +28,7 @@ std::vector<float> session_logits(const Model& m, const AdapterSet* set,
 }
 
 TEST(AdapterRuntime, QaLoraOnInt4MatchesTheReference) {
-  Model m = test::make_random_model(ragged_shape(), 3);
+  Model m = test::make_random_model(test::ragged_shape(), 3);
   QuantizeOptions q;
   q.method = "rtn";
   q.bits = 4;
@@ -56,7 +40,7 @@ TEST(AdapterRuntime, QaLoraOnInt4MatchesTheReference) {
     cfg.pool = pool;
     cfg.rank = 4;
     AdapterSet set = create_adapters(m, cfg);
-    randomize_b(set, 9);
+    test::randomize_adapter_b(set, 9);
     const std::vector<int32_t> tokens = {1, 4, 30, 7, 7, 12, 0, 19};
     const std::vector<float> got = session_logits(m, &set, tokens);
     const std::vector<double> ref = reference_forward(m, tokens, &set);
@@ -71,15 +55,15 @@ TEST(AdapterRuntime, QaLoraOnInt4MatchesTheReference) {
 }
 
 TEST(AdapterRuntime, LoraOnDenseEqualsTheMergedWeights) {
-  const Model m = test::make_random_model(ragged_shape(), 4);
+  const Model m = test::make_random_model(test::ragged_shape(), 4);
   AdapterConfig cfg;
   cfg.rank = 3;
   cfg.alpha = 5;
   cfg.rslora = true;
   cfg.targets = parse_targets("q_proj,v_proj,down_proj");
   AdapterSet set = create_adapters(m, cfg);
-  randomize_b(set, 10);
-  Model merged = test::make_random_model(ragged_shape(), 4);
+  test::randomize_adapter_b(set, 10);
+  Model merged = test::make_random_model(test::ragged_shape(), 4);
   for (const LoraAdapter& a : set.adapters) {
     LayerWeights& L = merged.layers[static_cast<size_t>(a.layer)];
     Linear& l = a.target == Target::Q ? L.q : (a.target == Target::V ? L.v : L.down);
@@ -100,8 +84,8 @@ TEST(AdapterRuntime, LoraOnDenseEqualsTheMergedWeights) {
 }
 
 TEST(AdapterRuntime, RejectsAnAdapterOfAnotherModel) {
-  const Model m = test::make_random_model(ragged_shape(), 5);
-  test::RandomModelShape other = ragged_shape();
+  const Model m = test::make_random_model(test::ragged_shape(), 5);
+  test::RandomModelShape other = test::ragged_shape();
   other.hidden = 32;
   const Model n = test::make_random_model(other, 5);
   const AdapterSet set = create_adapters(n, AdapterConfig{});

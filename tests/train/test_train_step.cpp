@@ -58,13 +58,7 @@ AdapterSet make_adapters(const Model& m, const Case& c, float dropout) {
   cfg.dropout = dropout;
   cfg.seed = 11;
   AdapterSet set = create_adapters(m, cfg);
-  // B starts at zero, which would leave A without gradient: give it values.
-  std::mt19937_64 rng(5);
-  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
-  for (LoraAdapter& a : set.adapters) {
-    float* b = a.B.mutable_data();
-    for (int64_t i = 0; i < a.B.numel(); ++i) b[i] = u(rng);
-  }
+  test::randomize_adapter_b(set, 5);
   return set;
 }
 
