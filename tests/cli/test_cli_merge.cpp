@@ -90,6 +90,18 @@ TEST(CliMerge, QaLoraMergesExactlyIntoTheGptqOffsets) {
   EXPECT_EQ(record.at("kind"), "qalora");
   EXPECT_EQ(record.at("rank"), 8);
   EXPECT_NEAR(record.at("fidelity").at("ppl_unmerged").get<double>(), ppl_unmerged, 1e-5);
+  // info shows the merge record of the model and an adapter folder's configuration.
+  auto info = run_cli({"info", out.string(), "--json"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_EQ(nlohmann::json::parse(info.out).at("merge").at("method"), "qalora-offsets");
+  info = run_cli({"info", out.string()});
+  EXPECT_NE(info.out.find("merged:"), std::string::npos) << info.out;
+  info = run_cli({"info", run.string()});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  const auto adapter = nlohmann::json::parse(info.out);
+  EXPECT_EQ(adapter.at("config").at("kind"), "qalora");
+  EXPECT_EQ(adapter.at("config").at("rank"), 8);
+  EXPECT_GT(adapter.at("adapted_layers").get<int>(), 0);
 
   const auto ppl = [&](const std::vector<std::string>& model) {
     std::vector<std::string> args = {"perplexity", "--text", eval.string(), "--ctx", "128"};

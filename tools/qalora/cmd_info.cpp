@@ -1,6 +1,9 @@
-// qalora info: what a model file holds — format, configuration, tensor types, tokenizer and
-// chat template — as text or JSON.
+// qalora info: what a model file holds — format, configuration, tensor types, tokenizer, chat
+// template and, for a merged model, what was merged — or an adapter folder's configuration, as
+// text or JSON.
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -207,6 +210,15 @@ void print_text(const Json& info) {
       line("  default system", chat["default_system"].dump());
   }
 
+  if (info.contains("merge")) {
+    const Json& m = info["merge"];
+    line("merged", compact(m.value("method", Json("?"))) + " of adapter " +
+                       compact(m.value("adapter", Json("?"))) + " into " +
+                       compact(m.value("base", Json("?"))));
+    for (const auto& [key, value] : m.items())
+      if (key != "method" && key != "adapter" && key != "base") line("  " + key, compact(value));
+  }
+
   if (info.contains("tensors")) {
     std::printf("\n");
     for (const auto& t : info["tensors"])
@@ -215,9 +227,51 @@ void print_text(const Json& info) {
   }
 }
 
+Json read_json(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  QL_CHECK(in, "cannot read ", path.string());
+  try {
+    return Json::parse(in);
+  } catch (const Json::exception& e) {
+    fail(path.string(), ": malformed JSON: ", e.what());
+  }
+}
+
+// An adapter folder: its native description, else its PEFT configuration, as stored.
+Json describe_adapter(const std::filesystem::path& dir) {
+  const bool native = std::filesystem::exists(dir / "qalora_adapter.json");
+  Json info = {{"adapter", dir.string()},
+               {"layouts", native ? (std::filesystem::exists(dir / "adapter_config.json")
+                                         ? "native + PEFT"
+                                         : "native (no PEFT files: see README.md)")
+                                  : "PEFT"}};
+  Json config = read_json(dir / (native ? "qalora_adapter.json" : "adapter_config.json"));
+  // The per-layer list is long and says the same for every layer; its size is what matters.
+  if (config.contains("adapters") && config["adapters"].is_array()) {
+    info["adapted_layers"] = config["adapters"].size();
+    config.erase("adapters");
+  }
+  info["config"] = config;
+  return info;
+}
+
+bool is_adapter_folder(const std::filesystem::path& p) {
+  return std::filesystem::is_directory(p) && !std::filesystem::exists(p / "config.json") &&
+         (std::filesystem::exists(p / "qalora_adapter.json") ||
+          std::filesystem::exists(p / "adapter_config.json"));
+}
+
 void run_info(const InfoArgs& args) {
   QL_CHECK(!args.model.model.empty(), "info: no model given (qalora info MODEL, or -m MODEL)");
-  const Json info = describe(load_model(args.model), args.tensors);
+  if (is_adapter_folder(args.model.model)) {
+    const Json info = describe_adapter(args.model.model);
+    std::printf("%s\n", info.dump(2).c_str());
+    return;
+  }
+  Json info = describe(load_model(args.model), args.tensors);
+  // `qalora merge` records what it merged beside the model.
+  const std::filesystem::path merge_record = std::filesystem::path(args.model.model) / "merge.json";
+  if (std::filesystem::exists(merge_record)) info["merge"] = read_json(merge_record);
   if (args.json) {
     std::printf("%s\n", info.dump(2).c_str());
   } else {
@@ -230,7 +284,9 @@ void run_info(const InfoArgs& args) {
 void register_info(CLI::App& app) {
   auto args = std::make_shared<InfoArgs>();
   CLI::App* cmd =
-      add_command(app, "info", "Describe a model: format, configuration, tensors, tokenizer");
+      add_command(app, "info",
+                  "Describe a model (format, configuration, tensors, tokenizer, merge record) or an "
+                  "adapter folder");
   add_model_args(cmd, args->model, /*positional=*/true);
   // The other commands take -m; accept it here too, as an alternative to the positional.
   CLI::Option* positional = cmd->get_option("model");
