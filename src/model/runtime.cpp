@@ -237,7 +237,7 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
     for (int64_t t = 0; t < T; ++t) {
       Vec xin(static_cast<size_t>(C), 0.0);
       for (int64_t i = 0; i < I; ++i) xin[a->pooled() ? i / a->group_size : i] += in[t * I + i];
-      if (a->pooled() && adapters->config.pool == AdapterPool::Average)
+      if (a->pooled() && a->pool == AdapterPool::Average)
         for (int64_t l = 0; l < C; ++l)
           xin[l] /= static_cast<double>(std::min(a->group_size, I - l * a->group_size));
       for (int64_t k = 0; k < r; ++k) {

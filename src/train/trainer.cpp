@@ -105,6 +105,27 @@ struct RunState {
   std::vector<LossPoint> train_points, eval_points;
 };
 
+// The optimizer file's tensors: each adapter's A then B moments, named like the adapter file's
+// keys plus ".exp_avg" / ".exp_avg_sq".
+struct MomentTensor {
+  std::string name;
+  Shape shape;
+  std::vector<float>* values;
+};
+
+std::vector<MomentTensor> moment_tensors(const AdapterSet& adapters, AdamW& opt) {
+  std::vector<MomentTensor> tensors;
+  for (size_t k = 0; k < opt.first_moments().size(); ++k) {
+    const LoraAdapter& a = adapters.adapters[k / 2];
+    const std::string base =
+        cat("layers.", a.layer, ".", target_name(a.target), k % 2 ? ".B" : ".A");
+    const Shape& shape = (k % 2 ? a.B : a.A).shape();
+    tensors.push_back({base + ".exp_avg", shape, &opt.first_moments()[k]});
+    tensors.push_back({base + ".exp_avg_sq", shape, &opt.second_moments()[k]});
+  }
+  return tensors;
+}
+
 void save_checkpoint(const fs::path& out, const Model& model, const AdapterSet& adapters,
                      AdamW& opt, const RunState& rs, const json& identity, int64_t keep) {
   const fs::path final_dir = out / (kCheckpointPrefix + std::to_string(rs.step));
@@ -113,18 +134,11 @@ void save_checkpoint(const fs::path& out, const Model& model, const AdapterSet& 
   fs::create_directories(tmp);
   save_adapter(adapters, model, tmp);
   std::vector<StWriteTensor> moments;
-  for (size_t k = 0; k < opt.first_moments().size(); ++k) {
-    const LoraAdapter& a = adapters.adapters[k / 2];
-    const std::string base = std::string("layers.") + std::to_string(a.layer) + "." +
-                             target_name(a.target) + (k % 2 ? ".B" : ".A");
-    const Shape shape = (k % 2 ? a.B : a.A).shape();
-    for (auto [suffix, vec] : {std::pair{".exp_avg", &opt.first_moments()[k]},
-                               std::pair{".exp_avg_sq", &opt.second_moments()[k]}}) {
-      StWriteTensor t{base + suffix, StDtype::F32, shape, {}};
-      t.bytes.resize(vec->size() * sizeof(float));
-      std::memcpy(t.bytes.data(), vec->data(), t.bytes.size());
-      moments.push_back(std::move(t));
-    }
+  for (const MomentTensor& m : moment_tensors(adapters, opt)) {
+    StWriteTensor t{m.name, StDtype::F32, m.shape, {}};
+    t.bytes.resize(m.values->size() * sizeof(float));
+    std::memcpy(t.bytes.data(), m.values->data(), t.bytes.size());
+    moments.push_back(std::move(t));
   }
   write_safetensors(tmp / kOptimizerFile, moments);
   const json state = {{"step", rs.step},
@@ -152,6 +166,7 @@ RunState load_checkpoint(const fs::path& dir, const Model& model, const json& id
   QL_CHECK(in, "--resume: ", state_path.string(), " not found (expected a checkpoint-N folder)");
   json state;
   RunState rs;
+  int64_t optimizer_steps = 0;
   try {
     state = json::parse(in);
     const json& saved = state.at("identity");
@@ -164,7 +179,7 @@ RunState load_checkpoint(const fs::path& dir, const Model& model, const json& id
     rs.eval_loss_before = state.at("eval_loss_before").get<double>();
     rs.train_points = points_from(state.at("train_loss"));
     rs.eval_points = points_from(state.at("eval_loss"));
-    opt.set_steps(state.at("optimizer_steps").get<int64_t>());
+    optimizer_steps = state.at("optimizer_steps").get<int64_t>();
   } catch (const json::exception& e) {
     fail(state_path.string(), ": malformed trainer state: ", e.what());
   }
@@ -172,22 +187,15 @@ RunState load_checkpoint(const fs::path& dir, const Model& model, const json& id
   const fs::path opt_path = dir / kOptimizerFile;
   QL_CHECK(fs::exists(opt_path), "--resume: ", opt_path.string(), " not found");
   const SafetensorsFile st = SafetensorsFile::open(opt_path);
-  const int64_t optimizer_steps = opt.steps();
   opt = AdamW(adapters, opt.config());
   opt.set_steps(optimizer_steps);
-  for (size_t k = 0; k < opt.first_moments().size(); ++k) {
-    const LoraAdapter& a = adapters.adapters[k / 2];
-    const std::string base = std::string("layers.") + std::to_string(a.layer) + "." +
-                             target_name(a.target) + (k % 2 ? ".B" : ".A");
-    for (auto [suffix, vec] : {std::pair{".exp_avg", &opt.first_moments()[k]},
-                               std::pair{".exp_avg_sq", &opt.second_moments()[k]}}) {
-      const StTensorInfo* info = st.find(base + suffix);
-      QL_CHECK(info != nullptr, opt_path.string(), ": tensor '", base + suffix, "' missing");
-      const Tensor t = st.load_f32(*info);
-      QL_CHECK(static_cast<size_t>(t.numel()) == vec->size(), opt_path.string(), ": tensor '",
-               base + suffix, "' has ", t.numel(), " values, expected ", vec->size());
-      std::copy(t.data(), t.data() + t.numel(), vec->begin());
-    }
+  for (const MomentTensor& m : moment_tensors(adapters, opt)) {
+    const StTensorInfo* info = st.find(m.name);
+    QL_CHECK(info != nullptr, opt_path.string(), ": tensor '", m.name, "' missing");
+    const Tensor t = st.load_f32(*info);
+    QL_CHECK(static_cast<size_t>(t.numel()) == m.values->size(), opt_path.string(), ": tensor '",
+             m.name, "' has ", t.numel(), " values, expected ", m.values->size());
+    std::copy(t.data(), t.data() + t.numel(), m.values->begin());
   }
   return rs;
 }
