@@ -92,24 +92,28 @@ void init_a(Tensor& A, const AdapterConfig& c, int64_t layer, Target t) {
 
 }  // namespace
 
-const Linear& target_linear(const LayerWeights& l, Target t) {
-  switch (t) {
-    case Target::Q:
-      return l.q;
-    case Target::K:
-      return l.k;
-    case Target::V:
-      return l.v;
-    case Target::O:
-      return l.o;
-    case Target::Gate:
-      return l.gate;
-    case Target::Up:
-      return l.up;
-    case Target::Down:
-      return l.down;
-  }
-  fail("adapter target ", static_cast<int>(t), " is not one of the ", kNumTargets, " linears");
+namespace {
+
+// The member of LayerWeights each target names, in Target order.
+constexpr std::array<Linear LayerWeights::*, kNumTargets> kTargetMembers = {
+    &LayerWeights::q,    &LayerWeights::k,  &LayerWeights::v,   &LayerWeights::o,
+    &LayerWeights::gate, &LayerWeights::up, &LayerWeights::down};
+
+Linear LayerWeights::*target_member(Target t) {
+  const auto i = static_cast<size_t>(t);
+  QL_CHECK(i < kTargetMembers.size(), "adapter target ", i, " is not one of the ", kNumTargets,
+           " linears");
+  return kTargetMembers[i];
+}
+
+}  // namespace
+
+const Linear& target_linear(const LayerWeights& layer, Target t) {
+  return layer.*target_member(t);
+}
+
+Linear& target_linear(LayerWeights& layer, Target t) {
+  return layer.*target_member(t);
 }
 
 const char* target_name(Target t) {

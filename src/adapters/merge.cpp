@@ -17,8 +17,7 @@ namespace {
 
 // The base layer an adapter sits on, to be rewritten.
 Linear& adapted_linear(Model& model, const LoraAdapter& a) {
-  // target_linear only names the member; the layer itself belongs to the non-const `model`.
-  return const_cast<Linear&>(target_linear(model.layers[static_cast<size_t>(a.layer)], a.target));
+  return target_linear(model.layers[static_cast<size_t>(a.layer)], a.target);
 }
 
 // scale * B A: [O, C] in double.

@@ -68,7 +68,8 @@ struct TrainSession::Impl {
   Buf xn, hidden, probs, att;
   Buf xf, logits, losses;         // final norm output [T, D]; [chunk, V]; [chunk]
   std::vector<int32_t> next_ids;  // [T] target id per position, -1 = not scored
-  Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup, dhidden;
+  // dgate first holds the gradient of down's input, then in place that of gate.
+  Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup;
   Buf lora_scratch, attn_scratch;
 
   Impl(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o)
@@ -97,7 +98,7 @@ struct TrainSession::Impl {
     const int64_t widest = std::max({D, F, QD});
     dx.resize(n(D)), dxn.resize(n(D)), dtmp.resize(n(widest)), datt.resize(n(QD));
     dq.resize(n(QD)), dk.resize(n(KVD)), dv.resize(n(KVD));
-    dgate.resize(n(F)), dup.resize(n(F)), dhidden.resize(n(F));
+    dgate.resize(n(F)), dup.resize(n(F));
     lora_scratch.resize(n(widest + R));
     attn_scratch.resize(static_cast<size_t>(ops::attention_backward_scratch(T, H)));
   }
@@ -188,10 +189,9 @@ struct TrainSession::Impl {
     const float eps = model.config.norm_eps;
     BlockActs& b = acts_of(li);
     ops::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
-    linear_backward(li, Target::Down, dx.data(), hidden.data(), dhidden.data(), false, b, T, p,
-                    seed, st);
-    ops::swiglu_backward(dgate.data(), dup.data(), dhidden.data(), b.gate.data(), b.up.data(),
-                         T * F);
+    linear_backward(li, Target::Down, dx.data(), hidden.data(), dgate.data(), false, b, T, p, seed,
+                    st);
+    ops::swiglu_backward(dgate.data(), dup.data(), dgate.data(), b.gate.data(), b.up.data(), T * F);
     ops::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
     linear_backward(li, Target::Gate, dgate.data(), xn.data(), dxn.data(), false, b, T, p, seed,
                     st);
@@ -347,7 +347,7 @@ int64_t TrainSession::activation_bytes() const {
   size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.att.size() + m.xf.size() +
                   m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() + m.dtmp.size() +
                   m.datt.size() + m.dq.size() + m.dk.size() + m.dv.size() + m.dgate.size() +
-                  m.dup.size() + m.dhidden.size() + m.lora_scratch.size() + m.attn_scratch.size();
+                  m.dup.size() + m.lora_scratch.size() + m.attn_scratch.size();
   for (const Buf& b : m.x_in) floats += b.size();
   for (const BlockActs& b : m.acts) {
     floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();

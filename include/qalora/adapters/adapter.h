@@ -30,6 +30,7 @@ inline constexpr int kNumTargets = 7;
 const char* target_name(Target t);  // "q_proj", "k_proj", ..., "down_proj"
 // The linear layer of `layer` that `t` names.
 const Linear& target_linear(const LayerWeights& layer, Target t);
+Linear& target_linear(LayerWeights& layer, Target t);
 std::vector<Target> all_targets();  // the seven, in LayerWeights order ("all-linear")
 // "q_proj,v_proj" or "all-linear" (also "all"); duplicates removed, LayerWeights order.
 // Throws Error naming the unknown entry and listing the valid names.
