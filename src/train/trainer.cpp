@@ -318,6 +318,9 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   fs::create_directories(cfg.out);
   json run_config = identity;
   run_config["model"] = model.source_path;
+  // Where the data was, for tools that read a slice of it later (merge's fidelity check); the
+  // identity above keeps only the file name so that a moved file still resumes.
+  run_config["data_path"] = fs::absolute(cfg.data).string();
   run_config["total_steps"] = total;
   run_config["warmup_steps"] = warmup;
   run_config["grad_checkpoint"] = cfg.grad_checkpoint;

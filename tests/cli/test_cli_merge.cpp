@@ -151,9 +151,110 @@ TEST(CliMerge, LoraOnAQuantizedBaseNeedsDense) {
   EXPECT_FALSE(fs::exists(out / "quantize_config.json")) << "every linear was adapted";
   EXPECT_EQ(nlohmann::json::parse(read_file(out / "merge.json")).at("method"), "dense");
 
-  r = run_cli(
-      {"merge", "-m", q.string(), "--adapter", run.string(), "--out", (dir / "other").string()});
-  expect_one_line_error(r, "--fidelity-text");
+}
+
+// The paper's comparison in miniature, on INT2 where it matters most: a QA-LoRA adapter merges
+// into the GPTQ offsets without loss, while a LoRA adapter merged and quantized again (RTN or
+// GPTQ, the "QLoRA w/ GPTQ" path) loses much of what it learned. Without --fidelity-text the
+// check runs on the adapter's own training data.
+TEST(CliMerge, RequantizedLoraLosesWhatQaLoraKeeps) {
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  QL_REQUIRE_DATA(kTinyStories);
+  const fs::path dir = test::temp_dir();
+  const fs::path q = dir / "q2", calib_text = dir / "calib.txt";
+  std::ofstream(calib_text) << read_file(test::data_dir() / kTinyStories).substr(0, 60000);
+  const std::vector<std::string> calib = {"--calib", calib_text.string(), "--calib-samples", "16",
+                                          "--calib-len", "128"};
+  std::vector<std::string> args = {"quantize", "-m", data(kStories / "stories260K.bin"),
+                                   "--tokenizer", data(kStories / "tok512.bin"), "--method",
+                                   "gptq", "--bits", "2", "-g", "32", "-o", q.string()};
+  args.insert(args.end(), calib.begin(), calib.end());
+  auto r = run_cli(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_cli(train_args(q, "lora", dir / "lora", "30"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = run_cli(train_args(q, "qalora", dir / "qalora", "30"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  r = run_cli({"merge", "-m", q.string(), "--adapter", (dir / "qalora").string(), "--out",
+               (dir / "m-qalora").string(), "--ctx", "128"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find(kTinyStories.filename().string()), std::string::npos)
+      << "the default fidelity text is the training data: " << r.out;
+  EXPECT_LE(number_after(r.out, "max |logit diff|:"), 1e-2) << r.out;
+  expect_same_3_digits(number_after(r.out, "ppl merged:"), number_after(r.out, "ppl unmerged:"),
+                       "QA-LoRA");
+
+  for (const std::string method : {"rtn", "gptq"}) {
+    SCOPED_TRACE(method);
+    const fs::path out = dir / ("m-lora-" + method);
+    args = {"merge",        "-m",   q.string(), "--adapter", (dir / "lora").string(),
+            "--out",        out.string(),       "--ctx",     "128",
+            "--requantize", method, "--bits",   "2",         "-g",
+            "32"};
+    if (method == "gptq") args.insert(args.end(), calib.begin(), calib.end());
+    r = run_cli(args);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const double unmerged = number_after(r.out, "ppl unmerged:");
+    const double merged = number_after(r.out, "ppl merged:");
+    EXPECT_GT(merged, 1.1 * unmerged) << "re-quantizing at 2 bits must cost: " << r.out;
+    EXPECT_GT(number_after(r.out, "max |logit diff|:"), 0.5) << r.out;
+    const auto record = nlohmann::json::parse(read_file(out / "merge.json"));
+    EXPECT_EQ(record.at("method"), "requantize-" + method);
+    EXPECT_EQ(record.at("requantize").at("bits"), 2);
+    EXPECT_EQ(record.at("requantize").at("group_size"), 32);
+    const auto qc = nlohmann::json::parse(read_file(out / "quantize_config.json"));
+    EXPECT_EQ(qc.at("bits"), 2);
+  }
+}
+
+TEST(CliMerge, BadInputIsOneClearLine) {
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  QL_REQUIRE_DATA(kTinyStories);
+  const fs::path dir = test::temp_dir();
+  const auto quantize = [&](const fs::path& out, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"quantize", "-m", data(kStories / "stories260K.bin"),
+                                     "--tokenizer", data(kStories / "tok512.bin"), "-o",
+                                     out.string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto r = run_cli(args);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  };
+  quantize(dir / "g32", {"--bits", "4", "-g", "32"});
+  quantize(dir / "g64", {"--bits", "4", "-g", "64"});
+  const fs::path calib = dir / "calib.txt";
+  std::ofstream(calib) << read_file(test::data_dir() / kTinyStories).substr(0, 20000);
+  quantize(dir / "act-order", {"--method", "gptq", "-g", "32", "--act-order", "--calib",
+                               calib.string(), "--calib-samples", "8", "--calib-len", "64"});
+  const fs::path run = dir / "run";
+  auto r = run_cli(train_args(dir / "g32", "qalora", run, "2"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto merge = [&](const fs::path& model, const fs::path& adapter,
+                         std::vector<std::string> extra) {
+    std::vector<std::string> args = {"merge", "-m", model.string(), "--adapter", adapter.string(),
+                                     "--out", (dir / "out").string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_cli(args);
+  };
+
+  expect_one_line_error(merge(dir / "g64", run, {}), "group");
+  expect_one_line_error(merge(dir / "act-order", run, {}), "act-order");
+  expect_one_line_error(merge(dir / "g32", run, {"--dense", "--requantize", "rtn"}),
+                        "--requantize");
+  expect_one_line_error(merge(dir / "g32", run, {"--requantize", "gptq"}), "--calib");
+  expect_one_line_error(merge(dir / "g32", run, {"--requantize", "rtn", "--bits", "5"}), "bits");
+  // A PEFT-only folder records no training data: the fidelity text must be named. (QA-LoRA on
+  // stories260K has no PEFT form: its down projection's last group is ragged.)
+  const fs::path lora = dir / "lora", peft = dir / "peft";
+  r = run_cli(train_args(dir / "g32", "lora", lora, "2"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  fs::create_directories(peft);
+  for (const char* f : {"adapter_config.json", "adapter_model.safetensors"})
+    fs::copy_file(lora / f, peft / f);
+  expect_one_line_error(merge(dir / "g32", peft, {"--dense"}), "--fidelity-text");
+  r = merge(dir / "g32", peft, {"--dense", "--fidelity-text", "none"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "out" / "quantize_config.json.tmp"));
 }
 
 }  // namespace

@@ -69,9 +69,9 @@ RandomModelShape ragged_shape() {
   return s;
 }
 
-void randomize_adapter_b(AdapterSet& set, uint64_t seed) {
+void randomize_adapter_b(AdapterSet& set, uint64_t seed, float amplitude) {
   std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  std::uniform_real_distribution<float> u(-amplitude, amplitude);
   for (LoraAdapter& a : set.adapters) {
     float* b = a.B.mutable_data();
     for (int64_t i = 0; i < a.B.numel(); ++i) b[i] = u(rng);

@@ -29,7 +29,7 @@ Model make_random_model(const RandomModelShape& shape, uint64_t seed);
 // ragged last group in every layer (16, 16, 8 and 16, 8).
 RandomModelShape ragged_shape();
 
-// Every adapter's B ~ U(-0.5, 0.5): B starts at zero, which would hide A from a test.
-void randomize_adapter_b(AdapterSet& set, uint64_t seed);
+// Every adapter's B ~ U(-amplitude, amplitude): B starts at zero, which would hide A from a test.
+void randomize_adapter_b(AdapterSet& set, uint64_t seed, float amplitude = 0.5f);
 
 }  // namespace qalora::test

@@ -1,7 +1,8 @@
 // qalora merge: fold a trained adapter into its base and save the result (SPEC §4). A QA-LoRA
 // adapter merges exactly into the offsets of its quantized base (same codes, scales and bits);
-// --dense merges any adapter into fp32 weights. The fidelity of the merge is measured on a text
-// the user names: adapter folders do not record their training data, so there is no default.
+// --dense merges any adapter into fp32 weights, and --requantize quantizes that result again
+// (the lossy path the QA-LoRA paper compares against). The merged model is then compared with
+// the unmerged one on a slice of the adapter's training data or a text the user names.
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -15,6 +16,8 @@
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
+#include "qalora/data/dataset.h"
+#include "quantize_args.h"
 
 namespace qalora::cli {
 
@@ -27,26 +30,66 @@ struct MergeArgs {
   ModelArgs model;
   std::string out;
   bool dense = false;
+  std::string requantize;  // method; empty = no re-quantization
+  QuantizeArgs quant;
   bool force = false;
-  std::string fidelity_text;
+  std::string fidelity_text;  // empty = a slice of the adapter's training data
   int64_t fidelity_tokens = 2048;
   int64_t ctx = 256;
 };
 
-// "none", or the text's tokens, at most `max_tokens` of them.
-std::vector<int32_t> fidelity_tokens(const MergeArgs& args, const Model& model) {
-  QL_CHECK(fs::is_regular_file(args.fidelity_text), "--fidelity-text: cannot open ",
-           args.fidelity_text, ": no such file (pass a text file, or none to skip the check)");
-  const std::string text = read_file(args.fidelity_text);
-  QL_CHECK(!text.empty(), "--fidelity-text: ", args.fidelity_text, " is empty");
+struct FidelitySample {
+  std::string source;  // the file the tokens come from
+  std::vector<int32_t> tokens;
+};
+
+// The first `max_tokens` tokens of the text file.
+FidelitySample text_sample(const std::string& path, const Model& model, int64_t max_tokens) {
+  QL_CHECK(fs::is_regular_file(path), "--fidelity-text: cannot open ", path,
+           ": no such file (pass a text file, or none to skip the check)");
+  const std::string text = read_file(path);
+  QL_CHECK(!text.empty(), "--fidelity-text: ", path, " is empty");
   std::vector<int32_t> tokens = model.require_tokenizer().encode(text, /*add_bos=*/false);
-  if (static_cast<int64_t>(tokens.size()) > args.fidelity_tokens)
-    tokens.resize(static_cast<size_t>(args.fidelity_tokens));
-  return tokens;
+  if (std::ssize(tokens) > max_tokens) tokens.resize(static_cast<size_t>(max_tokens));
+  return {path, std::move(tokens)};
 }
 
-json fidelity_json(const MergeFidelity& f, const MergeArgs& args) {
-  return {{"text", fs::absolute(args.fidelity_text).string()},
+// The first examples of the data the adapter was trained on (train_config.json's data_path,
+// read with the run's data options), up to `max_tokens` tokens.
+FidelitySample training_data_sample(const fs::path& adapter, const Model& model,
+                                    int64_t max_tokens) {
+  const fs::path config_path = adapter / "train_config.json";
+  const char* hint = "; pass --fidelity-text FILE, or none to skip the check";
+  QL_CHECK(fs::is_regular_file(config_path), "--adapter: ", adapter,
+           " has no train_config.json naming its training data", hint);
+  const json config = json::parse(read_file(config_path), nullptr, false);
+  QL_CHECK(!config.is_discarded() && config.contains("data_path") &&
+               config["data_path"].is_string(),
+           config_path.string(), ": field data_path: expected a path string", hint);
+  const fs::path data = config["data_path"].get<std::string>();
+  QL_CHECK(fs::is_regular_file(data), config_path.string(), ": data_path ", data,
+           " does not exist (moved?)", hint);
+  DataOptions options;
+  const json run_options = config.value("data_options", json::object());
+  options.format = parse_data_format(run_options.value("format", "auto"));
+  options.train_on_source = run_options.value("train_on_source", false);
+  options.source_max_len = run_options.value("source_max_len", options.source_max_len);
+  options.target_max_len = run_options.value("target_max_len", options.target_max_len);
+  options.max_seq_len = run_options.value("max_seq_len", options.max_seq_len);
+  const std::string chat = run_options.value("chat_template", "model");
+  if (chat != "model") options.chat_template = parse_chat_format(chat);
+  const Dataset set = load_dataset(data, model.require_tokenizer(), options);
+  FidelitySample sample{data.string(), {}};
+  for (const Example& e : set.examples) {
+    if (std::ssize(sample.tokens) >= max_tokens) break;
+    sample.tokens.insert(sample.tokens.end(), e.tokens.begin(), e.tokens.end());
+  }
+  if (std::ssize(sample.tokens) > max_tokens) sample.tokens.resize(static_cast<size_t>(max_tokens));
+  return sample;
+}
+
+json fidelity_json(const MergeFidelity& f, const MergeArgs& args, const FidelitySample& sample) {
+  return {{"text", fs::absolute(sample.source).string()},
           {"ctx", args.ctx},
           {"tokens", f.tokens},
           {"max_abs_logit_diff", f.max_abs_logit_diff},
@@ -55,9 +98,22 @@ json fidelity_json(const MergeFidelity& f, const MergeArgs& args) {
           {"ppl_merged", f.ppl_merged}};
 }
 
-void run_merge(const MergeArgs& args) {
+// "dense", "qalora-offsets" or "requantize-<method>".
+std::string merge_method(const MergeArgs& args, AdapterKind kind) {
+  if (!args.requantize.empty()) return "requantize-" + args.requantize;
+  return args.dense || kind == AdapterKind::Lora ? "dense" : "qalora-offsets";
+}
+
+void run_merge(MergeArgs& args) {
   QL_CHECK(args.force || !fs::exists(args.out) || fs::is_empty(args.out), "--out: ", args.out,
            " exists and is not empty (use --force to overwrite it, or another folder)");
+  QL_CHECK(!(args.dense && !args.requantize.empty()),
+           "--dense and --requantize exclude each other: --dense keeps fp32 weights, "
+           "--requantize quantizes them again");
+  if (!args.requantize.empty()) {
+    args.quant.options.method = args.requantize;
+    resolve_quantize_args(args.quant);
+  }
   const bool check = args.fidelity_text != "none";
   QL_CHECK(!check || args.fidelity_tokens >= 2, "--fidelity-tokens: expected >= 2, got ",
            args.fidelity_tokens);
@@ -66,24 +122,36 @@ void run_merge(const MergeArgs& args) {
   const AdapterConfig& c = set->config;
   const bool quantized_base = !base.quant.empty();
   // LoRA on a dense base has nothing quantized to preserve: its merge is the dense one.
-  QL_CHECK(args.dense || c.kind == AdapterKind::QaLora || !quantized_base,
+  QL_CHECK(args.dense || !args.requantize.empty() || c.kind == AdapterKind::QaLora ||
+               !quantized_base,
            "--adapter: ", args.model.adapter,
            " is a lora adapter, which cannot be merged into quantized weights exactly; pass "
-           "--dense to merge it into fp32 weights");
-  const bool dense = args.dense || c.kind == AdapterKind::Lora;
-  // Tokenize before the merge so that a bad text fails before any work.
-  const std::vector<int32_t> tokens = check ? fidelity_tokens(args, base) : std::vector<int32_t>{};
+           "--dense to merge it into fp32 weights, or --requantize METHOD to quantize the merged "
+           "weights again (lossy)");
+  const std::string method = merge_method(args, c.kind);
+  // Read the text and the calibration data before the merge so that bad input fails before
+  // any work.
+  const FidelitySample sample =
+      !check ? FidelitySample{}
+      : args.fidelity_text.empty()
+          ? training_data_sample(args.model.adapter, base, args.fidelity_tokens)
+          : text_sample(args.fidelity_text, base, args.fidelity_tokens);
+  const auto calibration = args.requantize.empty() ? std::vector<std::vector<int32_t>>{}
+                                                   : load_calibration(args.quant, base);
 
   Model merged = base;
-  if (dense)
-    merge_dense(merged, *set);
-  else
+  if (method == "qalora-offsets") {
     merge_qalora(merged, *set);
+  } else {
+    merge_dense(merged, *set);
+    if (!args.requantize.empty()) quantize_with_progress(merged, args.quant, calibration, "");
+  }
   save_hf_model(merged, args.out);
-  const char* method = dense ? "dense" : "qalora-offsets";
+  const char* into = method == "dense"            ? "fp32 weights"
+                     : method == "qalora-offsets" ? "the quantized offsets"
+                                                  : "fp32 weights, quantized again";
   std::printf("merged %s adapter %s into %s (%s) -> %s\n", adapter_kind_name(c.kind),
-              args.model.adapter.c_str(), args.model.model.c_str(),
-              dense ? "fp32 weights" : "the quantized offsets", args.out.c_str());
+              args.model.adapter.c_str(), args.model.model.c_str(), into, args.out.c_str());
 
   json record = {{"base", fs::absolute(args.model.model).string()},
                  {"adapter", fs::absolute(args.model.adapter).string()},
@@ -97,16 +165,22 @@ void run_merge(const MergeArgs& args) {
                  {"base_quant", base.quant.method},
                  {"merged_quant", merged.quant.method},
                  {"fidelity", nullptr}};
+  if (!args.requantize.empty())
+    record["requantize"] = {{"method", merged.quant.method},
+                            {"bits", merged.quant.bits},
+                            {"group_size", merged.quant.group_size},
+                            {"sym", merged.quant.sym},
+                            {"calibration", merged.quant.calibration}};
   if (check) {
-    const MergeFidelity f = merge_fidelity(base, *set, merged, tokens, args.ctx);
+    const MergeFidelity f = merge_fidelity(base, *set, merged, sample.tokens, args.ctx);
     std::printf("fidelity on %lld positions of %s (ctx %lld), unmerged vs merged:\n",
-                static_cast<long long>(f.tokens), args.fidelity_text.c_str(),
+                static_cast<long long>(f.tokens), sample.source.c_str(),
                 static_cast<long long>(args.ctx));
     std::printf("max |logit diff|: %.6g\n", f.max_abs_logit_diff);
     std::printf("mean KL:          %.6g\n", f.mean_kl);
     std::printf("ppl unmerged:     %.6f\n", f.ppl_unmerged);
     std::printf("ppl merged:       %.6f\n", f.ppl_merged);
-    record["fidelity"] = fidelity_json(f, args);
+    record["fidelity"] = fidelity_json(f, args, sample);
   }
   write_file_atomic(fs::path(args.out) / "merge.json", record.dump(2) + "\n");
 }
@@ -121,12 +195,15 @@ void register_merge(CLI::App& app) {
   cmd->get_option("--adapter")->required();
   cmd->add_option("--out", args->out, "output model folder (+ merge.json)")->required();
   cmd->add_flag("--dense", args->dense,
-                "merge into fp32 weights (any adapter; the only way for LoRA on a quantized base)");
+                "merge into fp32 weights (any adapter; lossless, but no longer quantized)");
+  cmd->add_option("--requantize", args->requantize,
+                  "merge into fp32 weights, then quantize them again with this method (rtn, "
+                  "gptq, nf4, fp4, int8; lossy), with the options below");
+  add_quantize_args(cmd, args->quant);
   cmd->add_flag("--force", args->force, "write into --out even when it is not empty");
   cmd->add_option("--fidelity-text", args->fidelity_text,
-                  "text to compare the merged and unmerged models on, or none (adapter folders "
-                  "do not record their training data, so there is no default)")
-      ->required();
+                  "text to compare the merged and unmerged models on, or none (default: the "
+                  "first examples of the adapter's training data)");
   cmd->add_option("--fidelity-tokens", args->fidelity_tokens, "tokens of the text compared")
       ->capture_default_str();
   cmd->add_option("-c,--ctx", args->ctx, "window length of the comparison (BOS included)")

@@ -3,108 +3,34 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
-#include <optional>
 
 #include "cli_common.h"
 #include "commands.h"
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
-#include "qalora/core/mapped_file.h"
-#include "qalora/core/progress.h"
-#include "qalora/quant/quantize_model.h"
+#include "quantize_args.h"
 
 namespace qalora::cli {
 
 namespace {
 
-struct QuantizeArgs {
+struct QuantizeCommandArgs {
   ModelArgs model;
-  QuantizeOptions options;
-  CLI::Option* bits = nullptr;
-  CLI::Option* group_size = nullptr;
-  std::string calib;
-  int64_t calib_samples = 128;
-  int64_t calib_len = 2048;
-  uint64_t seed = 0;
+  QuantizeArgs quant;
   std::string out;
   std::string metrics;
 };
 
-// Defaults that depend on the method, unless given: bits 4 (int8: 8); group 128 for the affine
-// methods, 64-element blocks for nf4/fp4, per channel for int8.
-void apply_method_defaults(QuantizeArgs& a) {
-  QuantizeOptions& o = a.options;
-  if (a.bits->count() == 0) o.bits = o.method == "int8" ? 8 : 4;
-  if (a.group_size->count() == 0)
-    o.group_size = o.method == "int8" ? -1 : (o.method == "nf4" || o.method == "fp4") ? 64 : 128;
-}
-
-std::vector<std::vector<int32_t>> load_calibration(const QuantizeArgs& a, const Model& model) {
-  if (a.options.method != "gptq") {
-    QL_CHECK(a.calib.empty(), "--calib: only gptq uses calibration data, not ", a.options.method);
-    return {};
-  }
-  QL_CHECK(!a.calib.empty(), "--calib: gptq needs a calibration text file");
-  QL_CHECK(std::filesystem::is_regular_file(a.calib), "--calib: cannot open ", a.calib,
-           ": no such file");
-  const std::vector<int32_t> tokens =
-      model.require_tokenizer().encode(read_file(a.calib), /*add_bos=*/false);
-  QL_CHECK(a.calib_len <= model.config.context_length, "--calib-len ", a.calib_len,
-           " exceeds the model's context length ", model.config.context_length);
-  return calibration_windows(tokens, a.calib_samples, a.calib_len, a.seed, a.calib);
-}
-
-void run_quantize(QuantizeArgs& a) {
-  apply_method_defaults(a);
-  validate_quantize_options(a.options);
+void run_quantize(QuantizeCommandArgs& a) {
+  resolve_quantize_args(a.quant);
   QL_CHECK(!std::filesystem::exists(a.out) || std::filesystem::is_directory(a.out), "--out: ",
            a.out, " exists and is not a folder");
   const auto t0 = Clock::now();
   Model model = load_model(a.model);
   check_weights_finite(model);
-  const auto calibration = load_calibration(a, model);
-  const QuantizeOptions& o = a.options;
-  if (!calibration.empty())
-    model.quant.calibration = cat(std::filesystem::path(a.calib).filename().string(), ": ",
-                                  calibration.size(), " x ", a.calib_len, " tokens, seed ", a.seed);
-
-  std::optional<JsonlWriter> metrics;
-  if (!a.metrics.empty()) metrics.emplace(a.metrics);
-  const int64_t n_linears = model.config.n_layers * 7;
-  ProgressBar bar(cat("quantize ", o.method, " ", o.bits, "-bit"), n_linears);
-  double err_sum = 0.0;
-  int64_t err_count = 0;
-  quantize_model(model, o, calibration, [&](const LayerReport& r) {
-    bar.advance();
-    if (r.relative_error >= 0) {
-      err_sum += r.relative_error;
-      ++err_count;
-    }
-    if (metrics) {
-      nlohmann::json rec = {{"layer", r.layer}, {"linear", r.name}, {"seconds", r.seconds}};
-      if (r.relative_error >= 0) rec["relative_output_error"] = r.relative_error;
-      metrics->write(rec);
-    }
-  });
-  bar.finish();
-
-  int64_t quant_bytes = 0, fp32_bytes = 0;
-  for (const LayerWeights& L : model.layers)
-    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
-      quant_bytes += l->qweight.storage_bytes();
-      fp32_bytes += 4 * l->qweight.rows * l->qweight.cols;
-    }
+  const auto calibration = load_calibration(a.quant, model);
+  quantize_with_progress(model, a.quant, calibration, a.metrics);
   save_hf_model(model, a.out);
-  std::printf("method:        %s, %d-bit, group %lld%s%s\n", o.method.c_str(), o.bits,
-              static_cast<long long>(o.group_size), o.sym ? ", sym" : "",
-              o.act_order ? (o.static_groups ? ", act-order (static groups)" : ", act-order") : "");
-  std::printf("linear layers: %lld, %.1f MB (fp32 %.1f MB, %.2f bits/weight)\n",
-              static_cast<long long>(n_linears), static_cast<double>(quant_bytes) / 1e6,
-              static_cast<double>(fp32_bytes) / 1e6,
-              32.0 * static_cast<double>(quant_bytes) / static_cast<double>(fp32_bytes));
-  if (err_count > 0)
-    std::printf("output error:  %.4f mean relative ||WX - QX|| / ||WX|| on calibration inputs\n",
-                err_sum / static_cast<double>(err_count));
   std::printf("time:          %.1f s\n", seconds_since(t0));
   std::printf("saved:         %s\n", a.out.c_str());
 }
@@ -112,29 +38,12 @@ void run_quantize(QuantizeArgs& a) {
 }  // namespace
 
 void register_quantize(CLI::App& app) {
-  auto a = std::make_shared<QuantizeArgs>();
+  auto a = std::make_shared<QuantizeCommandArgs>();
   CLI::App* cmd = add_command(app, "quantize", "Quantize a model's linear layers (RTN, GPTQ, NF4, FP4, INT8)");
   add_model_args(cmd, a->model);
-  QuantizeOptions& o = a->options;
-  cmd->add_option("--method", o.method, "rtn, gptq, nf4, fp4 or int8")->capture_default_str();
-  a->bits = cmd->add_option("--bits", o.bits, "2, 3, 4 or 8 (default 4; int8: 8)");
-  a->group_size = cmd->add_option(
-      "--group-size,-g", o.group_size,
-      "inputs per group, -1 = per channel (default 128; nf4/fp4 blocks: 64; int8: -1)");
-  cmd->add_flag("--sym", o.sym, "symmetric (zero point 2^(bits-1)); default asymmetric");
-  cmd->add_flag("--act-order", o.act_order, "GPTQ: quantize columns by decreasing Hessian diagonal");
-  cmd->add_flag("--static-groups", o.static_groups,
-                "GPTQ act-order: fix group parameters up front so groups stay contiguous");
-  cmd->add_option("--damp", o.damp, "GPTQ: dampening, fraction of the mean Hessian diagonal")
+  cmd->add_option("--method", a->quant.options.method, "rtn, gptq, nf4, fp4 or int8")
       ->capture_default_str();
-  cmd->add_flag("--double-quant", o.double_quant, "nf4/fp4: 8-bit quantize the absmax constants");
-  cmd->add_option("--calib", a->calib, "GPTQ: calibration text file");
-  cmd->add_option("--calib-samples", a->calib_samples, "GPTQ: calibration windows")
-      ->capture_default_str();
-  cmd->add_option("--calib-len", a->calib_len, "GPTQ: tokens per calibration window")
-      ->capture_default_str();
-  cmd->add_option("--seed", a->seed, "GPTQ: seed of the random calibration windows")
-      ->capture_default_str();
+  add_quantize_args(cmd, a->quant);
   cmd->add_option("-o,--out", a->out, "output folder (native quantized model)")->required();
   cmd->add_option("--metrics", a->metrics, "write one JSON line per quantized linear to this file");
   cmd->callback([a] { run_quantize(*a); });
