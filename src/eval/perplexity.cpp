@@ -6,6 +6,7 @@
 
 #include "qalora/core/error.h"
 #include "qalora/core/progress.h"
+#include "qalora/data/dataset.h"
 #include "qalora/model/runtime.h"
 
 namespace qalora {
@@ -118,6 +119,34 @@ PerplexityResult perplexity(InferenceSession& session, std::span<const int32_t> 
     session.forward(window, logits, /*all_logits=*/true);
   };
   return perplexity(tokens, session.model().config.vocab_size, bos, run, options);
+}
+
+ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
+                         bool progress) {
+  std::optional<ProgressBar> bar;
+  if (progress) bar.emplace("loss", std::ssize(examples));
+  const auto vocab = static_cast<size_t>(session.model().config.vocab_size);
+  ExampleLoss result;
+  std::vector<float> logits;
+  for (const Example& e : examples) {
+    QL_CHECK(std::ssize(e.tokens) <= session.max_context(), "an example of ", e.tokens.size(),
+             " tokens exceeds the inference cache of ", session.max_context(), " positions");
+    logits.resize(e.tokens.size() * vocab);
+    session.reset();
+    session.forward(e.tokens, logits, /*all_logits=*/true);
+    // target[t] marks tokens[t] as predicted by the logits of position t - 1.
+    for (size_t t = 1; t < e.tokens.size(); ++t) {
+      if (!e.target[t]) continue;
+      result.nll_sum += token_nll(std::span<const float>(logits).subspan((t - 1) * vocab, vocab),
+                                  e.tokens[t]);
+      ++result.tokens;
+    }
+    ++result.examples;
+    if (bar) bar->advance();
+  }
+  QL_CHECK(result.tokens > 0, "no target tokens to score in ", examples.size(), " examples");
+  result.mean_nll = result.nll_sum / static_cast<double>(result.tokens);
+  return result;
 }
 
 }  // namespace qalora

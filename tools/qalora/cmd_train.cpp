@@ -8,6 +8,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "data_args.h"
 #include "qalora/core/error.h"
 #include "qalora/train/trainer.h"
 
@@ -26,9 +27,10 @@ extern "C" void on_stop_signal(int sig) {
 struct TrainArgs {
   ModelArgs model;
   TrainConfig config;
+  DataArgs data_args;
   std::string data, eval_data, out, resume;
-  std::string format = "auto", adapter = "lora", targets = "all-linear", init = "kaiming";
-  std::string pool = "avg", scheduler = "constant", chat_template;
+  std::string adapter = "lora", targets = "all-linear", init = "kaiming";
+  std::string pool = "avg", scheduler = "constant";
   bool no_progress = false;
   CLI::Option* seed_option = nullptr;
 };
@@ -43,9 +45,7 @@ void run_train(TrainArgs& args) {
   QL_CHECK(std::filesystem::exists(c.data), "--data: file not found: ", args.data);
   QL_CHECK(c.eval_data.empty() || std::filesystem::exists(c.eval_data),
            "--eval-data: file not found: ", args.eval_data);
-  c.data_options.format = parse_data_format(args.format);
-  if (!args.chat_template.empty())
-    c.data_options.chat_template = parse_chat_format(args.chat_template);
+  c.data_options = resolve_data_args(args.data_args);
   c.adapter.kind = parse_adapter_kind(args.adapter);
   c.adapter.targets = parse_targets(args.targets);
   c.adapter.init = parse_adapter_init(args.init);
@@ -92,8 +92,6 @@ void register_train(CLI::App& app) {
   CLI::App* cmd = add_command(app, "train", "Fine-tune LoRA / QLoRA / QA-LoRA adapters");
   add_model_args(cmd, args->model);
   cmd->add_option("--data", args->data, "training data (.json/.jsonl/.txt)")->required();
-  cmd->add_option("--format", args->format, "auto, alpaca, io, chat, sharegpt or text")
-      ->capture_default_str();
   cmd->add_option("--out", args->out, "output folder (adapter, checkpoints, metrics)")->required();
   cmd->add_option("--resume", args->resume, "continue from a checkpoint (or an output folder)");
   // Adapter
@@ -145,17 +143,8 @@ void register_train(CLI::App& app) {
                   "held-out data file (default: a split of --data)");
   cmd->add_option("--eval-fraction", c.eval_fraction, "held-out fraction of --data")
       ->capture_default_str();
-  cmd->add_flag("--train-on-source", c.data_options.train_on_source, "also train on prompt tokens");
-  cmd->add_option("--source-max-len", c.data_options.source_max_len, "prompt tokens kept")
-      ->capture_default_str();
-  cmd->add_option("--target-max-len", c.data_options.target_max_len, "response tokens kept")
-      ->capture_default_str();
-  cmd->add_option("--max-seq-len", c.data_options.max_seq_len,
-                  "text window length; cap on every sequence")
-      ->capture_default_str();
+  add_data_args(cmd, args->data_args);
   cmd->add_flag("--group-by-length", c.group_by_length, "batch sequences of similar length");
-  cmd->add_option("--chat-template", args->chat_template,
-                  "chat/sharegpt: chatml, llama2, llama3 or zephyr (default: the model's)");
   cmd->add_flag("--no-progress", args->no_progress, "no progress bar");
   cmd->callback([args] { run_train(*args); });
 }

@@ -13,6 +13,7 @@
 namespace qalora {
 
 class InferenceSession;
+struct Example;
 
 struct PerplexityOptions {
   int64_t ctx = 512;
@@ -52,5 +53,17 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
 // The model's forward pass; the session's cache must hold `options.ctx` positions.
 PerplexityResult perplexity(InferenceSession& session, std::span<const int32_t> tokens, int32_t bos,
                             const PerplexityOptions& options);
+
+// The loss of instruction examples as training defines it (src/train/trainer.cpp's held-out
+// loss): the mean NLL over their target tokens, each example run alone from position 0.
+struct ExampleLoss {
+  int64_t examples = 0;
+  int64_t tokens = 0;  // target tokens scored
+  double nll_sum = 0;
+  double mean_nll = 0;
+};
+// The session's cache must hold the longest example. Throws Error when no example has a target.
+ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
+                         bool progress = true);
 
 }  // namespace qalora
