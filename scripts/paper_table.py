@@ -44,27 +44,28 @@ def config(quick: bool, data: pathlib.Path, out: pathlib.Path) -> dict:
         }
     smol = pathlib.Path(os.environ.get("QALORA_SMOLLM2", pathlib.Path.home() / ".cache/qalora/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     evals = data / "eval"
-    limit = os.environ.get("LIMIT", "250")
+    limit = os.environ.get("LIMIT", "150")
     return {
         "name": "SmolLM2-135M-Instruct, alpaca_en_demo.json",
-        "model": ["-m", str(smol)],
+        "model": ["-m", str(smol)] + (["--threads", os.environ["THREADS"]] if "THREADS" in os.environ else []),
         "data": ["--data", str(data / "instruct/alpaca_en_demo.json"), "--max-seq-len", "512",
                  "--eval-fraction", "0.05", "--seed", "42"],
         # SPEC §5's recipe (r 64, alpha 16, dropout 0.05, clip 0.3, accumulation 16) with a
         # learning rate raised for a short run.
         "train": ["--rank", "64", "--alpha", "16", "--learning-rate", os.environ.get("LR", "1e-3"),
-                  "--lr-scheduler", "cosine", "--grad-accum", "8", "--max-steps", os.environ.get("STEPS", "30"),
+                  "--lr-scheduler", "cosine", "--grad-accum", "8", "--max-steps", os.environ.get("STEPS", "20"),
                   "--no-progress"],
         # Calibration text independent of the training data and of every evaluation set.
-        "calib": ["--calib", str(data / "instruct/lima.json"), "--calib-samples", "64", "--calib-len", "512"],
+        "calib": ["--calib", str(data / "instruct/lima.json"), "--calib-samples",
+                  os.environ.get("CALIB_SAMPLES", "64"), "--calib-len", "512"],
         "nf4": ["--method", "nf4", "--double-quant"],
-        "ppl": ["--text", str(data / "text/wikitext2_test.txt"), "--ctx", "512", "--max-windows", os.environ.get("PPL_WINDOWS", "40")],
+        "ppl": ["--text", str(data / "text/wikitext2_test.txt"), "--ctx", "512", "--max-windows", os.environ.get("PPL_WINDOWS", "20")],
         "benchmarks": [
             ("arc_easy", ["--task", "arc", "--data", str(evals / "mc/arc_easy.jsonl"), "--limit", limit], "acc"),
             ("hellaswag", ["--task", "hellaswag", "--data", str(evals / "mc/hellaswag_val_1000.jsonl"), "--limit", limit], "acc_norm"),
             ("piqa", ["--task", "piqa", "--data", str(evals / "mc/piqa.jsonl"), "--limit", limit], "acc_norm"),
             ("mmlu_5shot", ["--task", "mmlu", "--data", str(evals / "mmlu"), "--shots", "5",
-                            "--limit", os.environ.get("MMLU_LIMIT", "4")], "acc"),
+                            "--limit", os.environ.get("MMLU_LIMIT", "3")], "acc"),
         ],
     }
 
@@ -110,10 +111,13 @@ def bits_per_weight(run: Runner, model: list, adapter: str | None) -> float:
     return bits
 
 
-def evaluate(run: Runner, cfg: dict, row: dict, model: list, adapter: str | None) -> dict:
+def evaluate(run: Runner, cfg: dict, row: dict, model: list, adapter: str | None,
+             loss_only: bool = False) -> dict:
     extra = ["--adapter", adapter] if adapter else []
     out = run("loss", ["perplexity"] + model + extra + cfg["data"] + ["--no-progress"])
     row["heldout_loss"] = number_after(out, "loss:")
+    if loss_only:
+        return row
     if cfg["ppl"]:
         out = run("ppl", ["perplexity"] + model + extra + cfg["ppl"] + ["--no-progress"])
         row["wikitext2_ppl"] = number_after(out, "ppl:")
@@ -142,13 +146,15 @@ def regenerate(cfg: dict, run: Runner, out: pathlib.Path) -> list:
     fp32 = cfg["model"]
     threads = fp32[fp32.index("--threads"):][:2] if "--threads" in fp32 else []
 
-    def add(method, bits, model, adapter=None, extra=None, precision=None):
+    def add(method, bits, model, adapter=None, extra=None, precision=None, loss_only=False):
         precision = precision or (f"INT{bits}" if bits else "fp32")
         print(f"{method} {precision}", flush=True)
         row = {"method": method, "bits": bits, "precision": precision}
         row.update(extra or {})
         row["bits_per_weight"] = bits_per_weight(run, model, adapter)
-        rows.append(evaluate(run, cfg, row, model, adapter))
+        rows.append(evaluate(run, cfg, row, model, adapter, loss_only))
+        # Written after every row, so that an interrupted run leaves what it measured.
+        (out / "results.json").write_text(json.dumps({"config": cfg["name"], "rows": rows}, indent=1) + "\n")
         return row
 
     add("fp32 base", None, fp32)
@@ -177,7 +183,8 @@ def regenerate(cfg: dict, run: Runner, out: pathlib.Path) -> list:
     for b in BITS:
         qalora = out / f"gptq{b}-qalora"
         stats = train(run, cfg, gptq[b], "qalora", qalora)
-        unmerged = add("QA-LoRA (unmerged)", b, gptq[b], str(qalora), stats)
+        # Only the loss: the merged row below must agree, and the benchmarks follow from that.
+        unmerged = add("QA-LoRA (unmerged)", b, gptq[b], str(qalora), stats, loss_only=True)
         merged = out / f"gptq{b}-qalora-merged"
         run(f"merge-qalora{b}", ["merge"] + gptq[b] + ["--adapter", str(qalora), "--out", str(merged),
                                  "--fidelity-text", "none"])
