@@ -559,6 +559,13 @@ void remove_file(const fs::path& path) {
   QL_CHECK(!ec, path.string(), ": cannot remove stale file: ", ec.message());
 }
 
+void create_folder(const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  QL_CHECK(!ec && fs::is_directory(dir), dir.string(), ": cannot create the adapter folder",
+           ec ? cat(": ", ec.message()) : std::string());
+}
+
 bool is_our_readme(const fs::path& path) {
   if (!fs::exists(path)) return false;
   const std::string text = read_file(path);
@@ -567,18 +574,26 @@ bool is_our_readme(const fs::path& path) {
 
 }  // namespace
 
+void save_peft_adapter(const AdapterSet& set, const Model& model, const fs::path& dir) {
+  check_adapters_match(set, model, "save_peft_adapter");
+  check_same_base(set.base, base_identity(model), "save_peft_adapter: the adapter set");
+  const std::vector<std::string> why = peft_obstacles(set);
+  QL_CHECK(why.empty(), "PEFT cannot express this adapter: ", why.front(),
+           " (PEFT's QA-LoRA needs one qalora_group_size that divides every adapted input size; "
+           "merge the adapter into the base instead)");
+  create_folder(dir);
+  write_peft(set, model, dir);
+}
+
 void save_adapter(const AdapterSet& set, const Model& model, const fs::path& dir) {
   check_adapters_match(set, model, "save_adapter");
   check_same_base(set.base, base_identity(model), "save_adapter: the adapter set");
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  QL_CHECK(!ec && fs::is_directory(dir), dir.string(), ": cannot create the adapter folder",
-           ec ? cat(": ", ec.message()) : std::string());
+  create_folder(dir);
 
   write_native(set, dir);
   const std::vector<std::string> why = peft_obstacles(set);
   if (why.empty()) {
-    write_peft(set, model, dir);
+    save_peft_adapter(set, model, dir);
     if (is_our_readme(dir / kReadme)) remove_file(dir / kReadme);
   } else {
     // Stale PEFT files of an earlier save would describe another adapter.

@@ -14,6 +14,7 @@ void register_bench(CLI::App& app);
 void register_quantize(CLI::App& app);
 void register_train(CLI::App& app);
 void register_merge(CLI::App& app);
+void register_export(CLI::App& app);
 
 inline void register_commands(CLI::App& app) {
   register_info(app);
@@ -25,6 +26,7 @@ inline void register_commands(CLI::App& app) {
   register_quantize(app);
   register_train(app);
   register_merge(app);
+  register_export(app);
 }
 
 }  // namespace qalora::cli

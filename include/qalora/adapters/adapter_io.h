@@ -21,6 +21,11 @@ struct Model;
 // base (for the RoPE permutation and PEFT's module names).
 void save_adapter(const AdapterSet& set, const Model& model, const std::filesystem::path& dir);
 
+// Writes only the PEFT layout (adapter_config.json + adapter_model.safetensors) into `dir`
+// (created if needed), atomically per file. Throws Error, one line naming the first obstacle,
+// when PEFT cannot express the set (ragged QA-LoRA groups, or several group sizes).
+void save_peft_adapter(const AdapterSet& set, const Model& model, const std::filesystem::path& dir);
+
 // Reads `dir`: the native files when present, else the PEFT files (a PEFT adapter trained on
 // the Hugging Face model included: q/k lora_B rows are permuted to the pair layout). Checks the
 // result against `model` (check_adapters_match); any mismatch, missing file or malformed field

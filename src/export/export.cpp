@@ -1,0 +1,154 @@
+// What every exporter shares: the report of differences, the atomic folder swap, and the dense
+// Hugging Face export.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "export/export_internal.h"
+#include "qalora/core/error.h"
+
+namespace qalora {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace exporting {
+
+void add_difference(TensorExport& t, const float* model, const float* written, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double w = model[i];
+    const double d = static_cast<double>(written[i]) - w;
+    t.max_abs_dw = std::max(t.max_abs_dw, std::abs(d));
+    t.sum_sq_dw += d * d;
+    t.sum_sq_w += w * w;
+  }
+  t.elements += n;
+}
+
+std::string describe(const QMatrix* q) {
+  if (q == nullptr) return "f32";
+  if (q->type != QuantType::Affine) return quant_type_name(q->type);
+  return cat("affine ", q->bits, "-bit g", q->group_size, q->g_idx.empty() ? "" : " act-order");
+}
+
+Linear rope_permuted(const Linear& lin, int64_t n_heads, int64_t head_dim, bool to_hf) {
+  Linear out;
+  if (lin.quantized())
+    out.qweight = permute_rope_rows(lin.qweight, n_heads, head_dim, to_hf);
+  else
+    out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, to_hf);
+  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, to_hf);
+  return out;
+}
+
+}  // namespace exporting
+
+double TensorExport::relative_error() const {
+  return sum_sq_w > 0 ? std::sqrt(sum_sq_dw / sum_sq_w) : (sum_sq_dw > 0 ? INFINITY : 0.0);
+}
+
+double ExportReport::max_abs_dw() const {
+  double m = 0;
+  for (const TensorExport& t : tensors) m = std::max(m, t.max_abs_dw);
+  return m;
+}
+
+double ExportReport::max_abs_dm() const {
+  double m = 0;
+  for (const TensorExport& t : tensors) m = std::max(m, t.max_abs_dm);
+  return m;
+}
+
+double ExportReport::relative_error() const {
+  TensorExport all;
+  for (const TensorExport& t : tensors) {
+    all.sum_sq_dw += t.sum_sq_dw;
+    all.sum_sq_w += t.sum_sq_w;
+  }
+  return all.relative_error();
+}
+
+json ExportReport::to_json() const {
+  json types = json::object();
+  json list = json::array();
+  for (const TensorExport& t : tensors) {
+    types[t.type] = types.value(t.type, 0) + 1;
+    list.push_back({{"name", t.name},
+                    {"type", t.type},
+                    {"source", t.source},
+                    {"note", t.note},
+                    {"elements", t.elements},
+                    {"max_abs_dw", t.max_abs_dw},
+                    {"relative_error", t.relative_error()},
+                    {"max_abs_dm", t.max_abs_dm}});
+  }
+  return {{"format", format},
+          {"path", path},
+          {"exact", exact()},
+          {"max_abs_dw", max_abs_dw()},
+          {"relative_error", relative_error()},
+          {"max_abs_dm", max_abs_dm()},
+          {"types", types},
+          {"tensors", list}};
+}
+
+void write_folder_atomic(const fs::path& dir, bool replace,
+                         const std::function<void(const fs::path&)>& write) {
+  QL_CHECK(!dir.empty(), "export: the output path is empty");
+  const bool exists = fs::exists(fs::symlink_status(dir));
+  QL_CHECK(replace || !exists, dir.string(), ": already exists (use --force to replace it)");
+  fs::path target = fs::absolute(dir).lexically_normal();
+  if (!target.has_filename()) target = target.parent_path();  // "out/"
+  const fs::path parent = target.parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  QL_CHECK(!ec, parent.string(), ": cannot create folder: ", ec.message());
+  const std::string stem = target.filename().string();
+  const fs::path tmp = parent / cat(".", stem, ".tmp.", ::getpid());
+  const fs::path old = parent / cat(".", stem, ".old.", ::getpid());
+  fs::remove_all(tmp, ec);
+  fs::create_directory(tmp, ec);
+  QL_CHECK(!ec, tmp.string(), ": cannot create the temporary folder: ", ec.message());
+  try {
+    write(tmp);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  if (exists) {
+    fs::remove_all(old, ec);
+    fs::rename(target, old, ec);
+    QL_CHECK(!ec, dir.string(), ": cannot move the old output aside: ", ec.message());
+  }
+  fs::rename(tmp, target, ec);
+  QL_CHECK(!ec, dir.string(), ": cannot rename ", tmp.string(), " into place: ", ec.message());
+  if (exists) fs::remove_all(old, ec);
+}
+
+Model dequantized_model(const Model& model) {
+  Model m = model;
+  for (LayerWeights& L : m.layers)
+    for (Linear* lin : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+      if (lin->quantized()) {
+        lin->weight = lin->dense_weight();
+        lin->qweight = QMatrix();
+      }
+  m.quant = QuantInfo();
+  // The float head / embedding already hold the head's exact dequantization.
+  m.head_q = QMatrix();
+  return m;
+}
+
+ExportReport export_hf(const Model& model, const fs::path& dir) {
+  const Model dense = dequantized_model(model);
+  save_hf_model(dense, dir);
+  // Dequantization and the RoPE row move are exact: every weight is the model's own value.
+  ExportReport report;
+  report.format = "hf";
+  report.path = dir.string();
+  return report;
+}
+
+}  // namespace qalora
