@@ -9,6 +9,7 @@ void register_info(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_logits(CLI::App& app);
 void register_perplexity(CLI::App& app);
+void register_eval(CLI::App& app);
 void register_chat(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_quantize(CLI::App& app);
@@ -21,6 +22,7 @@ inline void register_commands(CLI::App& app) {
   register_generate(app);
   register_logits(app);
   register_perplexity(app);
+  register_eval(app);
   register_chat(app);
   register_bench(app);
   register_quantize(app);
