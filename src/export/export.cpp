@@ -33,16 +33,6 @@ std::string describe(const QMatrix* q) {
   return cat("affine ", q->bits, "-bit g", q->group_size, q->g_idx.empty() ? "" : " act-order");
 }
 
-Linear rope_permuted(const Linear& lin, int64_t n_heads, int64_t head_dim, bool to_hf) {
-  Linear out;
-  if (lin.quantized())
-    out.qweight = permute_rope_rows(lin.qweight, n_heads, head_dim, to_hf);
-  else
-    out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, to_hf);
-  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, to_hf);
-  return out;
-}
-
 }  // namespace exporting
 
 double TensorExport::relative_error() const {

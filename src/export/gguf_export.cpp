@@ -17,7 +17,6 @@ namespace {
 
 using exporting::add_difference;
 using exporting::describe;
-using exporting::fp16_round;
 
 constexpr int64_t kBlock = 32;  // elements of a Q4_0 / Q4_1 / Q8_0 block
 
@@ -72,15 +71,15 @@ std::optional<Encoding> encode_codes(const QMatrix& q, GgmlType type) {
       put_fp16(blk, s);
       if (type == GgmlType::Q4_1) {
         put_fp16(blk + 2, m);
-        e.offsets_rounded_only = e.offsets_rounded_only && fp16_round(s) == s;
-        e.max_abs_dm = std::max(e.max_abs_dm, std::abs(static_cast<double>(fp16_round(m)) - m));
+        e.offsets_rounded_only = e.offsets_rounded_only && round_to_fp16(s) == s;
+        e.max_abs_dm = std::max(e.max_abs_dm, std::abs(static_cast<double>(round_to_fp16(m)) - m));
         for (int k = 0; k < 16; ++k) blk[4 + k] = static_cast<uint8_t>(c[k] | c[k + 16] << 4);
         continue;
       }
       const bool q8 = type == GgmlType::Q8_0;
       // s = 0: every value is m, representable only when it is 0 (then z is arbitrary).
       const float z = s != 0.0f ? std::nearbyint(-m / s) : (q8 ? 128.0f : 8.0f);
-      if (fp16_round(s) != s || (s != 0.0f ? -(s * z) != m : m != 0.0f)) return std::nullopt;
+      if (round_to_fp16(s) != s || (s != 0.0f ? -(s * z) != m : m != 0.0f)) return std::nullopt;
       const int lo = q8 ? -128 : 0, hi = q8 ? 127 : 15, shift = q8 ? 0 : 8;
       int v[kBlock];
       for (int k = 0; k < kBlock; ++k) {
@@ -359,8 +358,8 @@ ExportReport export_gguf(const Model& model, const fs::path& path,
     const std::string b = cat("blk.", l, ".");
     add_f32(b + "attn_norm.weight", L.attn_norm);
     // llama.cpp's qwen2 rotates halves: q/k rows go back to that layout.
-    const Linear q = qwen2 ? exporting::rope_permuted(L.q, c.n_heads, c.head_dim, true) : L.q;
-    const Linear k = qwen2 ? exporting::rope_permuted(L.k, c.n_kv_heads, c.head_dim, true) : L.k;
+    const Linear q = qwen2 ? permute_rope_rows(L.q, c.n_heads, c.head_dim, true) : L.q;
+    const Linear k = qwen2 ? permute_rope_rows(L.k, c.n_kv_heads, c.head_dim, true) : L.k;
     const auto add_linear = [&](const char* name, const Linear& lin) {
       const std::string wname = b + name + ".weight";
       add(Weight{wname, lin.quantized() ? &lin.qweight : nullptr, lin.dense_weight(),

@@ -22,7 +22,7 @@ namespace {
 
 using exporting::add_difference;
 using exporting::describe;
-using exporting::fp16_round;
+using hf::st_raw;
 
 // Puts value k of a packed stream at bits [bits * k, bits * k + bits) of the words `stride`
 // apart (the inverse of gptq_unpack); the words start at zero.
@@ -32,13 +32,6 @@ void gptq_pack(uint32_t* words, int64_t stride, int64_t k, int bits, uint32_t v)
   const auto shift = static_cast<unsigned>(bit % 32);
   words[w * stride] |= v << shift;
   if (shift + static_cast<unsigned>(bits) > 32) words[(w + 1) * stride] |= v >> (32 - shift);
-}
-
-template <typename T>
-StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape, const std::vector<T>& v) {
-  std::vector<uint8_t> bytes(v.size() * sizeof(T));
-  if (!bytes.empty()) std::memcpy(bytes.data(), v.data(), bytes.size());
-  return {std::move(name), dtype, std::move(shape), std::move(bytes)};
 }
 
 StWriteTensor st_half_or_f32(const std::string& name, const Tensor& t) {
@@ -64,7 +57,7 @@ void add_gptq_linear(std::vector<StWriteTensor>& out, const std::string& prefix,
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t l = 0; l < L; ++l) {
       const float s = q.scales[j * L + l], m = q.offsets[j * L + l];
-      const float s16 = fp16_round(s);
+      const float s16 = round_to_fp16(s);
       QL_CHECK(s16 == s || options.allow_lossy, "export: ", prefix, " (", describe(&q),
                "): scale [", j, ", ", l, "] = ", s,
                " is not an fp16 value, which GPTQ stores; pass --allow-lossy to round it");
@@ -176,7 +169,7 @@ ExportReport export_gptq(const Model& model, const fs::path& dir,
       const Linear& original = target_linear(L, t);
       const int64_t heads = t == Target::Q ? c.n_heads : c.n_kv_heads;
       const Linear lin = t == Target::Q || t == Target::K
-                             ? exporting::rope_permuted(original, heads, c.head_dim, true)
+                             ? permute_rope_rows(original, heads, c.head_dim, true)
                              : original;
       const std::string module = cat(t <= Target::O ? "self_attn." : "mlp.", target_name(t));
       const std::string prefix = p + module;

@@ -3,6 +3,7 @@
 // GPTQ checkpoints).
 #pragma once
 
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -133,5 +134,12 @@ void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& pr
 // A float tensor stored as `dtype` (F16 or BF16) when every value survives the conversion
 // exactly, else as F32.
 StWriteTensor st_float(std::string name, const float* data, Shape shape, StDtype dtype);
+// A tensor whose elements are stored as they are in memory (codes, int32 words, fp32 values).
+template <typename T>
+StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape, const std::vector<T>& v) {
+  std::vector<uint8_t> bytes(v.size() * sizeof(T));
+  if (!bytes.empty()) std::memcpy(bytes.data(), v.data(), bytes.size());
+  return {std::move(name), dtype, std::move(shape), std::move(bytes)};
+}
 
 }  // namespace qalora::hf

@@ -215,17 +215,6 @@ Linear load_linear(const HfWeights& w, const FolderQuant& q, const std::string& 
   return lin;
 }
 
-// q_proj/k_proj (weight and bias) converted between the RoPE layouts.
-Linear rope_linear(const Linear& lin, int64_t n_heads, int64_t head_dim, bool to_hf) {
-  Linear out;
-  if (lin.quantized())
-    out.qweight = permute_rope_rows(lin.qweight, n_heads, head_dim, to_hf);
-  else
-    out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, to_hf);
-  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, to_hf);
-  return out;
-}
-
 std::shared_ptr<const Tokenizer> load_folder_tokenizer(const fs::path& dir) {
   if (fs::exists(dir / "tokenizer.json"))
     return std::make_shared<const Tokenizer>(read_hf_tokenizer(dir / "tokenizer.json"));
@@ -344,6 +333,16 @@ QMatrix permute_rope_rows(const QMatrix& w, int64_t n_heads, int64_t head_dim, b
   return permute_rows(w, rope_row_order(n_heads, head_dim, to_hf), "permute_rope_rows");
 }
 
+Linear permute_rope_rows(const Linear& lin, int64_t n_heads, int64_t head_dim, bool to_hf) {
+  Linear out;
+  if (lin.quantized())
+    out.qweight = permute_rope_rows(lin.qweight, n_heads, head_dim, to_hf);
+  else
+    out.weight = permute_rope_rows(lin.weight, n_heads, head_dim, to_hf);
+  if (!lin.bias.empty()) out.bias = permute_rope_rows(lin.bias, n_heads, head_dim, to_hf);
+  return out;
+}
+
 Model load_hf_model(const fs::path& dir) {
   const fs::path config_path = dir / "config.json";
   const json config = hf::parse_json_file(config_path);
@@ -393,8 +392,8 @@ Model load_hf_model(const fs::path& dir) {
     L.up = load_linear(w, quant, p + "mlp.up_proj", c.hidden_dim, c.dim, false);
     L.down = load_linear(w, quant, p + "mlp.down_proj", c.dim, c.hidden_dim, false);
     if (quant.qk_halves) {
-      L.q = rope_linear(L.q, c.n_heads, c.head_dim, false);
-      L.k = rope_linear(L.k, c.n_kv_heads, c.head_dim, false);
+      L.q = permute_rope_rows(L.q, c.n_heads, c.head_dim, false);
+      L.k = permute_rope_rows(L.k, c.n_kv_heads, c.head_dim, false);
     }
   }
   m.final_norm = w.get("model.norm.weight", {c.dim});
@@ -427,7 +426,7 @@ void save_hf_model(const Model& model, const fs::path& dir) {
   const bool qk_halves = !layout || layout->qk_halves;
   const FloatTypes floats(model, layout.has_value());
   const auto qk = [&](const Linear& lin, int64_t heads) {
-    return qk_halves ? rope_linear(lin, heads, c.head_dim, true) : lin;
+    return qk_halves ? permute_rope_rows(lin, heads, c.head_dim, true) : lin;
   };
 
   // A native folder keeps a quantized head as such (see load_hf_model).

@@ -129,13 +129,6 @@ FolderQuant read_gptq(const json& j, const std::string& file) {
 
 // ---- native tensors -------------------------------------------------------------------------
 
-template <typename T>
-StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape, const std::vector<T>& v) {
-  std::vector<uint8_t> bytes(v.size() * sizeof(T));
-  if (!bytes.empty()) std::memcpy(bytes.data(), v.data(), bytes.size());
-  return {std::move(name), dtype, std::move(shape), std::move(bytes)};
-}
-
 std::vector<float> floats_of(const Tensor& t) {
   return {t.data(), t.data() + t.numel()};
 }

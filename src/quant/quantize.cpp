@@ -12,7 +12,6 @@
 
 namespace qalora {
 
-static float round_fp16(float v) { return fp16_to_fp32(fp32_to_fp16(v)); }
 
 AffineParams affine_params(const float* w, int64_t n, int64_t stride, int bits, bool sym) {
   float lo = 0.0f, hi = 0.0f;
@@ -29,11 +28,11 @@ AffineParams affine_params(const float* w, int64_t n, int64_t stride, int bits, 
   float scale = (hi - lo) / maxq;
   if (!(scale > 0.0f)) scale = 1.0f;
   constexpr float kMinFp16 = 5.9604645e-8f;  // smallest positive fp16 (subnormal)
-  p.scale = std::max(round_fp16(scale), kMinFp16);
+  p.scale = std::max(round_to_fp16(scale), kMinFp16);
   if (!std::isfinite(p.scale))
     fail("weight range [", lo, ", ", hi, "] does not fit an fp16 scale at ", bits, " bits");
   const float zero = sym ? static_cast<float>(1 << (bits - 1)) : std::nearbyint(-lo / p.scale);
-  p.offset = round_fp16(-p.scale * zero);
+  p.offset = round_to_fp16(-p.scale * zero);
   return p;
 }
 
@@ -90,7 +89,7 @@ QMatrix quantize_int8(const float* w, int64_t rows, int64_t cols) {
       float amax = 0.0f;
       for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(row[i]));
       AffineParams p;
-      p.scale = amax > 0.0f ? round_fp16(amax / 127.0f) : 1.0f;
+      p.scale = amax > 0.0f ? round_to_fp16(amax / 127.0f) : 1.0f;
       p.offset = -128.0f * p.scale;  // exact: a power-of-two multiple of an fp16 value
       q.scales[j] = p.scale;
       q.offsets[j] = p.offset;

@@ -55,6 +55,11 @@ inline uint16_t fp32_to_fp16(float f) {
   return static_cast<uint16_t>(sign | half);
 }
 
+// The fp16 value nearest to v, as fp32 (what storing v as fp16 keeps).
+inline float round_to_fp16(float v) {
+  return fp16_to_fp32(fp32_to_fp16(v));
+}
+
 inline float bf16_to_fp32(uint16_t b) {
   return std::bit_cast<float>(static_cast<uint32_t>(b) << 16);
 }

@@ -154,6 +154,8 @@ Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, boo
 // The same for a quantized weight: rows move with their codes and group parameters (throws
 // for NF4/FP4 rows that do not own whole absmax blocks, see permute_rows in qmatrix_rows.h).
 QMatrix permute_rope_rows(const QMatrix& w, int64_t n_heads, int64_t head_dim, bool to_hf);
+// The same for a whole q/k linear: its weight (dense or quantized) and bias.
+Linear permute_rope_rows(const Linear& lin, int64_t n_heads, int64_t head_dim, bool to_hf);
 // Row r of the converted matrix is row result[r] of the original.
 std::vector<int64_t> rope_row_order(int64_t n_heads, int64_t head_dim, bool to_hf);
 
