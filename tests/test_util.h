@@ -30,6 +30,16 @@ std::filesystem::path smollm2_path();
                    << " (run scripts/setup.sh)";                                              \
   } while (0)
 
+// Skips a test whose minutes of work on the real models add nothing under the sanitizers (the
+// same code runs in the smaller tests there).
+#ifdef QALORA_SANITIZE
+#define QL_SKIP_UNDER_SANITIZERS(why) GTEST_SKIP() << "skipped under the sanitizers: " << (why)
+#else
+#define QL_SKIP_UNDER_SANITIZERS(why) \
+  do {                                \
+  } while (0)
+#endif
+
 // n samples of N(0, sigma^2), reproducible from `seed`.
 std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f);
 // n samples of U(lo, hi), reproducible from `seed`.

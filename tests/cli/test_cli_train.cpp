@@ -266,9 +266,7 @@ TEST(CliTrain, BadInputIsOneClearLine) {
 
 // A short QA-LoRA run of the default model on Alpaca data lowers its held-out loss.
 TEST(CliTrain, SmolLm2QaLoraOnAlpacaLowersTheHeldOutLoss) {
-#ifdef QALORA_SANITIZE
-  GTEST_SKIP() << "minutes under the sanitizers; the Release run covers it";
-#endif
+  QL_SKIP_UNDER_SANITIZERS("minutes of SmolLM2 training");
   QL_REQUIRE_SMOLLM2();
   QL_REQUIRE_DATA(kAlpaca);
   const fs::path dir = test::temp_dir();

@@ -27,9 +27,7 @@ const nlohmann::json& row(const nlohmann::json& rows, const std::string& method,
 }
 
 TEST(PaperTable, QuickVariantShowsWhatQaLoraAvoids) {
-#ifdef QALORA_SANITIZE
-  GTEST_SKIP() << "minutes of training and quantization: run in the Release suite only";
-#endif
+  QL_SKIP_UNDER_SANITIZERS("minutes of training and quantization");
   QL_REQUIRE_DATA("models/stories260K/stories260K.bin");
   QL_REQUIRE_DATA("text/tinystories_val.txt");
   const fs::path out = test::temp_dir() / "table";
