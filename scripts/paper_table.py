@@ -133,8 +133,11 @@ def evaluate(run: Runner, cfg: dict, row: dict, model: list, adapter: str | None
     return row
 
 
-def train(run: Runner, cfg: dict, model: list, kind: str, out: pathlib.Path) -> dict:
-    run("train-" + out.name, ["train"] + model + cfg["data"] + cfg["train"] + ["--adapter", kind, "--out", str(out)])
+def train(run: Runner, cfg: dict, model: list, kind: str, out: pathlib.Path, resume: bool) -> dict:
+    if resume and (out / "qalora_adapter.json").exists():
+        print(f"  train-{out.name}: done before", flush=True)
+    else:
+        run("train-" + out.name, ["train"] + model + cfg["data"] + cfg["train"] + ["--adapter", kind, "--out", str(out)])
     summary = None
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -143,14 +146,28 @@ def train(run: Runner, cfg: dict, model: list, kind: str, out: pathlib.Path) -> 
     return {"train_tokens_per_s": summary["tokens_per_second"], "train_peak_mb": summary["peak_rss_mb"]}
 
 
-def regenerate(cfg: dict, run: Runner, out: pathlib.Path) -> list:
+def regenerate(cfg: dict, run: Runner, out: pathlib.Path, resume: bool) -> list:
     rows = []
     fp32 = cfg["model"]
     threads = fp32[fp32.index("--threads"):][:2] if "--threads" in fp32 else []
+    # --resume: rows already in results.json and outputs already complete (the file each command
+    # writes last exists) are taken as they are.
+    previous = {}
+    if resume and (out / "results.json").exists():
+        previous = {(r["method"], r["precision"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+
+    def step(done: pathlib.Path, name: str, args: list):
+        if resume and done.exists():
+            print(f"  {name}: done before", flush=True)
+        else:
+            run(name, args)
 
     def add(method, bits, model, adapter=None, extra=None, precision=None, loss_only=False):
         precision = precision or (f"INT{bits}" if bits else "fp32")
         print(f"{method} {precision}", flush=True)
+        if (method, precision) in previous:
+            rows.append(previous[(method, precision)])
+            return rows[-1]
         row = {"method": method, "bits": bits, "precision": precision}
         row.update(extra or {})
         row["bits_per_weight"] = bits_per_weight(run, model, adapter)
@@ -163,35 +180,35 @@ def regenerate(cfg: dict, run: Runner, out: pathlib.Path) -> list:
     gptq = {}
     for b in BITS:
         gptq[b] = ["-m", str(out / f"gptq{b}")] + threads
-        run(f"quantize-gptq{b}", ["quantize"] + fp32 + ["--method", "gptq", "--bits", str(b), "-g", "32"]
+        step(out / f"gptq{b}/quantize_config.json", f"quantize-gptq{b}", ["quantize"] + fp32 + ["--method", "gptq", "--bits", str(b), "-g", "32"]
             + cfg["calib"] + ["-o", gptq[b][1]])
         add("GPTQ", b, gptq[b])
 
     nf4 = ["-m", str(out / "nf4")] + threads
-    run("quantize-nf4", ["quantize"] + fp32 + cfg["nf4"] + ["-o", nf4[1]])
+    step(out / "nf4/quantize_config.json", "quantize-nf4", ["quantize"] + fp32 + cfg["nf4"] + ["-o", nf4[1]])
     qlora = out / "qlora"
-    add("QLoRA (unmerged)", 4, nf4, str(qlora), train(run, cfg, nf4, "lora", qlora), "NF4")
+    add("QLoRA (unmerged)", 4, nf4, str(qlora), train(run, cfg, nf4, "lora", qlora, resume), "NF4")
     for b in BITS:
         merged = out / f"qlora-gptq{b}"
-        run(f"merge-qlora-gptq{b}", ["merge"] + nf4 + ["--adapter", str(qlora), "--out", str(merged),
+        step(merged / "merge.json", f"merge-qlora-gptq{b}", ["merge"] + nf4 + ["--adapter", str(qlora), "--out", str(merged),
                                      "--requantize", "gptq", "--bits", str(b), "-g", "32",
                                      "--fidelity-text", "none"] + cfg["calib"])
         add("QLoRA w/ GPTQ", b, ["-m", str(merged)] + threads)
 
     for b in BITS:
-        lora = out / f"gptq{b}-lora"
-        add("GPTQ-LoRA (unmerged)", b, gptq[b], str(lora), train(run, cfg, gptq[b], "lora", lora))
-
-    for b in BITS:
         qalora = out / f"gptq{b}-qalora"
-        stats = train(run, cfg, gptq[b], "qalora", qalora)
+        stats = train(run, cfg, gptq[b], "qalora", qalora, resume)
         # Only the loss: the merged row below must agree, and the benchmarks follow from that.
         unmerged = add("QA-LoRA (unmerged)", b, gptq[b], str(qalora), stats, loss_only=True)
         merged = out / f"gptq{b}-qalora-merged"
-        run(f"merge-qalora{b}", ["merge"] + gptq[b] + ["--adapter", str(qalora), "--out", str(merged),
+        step(merged / "merge.json", f"merge-qalora{b}", ["merge"] + gptq[b] + ["--adapter", str(qalora), "--out", str(merged),
                                  "--fidelity-text", "none"])
         row = add("QA-LoRA (merged)", b, ["-m", str(merged)] + threads, None, stats)
         row["unmerged_heldout_loss"] = unmerged["heldout_loss"]
+
+    for b in BITS:
+        lora = out / f"gptq{b}-lora"
+        add("GPTQ-LoRA (unmerged)", b, gptq[b], str(lora), train(run, cfg, gptq[b], "lora", lora, resume))
     return rows
 
 
@@ -284,6 +301,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="stories260K on TinyStories, minutes")
     parser.add_argument("--out", default=None, help="output folder (default build/paper-table[-quick])")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows and outputs an interrupted run of the same --out finished")
     parser.add_argument("--qalora", default=os.environ.get("QALORA", str(ROOT / "build/qalora")))
     parser.add_argument("--data", default=os.environ.get("QALORA_DATA_DIR", str(ROOT.parent / "shared/data")))
     args = parser.parse_args()
@@ -291,7 +310,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = config(args.quick, pathlib.Path(args.data), out)
     started = time.time()
-    rows = regenerate(cfg, Runner(args.qalora, out), out)
+    rows = regenerate(cfg, Runner(args.qalora, out), out, args.resume)
     minutes = (time.time() - started) / 60
     (out / "results.json").write_text(json.dumps({"config": cfg["name"], "minutes": minutes, "rows": rows}, indent=1) + "\n")
     md = table(rows, cfg)
