@@ -65,6 +65,10 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 constexpr double kTol = 1e-5;
+// dx sums over the rows (the outputs): with few columns, cancellation between the rows' terms
+// lets two fp32 sums in different orders (kernel and reference) differ by more than kTol
+// normwise (seen at 33 rows x 1 column when the compiler vectorizes the reference differently).
+constexpr double kBackwardTol = 5e-5;
 
 std::vector<Isa> runnable_isas() {
   std::vector<Isa> v;
@@ -179,7 +183,7 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
     for (const Case& c : bwd) {
       std::vector<float> dx(c.ref.size(), -7.0f);
       qmatmul_backward_input(dx.data(), c.x.data(), w, c.T);
-      EXPECT_LE(rel_err(dx, c.ref), kTol) << "backward_input T " << c.T;
+      EXPECT_LE(rel_err(dx, c.ref), kBackwardTol) << "backward_input T " << c.T;
     }
     std::vector<float> deq(deq_ref.size(), -7.0f), part(part_ref.size(), -7.0f);
     dequantize_rows(w, 0, O, deq.data());
