@@ -27,7 +27,7 @@ $Q train -m "$OUT/gptq4" --data "$ALPACA" --adapter qalora --max-steps "$STEPS" 
   --learning-rate 1e-3 --seed 42 --out "$OUT/qalora"
 stage "4/6 merge into the INT4 offsets (exact; compared with the unmerged adapter)"
 $Q merge -m "$OUT/gptq4" --adapter "$OUT/qalora" --out "$OUT/merged"
-stage "5/6 export GGUF (Q4_1 with the same codes and scales)"
+stage "5/6 export GGUF (Q4_1: the same codes and scales, offsets rounded to fp16 with error feedback)"
 # Per-tensor lines left out: the summary says what changed (only offsets rounded to fp16).
 $Q export -m "$OUT/merged" --format gguf -o "$OUT/merged.gguf" | grep -v "^  blk\."
 stage "6/6 evaluate and chat with the GGUF"

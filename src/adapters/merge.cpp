@@ -105,15 +105,15 @@ void merge_dense(Model& model, const AdapterSet& set) {
   if (!has_quantized_linear(model)) model.quant = QuantInfo{};
 }
 
-MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet& set, const Model& merged,
-                             std::span<const int32_t> tokens, int64_t ctx) {
+MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set,
+                             const Model& merged, std::span<const int32_t> tokens, int64_t ctx) {
   const int64_t vocab = merged.config.vocab_size;
   QL_CHECK(unmerged_base.config.vocab_size == vocab, "merge fidelity: the merged model has ", vocab,
            " vocabulary entries, the base ", unmerged_base.config.vocab_size);
   QL_CHECK(
       ctx >= 2 && ctx <= merged.config.context_length && ctx <= unmerged_base.config.context_length,
       "merge fidelity: context expected in [2, ", merged.config.context_length, "], got ", ctx);
-  InferenceSession unmerged_session(unmerged_base, ctx, &set);
+  InferenceSession unmerged_session(unmerged_base, ctx, set);
   InferenceSession merged_session(merged, ctx);
   const int32_t bos =
       merged.tokenizer && merged.tokenizer->add_bos() ? merged.tokenizer->bos_id() : -1;

@@ -356,6 +356,28 @@ DataFormat parse_data_format(std::string_view name) {
   fail("unknown data format '", name, "': expected one of auto, alpaca, io, chat, sharegpt, text");
 }
 
+json data_options_to_json(const DataOptions& d) {
+  return {{"format", data_format_name(d.format)},
+          {"train_on_source", d.train_on_source},
+          {"source_max_len", d.source_max_len},
+          {"target_max_len", d.target_max_len},
+          {"max_seq_len", d.max_seq_len},
+          {"chat_template", d.chat_template ? chat_format_name(*d.chat_template) : "model"}};
+}
+
+DataOptions data_options_from_json(const json& j) {
+  DataOptions d;
+  if (!j.is_object()) return d;
+  d.format = parse_data_format(j.value("format", "auto"));
+  d.train_on_source = j.value("train_on_source", d.train_on_source);
+  d.source_max_len = j.value("source_max_len", d.source_max_len);
+  d.target_max_len = j.value("target_max_len", d.target_max_len);
+  d.max_seq_len = j.value("max_seq_len", d.max_seq_len);
+  const std::string chat = j.value("chat_template", "model");
+  if (chat != "model") d.chat_template = parse_chat_format(chat);
+  return d;
+}
+
 int64_t Example::target_count() const {
   return std::count_if(target.begin(), target.end(), [](uint8_t t) { return t != 0; });
 }

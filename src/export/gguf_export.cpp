@@ -300,6 +300,11 @@ void write_metadata(GgufWriter& w, const Model& model, const std::string& arch) 
 
 }  // namespace
 
+bool gguf_q4_1_codes(const QMatrix& q) {
+  return q.type == QuantType::Affine && q.g_idx.empty() && q.bits <= 4 && q.cols % kBlock == 0 &&
+         q.group_size % kBlock == 0;
+}
+
 ExportReport export_gguf(const Model& model, const fs::path& path,
                          const GgufExportOptions& options) {
   const ModelConfig& c = model.config;

@@ -12,6 +12,7 @@
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
 #include "qalora/io/safetensors.h"
+#include "qalora/quant/offset_rounding.h"
 
 namespace qalora {
 
@@ -38,19 +39,13 @@ StWriteTensor st_half_or_f32(const std::string& name, const Tensor& t) {
   return hf::st_float(name, t.data(), t.shape(), StDtype::F16);
 }
 
-// GPTQ packs codes down each column and zeros along each row into whole int32 words.
-bool packable(const QMatrix& q) {
-  return q.cols * q.bits % 32 == 0 && q.rows * q.bits % 32 == 0;
-}
-
 // qweight / qzeros / scales / g_idx of one affine linear, and its differences as the GPTQ reader
 // decodes it: W = s16 * (q - z) with s16 the fp16 scale and z = round(-m / s16) clamped.
 void add_gptq_linear(std::vector<StWriteTensor>& out, const std::string& prefix, const QMatrix& q,
                      const GptqExportOptions& options, TensorExport& t) {
   const int b = q.bits;
   const int64_t in = q.cols, rows = q.rows, L = q.n_groups();
-  const auto maxq = static_cast<float>((1 << b) - 1);
-  const float zmin = options.v2 ? 0.0f : 1.0f;  // v1 stores z - 1 and cannot hold z = 0
+  const int zmin = options.v2 ? 0 : 1;  // v1 stores z - 1 and cannot hold z = 0
   QMatrix read = q;                             // what the reader will build
   std::vector<uint16_t> scales(static_cast<size_t>(L * rows));
   std::vector<uint32_t> zeros(static_cast<size_t>(L * rows * b / 32), 0u);
@@ -61,9 +56,7 @@ void add_gptq_linear(std::vector<StWriteTensor>& out, const std::string& prefix,
       QL_CHECK(s16 == s || options.allow_lossy, "export: ", prefix, " (", describe(&q),
                "): scale [", j, ", ", l, "] = ", s,
                " is not an fp16 value, which GPTQ stores; pass --allow-lossy to round it");
-      // A zero scale decodes to 0 whatever z is.
-      const float raw = s16 != 0.0f ? std::nearbyint(-m / s16) : static_cast<float>(1 << (b - 1));
-      const float z = std::clamp(raw, zmin, maxq);
+      const auto z = static_cast<float>(zero_point(m, s16, b, zmin));
       read.scales[j * L + l] = s16;
       read.offsets[j * L + l] = -s16 * z;
       t.max_abs_dm = std::max(t.max_abs_dm, std::abs(static_cast<double>(-s16 * z) - m));
@@ -147,6 +140,10 @@ void write_config_and_tokenizer(const Model& model, const fs::path& dir) {
 
 }  // namespace
 
+bool gptq_packable(const QMatrix& q) {
+  return q.cols * q.bits % 32 == 0 && q.rows * q.bits % 32 == 0;
+}
+
 ExportReport export_gptq(const Model& model, const fs::path& dir,
                          const GptqExportOptions& options) {
   check_exportable(model);
@@ -176,7 +173,7 @@ ExportReport export_gptq(const Model& model, const fs::path& dir,
       TensorExport e;
       e.name = prefix;
       e.source = describe(lin.quantized() ? &lin.qweight : nullptr);
-      if (lin.quantized() && packable(lin.qweight)) {
+      if (lin.quantized() && gptq_packable(lin.qweight)) {
         e.type = cat("gptq ", lin.qweight.bits, "-bit");
         add_gptq_linear(tensors, prefix, lin.qweight, options, e);
         const QMatrix& q = lin.qweight;

@@ -97,6 +97,7 @@ void InferenceSession::linears(std::span<const LinearOutput> outputs, const floa
 }
 
 void InferenceSession::adapt(int64_t layer, Target target, const float* x, float* y, int64_t T) {
+  if (observer_) observer_(layer, target, x, T);
   const LoraAdapter* a = adapters_ ? adapters_->find(layer, target) : nullptr;
   if (!a) return;
   const auto t0 = Clock::now();

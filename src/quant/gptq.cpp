@@ -69,6 +69,24 @@ int64_t sweep_block(int64_t block, int64_t group, int64_t cols) {
 
 }  // namespace
 
+std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, double damp) {
+  QL_CHECK(static_cast<int64_t>(H.size()) == n * n, "Hessian has ", H.size(), " entries, expected ",
+           n * n);
+  double mean_diag = 0.0;
+  for (int64_t a = 0; a < n; ++a) mean_diag += H[a * n + a];
+  mean_diag /= static_cast<double>(n);
+  // A Hessian that still is not positive definite gets 10x more damping, a few times.
+  for (int attempt = 0;; ++attempt) {
+    std::vector<double> U = H;
+    for (int64_t a = 0; a < n; ++a) U[a * n + a] += damp * mean_diag;
+    if (inverse_upper_cholesky(U, static_cast<int>(n))) return U;
+    QL_CHECK(attempt < 4, "GPTQ: the Hessian of a layer with ", n,
+             " inputs is not positive definite even with damp ", damp,
+             " (too few calibration tokens?)");
+    damp *= 10.0;
+  }
+}
+
 QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<double> H,
                       const GptqOptions& opt) {
   QL_CHECK(opt.bits == 2 || opt.bits == 3 || opt.bits == 4 || opt.bits == 8, "GPTQ: bits is ",
@@ -116,25 +134,9 @@ QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<do
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t c = 0; c < cols; ++c) Wp[j * cols + c] = Wk[j * cols + perm[c]];
   std::vector<double> Hp(H.size());
-  double mean_diag = 0.0;
-  for (int64_t a = 0; a < cols; ++a) {
+  for (int64_t a = 0; a < cols; ++a)
     for (int64_t b = 0; b < cols; ++b) Hp[a * cols + b] = H[perm[a] * cols + perm[b]];
-    mean_diag += Hp[a * cols + a];
-  }
-  mean_diag /= static_cast<double>(cols);
-
-  // Damping; a Hessian that still is not positive definite gets 10x more, a few times.
-  std::vector<double> U;
-  double damp = opt.damp;
-  for (int attempt = 0;; ++attempt) {
-    U = Hp;
-    for (int64_t a = 0; a < cols; ++a) U[a * cols + a] += damp * mean_diag;
-    if (inverse_upper_cholesky(U, static_cast<int>(cols))) break;
-    QL_CHECK(attempt < 4, "GPTQ: the Hessian of a layer with ", cols,
-             " inputs is not positive definite even with damp ", damp,
-             " (too few calibration tokens?)");
-    damp *= 10.0;
-  }
+  const std::vector<double> U = damped_inverse_cholesky(std::move(Hp), cols, opt.damp);
   const std::vector<float> Uf(U.begin(), U.end());
 
   const int64_t B = opt.static_groups ? opt.block : sweep_block(opt.block, G, cols);

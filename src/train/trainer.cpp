@@ -222,18 +222,11 @@ json TrainConfig::identity() const {
   const AdapterConfig& a = adapter;
   json targets = json::array();
   for (Target t : a.targets) targets.push_back(target_name(t));
-  const DataOptions& d = data_options;
   return {
       {"data", data_identity(data)},
       {"eval_data", data_identity(eval_data)},
       {"eval_fraction", eval_data.empty() ? eval_fraction : 0.0},
-      {"data_options",
-       {{"format", data_format_name(d.format)},
-        {"train_on_source", d.train_on_source},
-        {"source_max_len", d.source_max_len},
-        {"target_max_len", d.target_max_len},
-        {"max_seq_len", d.max_seq_len},
-        {"chat_template", d.chat_template ? chat_format_name(*d.chat_template) : "model"}}},
+      {"data_options", data_options_to_json(data_options)},
       {"adapter",
        {{"kind", adapter_kind_name(a.kind)},
         {"rank", a.rank},

@@ -186,7 +186,7 @@ TEST(MergeFidelity, MeasuresTheMergeAgainstTheUnmergedModel) {
   std::vector<int32_t> text(45);
   for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<int32_t>((i * 7 + 3) % 31);
 
-  const MergeFidelity f = merge_fidelity(base, set, merged, text, 16);
+  const MergeFidelity f = merge_fidelity(base, &set, merged, text, 16);
   // No tokenizer, so no BOS: windows of 16, 16 and 13 positions.
   EXPECT_EQ(f.tokens, 45);
   EXPECT_LE(f.max_abs_logit_diff, 1e-4);
@@ -195,7 +195,7 @@ TEST(MergeFidelity, MeasuresTheMergeAgainstTheUnmergedModel) {
   EXPECT_NEAR(f.ppl_merged, f.ppl_unmerged, 1e-5 * f.ppl_unmerged);
 
   // The bare base as the "merged" model: the adapter's whole effect shows.
-  const MergeFidelity off = merge_fidelity(base, set, base, text, 16);
+  const MergeFidelity off = merge_fidelity(base, &set, base, text, 16);
   EXPECT_GT(off.max_abs_logit_diff, 1e-2);
   EXPECT_GT(off.mean_kl, 1e-4);
   EXPECT_NEAR(off.ppl_unmerged, f.ppl_unmerged, 1e-9 * f.ppl_unmerged);
@@ -224,8 +224,8 @@ TEST(MergeErrors, RefusesWhatCannotBeMerged) {
 
   const AdapterSet own = create_adapters(base, cfg);
   const std::vector<int32_t> text = {1, 2, 3, 4};
-  EXPECT_THROW(merge_fidelity(base, own, base, text, 1), Error);
-  EXPECT_THROW(merge_fidelity(base, own, other_model, text, 4), Error) << "vocabulary";
+  EXPECT_THROW(merge_fidelity(base, &own, base, text, 1), Error);
+  EXPECT_THROW(merge_fidelity(base, &own, other_model, text, 4), Error) << "vocabulary";
   try {
     merge_qalora(merged, lora);
   } catch (const Error& e) {

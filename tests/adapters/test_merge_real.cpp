@@ -53,14 +53,14 @@ void expect_exact_merges(const Model& fp32, const std::vector<int32_t>& tokens, 
       Model merged = base;
       merge_qalora(merged, set);
 
-      const MergeFidelity f = merge_fidelity(base, set, merged, tokens, ctx);
+      const MergeFidelity f = merge_fidelity(base, &set, merged, tokens, ctx);
       EXPECT_LE(f.max_abs_logit_diff, 1e-2);
       EXPECT_TRUE(same_3_digits(f.ppl_merged, f.ppl_unmerged))
           << f.ppl_merged << " vs " << f.ppl_unmerged;
       // The adapter must matter, or the comparison above proves nothing (checked once per base:
       // both pools use adapters of the same size).
       if (sum) continue;
-      const MergeFidelity without = merge_fidelity(base, set, base, tokens, ctx);
+      const MergeFidelity without = merge_fidelity(base, &set, base, tokens, ctx);
       EXPECT_GT(std::abs(without.ppl_merged - without.ppl_unmerged), 0.005 * f.ppl_unmerged)
           << "adapter off: " << without.ppl_merged << ", on: " << without.ppl_unmerged;
     }

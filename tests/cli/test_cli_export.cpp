@@ -106,7 +106,7 @@ TEST(CliExport, AdaptersMergeOnTheWayOrBecomePeftFiles) {
                             "-m",
                             q.string(),
                             "--data",
-                            data(kTinyStories),
+                            text.string(),
                             "--adapter",
                             kind,
                             "--rank",
@@ -128,15 +128,30 @@ TEST(CliExport, AdaptersMergeOnTheWayOrBecomePeftFiles) {
   };
   const std::string qalora = train("qalora"), lora = train("lora");
 
-  // QA-LoRA merges into the offsets; Q4_1 rounds them to fp16, which the report shows.
+  // QA-LoRA merges into the offsets, which Q4_1 stores in fp16: they are rounded first, with
+  // error feedback on the adapter's training data.
   const fs::path gguf = dir / "merged.gguf";
   auto r = run_cli(
       {"export", "-m", q.string(), "--adapter", qalora, "--format", "gguf", "-o", gguf.string()});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  const auto report = nlohmann::json::parse(read_file(gguf.string() + ".export.json"));
-  EXPECT_GT(report.at("max_abs_dm").get<double>(), 0);
-  EXPECT_LT(report.at("relative_error").get<double>(), 1e-3);
-  EXPECT_NE(r.out.find("max |dm|: "), std::string::npos);
+  auto report = nlohmann::json::parse(read_file(gguf.string() + ".export.json"));
+  EXPECT_EQ(report.at("max_abs_dw").get<double>(), 0) << "exact, offsets as rounded";
+  const auto& offsets = report.at("offsets");
+  EXPECT_EQ(offsets.at("onto"), "fp16");
+  EXPECT_GT(offsets.at("max_abs_dm").get<double>(), 0);
+  EXPECT_EQ(fs::path(offsets.at("calibration").get<std::string>()).filename(), "train.txt");
+  EXPECT_LT(offsets.at("error_vs_nearest").get<double>(), 1.0);
+  const double ppl = offsets.at("ppl_model").get<double>();
+  EXPECT_NEAR(offsets.at("ppl_stored").get<double>(), ppl, 1e-3 * ppl);
+  EXPECT_NE(r.out.find("with error feedback on"), std::string::npos) << r.out;
+
+  r = run_cli({"export", "-m", q.string(), "--adapter", qalora, "--format", "gguf", "-o",
+               gguf.string(), "--force", "--calib", "none"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  report = nlohmann::json::parse(read_file(gguf.string() + ".export.json"));
+  EXPECT_FALSE(report.at("offsets").contains("calibration"));
+  EXPECT_GT(report.at("offsets").at("max_abs_dm").get<double>(), 0);
+  EXPECT_NE(r.out.find("each to its nearest value (--calib none)"), std::string::npos) << r.out;
 
   r = run_cli({"export", "-m", q.string(), "--adapter", lora, "--format", "gguf", "-o",
                (dir / "lora.gguf").string()});

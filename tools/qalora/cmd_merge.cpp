@@ -15,9 +15,8 @@
 #include "qalora/adapters/merge.h"
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
-#include "qalora/core/mapped_file.h"
-#include "qalora/data/dataset.h"
 #include "quantize_args.h"
+#include "text_sample.h"
 
 namespace qalora::cli {
 
@@ -38,57 +37,7 @@ struct MergeArgs {
   int64_t ctx = 256;
 };
 
-struct FidelitySample {
-  std::string source;  // the file the tokens come from
-  std::vector<int32_t> tokens;
-};
-
-// The first `max_tokens` tokens of the text file.
-FidelitySample text_sample(const std::string& path, const Model& model, int64_t max_tokens) {
-  QL_CHECK(fs::is_regular_file(path), "--fidelity-text: cannot open ", path,
-           ": no such file (pass a text file, or none to skip the check)");
-  const std::string text = read_file(path);
-  QL_CHECK(!text.empty(), "--fidelity-text: ", path, " is empty");
-  std::vector<int32_t> tokens = model.require_tokenizer().encode(text, /*add_bos=*/false);
-  if (std::ssize(tokens) > max_tokens) tokens.resize(static_cast<size_t>(max_tokens));
-  return {path, std::move(tokens)};
-}
-
-// The first examples of the data the adapter was trained on (train_config.json's data_path,
-// read with the run's data options), up to `max_tokens` tokens.
-FidelitySample training_data_sample(const fs::path& adapter, const Model& model,
-                                    int64_t max_tokens) {
-  const fs::path config_path = adapter / "train_config.json";
-  const char* hint = "; pass --fidelity-text FILE, or none to skip the check";
-  QL_CHECK(fs::is_regular_file(config_path), "--adapter: ", adapter,
-           " has no train_config.json naming its training data", hint);
-  const json config = json::parse(read_file(config_path), nullptr, false);
-  QL_CHECK(!config.is_discarded() && config.contains("data_path") &&
-               config["data_path"].is_string(),
-           config_path.string(), ": field data_path: expected a path string", hint);
-  const fs::path data = config["data_path"].get<std::string>();
-  QL_CHECK(fs::is_regular_file(data), config_path.string(), ": data_path ", data,
-           " does not exist (moved?)", hint);
-  DataOptions options;
-  const json run_options = config.value("data_options", json::object());
-  options.format = parse_data_format(run_options.value("format", "auto"));
-  options.train_on_source = run_options.value("train_on_source", false);
-  options.source_max_len = run_options.value("source_max_len", options.source_max_len);
-  options.target_max_len = run_options.value("target_max_len", options.target_max_len);
-  options.max_seq_len = run_options.value("max_seq_len", options.max_seq_len);
-  const std::string chat = run_options.value("chat_template", "model");
-  if (chat != "model") options.chat_template = parse_chat_format(chat);
-  const Dataset set = load_dataset(data, model.require_tokenizer(), options);
-  FidelitySample sample{data.string(), {}};
-  for (const Example& e : set.examples) {
-    if (std::ssize(sample.tokens) >= max_tokens) break;
-    sample.tokens.insert(sample.tokens.end(), e.tokens.begin(), e.tokens.end());
-  }
-  if (std::ssize(sample.tokens) > max_tokens) sample.tokens.resize(static_cast<size_t>(max_tokens));
-  return sample;
-}
-
-json fidelity_json(const MergeFidelity& f, const MergeArgs& args, const FidelitySample& sample) {
+json fidelity_json(const MergeFidelity& f, const MergeArgs& args, const TextSample& sample) {
   return {{"text", fs::absolute(sample.source).string()},
           {"ctx", args.ctx},
           {"tokens", f.tokens},
@@ -131,11 +80,11 @@ void run_merge(MergeArgs& args) {
   const std::string method = merge_method(args, c.kind);
   // Read the text and the calibration data before the merge so that bad input fails before
   // any work.
-  const FidelitySample sample =
-      !check ? FidelitySample{}
+  const TextSample sample =
+      !check ? TextSample{}
       : args.fidelity_text.empty()
-          ? training_data_sample(args.model.adapter, base, args.fidelity_tokens)
-          : text_sample(args.fidelity_text, base, args.fidelity_tokens);
+          ? training_data_sample(args.model.adapter, base, args.fidelity_tokens, "--fidelity-text")
+          : text_sample(args.fidelity_text, base, args.fidelity_tokens, "--fidelity-text");
   const auto calibration = args.requantize.empty() ? std::vector<std::vector<int32_t>>{}
                                                    : load_calibration(args.quant, base);
 
@@ -172,7 +121,7 @@ void run_merge(MergeArgs& args) {
                             {"sym", merged.quant.sym},
                             {"calibration", merged.quant.calibration}};
   if (check) {
-    const MergeFidelity f = merge_fidelity(base, *set, merged, sample.tokens, args.ctx);
+    const MergeFidelity f = merge_fidelity(base, set.get(), merged, sample.tokens, args.ctx);
     std::printf("fidelity on %lld positions of %s (ctx %lld), unmerged vs merged:\n",
                 static_cast<long long>(f.tokens), sample.source.c_str(),
                 static_cast<long long>(args.ctx));

@@ -40,12 +40,13 @@ struct MergeFidelity {
   int64_t tokens = 0;  // positions compared (logit rows, BOS rows included)
 };
 
-// Runs `unmerged_base` with `set` applied unmerged and `merged` on windows of `ctx` positions of
+// Runs `unmerged_base` with `set` applied unmerged (as is when `set` is null: export compares a
+// model with the form it stores) and `merged` on windows of `ctx` positions of
 // `tokens` (non-overlapping; each window starts with BOS when the merged model's tokenizer adds
 // one, as `qalora perplexity`), takes the logits of every position of both, and compares them;
 // KL and the perplexities are computed in double. Throws Error on a vocabulary mismatch, a
 // context below 2 or above either model's, or too few tokens.
-MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet& set, const Model& merged,
-                             std::span<const int32_t> tokens, int64_t ctx);
+MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set,
+                             const Model& merged, std::span<const int32_t> tokens, int64_t ctx);
 
 }  // namespace qalora

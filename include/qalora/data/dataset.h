@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -34,6 +35,12 @@ struct DataOptions {
   int64_t max_seq_len = 512;             // text: window length; all formats: hard cap
   std::optional<ChatFormat> chat_template;  // chat/sharegpt: none = the model's own template
 };
+
+// The options as train_config.json records them ({"format", "train_on_source", "source_max_len",
+// "target_max_len", "max_seq_len", "chat_template": a name or "model"}), and back; fields
+// missing from the JSON keep their defaults, unknown names throw Error.
+nlohmann::json data_options_to_json(const DataOptions& options);
+DataOptions data_options_from_json(const nlohmann::json& json);
 
 struct DataStats {
   int64_t records = 0;    // records (text: windows) read from the file, skipped ones included

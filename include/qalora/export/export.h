@@ -60,6 +60,10 @@ struct GgufExportOptions {
   bool allow_lossy = false;
 };
 
+// Whether an affine matrix can go to GGUF as Q4_1 from its codes (at most 4 bits, contiguous
+// groups, rows and groups multiples of 32), its offsets then stored in fp16.
+bool gguf_q4_1_codes(const QMatrix& q);
+
 // Writes `path` atomically. Per linear weight (and the embeddings / head, under auto):
 //  - auto: the first of these that decodes to the model's values exactly: the tensor's source
 //    GGUF type (for a quantized weight only a block type), then for an affine QMatrix Q4_0 /
@@ -80,6 +84,10 @@ struct GptqExportOptions {
   bool v2 = false;  // checkpoint_format gptq_v2 (zeros as is), else gptq (zero - 1)
   bool allow_lossy = false;
 };
+
+// Whether export_gptq packs `q` (rows and columns fill whole int32 words at its bits); an
+// affine matrix that packs has its offsets stored as integer zero points.
+bool gptq_packable(const QMatrix& q);
 
 // Writes a GPTQ folder into `dir` (created if needed; the CLI passes the temporary folder of
 // write_folder_atomic):

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -26,6 +27,10 @@ struct LinearOutput {
   const Linear* linear;
   float* y;
 };
+
+// Sees the input x [T, in] of linear `target` of block `layer` during a forward.
+using LinearInputObserver =
+    std::function<void(int64_t layer, Target target, const float* x, int64_t T)>;
 
 class InferenceSession {
  public:
@@ -52,12 +57,16 @@ class InferenceSession {
 
   const Model& model() const { return model_; }
   ForwardStats& stats() { return stats_; }
+  // Calls `observer` with every block linear's input from the next forward on (calibration
+  // statistics; an empty function stops it).
+  void observe_linear_inputs(LinearInputObserver observer) { observer_ = std::move(observer); }
 
  private:
   void ensure_buffers(int64_t T);
   void linear(const Linear& l, const float* x, float* y, int64_t T);
   void linears(std::span<const LinearOutput> outputs, const float* x, int64_t T);
-  // y += the adapter of (layer, target) applied to x, when there is one.
+  // y += the adapter of (layer, target) applied to x, when there is one; x also goes to the
+  // observer.
   void adapt(int64_t layer, Target target, const float* x, float* y, int64_t T);
   // linear_forward, timed into stats_.
   void project(const Tensor& weight, const QMatrix& qweight, const Tensor& bias, const float* x,
@@ -65,6 +74,7 @@ class InferenceSession {
 
   const Model& model_;
   const AdapterSet* adapters_ = nullptr;
+  LinearInputObserver observer_;
   int64_t max_ctx_ = 0;
   int64_t pos_ = 0;
   std::vector<float> k_cache_;  // [layer][kv_head][head_dim][pos] (ops::kv_cache_store)

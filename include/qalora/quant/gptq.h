@@ -37,6 +37,11 @@ class HessianAccumulator {
   std::vector<float> upper_;  // sum x x^T, upper triangle, row-major
 };
 
+// U, upper triangular [n, n] row-major, with U^T U = (H + lambda I)^-1 and lambda = damp *
+// mean(diag H): the factor GPTQ's sweep pushes rounding errors through. lambda grows 10x, up to
+// four times, while H + lambda I is not positive definite; then Error.
+std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, double damp);
+
 // W [rows, cols] fp32 row-major; H [cols, cols] from HessianAccumulator::hessian().
 // Throws Error when the options are inconsistent or H cannot be factored even after extra damping.
 QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<double> H,
