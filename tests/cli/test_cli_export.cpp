@@ -197,6 +197,14 @@ TEST(CliExport, WhatCannotBeExportedIsAOneLineError) {
   expect_error({"-m", data(kStories / "stories260K.bin"), "--tokenizer",
                 data(kStories / "tok512.bin"), "--format", "gptq", "-o", out},
                "no quantized linear");
+  expect_error({"-m", q.string(), "--format", "hf", "--calib", "x.txt", "-o", out}, "--calib");
+  expect_error({"-m", q.string(), "--format", "gguf", "--type", "f16", "--calib", "x.txt", "-o",
+                out},
+               "--calib");
+  expect_error({"-m", q.string(), "--format", "gguf", "--calib-tokens", "0", "-o", out},
+               "--calib-tokens");
+  expect_error({"-m", q.string(), "--format", "gguf", "--calib", "missing.txt", "-o", out},
+               "--calib: cannot open missing.txt");
 
   // Allowed, the error is reported.
   const auto r = run_cli({"export", "-m", q.string(), "--format", "gguf", "--type", "q4_0",

@@ -182,6 +182,11 @@ void run_export(const ExportArgs& args) {
            "--format ", f);
   QL_CHECK(args.gptq_format.empty() || args.gptq_format == "v1" || args.gptq_format == "v2",
            "--gptq-format: expected v1 or v2, got '", args.gptq_format, "'");
+  QL_CHECK(args.calib.empty() || f == "gptq" || (f == "gguf" && (args.type.empty() || args.type == "q4_1")),
+           "--calib: only --format gptq and gguf with Q4_1 store offsets that need rounding, got "
+           "--format ", f, args.type.empty() ? "" : " --type " + args.type);
+  QL_CHECK(args.calib.empty() || args.calib == "none" || fs::is_regular_file(args.calib),
+           "--calib: cannot open ", args.calib, ": no such file (pass a text file, or none)");
   QL_CHECK(f != "peft" || !args.model.adapter.empty(),
            "--format peft: needs --adapter (the adapter folder to write as PEFT files)");
   QL_CHECK(args.force || !fs::exists(fs::symlink_status(args.out)), "--out: ", args.out,
