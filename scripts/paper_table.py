@@ -2,7 +2,7 @@
 """The QA-LoRA paper's comparison (its Table 1: QLoRA, QLoRA merged then GPTQ, QA-LoRA at 4/3/2
 bits) regenerated from scratch with qalora, fixed seeds and one training recipe for every row.
 
-  scripts/paper-table.sh           SmolLM2-135M-Instruct on alpaca_en_demo.json (about 75 min)
+  scripts/paper-table.sh           SmolLM2-135M-Instruct on alpaca_en_demo.json (about 80 min on 2 cores)
   scripts/paper-table.sh --quick   stories260K on TinyStories (minutes; CI checks its orderings)
 
 Writes OUT/results.json (one record per row), OUT/table.md and OUT/plot.svg (held-out loss
