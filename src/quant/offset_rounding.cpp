@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "qalora/adapters/adapter.h"
+#include "qalora/adapters/lora.h"
 #include "qalora/core/error.h"
 #include "qalora/core/fp16.h"
 #include "qalora/model/runtime.h"
@@ -67,10 +68,8 @@ std::vector<std::vector<double>> pooled_input_hessians(
     HessianAccumulator* a = acc[static_cast<size_t>(layer * kNumTargets + static_cast<int>(t))].get();
     if (!a) return;
     const QMatrix& q = target_linear(model.layers[static_cast<size_t>(layer)], t).qweight;
-    const int64_t L = q.n_groups(), G = q.group_size, in = q.cols;
-    sums.assign(static_cast<size_t>(T * L), 0.0f);
-    for (int64_t r = 0; r < T; ++r)
-      for (int64_t i = 0; i < in; ++i) sums[r * L + i / G] += x[r * in + i];
+    sums.resize(static_cast<size_t>(T * q.n_groups()));
+    pool_groups_forward(sums.data(), x, T, q.cols, q.group_size, AdapterPool::Sum);
     a->add(sums.data(), T);
   });
   std::vector<float> logits(static_cast<size_t>(model.config.vocab_size));

@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "export/export_test_util.h"
 #include "model/random_model.h"
 #include "qalora/adapters/merge.h"
 #include "qalora/core/error.h"
@@ -20,13 +21,7 @@ namespace qalora {
 namespace {
 
 Model quantized_model(int bits, uint64_t seed) {
-  Model m = test::make_random_model(test::ragged_shape(), seed);
-  QuantizeOptions q;
-  q.method = "rtn";
-  q.bits = bits;
-  q.group_size = 16;
-  quantize_model(m, q, {});
-  return m;
+  return test::quantized(test::make_random_model(test::ragged_shape(), seed), "rtn", bits, 16);
 }
 
 const std::vector<int32_t> kTokens = {1, 4, 30, 7, 7, 12, 0, 19, 3, 22, 28, 5, 16, 9};

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "export/export_test_util.h"
 #include "model/random_model.h"
 #include "qalora/adapters/merge.h"
 #include "qalora/core/error.h"
@@ -166,13 +167,7 @@ TEST(RoundOffsets, RefusesWhatHasNoOffsets) {
 }
 
 Model quantized_random_model(uint64_t seed) {
-  Model m = test::make_random_model(test::ragged_shape(), seed);
-  QuantizeOptions o;
-  o.method = "rtn";
-  o.bits = 4;
-  o.group_size = 16;
-  quantize_model(m, o, {});
-  return m;
+  return test::quantized(test::make_random_model(test::ragged_shape(), seed), "rtn", 4, 16);
 }
 
 TEST(PooledInputHessians, MatchTheGroupSumsOfTheFirstLayersInputs) {

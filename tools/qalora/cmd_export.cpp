@@ -215,7 +215,7 @@ void run_export(const ExportArgs& args) {
   if (f == "gptq")
     offsets = round_stored_offsets(args, model,
                                    {OffsetGrid::Kind::ZeroPoints, args.gptq_format == "v2" ? 0 : 1},
-                                   [](const QMatrix& q) { return gptq_packable(q); });
+                                   gptq_packable);
   const auto report_json = [&](const ExportReport& r) {
     json j = r.to_json();
     j["offsets"] = offsets;
