@@ -1,9 +1,14 @@
 #include "qalora/core/tensor.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 
 namespace qalora {
 
@@ -22,11 +27,50 @@ void check_shape(std::string_view source, std::string_view name, const Shape& ac
            ", expected ", shape_str(expected), context);
 }
 
+namespace {
+
+std::shared_ptr<const RowCodec> element_codec(const char* type, int64_t row_len, size_t size,
+                                              void (*decode)(const uint8_t*, float*, int64_t)) {
+  auto c = std::make_shared<RowCodec>();
+  c->type = type;
+  c->row_bytes = static_cast<size_t>(row_len) * size;
+  c->decode = decode;
+  return c;
+}
+
+void f32_row(const uint8_t* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+}
+
+}  // namespace
+
+std::shared_ptr<const RowCodec> f32_codec(int64_t row_len) {
+  return element_codec("F32", row_len, 4, f32_row);
+}
+
+std::shared_ptr<const RowCodec> half_codec(int64_t row_len) {
+  return element_codec("F16", row_len, 2, fp16_to_fp32_row);
+}
+
+std::shared_ptr<const RowCodec> bf16_codec(int64_t row_len) {
+  return element_codec("BF16", row_len, 2, bf16_to_fp32_row);
+}
+
 int64_t Tensor::numel() const {
-  if (data_ == nullptr) return 0;
+  if (empty()) return 0;
   int64_t n = 1;
   for (int64_t d : shape_) n *= d;
   return n;
+}
+
+int64_t Tensor::row_len() const {
+  const int64_t r = rows();
+  return r == 0 ? 0 : numel() / r;
+}
+
+int64_t Tensor::stored_bytes() const {
+  return encoded() ? rows() * static_cast<int64_t>(codec_->row_bytes)
+                   : numel() * static_cast<int64_t>(sizeof(float));
 }
 
 Tensor Tensor::zeros(Shape shape) {
@@ -44,22 +88,101 @@ Tensor Tensor::zeros(Shape shape) {
   return t;
 }
 
-Tensor Tensor::view(const float* data, Shape shape, std::shared_ptr<const void> owner) {
+Tensor Tensor::view(const float* data, Shape shape, std::shared_ptr<const void> owner,
+                    bool file_backed) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.data_ = const_cast<float*>(data);  // views are read-only until mutable_data() copies them
   t.owned_ = false;
+  t.file_backed_ = file_backed;
   t.owner_ = std::move(owner);
   return t;
 }
 
+Tensor Tensor::encoded(const uint8_t* data, Shape shape, std::shared_ptr<const RowCodec> codec,
+                       std::shared_ptr<const void> owner, bool file_backed) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.raw_ = data;
+  t.codec_ = std::move(codec);
+  t.file_backed_ = file_backed;
+  t.owner_ = std::move(owner);
+  return t;
+}
+
+const float* Tensor::data() const {
+  if (encoded())
+    throw std::logic_error(cat("a tensor stored as ", codec_->type, " ", shape_str(shape_),
+                               " was read as fp32 without decoding"));
+  return data_;
+}
+
 float* Tensor::mutable_data() {
-  if (!owned_ && data_ != nullptr) {
+  if (encoded()) {
+    *this = decoded();
+  } else if (!owned_ && data_ != nullptr) {
     Tensor copy = zeros(shape_);
     std::memcpy(copy.data_, data_, static_cast<size_t>(numel()) * sizeof(float));
     *this = std::move(copy);
   }
   return data_;
+}
+
+const uint8_t* Tensor::row_bytes_at(int64_t stored_row) const {
+  return raw_ + static_cast<size_t>(stored_row) * codec_->row_bytes;
+}
+
+void Tensor::decode_rows(int64_t r0, int64_t r1, float* out) const {
+  const int64_t n = row_len();
+  if (!encoded()) {
+    std::memcpy(out, data_ + r0 * n, static_cast<size_t>((r1 - r0) * n) * sizeof(float));
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    codec_->decode(row_bytes_at(order_ ? (*order_)[static_cast<size_t>(r)] : r), out + (r - r0) * n,
+                   n);
+}
+
+Tensor Tensor::decoded() const {
+  if (!encoded()) return *this;
+  Tensor out = zeros(shape_);
+  const int64_t rows_n = rows(), n = row_len();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows_n; ++r) decode_rows(r, r + 1, out.data_ + r * n);
+  return out;
+}
+
+Tensor Tensor::permuted_rows(const std::vector<int64_t>& order) const {
+  // Entries of the first dimension, which for a vector are its elements.
+  QL_CHECK(!shape_.empty() && static_cast<int64_t>(order.size()) == shape_[0] &&
+               (!encoded() || rank() >= 2),
+           "permuted_rows: ", order.size(), " rows given for a tensor of shape ",
+           shape_str(shape_));
+  if (encoded()) {
+    Tensor out = *this;
+    auto composed = std::make_shared<std::vector<int64_t>>(order.size());
+    for (size_t r = 0; r < order.size(); ++r)
+      (*composed)[r] = order_ ? (*order_)[static_cast<size_t>(order[r])] : order[r];
+    out.order_ = std::move(composed);
+    return out;
+  }
+  const int64_t n = shape_[0] == 0 ? 0 : numel() / shape_[0];
+  Tensor out = zeros(shape_);
+  for (size_t r = 0; r < order.size(); ++r)
+    std::memcpy(out.data_ + static_cast<int64_t>(r) * n, data_ + order[r] * n,
+                static_cast<size_t>(n) * sizeof(float));
+  return out;
+}
+
+void Tensor::release_pages() const {
+  if (!file_backed_ || empty()) return;
+  static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(encoded() ? raw_ : reinterpret_cast<uint8_t*>(data_));
+  const uintptr_t end = begin + static_cast<uintptr_t>(stored_bytes());
+  // Only whole pages inside the tensor: a neighbour sharing a page keeps it.
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (last > first)
+    ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 }
 
 }  // namespace qalora

@@ -341,7 +341,7 @@ ExportReport export_gguf(const Model& model, const fs::path& path,
     report.tensors.push_back(std::move(ch.report));
   };
   const auto float_weight = [&](const std::string& name, const Tensor& t) {
-    return Weight{name, nullptr, t, source_of(name)};
+    return Weight{name, nullptr, t.decoded(), source_of(name)};
   };
   const auto head_weight = [&](const std::string& name) {
     return Weight{name, &model.head_q, dequantize(model.head_q), source_of(name)};

@@ -36,7 +36,7 @@ void gptq_pack(uint32_t* words, int64_t stride, int64_t k, int bits, uint32_t v)
 }
 
 StWriteTensor st_half_or_f32(const std::string& name, const Tensor& t) {
-  return hf::st_float(name, t.data(), t.shape(), StDtype::F16);
+  return hf::st_float(name, t.decoded().data(), t.shape(), StDtype::F16);
 }
 
 // qweight / qzeros / scales / g_idx of one affine linear, and its differences as the GPTQ reader

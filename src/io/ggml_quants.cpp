@@ -400,13 +400,9 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n) {
       std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
       return;
     case GgmlType::F16:
+      return fp16_to_fp32_row(p, dst, n);
     case GgmlType::BF16:
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, sizeof h);
-        dst[i] = type == GgmlType::F16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
-      }
-      return;
+      return bf16_to_fp32_row(p, dst, n);
     case GgmlType::Q4_0:
       return dequant_blocks<BlockQ4_0>(src, dst, n, kQK);
     case GgmlType::Q4_1:
@@ -465,8 +461,40 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
        " (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
 }
 
+namespace {
+
+// Q4_K: each 32-element sub-block has its own six-bit scale and min, so w = (d sc) q - dmin mn
+// is affine with groups of 32: scale d sc, offset -(dmin mn), both exact in fp32.
+std::optional<QMatrix> q4k_to_qmatrix(const uint8_t* data, int64_t rows, int64_t cols) {
+  if (cols % kQKK != 0) return std::nullopt;
+  QMatrix q = make_affine(rows, cols, 4, kQK);
+  const int64_t super = cols / kQKK, L = cols / kQK;
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t sb = 0; sb < super; ++sb) {
+      const auto& b = reinterpret_cast<const BlockQ4_K*>(data)[j * super + sb];
+      const float d = h2f(b.d), dmin = h2f(b.dmin);
+      for (int k = 0; k < kQKK / kQK; ++k) {
+        const int64_t g = sb * (kQKK / kQK) + k;
+        int sc = 0, mn = 0;
+        k4_scale_min(b.scales, k, sc, mn);
+        q.scales[j * L + g] = d * static_cast<float>(sc);
+        q.offsets[j * L + g] = -(dmin * static_cast<float>(mn));
+        const uint8_t* src = b.qs + (k / 2) * 32;
+        const int shift = 4 * (k % 2);
+        uint8_t* chunk = q.row_codes(j) + g * chunk_bytes(4);
+        for (int l = 0; l < 16; ++l)
+          chunk[l] = static_cast<uint8_t>(((src[l] >> shift) & 0xf) |
+                                          ((src[l + 16] >> shift) & 0xf) << 4);
+      }
+    }
+  return q;
+}
+
+}  // namespace
+
 std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
                                        int64_t cols) {
+  if (type == GgmlType::Q4_K) return q4k_to_qmatrix(data, rows, cols);
   if ((type != GgmlType::Q4_0 && type != GgmlType::Q4_1 && type != GgmlType::Q8_0) ||
       cols % kQK != 0)
     return std::nullopt;

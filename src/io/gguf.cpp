@@ -29,7 +29,6 @@ constexpr int kMaxArrayDepth = 8;
 // up front, so that a corrupt count fails on the missing bytes instead of on the allocation.
 constexpr size_t kMaxReserve = size_t{1} << 16;
 // Dequantize big tensors on all cores; small ones are not worth the thread start-up.
-constexpr int64_t kParallelMinElements = int64_t{1} << 16;
 
 const char* value_type_name(GgufValueType t) {
   switch (t) {
@@ -549,7 +548,7 @@ const uint8_t* GgufFile::tensor_data(const GgufTensorInfo& info) const {
   return file_->data() + data_offset_ + info.offset;
 }
 
-Tensor GgufFile::load_f32(const GgufTensorInfo& info) const {
+Tensor GgufFile::load(const GgufTensorInfo& info) const {
   const uint8_t* src = tensor_data(info);
   // The shape must agree with nbytes, which tensor_data checked against the file.
   int64_t numel = 1;
@@ -562,17 +561,23 @@ Tensor GgufFile::load_f32(const GgufTensorInfo& info) const {
            Quoted{info.name}, " size: expected ", row_bytes * static_cast<size_t>(numel / row),
            " bytes for shape ", shape_str(info.shape), ", got ", info.nbytes);
   if (info.type == GgmlType::F32 && reinterpret_cast<uintptr_t>(src) % alignof(float) == 0)
-    return Tensor::view(reinterpret_cast<const float*>(src), info.shape, file_);
+    return Tensor::view(reinterpret_cast<const float*>(src), info.shape, file_, true);
   const GgmlTypeTraits* traits = ggml_type_traits(static_cast<uint32_t>(info.type));
   QL_CHECK(traits->can_dequantize, path(), ": tensor ", Quoted{info.name},
            " type: expected a type that can be dequantized, got ", traits->name);
-  Tensor out = Tensor::zeros(info.shape);
-  float* dst = out.mutable_data();
-  const int64_t rows = numel / row;
-#pragma omp parallel for schedule(static) if (numel >= kParallelMinElements)
-  for (int64_t r = 0; r < rows; ++r)
-    dequantize_row(info.type, src + static_cast<size_t>(r) * row_bytes, dst + r * row, row);
-  return out;
+  // A Tensor row (everything under one index of the first dimension) is a whole number of
+  // ggml rows, contiguous, so it decodes in one call.
+  auto codec = std::make_shared<RowCodec>();
+  codec->type = traits->name;
+  codec->row_bytes = info.shape.size() <= 1 ? info.nbytes : info.nbytes / info.shape[0];
+  codec->decode = [type = info.type](const uint8_t* s, float* d, int64_t n) {
+    dequantize_row(type, s, d, n);
+  };
+  return Tensor::encoded(src, info.shape, std::move(codec), file_);
+}
+
+Tensor GgufFile::load_f32(const GgufTensorInfo& info) const {
+  return load(info).decoded();
 }
 
 Tensor GgufFile::load_f32(std::string_view name) const {

@@ -162,33 +162,27 @@ const uint8_t* SafetensorsFile::data(const StTensorInfo& t) const {
   return file_->data() + data_offset_ + t.begin;
 }
 
-Tensor SafetensorsFile::load_f32(const StTensorInfo& t) const {
+Tensor SafetensorsFile::load(const StTensorInfo& t) const {
   const uint8_t* src = data(t);
-  const size_t n = (t.end - t.begin) / st_dtype_size(t.dtype);
-  if (t.dtype == StDtype::F32 && reinterpret_cast<uintptr_t>(src) % alignof(float) == 0)
-    return Tensor::view(reinterpret_cast<const float*>(src), t.shape, file_);
-
-  Tensor out = Tensor::zeros(t.shape);
-  float* dst = out.mutable_data();
+  const int64_t rows = t.shape.size() <= 1 ? 1 : t.shape[0];
+  const int64_t row_len = rows == 0 ? 0 : static_cast<int64_t>((t.end - t.begin) / st_dtype_size(t.dtype)) / rows;
   switch (t.dtype) {
     case StDtype::F32:
-      std::memcpy(dst, src, n * sizeof(float));
-      break;
+      if (reinterpret_cast<uintptr_t>(src) % alignof(float) == 0)
+        return Tensor::view(reinterpret_cast<const float*>(src), t.shape, file_, true);
+      return Tensor::encoded(src, t.shape, f32_codec(row_len), file_).decoded();
     case StDtype::F16:
-    case StDtype::BF16: {
-      const bool is_f16 = t.dtype == StDtype::F16;
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h = 0;
-        std::memcpy(&h, src + 2 * i, 2);  // the source may be unaligned
-        dst[i] = is_f16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
-      }
-      break;
-    }
+      return Tensor::encoded(src, t.shape, half_codec(row_len), file_);
+    case StDtype::BF16:
+      return Tensor::encoded(src, t.shape, bf16_codec(row_len), file_);
     default:
       fail(path(), ": tensor '", t.name, "' has dtype ", st_dtype_name(t.dtype),
            ", expected F32, F16 or BF16 for a float tensor");
   }
-  return out;
+}
+
+Tensor SafetensorsFile::load_f32(const StTensorInfo& t) const {
+  return load(t).decoded();
 }
 
 void write_safetensors(const std::filesystem::path& path, const std::vector<StWriteTensor>& tensors,
@@ -223,7 +217,7 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<StWr
 
 StWriteTensor st_f32(std::string name, const Tensor& t) {
   std::vector<uint8_t> bytes(static_cast<size_t>(t.numel()) * sizeof(float));
-  if (!bytes.empty()) std::memcpy(bytes.data(), t.data(), bytes.size());
+  if (!bytes.empty()) std::memcpy(bytes.data(), t.decoded().data(), bytes.size());
   return StWriteTensor{std::move(name), StDtype::F32, t.shape(), std::move(bytes)};
 }
 

@@ -1,5 +1,7 @@
 // GGUF -> Model: llama-architecture metadata, tensors dequantized to fp32 (F32 used in place),
 // and the tokenizer from tokenizer.ggml.*.
+#include <cctype>
+#include <map>
 #include <memory>
 #include <set>
 
@@ -73,6 +75,23 @@ RopeScaling gguf_rope_scaling(const GgufFile& f, const std::string& arch) {
   return rs;
 }
 
+// What the linears' block types amount to: one affine type for all of them reads as that
+// quantization (QA-LoRA trains on its 32-wide groups); a mix is recorded as "gguf".
+QuantInfo gguf_quant_info(const Model& m, const std::map<std::string, int64_t>& linear_types) {
+  QuantInfo q;
+  for (const LayerWeights& L : m.layers)
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
+      if (l->quantized()) {
+        q.method = linear_types.size() == 1 ? linear_types.begin()->first : "gguf";
+        for (char& ch : q.method)
+          ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        q.bits = l->qweight.bits;
+        q.group_size = l->qweight.group_size;
+        return q;
+      }
+  return q;
+}
+
 }  // namespace
 
 std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path& path) {
@@ -122,21 +141,42 @@ Model load_gguf_model(const std::filesystem::path& path) {
 
   const bool permute = kNeoxRopeArchs.contains(arch);
   // Shapes are checked under the file's own tensor names, before anything is dequantized.
-  auto load = [&](const std::string& name, const Shape& shape) {
+  // Weights stay as stored (decoded per use); norms, biases and RoPE factors are small fp32.
+  auto stored = [&](const std::string& name, const Shape& shape) {
     const GgufTensorInfo* t = f.find_tensor(name);
     QL_CHECK(t != nullptr, path.string(), ": tensor '", name, "' is missing");
     check_shape(path.string(), name, t->shape, shape);
-    return f.load_f32(*t);
+    return f.load(*t);
+  };
+  auto load = [&](const std::string& name, const Shape& shape) {
+    return stored(name, shape).decoded();
   };
   auto rope_rows = [&](Tensor t, int64_t heads) {
     return permute ? permute_rope_rows(t, heads, c.head_dim, /*to_hf=*/false) : t;
   };
+  // Block types with an exact affine form (Q4_0, Q4_1, Q8_0, Q4_K) run from their codes on the
+  // quantized kernels; every other type stays as stored and is decoded a tile at a time.
+  std::map<std::string, int64_t> linear_types;
+  auto linear = [&](const std::string& name, const Shape& shape, int64_t rope_heads = 0) {
+    Linear lin;
+    const Tensor w = stored(name, shape);
+    const GgufTensorInfo* t = f.find_tensor(name);
+    if (auto q = ggml_to_qmatrix(t->type, f.tensor_data(*t), shape[0], shape[1])) {
+      lin.qweight = permute && rope_heads > 0
+                        ? permute_rope_rows(*q, rope_heads, c.head_dim, /*to_hf=*/false)
+                        : std::move(*q);
+    } else {
+      lin.weight = rope_heads > 0 ? rope_rows(w, rope_heads) : w;
+    }
+    ++linear_types[ggml_type_name(t->type)];
+    return lin;
+  };
 
   const int64_t D = c.dim, F = c.hidden_dim, Q = c.q_dim(), KV = c.kv_dim();
-  m.tok_embeddings = f.load_f32(*embd);
+  m.tok_embeddings = f.load(*embd);
   m.final_norm = load("output_norm.weight", {D});
   if (f.find_tensor("output.weight") != nullptr)
-    m.output = load("output.weight", {c.vocab_size, D});
+    m.output = stored("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
   const GgufTensorInfo* head = m.output.empty() ? embd : f.find_tensor("output.weight");
   if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D)) m.head_q = std::move(*q);
@@ -149,20 +189,21 @@ Model load_gguf_model(const std::filesystem::path& path) {
     const std::string b = "blk." + std::to_string(i) + ".";
     LayerWeights& l = m.layers[static_cast<size_t>(i)];
     l.attn_norm = load(b + "attn_norm.weight", {D});
-    l.q.weight = rope_rows(load(b + "attn_q.weight", {Q, D}), c.n_heads);
-    l.k.weight = rope_rows(load(b + "attn_k.weight", {KV, D}), c.n_kv_heads);
-    l.v.weight = load(b + "attn_v.weight", {KV, D});
-    l.o.weight = load(b + "attn_output.weight", {D, Q});
+    l.q = linear(b + "attn_q.weight", {Q, D}, c.n_heads);
+    l.k = linear(b + "attn_k.weight", {KV, D}, c.n_kv_heads);
+    l.v = linear(b + "attn_v.weight", {KV, D});
+    l.o = linear(b + "attn_output.weight", {D, Q});
     if (c.qkv_bias) {
       l.q.bias = rope_rows(load(b + "attn_q.bias", {Q}), c.n_heads);
       l.k.bias = rope_rows(load(b + "attn_k.bias", {KV}), c.n_kv_heads);
       l.v.bias = load(b + "attn_v.bias", {KV});
     }
     l.ffn_norm = load(b + "ffn_norm.weight", {D});
-    l.gate.weight = load(b + "ffn_gate.weight", {F, D});
-    l.up.weight = load(b + "ffn_up.weight", {F, D});
-    l.down.weight = load(b + "ffn_down.weight", {D, F});
+    l.gate = linear(b + "ffn_gate.weight", {F, D});
+    l.up = linear(b + "ffn_up.weight", {F, D});
+    l.down = linear(b + "ffn_down.weight", {D, F});
   }
+  m.quant = gguf_quant_info(m, linear_types);
   if (f.has("tokenizer.ggml.model"))
     m.tokenizer = std::make_shared<const Tokenizer>(gguf_tokenizer(f));
   m.validate();

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
@@ -81,6 +82,9 @@ class HfWeights {
   // `context` ends the shape error (what implies the shape).
   Tensor get(const std::string& name, const Shape& expected,
              const std::string& context = " from config.json") const;
+  // The same tensor as stored (F16/BF16 decoded per use, see Tensor::encoded): for weights.
+  Tensor stored(const std::string& name, const Shape& expected,
+                const std::string& context = " from config.json") const;
   // The raw little-endian bytes of a tensor that must have `dtype` and the expected shape.
   const uint8_t* raw(const std::string& name, StDtype dtype, const Shape& expected,
                      const std::string& context) const;
@@ -122,11 +126,22 @@ QMatrix load_quantized_weight(const HfWeights& w, const FolderQuant& q, const st
 struct NativeLayout {
   QuantType type = QuantType::Affine;
   int bits = 0;
+  std::string first;  // the linear whose type and bits the others must share, for messages
   int64_t group_size = 0;  // -1 = per channel; NF4/FP4: the absmax block
   bool qk_halves = true;
 };
 bool has_quantized_linear(const Model& model);
+bool has_quantized_linear_in(std::span<const LayerWeights> layers);
 NativeLayout native_layout(const Model& model, const std::string& where);
+// The same over some of the model's blocks (those a streaming writer has seen).
+// `first_index`: the model's index of layers[0], for messages.
+NativeLayout native_layout(const ModelConfig& config, const QuantInfo& quant,
+                           std::span<const LayerWeights> layers, const std::string& where,
+                           int64_t first_index = 0);
+// Throws the error native_layout gives for a linear of `block` whose type or bits differ from
+// the layout's.
+void check_same_quantization(const LayerWeights& block, int64_t index, const NativeLayout& layout,
+                             const std::string& where);
 // quantize_config.json, also config.json's quantization_config.
 json native_quant_json(const Model& model, const NativeLayout& layout);
 void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& prefix,

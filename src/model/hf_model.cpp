@@ -64,11 +64,16 @@ const std::pair<size_t, const StTensorInfo*>& HfWeights::locate(const std::strin
   return it->second;
 }
 
-Tensor HfWeights::get(const std::string& name, const Shape& expected,
-                      const std::string& context) const {
+Tensor HfWeights::stored(const std::string& name, const Shape& expected,
+                         const std::string& context) const {
   const auto& [shard, info] = locate(name);
   check_shape(shards_[shard].path(), name, info->shape, expected, context);
-  return shards_[shard].load_f32(*info);
+  return shards_[shard].load(*info);
+}
+
+Tensor HfWeights::get(const std::string& name, const Shape& expected,
+                      const std::string& context) const {
+  return stored(name, expected, context).decoded();
 }
 
 const uint8_t* HfWeights::raw(const std::string& name, StDtype dtype, const Shape& expected,
@@ -206,7 +211,7 @@ Linear load_linear(const HfWeights& w, const FolderQuant& q, const std::string& 
   Linear lin;
   if (q.kind != FolderQuant::Kind::Dense)
     lin.qweight = hf::load_quantized_weight(w, q, prefix, out, in);
-  if (!lin.quantized()) lin.weight = w.get(prefix + ".weight", {out, in});
+  if (!lin.quantized()) lin.weight = w.stored(prefix + ".weight", {out, in});
   if (bias)
     lin.bias = w.get(prefix + ".bias", {out});
   else
@@ -274,19 +279,19 @@ void add_linear(std::vector<StWriteTensor>& out, const std::string& prefix, cons
 // folders stay F32 throughout.
 class FloatTypes {
  public:
-  FloatTypes(const Model& m, bool keep_source) {
-    if (keep_source)
-      for (const SourceTensor& t : m.source_tensors) type_[t.name] = t.type;
+  explicit FloatTypes(const Model& m) {
+    for (const SourceTensor& t : m.source_tensors) type_[t.name] = t.type;
   }
-  StWriteTensor tensor(const std::string& hf_name, const std::string& gguf_name,
-                       const Tensor& t) const {
+  StWriteTensor tensor(const std::string& hf_name, const std::string& gguf_name, const Tensor& t,
+                       bool keep_source) const {
     StDtype dtype = StDtype::F32;
     for (const std::string& name : {hf_name, gguf_name}) {
+      if (!keep_source) break;
       const auto it = type_.find(name);
       if (it != type_.end() && it->second == "F16") dtype = StDtype::F16;
       if (it != type_.end() && it->second == "BF16") dtype = StDtype::BF16;
     }
-    return hf::st_float(hf_name, t.data(), t.shape(), dtype);
+    return hf::st_float(hf_name, t.decoded().data(), t.shape(), dtype);
   }
 
  private:
@@ -315,18 +320,10 @@ std::vector<int64_t> rope_row_order(int64_t n_heads, int64_t head_dim, bool to_h
 }
 
 Tensor permute_rope_rows(const Tensor& w, int64_t n_heads, int64_t head_dim, bool to_hf) {
-  const std::vector<int64_t> src = rope_row_order(n_heads, head_dim, to_hf);
   QL_CHECK(w.rank() >= 1 && w.dim(0) == n_heads * head_dim, "permute_rope_rows: tensor shape ",
            shape_str(w.shape()), " expected ", n_heads * head_dim, " rows (", n_heads, " heads x ",
            head_dim, ")");
-  const int64_t rows = w.dim(0);
-  const size_t row_len = rows == 0 ? 0 : static_cast<size_t>(w.numel() / rows);
-  Tensor out = Tensor::zeros(w.shape());
-  float* dst = out.mutable_data();
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst + static_cast<size_t>(r) * row_len,
-                w.data() + static_cast<size_t>(src[r]) * row_len, row_len * sizeof(float));
-  return out;
+  return w.permuted_rows(rope_row_order(n_heads, head_dim, to_hf));
 }
 
 QMatrix permute_rope_rows(const QMatrix& w, int64_t n_heads, int64_t head_dim, bool to_hf) {
@@ -377,7 +374,7 @@ Model load_hf_model(const fs::path& dir) {
     (c.tied_embeddings ? m.tok_embeddings : m.output) = dequantize(m.head_q);
   }
   if (m.tok_embeddings.empty())
-    m.tok_embeddings = w.get("model.embed_tokens.weight", {c.vocab_size, c.dim});
+    m.tok_embeddings = w.stored("model.embed_tokens.weight", {c.vocab_size, c.dim});
   // Layer by layer, so that an absurd num_hidden_layers fails at the first missing tensor.
   for (int64_t l = 0; l < c.n_layers; ++l) {
     LayerWeights& L = m.layers.emplace_back();
@@ -398,82 +395,199 @@ Model load_hf_model(const fs::path& dir) {
   }
   m.final_norm = w.get("model.norm.weight", {c.dim});
   if (!c.tied_embeddings && m.output.empty())
-    m.output = w.get("lm_head.weight", {c.vocab_size, c.dim});
+    m.output = w.stored("lm_head.weight", {c.vocab_size, c.dim});
   m.tokenizer = load_folder_tokenizer(dir);
-  if (!m.quant.empty()) {
-    // The codes are copied into the QMatrix; copying the few float tensors too (norms,
-    // biases) releases the memory map, whose touched pages would stay resident.
-    for (LayerWeights& L : m.layers) {
-      for (Tensor* t : {&L.attn_norm, &L.ffn_norm}) t->mutable_data();
-      for (Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-        for (Tensor* t : {&l->weight, &l->bias})
-          if (!t->empty()) t->mutable_data();
-    }
-    for (Tensor* t : {&m.final_norm, &m.tok_embeddings, &m.output})
-      if (!t->empty()) t->mutable_data();
-  }
   return m;
 }
 
-void save_hf_model(const Model& model, const fs::path& dir) {
+namespace {
+
+// Model weight files a folder may hold from an earlier save; they are replaced as a set.
+bool is_weights_file(const std::string& name) {
+  return name == "model.safetensors" || name == "model.safetensors.index.json" ||
+         (name.starts_with("model-") && name.ends_with(".safetensors"));
+}
+
+fs::path partial_path(const fs::path& dir) {
+  fs::path d = dir.lexically_normal();
+  if (!d.has_filename()) d = d.parent_path();
+  return d.string() + ".partial";
+}
+
+}  // namespace
+
+struct ModelFolderWriter::Impl {
+  const Model& model;
+  fs::path dir, partial;
+  int64_t shard_bytes;
+  std::optional<hf::NativeLayout> layout;
+  bool decided = false;  // whether the folder is quantized (layout) or dense is known
+  FloatTypes floats;
+  std::vector<StWriteTensor> pending;
+  int64_t pending_bytes = 0;
+  int64_t total_bytes = 0;
+  std::vector<std::vector<std::string>> shard_names;  // tensors of each written shard
+  int64_t next_block = 0;
+  bool finished = false;
+
+  Impl(const Model& m, fs::path d, int64_t shard)
+      : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard),
+        floats(m) {}
+
+  void add_float(const std::string& hf_name, const std::string& gguf_name, const Tensor& t) {
+    add(floats.tensor(hf_name, gguf_name, t, layout.has_value()));
+  }
+  void add(StWriteTensor t) {
+    pending_bytes += static_cast<int64_t>(t.bytes.size());
+    pending.push_back(std::move(t));
+  }
+  void add_linear(const std::string& prefix, const Linear& lin) {
+    std::vector<StWriteTensor> out;
+    qalora::add_linear(out, prefix, lin);
+    for (StWriteTensor& t : out) add(std::move(t));
+  }
+  void flush() {
+    if (pending.empty()) return;
+    std::vector<std::string>& names = shard_names.emplace_back();
+    for (const StWriteTensor& t : pending) names.push_back(t.name);
+    // transformers refuses safetensors files whose metadata lacks a known "format".
+    write_safetensors(partial / cat("shard-", shard_names.size(), ".safetensors"), pending,
+                      {{"format", "pt"}});
+    total_bytes += pending_bytes;
+    pending.clear();
+    pending_bytes = 0;
+  }
+  // The shards under their final names, and the index that lists them when there are several.
+  void name_shards() {
+    const size_t n = shard_names.size();
+    if (n == 1) {
+      fs::rename(partial / "shard-1.safetensors", partial / "model.safetensors");
+      return;
+    }
+    json map = json::object();
+    for (size_t s = 0; s < n; ++s) {
+      char name[64];
+      std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", s + 1, n);
+      fs::rename(partial / cat("shard-", s + 1, ".safetensors"), partial / name);
+      for (const std::string& t : shard_names[s]) map[t] = name;
+    }
+    const json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", map}};
+    write_file_atomic(partial / "model.safetensors.index.json", index.dump(2) + "\n");
+  }
+  // Moves the finished files into `dir`. config.json goes last, and an older one goes first:
+  // until the move ends the folder is not a loadable model, never a mix of two.
+  void publish() {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
+    fs::remove(dir / "config.json", ec);
+    for (const auto& e : fs::directory_iterator(dir))
+      if (is_weights_file(e.path().filename().string()) || e.path().filename() == "quantize_config.json")
+        fs::remove(e.path());
+    for (const auto& e : fs::directory_iterator(partial))
+      if (e.path().filename() != "config.json") fs::rename(e.path(), dir / e.path().filename());
+    fs::rename(partial / "config.json", dir / "config.json");
+    fs::remove(partial, ec);
+  }
+};
+
+ModelFolderWriter::ModelFolderWriter(const Model& model, const fs::path& dir, int64_t shard_bytes)
+    : impl_(std::make_unique<Impl>(model, dir, shard_bytes)) {
   const ModelConfig& c = model.config;
   // config.json can only describe RoPE by rope_scaling parameters, not by a table of divisors.
   QL_CHECK(c.rope_freq_factors.empty(), dir.string(),
            ": this model's per-frequency RoPE factors (GGUF rope_freqs.weight) have no config.json "
            "equivalent; it cannot be saved as a Hugging Face folder");
-  std::optional<hf::NativeLayout> layout;
-  if (hf::has_quantized_linear(model)) layout = hf::native_layout(model, dir.string());
-  const bool qk_halves = !layout || layout->qk_halves;
-  const FloatTypes floats(model, layout.has_value());
+  QL_CHECK(!fs::exists(dir) || fs::is_directory(dir), dir.string(),
+           ": exists and is not a folder");
+  std::error_code ec;
+  fs::remove_all(impl_->partial, ec);  // left by an interrupted run
+  fs::create_directories(impl_->partial, ec);
+  QL_CHECK(!ec, impl_->partial.string(), ": cannot create folder: ", ec.message());
+}
+
+ModelFolderWriter::~ModelFolderWriter() {
+  if (impl_->finished) return;
+  std::error_code ec;
+  fs::remove_all(impl_->partial, ec);
+}
+
+void ModelFolderWriter::write_block(int64_t index, const LayerWeights& L) {
+  Impl& w = *impl_;
+  const ModelConfig& c = w.model.config;
+  QL_CHECK(index == w.next_block && index < c.n_layers, w.dir.string(), ": block ", index,
+           " written out of order, expected block ", w.next_block);
+  const std::span<const LayerWeights> block(&L, 1);
+  const bool quantized = hf::has_quantized_linear_in(block);
+  if (!w.decided) {
+    // The first block decides; a quantized folder records one layout for every block.
+    if (quantized) w.layout = hf::native_layout(c, w.model.quant, block, w.dir.string());
+    w.decided = true;
+  } else if (w.layout) {
+    hf::check_same_quantization(L, index, *w.layout, w.dir.string());
+    const hf::NativeLayout b = hf::native_layout(c, w.model.quant, block, w.dir.string(), index);
+    QL_CHECK(b.qk_halves == w.layout->qk_halves, w.dir.string(), ": layer ", index,
+             " q/k rows take a different RoPE layout from layer 0's");
+  } else {
+    QL_CHECK(!quantized, w.dir.string(), ": block ", index,
+             " has quantized linears but block 0 has none; a folder holds one quantization");
+  }
+  const bool qk_halves = !w.layout || w.layout->qk_halves;
   const auto qk = [&](const Linear& lin, int64_t heads) {
     return qk_halves ? permute_rope_rows(lin, heads, c.head_dim, true) : lin;
   };
+  const std::string p = cat("model.layers.", index, "."), g = cat("blk.", index, ".");
+  w.add_float(p + "input_layernorm.weight", g + "attn_norm.weight", L.attn_norm);
+  w.add_linear(p + "self_attn.q_proj", qk(L.q, c.n_heads));
+  w.add_linear(p + "self_attn.k_proj", qk(L.k, c.n_kv_heads));
+  w.add_linear(p + "self_attn.v_proj", L.v);
+  w.add_linear(p + "self_attn.o_proj", L.o);
+  w.add_float(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", L.ffn_norm);
+  w.add_linear(p + "mlp.gate_proj", L.gate);
+  w.add_linear(p + "mlp.up_proj", L.up);
+  w.add_linear(p + "mlp.down_proj", L.down);
+  ++w.next_block;
+  if (w.pending_bytes >= w.shard_bytes) w.flush();
+}
 
+void ModelFolderWriter::finish() {
+  Impl& w = *impl_;
+  const Model& model = w.model;
+  const ModelConfig& c = model.config;
+  QL_CHECK(w.next_block == c.n_layers, w.dir.string(), ": ", w.next_block, " of ", c.n_layers,
+           " blocks written");
   // A native folder keeps a quantized head as such (see load_hf_model).
-  const bool quantized_head = layout && !model.head_q.codes.empty();
-  std::vector<StWriteTensor> tensors;
-  if (quantized_head) hf::add_quantized_weight(tensors, "lm_head", model.head_q);
+  const bool quantized_head = w.layout && !model.head_q.codes.empty();
+  if (quantized_head) {
+    std::vector<StWriteTensor> head;
+    hf::add_quantized_weight(head, "lm_head", model.head_q);
+    for (StWriteTensor& t : head) w.add(std::move(t));
+  }
   if (!quantized_head || !c.tied_embeddings)
-    tensors.push_back(
-        floats.tensor("model.embed_tokens.weight", "token_embd.weight", model.tok_embeddings));
-  for (size_t l = 0; l < model.layers.size(); ++l) {
-    const LayerWeights& L = model.layers[l];
-    const std::string p = cat("model.layers.", l, "."), g = cat("blk.", l, ".");
-    tensors.push_back(
-        floats.tensor(p + "input_layernorm.weight", g + "attn_norm.weight", L.attn_norm));
-    add_linear(tensors, p + "self_attn.q_proj", qk(L.q, c.n_heads));
-    add_linear(tensors, p + "self_attn.k_proj", qk(L.k, c.n_kv_heads));
-    add_linear(tensors, p + "self_attn.v_proj", L.v);
-    add_linear(tensors, p + "self_attn.o_proj", L.o);
-    tensors.push_back(
-        floats.tensor(p + "post_attention_layernorm.weight", g + "ffn_norm.weight", L.ffn_norm));
-    add_linear(tensors, p + "mlp.gate_proj", L.gate);
-    add_linear(tensors, p + "mlp.up_proj", L.up);
-    add_linear(tensors, p + "mlp.down_proj", L.down);
-  }
-  tensors.push_back(floats.tensor("model.norm.weight", "output_norm.weight", model.final_norm));
+    w.add_float("model.embed_tokens.weight", "token_embd.weight", model.tok_embeddings);
+  w.add_float("model.norm.weight", "output_norm.weight", model.final_norm);
   if (!model.output.empty() && !quantized_head)
-    tensors.push_back(floats.tensor("lm_head.weight", "output.weight", model.output));
+    w.add_float("lm_head.weight", "output.weight", model.output);
+  w.flush();
+  w.name_shards();
 
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
-  // transformers refuses safetensors files whose metadata lacks a known "format".
-  write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
   json config = config_to_json(model);
-  const fs::path quant_config = dir / "quantize_config.json";
-  if (layout) {
-    const json q = hf::native_quant_json(model, *layout);
-    write_file_atomic(quant_config, q.dump(2) + "\n");
+  if (w.layout) {
+    const json q = hf::native_quant_json(model, *w.layout);
+    write_file_atomic(w.partial / "quantize_config.json", q.dump(2) + "\n");
     config["quantization_config"] = q;
-  } else {
-    // A stale one from an earlier quantized save would make this dense folder read as quantized.
-    fs::remove(quant_config, ec);
-    QL_CHECK(!ec, quant_config.string(), ": cannot remove: ", ec.message());
   }
-  // config.json last: it is what makes the folder a model.
-  write_file_atomic(dir / "config.json", config.dump(2) + "\n");
-  if (model.tokenizer) write_hf_tokenizer(model.tokenizer->data(), dir);
+  if (model.tokenizer) write_hf_tokenizer(model.tokenizer->data(), w.partial);
+  write_file_atomic(w.partial / "config.json", config.dump(2) + "\n");
+  w.publish();
+  w.finished = true;
+}
+
+void save_hf_model(const Model& model, const fs::path& dir) {
+  ModelFolderWriter writer(model, dir);
+  for (int64_t l = 0; l < static_cast<int64_t>(model.layers.size()); ++l)
+    writer.write_block(l, model.layers[static_cast<size_t>(l)]);
+  writer.finish();
 }
 
 }  // namespace qalora

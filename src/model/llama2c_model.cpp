@@ -137,7 +137,7 @@ Model load_llama2c_model(const fs::path& path) {
   const auto view = [&](const char* name, Shape shape, int64_t index = 0) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    return Tensor::view(at.at(name) + index * n, std::move(shape), file);
+    return Tensor::view(at.at(name) + index * n, std::move(shape), file, true);
   };
 
   const int64_t D = c.dim, H = c.hidden_dim, KV = c.kv_dim();

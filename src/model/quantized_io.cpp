@@ -264,31 +264,58 @@ QMatrix load_quantized_weight(const HfWeights& w, const FolderQuant& q, const st
                                            : load_native(w, q, prefix, out, in);
 }
 
-bool has_quantized_linear(const Model& model) {
-  for (const LayerWeights& L : model.layers)
+bool has_quantized_linear_in(std::span<const LayerWeights> layers) {
+  for (const LayerWeights& L : layers)
     for (const auto& [name, member] : kLinears)
       if ((L.*member).quantized()) return true;
   return false;
 }
 
+bool has_quantized_linear(const Model& model) {
+  return has_quantized_linear_in(model.layers);
+}
+
+namespace {
+
+void check_same_type(const QMatrix& m, const std::string& name, QuantType type, int bits,
+                     const std::string& first_name, const std::string& where) {
+  QL_CHECK(m.type == type && m.bits == bits, where, ": ", name, " is ", quant_type_name(m.type),
+           " ", m.bits, "-bit but ", first_name, " is ", quant_type_name(type), " ", bits,
+           "-bit; a quantized folder holds one quantization");
+}
+
+}  // namespace
+
+void check_same_quantization(const LayerWeights& block, int64_t index, const NativeLayout& layout,
+                             const std::string& where) {
+  for (const auto& [name, member] : kLinears) {
+    const QMatrix& m = (block.*member).qweight;
+    if (!m.codes.empty())
+      check_same_type(m, cat("layer ", index, " ", name), layout.type, layout.bits, layout.first,
+                      where);
+  }
+}
+
 NativeLayout native_layout(const Model& model, const std::string& where) {
-  const ModelConfig& c = model.config;
+  return native_layout(model.config, model.quant, model.layers, where);
+}
+
+NativeLayout native_layout(const ModelConfig& c, const QuantInfo& info,
+                           std::span<const LayerWeights> layers, const std::string& where,
+                           int64_t first_index) {
   const QMatrix* first = nullptr;
   std::string first_name;
   int64_t derived_group = -1;  // the largest group smaller than its row: G, unless per channel
-  for (size_t l = 0; l < model.layers.size(); ++l)
+  for (size_t l = 0; l < layers.size(); ++l)
     for (const auto& [name, member] : kLinears) {
-      const QMatrix& m = (model.layers[l].*member).qweight;
+      const QMatrix& m = (layers[l].*member).qweight;
       if (m.codes.empty()) continue;
-      const std::string this_name = cat("layer ", l, " ", name);
+      const std::string this_name = cat("layer ", first_index + static_cast<int64_t>(l), " ", name);
       if (!first) {
         first = &m;
         first_name = this_name;
       }
-      QL_CHECK(m.type == first->type && m.bits == first->bits, where, ": ", this_name, " is ",
-               quant_type_name(m.type), " ", m.bits, "-bit but ", first_name, " is ",
-               quant_type_name(first->type), " ", first->bits,
-               "-bit; a quantized folder holds one quantization");
+      check_same_type(m, this_name, first->type, first->bits, first_name, where);
       if (m.group_size < m.cols) derived_group = std::max(derived_group, m.group_size);
     }
   QL_CHECK(first != nullptr, where, ": the model has no quantized linear layer");
@@ -296,7 +323,7 @@ NativeLayout native_layout(const Model& model, const std::string& where) {
   NativeLayout layout;
   layout.type = first->type;
   layout.bits = first->bits;
-  const QuantInfo& info = model.quant;
+  layout.first = first_name;
   if (layout.type != QuantType::Affine)
     layout.group_size = kCodebookBlock;
   else
@@ -304,14 +331,15 @@ NativeLayout native_layout(const Model& model, const std::string& where) {
   QL_CHECK(info.empty() || info.bits == layout.bits, where, ": model.quant says ", info.bits,
            " bits but the linear layers hold ", layout.bits, "-bit codes");
 
-  for (size_t l = 0; l < model.layers.size(); ++l)
+  for (size_t l = 0; l < layers.size(); ++l)
     for (const auto& [name, member] : kLinears) {
-      const QMatrix& m = (model.layers[l].*member).qweight;
+      const QMatrix& m = (layers[l].*member).qweight;
       if (m.codes.empty()) continue;
-      m.validate(cat(where, ": layer ", l, " ", name));
+      const int64_t index = first_index + static_cast<int64_t>(l);
+      m.validate(cat(where, ": layer ", index, " ", name));
       if (layout.type == QuantType::Affine) {
         const int64_t expected = resolve_group_size(layout.group_size, m.cols);
-        QL_CHECK(m.group_size == expected, where, ": layer ", l, " ", name, " has group size ",
+        QL_CHECK(m.group_size == expected, where, ": layer ", index, " ", name, " has group size ",
                  m.group_size, ", expected ", expected, " (the folder's group size ",
                  layout.group_size, " over ", m.cols, " inputs)");
       }

@@ -10,6 +10,7 @@
 #include "qalora/adapters/lora.h"
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
+#include "qalora/ops/matmul_stored.h"
 #include "qalora/ops/ops.h"
 #include "qalora/quant/qmatrix.h"
 
@@ -71,7 +72,7 @@ void linear_forward(const Tensor& weight, const QMatrix& qweight, const Tensor& 
   if (!qweight.codes.empty())
     qmatmul_forward(y, x, qweight, b, T, activations);
   else
-    ops::matmul_forward(y, x, weight.data(), b, T, weight.dim(1), weight.dim(0));
+    ops::matmul_forward(y, x, weight, b, T);
 }
 
 void linear_forward_shared(std::span<const LinearOutput> outputs, const float* x, int64_t T) {
@@ -144,9 +145,10 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
   const int64_t D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
   float* x = x_.data();
   float* xn = xn_.data();
-  for (int64_t t = 0; t < T; ++t)
-    std::memcpy(x + t * D, model_.tok_embeddings.row(tokens[static_cast<size_t>(t)]),
-                static_cast<size_t>(D) * sizeof(float));
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t id = tokens[static_cast<size_t>(t)];
+    model_.tok_embeddings.decode_rows(id, id + 1, x + t * D);
+  }
 
   const int64_t layer_cache = KV * max_ctx_ * Hd;
   for (int64_t li = 0; li < c.n_layers; ++li) {
@@ -262,8 +264,11 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
   };
 
   Vec x(static_cast<size_t>(T * D));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < D; ++i) x[t * D + i] = model.tok_embeddings.row(tokens[t])[i];
+  std::vector<float> row(static_cast<size_t>(D));
+  for (int64_t t = 0; t < T; ++t) {
+    model.tok_embeddings.decode_rows(tokens[t], tokens[t] + 1, row.data());
+    for (int64_t i = 0; i < D; ++i) x[t * D + i] = row[i];
+  }
   for (int64_t li = 0; li < c.n_layers; ++li) {
     const LayerWeights& L = model.layers[static_cast<size_t>(li)];
     Vec xn = rmsnorm(x, L.attn_norm);
@@ -306,7 +311,7 @@ std::vector<double> reference_forward(const Model& model, std::span<const int32_
     adapt(hidden, li, Target::Down, d);
     for (size_t i = 0; i < x.size(); ++i) x[i] += d[i];
   }
-  return matmul(rmsnorm(x, model.final_norm), model.head(), Tensor());
+  return matmul(rmsnorm(x, model.final_norm), model.head().decoded(), Tensor());
 }
 
 }  // namespace qalora

@@ -120,7 +120,7 @@ struct Calibration {
       for (int64_t t = 0; t < T; ++t) {
         const int32_t id = windows[s][t];
         QL_CHECK(id >= 0 && id < c.vocab_size, "calibration token id ", id, " is out of range");
-        std::memcpy(&h[(s * T + t) * D], m.tok_embeddings.row(id), sizeof(float) * D);
+        m.tok_embeddings.decode_rows(id, id + 1, &h[(s * T + t) * D]);
       }
     rope_tables(c, T, cos, sin);
   }
@@ -130,29 +130,40 @@ struct Calibration {
 
 }  // namespace
 
-void check_weights_finite(const Model& model) {
-  for (size_t li = 0; li < model.layers.size(); ++li) {
-    const auto linears = block_linears(model.layers[li]);
-    for (size_t k = 0; k < linears.size(); ++k) {
-      const Tensor w = linears[k]->dense_weight();
-      check_finite(w.data(), w.dim(0), w.dim(1),
-                   cat(model.source_path, ": layer ", li, " ", kLinearNames[k]));
-    }
-  }
-}
-
 void quantize_model(Model& model, const QuantizeOptions& o,
                     const std::vector<std::vector<int32_t>>& calibration,
-                    const LayerCallback& on_layer) {
+                    const LayerCallback& on_layer, const BlockCallback& on_block) {
   validate_quantize_options(o);
-  check_weights_finite(model);
   const ModelConfig& c = model.config;
+  QuantInfo& qi = model.quant;
+  qi = QuantInfo{};
+  qi.method = o.method;
+  qi.bits = o.bits;
+  qi.group_size = o.group_size;
+  qi.sym = o.sym;
+  qi.act_order = o.act_order;
+  qi.static_groups = o.static_groups;
+  qi.double_quant = o.double_quant;
+  qi.damp = o.method == "gptq" ? static_cast<float>(o.damp) : 0.0f;
 
+  // The weight in fp32, checked: a nan/inf weight is reported before it is quantized.
+  auto source_weight = [&](const Linear& l, int64_t li, const char* name) {
+    Tensor w = l.dense_weight();
+    check_finite(w.data(), w.dim(0), w.dim(1), cat(model.source_path, ": layer ", li, " ", name));
+    return w;
+  };
+  // The source's pages are dropped as soon as its quantized form exists: quantizing reads the
+  // model once, and resident memory holds one linear of it at a time.
   auto finish_linear = [&](Linear& l, QMatrix q, int64_t li, const char* name, Clock::time_point t0,
                            double rel_err) {
+    l.weight.release_pages();
     l.qweight = std::move(q);
     l.weight = Tensor();
     if (on_layer) on_layer({li, name, seconds_since(t0), rel_err});
+  };
+  auto finish_block = [&](int64_t li) {
+    for (Tensor* t : {&model.layers[li].attn_norm, &model.layers[li].ffn_norm}) t->release_pages();
+    if (on_block) on_block(li, model.layers[li]);
   };
 
   if (o.method != "gptq") {
@@ -160,9 +171,11 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       const auto linears = block_linears(model.layers[li]);
       for (size_t k = 0; k < linears.size(); ++k) {
         const auto t0 = Clock::now();
-        finish_linear(*linears[k], quantize_weight(linears[k]->dense_weight(), o), li,
+        finish_linear(*linears[k],
+                      quantize_weight(source_weight(*linears[k], li, kLinearNames[k]), o), li,
                       kLinearNames[k], t0, -1.0);
       }
+      finish_block(li);
     }
   } else {
     QL_CHECK(!calibration.empty(), "GPTQ needs calibration text (--calib)");
@@ -194,7 +207,7 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       for (int k_idx : which) {
         const auto t0 = Clock::now();
         Linear& l = *linears[k_idx];
-        const Tensor w = l.dense_weight();
+        const Tensor w = source_weight(l, li, kLinearNames[k_idx]);
         QMatrix qm = gptq_quantize(w.data(), w.dim(0), w.dim(1), Hs, g);
         const Tensor deq = dequantize(qm);
         const double err = relative_output_error(w.data(), deq.data(), w.dim(0), w.dim(1), Hs);
@@ -256,18 +269,9 @@ void quantize_model(Model& model, const QuantizeOptions& o,
         linear_forward(L.down, cal.act_of(s0, F), out.data(), n * T);
         for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
       });
+      finish_block(li);
     }
   }
-
-  QuantInfo& qi = model.quant;
-  qi.method = o.method;
-  qi.bits = o.bits;
-  qi.group_size = o.group_size;
-  qi.sym = o.sym;
-  qi.act_order = o.act_order;
-  qi.static_groups = o.static_groups;
-  qi.double_quant = o.double_quant;
-  qi.damp = o.method == "gptq" ? static_cast<float>(o.damp) : 0.0f;
 }
 
 }  // namespace qalora

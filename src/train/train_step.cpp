@@ -9,6 +9,7 @@
 #include "qalora/core/error.h"
 #include "qalora/core/hash.h"
 #include "qalora/model/runtime.h"
+#include "qalora/ops/matmul_stored.h"
 #include "qalora/ops/ops.h"
 
 namespace qalora {
@@ -30,7 +31,7 @@ void linear_backward_input(const Linear& l, const float* dy, float* dx, int64_t 
   if (l.quantized())
     qmatmul_backward_input(dx, dy, l.qweight, T);
   else
-    ops::matmul_backward_input(dx, dy, l.weight.data(), T, l.in_features(), l.out_features());
+    ops::matmul_backward_input(dx, dy, l.weight, T);
 }
 
 void add_into(float* y, const float* x, int64_t n) {
@@ -219,9 +220,10 @@ struct TrainSession::Impl {
   void embed(std::span<const int32_t> tokens) {
     const auto T = static_cast<int64_t>(tokens.size());
     float* x = x_in[0].data();
-    for (int64_t t = 0; t < T; ++t)
-      std::memcpy(x + t * D, model.tok_embeddings.row(tokens[static_cast<size_t>(t)]),
-                  static_cast<size_t>(D) * sizeof(float));
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t id = tokens[static_cast<size_t>(t)];
+      model.tok_embeddings.decode_rows(id, id + 1, x + t * D);
+    }
   }
 
   void check_input(std::span<const int32_t> tokens, std::span<const uint8_t> target) const {
@@ -269,7 +271,7 @@ struct TrainSession::Impl {
       st.flops += matmul_flops(n, D, V);
       if (!backward) continue;
       if (dense_head)
-        ops::matmul_backward_input(dxn.data() + c0 * D, logits.data(), head.data(), n, D, V);
+        ops::matmul_backward_input(dxn.data() + c0 * D, logits.data(), head, n);
       else
         qmatmul_backward_input(dxn.data() + c0 * D, logits.data(), model.head_q, n);
       st.flops += matmul_flops(n, D, V);

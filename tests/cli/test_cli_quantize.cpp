@@ -162,10 +162,14 @@ TEST(CliQuantize, NonFiniteWeightsAreRefused) {
     m.layers[1].up.weight.mutable_data()[17] = bad;
     const fs::path dir = test::temp_dir();
     save_hf_model(m, dir / "model");
-    const auto r =
-        run_cli({"quantize", "-m", (dir / "model").string(), "--out", (dir / "q").string()});
+    auto r = run_cli({"quantize", "-m", (dir / "model").string(), "--out", (dir / "q").string()});
+    // Quantizing streams: the bad weight is found when its layer comes, after the progress of
+    // the layers before it; the error is the last line and nothing is left under --out.
+    const size_t last = r.err.rfind('\n', r.err.size() - 2);
+    if (last != std::string::npos) r.err.erase(0, last + 1);
     expect_one_line_error(r, "up_proj");
     EXPECT_FALSE(fs::exists(dir / "q"));
+    EXPECT_FALSE(fs::exists(dir / "q.partial"));
   }
 }
 

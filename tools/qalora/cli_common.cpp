@@ -7,6 +7,7 @@
 
 #include "qalora/adapters/adapter_io.h"
 #include "qalora/core/error.h"
+#include "qalora/core/resources.h"
 
 namespace qalora::cli {
 
@@ -149,6 +150,11 @@ std::string format_generation_stats(const GenerationStats& s) {
 void print_now(const std::string& text) {
   std::fwrite(text.data(), 1, text.size(), stdout);
   std::fflush(stdout);
+}
+
+void print_peak_memory() {
+  std::fprintf(stderr, "peak memory:   %.0f MB resident\n",
+               static_cast<double>(peak_rss_bytes()) / 1e6);
 }
 
 }  // namespace qalora::cli

@@ -79,5 +79,8 @@ std::string format_generation_stats(const GenerationStats& stats);
 
 // Writes text to stdout at once, so streamed tokens appear as they are produced.
 void print_now(const std::string& text);
+// "peak memory:   N MB resident" (getrusage), at the end of every long command, so a user sees
+// what a run needs.
+void print_peak_memory();
 
 }  // namespace qalora::cli

@@ -403,7 +403,10 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--steps", args->steps, "--train: timed steps")->capture_default_str();
   cmd->add_flag("--grad-checkpoint", args->grad_checkpoint,
                 "--train: recompute each block in the backward");
-  cmd->callback([args] { run_bench(*args); });
+  cmd->callback([args] {
+    run_bench(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

@@ -163,6 +163,7 @@ void register_chat(CLI::App& app) {
     QL_CHECK(prompt->count() == 0 || !args->prompt.empty(),
              "--prompt is empty: expected a message");
     run_chat(*args);
+    print_peak_memory();
   });
 }
 

@@ -107,7 +107,10 @@ void register_eval(CLI::App& app) {
   cmd->add_flag("--no-progress", [args](int64_t) { args->options.progress = false; },
                 "no progress bar");
   cmd->add_option("--out", args->out, "write metrics and per-item results as JSON");
-  cmd->callback([args] { run_eval(*args); });
+  cmd->callback([args] {
+    run_eval(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

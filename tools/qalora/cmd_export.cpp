@@ -275,7 +275,10 @@ void register_export(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{2}, int64_t{1} << 20));
   cmd->add_flag("--force", args->force, "replace an existing output");
-  cmd->callback([args] { run_export(*args); });
+  cmd->callback([args] {
+    run_export(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

@@ -54,7 +54,10 @@ void register_generate(CLI::App& app) {
   add_sampling_args(cmd, args->sampling, 128);
   add_ctx_arg(cmd, args->ctx);
   cmd->add_flag("--no-bos", args->no_bos, "do not prepend the BOS token");
-  cmd->callback([args] { run_generate(*args); });
+  cmd->callback([args] {
+    run_generate(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

@@ -157,7 +157,10 @@ void register_merge(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("-c,--ctx", args->ctx, "window length of the comparison (BOS included)")
       ->capture_default_str();
-  cmd->callback([args] { run_merge(*args); });
+  cmd->callback([args] {
+    run_merge(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

@@ -109,7 +109,10 @@ void register_perplexity(CLI::App& app) {
                   "slide windows by S tokens, scoring only new tokens (default: no overlap)");
   cmd->add_option("--max-windows", args->options.max_windows, "score at most K windows (0 = all)");
   cmd->add_option("--metrics", args->metrics, "write one JSON line per window to this file");
-  cmd->callback([args] { run_perplexity(*args); });
+  cmd->callback([args] {
+    run_perplexity(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

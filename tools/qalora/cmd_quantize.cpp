@@ -27,12 +27,19 @@ void run_quantize(QuantizeCommandArgs& a) {
            a.out, " exists and is not a folder");
   const auto t0 = Clock::now();
   Model model = load_model(a.model);
-  check_weights_finite(model);
   const auto calibration = load_calibration(a.quant, model);
-  quantize_with_progress(model, a.quant, calibration, a.metrics);
-  save_hf_model(model, a.out);
+  // Each block is written as soon as it is quantized and then dropped: the source stays mapped
+  // and memory holds about one block of output (docs/memory.md).
+  ModelFolderWriter writer(model, a.out);
+  quantize_with_progress(model, a.quant, calibration, a.metrics,
+                         [&](int64_t index, LayerWeights& block) {
+                           writer.write_block(index, block);
+                           block = LayerWeights{};
+                         });
+  writer.finish();
   std::printf("time:          %.1f s\n", seconds_since(t0));
   std::printf("saved:         %s\n", a.out.c_str());
+  print_peak_memory();
 }
 
 }  // namespace

@@ -146,7 +146,10 @@ void register_train(CLI::App& app) {
   add_data_args(cmd, args->data_args);
   cmd->add_flag("--group-by-length", c.group_by_length, "batch sequences of similar length");
   cmd->add_flag("--no-progress", args->no_progress, "no progress bar");
-  cmd->callback([args] { run_train(*args); });
+  cmd->callback([args] {
+    run_train(*args);
+    print_peak_memory();
+  });
 }
 
 }  // namespace qalora::cli

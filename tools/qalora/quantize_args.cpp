@@ -58,7 +58,7 @@ std::vector<std::vector<int32_t>> load_calibration(const QuantizeArgs& a, const 
 
 void quantize_with_progress(Model& model, const QuantizeArgs& a,
                             const std::vector<std::vector<int32_t>>& calibration,
-                            const std::string& metrics_path) {
+                            const std::string& metrics_path, const BlockCallback& on_block) {
   const QuantizeOptions& o = a.options;
   std::optional<JsonlWriter> metrics;
   if (!metrics_path.empty()) metrics.emplace(metrics_path);
@@ -66,7 +66,15 @@ void quantize_with_progress(Model& model, const QuantizeArgs& a,
   ProgressBar bar(cat("quantize ", o.method, " ", o.bits, "-bit"), n_linears);
   double err_sum = 0.0;
   int64_t err_count = 0;
-  quantize_model(model, o, calibration, [&](const LayerReport& r) {
+  int64_t quant_bytes = 0, fp32_bytes = 0;
+  const auto count_block = [&](int64_t index, LayerWeights& L) {
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
+      quant_bytes += l->qweight.storage_bytes();
+      fp32_bytes += 4 * l->qweight.rows * l->qweight.cols;
+    }
+    if (on_block) on_block(index, L);
+  };
+  const auto on_linear = [&](const LayerReport& r) {
     bar.advance();
     if (r.relative_error >= 0) {
       err_sum += r.relative_error;
@@ -77,19 +85,14 @@ void quantize_with_progress(Model& model, const QuantizeArgs& a,
       if (r.relative_error >= 0) rec["relative_output_error"] = r.relative_error;
       metrics->write(rec);
     }
-  });
+  };
+  quantize_model(model, o, calibration, on_linear, count_block);
   bar.finish();
   model.quant.calibration =
       calibration.empty() ? std::string()
                           : cat(std::filesystem::path(a.calib).filename().string(), ": ",
                                 calibration.size(), " x ", a.calib_len, " tokens, seed ", a.seed);
 
-  int64_t quant_bytes = 0, fp32_bytes = 0;
-  for (const LayerWeights& L : model.layers)
-    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) {
-      quant_bytes += l->qweight.storage_bytes();
-      fp32_bytes += 4 * l->qweight.rows * l->qweight.cols;
-    }
   std::printf("method:        %s, %d-bit, group %lld%s%s\n", o.method.c_str(), o.bits,
               static_cast<long long>(o.group_size), o.sym ? ", sym" : "",
               o.act_order ? (o.static_groups ? ", act-order (static groups)" : ", act-order") : "");

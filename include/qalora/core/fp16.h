@@ -72,4 +72,8 @@ inline uint16_t fp32_to_bf16(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 
+// n half / bfloat16 values (any alignment) to fp32; F16C where the build has it.
+void fp16_to_fp32_row(const uint8_t* src, float* dst, int64_t n);
+void bf16_to_fp32_row(const uint8_t* src, float* dst, int64_t n);
+
 }  // namespace qalora

@@ -55,8 +55,8 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 // byte-identical to ggml's reference (round-to-nearest) quantizers. Throws Error for other
 // types and for non-finite input to the block types.
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
-// Q4_0 / Q4_1 / Q8_0 rows [rows, cols] as the exactly equal affine QMatrix (each 32-element
-// block is a group of 32); nullopt for other types.
+// Q4_0 / Q4_1 / Q8_0 / Q4_K rows [rows, cols] as the exactly equal affine QMatrix (each
+// 32-element block or Q4_K sub-block is a group of 32); nullopt for other types.
 std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
                                        int64_t cols);
 
@@ -126,6 +126,8 @@ class GgufFile {
   // fp32 tensor: a zero-copy view for F32 data, dequantized otherwise.
   Tensor load_f32(const GgufTensorInfo& info) const;
   Tensor load_f32(std::string_view name) const;  // throws Error when the tensor is missing
+  // The tensor as stored: a view for F32, an encoded view (decoded per use) for other types.
+  Tensor load(const GgufTensorInfo& info) const;
 
  private:
   std::shared_ptr<MappedFile> file_;

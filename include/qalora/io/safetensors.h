@@ -37,8 +37,10 @@ class SafetensorsFile {
   const StTensorInfo* find(std::string_view name) const;  // nullptr when absent
   // Raw little-endian bytes of any dtype (end - begin of them).
   const uint8_t* data(const StTensorInfo& t) const;
-  // F32 (zero-copy view when 4-byte aligned, else a copy), F16 and BF16 tensors as fp32;
-  // throws Error naming the file and tensor for other dtypes.
+  // A float tensor as stored: F32 a zero-copy view when 4-byte aligned (else a copy), F16 and
+  // BF16 encoded views decoded per use; throws Error naming the file and tensor for other dtypes.
+  Tensor load(const StTensorInfo& t) const;
+  // The same as a plain fp32 array (F16 and BF16 converted).
   Tensor load_f32(const StTensorInfo& t) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 

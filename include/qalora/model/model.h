@@ -60,7 +60,7 @@ struct Linear {
   int64_t out_features() const { return quantized() ? qweight.rows : weight.dim(0); }
   int64_t in_features() const { return quantized() ? qweight.cols : weight.dim(1); }
   // The fp32 weight, dequantized when quantized.
-  Tensor dense_weight() const { return quantized() ? dequantize(qweight) : weight; }
+  Tensor dense_weight() const { return quantized() ? dequantize(qweight) : weight.decoded(); }
 };
 
 // How the linear layers were quantized (quantize_config.json); method empty = not quantized.
@@ -140,6 +140,31 @@ Model load_llama2c_model(const std::filesystem::path& path);
 // quantized linears is written as a native quantized folder (docs/formats.md) that loads back
 // bit for bit.
 void save_hf_model(const Model& model, const std::filesystem::path& dir);
+
+// save_hf_model one block at a time, for commands that produce blocks in order and drop each
+// once written (quantize, merge): blocks are buffered until about `shard_bytes` have collected,
+// then written as one safetensors shard (one model.safetensors when a single shard suffices,
+// else model-0000i-of-0000n.safetensors with their index). Everything is written to
+// "<dir>.partial" and moved into `dir` by finish(), config.json last; a writer destroyed before
+// finish() (an error, an interrupted run) leaves `dir` untouched.
+class ModelFolderWriter {
+ public:
+  static constexpr int64_t kDefaultShardBytes = int64_t{1} << 30;
+  // `model` supplies the configuration, quantization record, tokenizer, source tensor types and,
+  // at finish(), the embeddings, final norm and head; its blocks are not read.
+  ModelFolderWriter(const Model& model, const std::filesystem::path& dir,
+                    int64_t shard_bytes = kDefaultShardBytes);
+  ~ModelFolderWriter();
+  ModelFolderWriter(const ModelFolderWriter&) = delete;
+  ModelFolderWriter& operator=(const ModelFolderWriter&) = delete;
+  // Blocks in order 0..n_layers-1.
+  void write_block(int64_t index, const LayerWeights& block);
+  void finish();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // Inverse frequencies of the head_dim / 2 rotary pairs, scaling applied; position p of pair
 // i rotates by angle p * result[i].

@@ -44,15 +44,18 @@ struct LayerReport {
   double relative_error = -1;
 };
 using LayerCallback = std::function<void(const LayerReport&)>;
+// Called once block `index` is quantized and no longer needed by the quantizer: a streaming
+// caller writes it out and may empty it.
+using BlockCallback = std::function<void(int64_t index, LayerWeights& block)>;
 
-// Throws Error naming the layer, linear and element of the first nan/inf weight.
-void check_weights_finite(const Model& model);
 
-// Replaces every block linear's fp32 weight by its quantized form and records model.quant.
-// GPTQ needs `calibration` (token windows); other methods ignore it.
+// Replaces every block linear's weight by its quantized form, block by block, and records
+// model.quant. GPTQ needs `calibration` (token windows) and runs them through the model one
+// block at a time; other methods ignore it. Throws Error naming the layer, linear and element
+// of the first nan/inf weight.
 void quantize_model(Model& model, const QuantizeOptions& options,
                     const std::vector<std::vector<int32_t>>& calibration,
-                    const LayerCallback& on_layer = {});
+                    const LayerCallback& on_layer = {}, const BlockCallback& on_block = {});
 
 // sqrt(tr((W - Q) H (W - Q)^T) / tr(W H W^T)): ||W X - Q X|| / ||W X|| over the inputs that
 // built H = (2/n) X^T X. W, Q [rows, cols]; H [cols, cols].

@@ -1,0 +1,19 @@
+// Products with a frozen weight in whatever form its file stores it (see Tensor::encoded).
+// Plain fp32 weights go straight to ops::matmul_*; encoded ones (F16, BF16, ggml blocks) are
+// decoded a tile of rows at a time into a reused buffer, so no fp32 copy of W ever exists and
+// memory grows with one tile, not with the model. The reference for both is the plain kernel on
+// W.decoded().
+#pragma once
+
+#include <cstdint>
+
+#include "qalora/core/tensor.h"
+
+namespace qalora::ops {
+
+// y[T, O] = x[T, I] W[O, I]^T (+ bias[O]); bias may be null.
+void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias, int64_t T);
+// dx[T, I] = dy[T, O] W[O, I] (overwrites).
+void matmul_backward_input(float* dx, const float* dy, const Tensor& W, int64_t T);
+
+}  // namespace qalora::ops

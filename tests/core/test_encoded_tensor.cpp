@@ -1,0 +1,108 @@
+// Encoded tensors (rows kept in their file's type, decoded per use) and the products that read
+// them a tile at a time, against the plain fp32 kernels on odd shapes.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
+#include "qalora/core/tensor.h"
+#include "qalora/ops/matmul_stored.h"
+#include "qalora/ops/ops.h"
+#include "test_util.h"
+
+namespace qalora {
+namespace {
+
+// Values that F16 (or BF16) holds exactly, and their encoded bytes.
+struct Halves {
+  std::vector<float> values;
+  std::shared_ptr<std::vector<uint8_t>> bytes;
+};
+
+Halves random_halves(int64_t n, uint64_t seed, bool bf16) {
+  Halves h;
+  h.values = test::random_uniform(n, seed);
+  h.bytes = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(2 * n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t b = bf16 ? fp32_to_bf16(h.values[i]) : fp32_to_fp16(h.values[i]);
+    h.values[i] = bf16 ? bf16_to_fp32(b) : fp16_to_fp32(b);
+    std::memcpy(h.bytes->data() + 2 * i, &b, 2);
+  }
+  return h;
+}
+
+Tensor encoded_of(const Halves& h, int64_t rows, int64_t cols, bool bf16) {
+  return Tensor::encoded(h.bytes->data(), {rows, cols}, bf16 ? bf16_codec(cols) : half_codec(cols),
+                         h.bytes, /*file_backed=*/false);
+}
+
+TEST(EncodedTensor, DecodesF16AndBf16RowsAndRefusesPlainAccess) {
+  for (bool bf16 : {false, true}) {
+    const int64_t rows = 7, cols = 13;  // 13: a tail after the 8-wide F16C conversion
+    const Halves h = random_halves(rows * cols, 3, bf16);
+    const Tensor t = encoded_of(h, rows, cols, bf16);
+    EXPECT_TRUE(t.encoded());
+    EXPECT_EQ(t.stored_type(), bf16 ? "BF16" : "F16");
+    EXPECT_EQ(t.stored_bytes(), rows * cols * 2);
+    EXPECT_THROW(t.data(), std::logic_error);
+    std::vector<float> mid(3 * cols);
+    t.decode_rows(2, 5, mid.data());
+    EXPECT_EQ(std::memcmp(mid.data(), h.values.data() + 2 * cols, mid.size() * sizeof(float)), 0);
+    const Tensor d = t.decoded();
+    ASSERT_FALSE(d.encoded());
+    EXPECT_EQ(std::memcmp(d.data(), h.values.data(), h.values.size() * sizeof(float)), 0);
+  }
+}
+
+TEST(EncodedTensor, PermutedRowsComposeWithoutCopying) {
+  const int64_t rows = 6, cols = 5;
+  const Halves h = random_halves(rows * cols, 4, false);
+  const Tensor t = encoded_of(h, rows, cols, false);
+  const std::vector<int64_t> a = {5, 3, 1, 0, 2, 4}, b = {1, 0, 3, 2, 5, 4};
+  const Tensor ta = t.permuted_rows(a), tab = ta.permuted_rows(b);
+  EXPECT_TRUE(tab.encoded());
+  // Row r of tab is row b[r] of ta, which is row a[b[r]] of t; the plain path agrees.
+  const Tensor plain = t.decoded().permuted_rows(a).permuted_rows(b);
+  const Tensor got = tab.decoded();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      EXPECT_EQ(got.data()[r * cols + c], h.values[a[b[r]] * cols + c]);
+      EXPECT_EQ(plain.data()[r * cols + c], h.values[a[b[r]] * cols + c]);
+    }
+}
+
+// Products with an encoded W against the plain reference on its decoded copy: tokens on both
+// sides of the GEMV/GEMM switch, rows that are not a multiple of the GEMV block or of the
+// decoding tile (4099 inputs: tiles of 255 rows, so 600 rows take three), with and without bias.
+TEST(EncodedTensor, ProductsMatchThePlainReferenceOnOddShapes) {
+  struct Case {
+    int64_t out, in, tokens;
+  };
+  for (const Case c : {Case{37, 19, 1}, Case{37, 19, 3}, Case{61, 45, 5}, Case{600, 4099, 7}}) {
+    for (bool bf16 : {false, true}) {
+      const std::string what = cat(c.out, "x", c.in, " T=", c.tokens, bf16 ? " bf16" : " f16");
+      const Halves h = random_halves(c.out * c.in, 11, bf16);
+      const Tensor w = encoded_of(h, c.out, c.in, bf16);
+      const std::vector<float> x = test::random_uniform(c.tokens * c.in, 12);
+      const std::vector<float> bias = test::random_uniform(c.out, 13);
+      std::vector<float> y(static_cast<size_t>(c.tokens * c.out)), ref(y.size());
+      ops::matmul_forward(y.data(), x.data(), w, bias.data(), c.tokens);
+      ops::matmul_forward_ref(ref.data(), x.data(), h.values.data(), bias.data(), c.tokens, c.in,
+                              c.out);
+      test::expect_close(y, ref, 2e-5f, what + " forward");
+
+      const std::vector<float> dy = test::random_uniform(c.tokens * c.out, 14);
+      std::vector<float> dx(static_cast<size_t>(c.tokens * c.in), 7.0f), dref(dx.size());
+      ops::matmul_backward_input(dx.data(), dy.data(), w, c.tokens);
+      ops::matmul_backward_input_ref(dref.data(), dy.data(), h.values.data(), c.tokens, c.in,
+                                     c.out);
+      test::expect_close(dx, dref, 2e-5f, what + " backward");
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qalora
