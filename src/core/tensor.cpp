@@ -74,12 +74,17 @@ int64_t Tensor::stored_bytes() const {
 }
 
 Tensor Tensor::zeros(Shape shape) {
+  return allocate(std::move(shape), true);
+}
+
+Tensor Tensor::allocate(Shape shape, bool zero) {
   int64_t n = 1;
   for (int64_t d : shape) {
     QL_CHECK(d >= 0, "tensor shape ", shape_str(shape), " has a negative dimension");
     n *= d;
   }
-  std::shared_ptr<float[]> buf(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]());
+  const auto size = static_cast<size_t>(std::max<int64_t>(n, 1));
+  std::shared_ptr<float[]> buf(zero ? new float[size]() : new float[size]);
   Tensor t;
   t.shape_ = std::move(shape);
   t.data_ = buf.get();
@@ -145,7 +150,7 @@ void Tensor::decode_rows(int64_t r0, int64_t r1, float* out) const {
 
 Tensor Tensor::decoded() const {
   if (!encoded()) return *this;
-  Tensor out = zeros(shape_);
+  Tensor out = allocate(shape_, false);  // every element is written below
   const int64_t rows_n = rows(), n = row_len();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows_n; ++r) decode_rows(r, r + 1, out.data_ + r * n);

@@ -36,7 +36,7 @@ void gptq_pack(uint32_t* words, int64_t stride, int64_t k, int bits, uint32_t v)
 }
 
 StWriteTensor st_half_or_f32(const std::string& name, const Tensor& t) {
-  return hf::st_float(name, t.decoded().data(), t.shape(), StDtype::F16);
+  return hf::st_float(name, t, StDtype::F16);
 }
 
 // qweight / qzeros / scales / g_idx of one affine linear, and its differences as the GPTQ reader
@@ -126,18 +126,6 @@ json quantization_config(const Model& model, const hf::NativeLayout& layout, boo
   return q;
 }
 
-// config.json and the tokenizer files exactly as save_hf_model writes them, from a model with
-// the same config and tokenizer but no weights to speak of (model.safetensors is replaced).
-void write_config_and_tokenizer(const Model& model, const fs::path& dir) {
-  Model skeleton;
-  skeleton.config = model.config;
-  skeleton.tokenizer = model.tokenizer;
-  skeleton.tok_embeddings = Tensor::zeros({1});
-  skeleton.final_norm = Tensor::zeros({1});
-  if (!model.output.empty()) skeleton.output = Tensor::zeros({1});
-  save_hf_model(skeleton, dir);
-}
-
 }  // namespace
 
 bool gptq_packable(const QMatrix& q) {
@@ -199,11 +187,14 @@ ExportReport export_gptq(const Model& model, const fs::path& dir,
   tensors.push_back(st_half_or_f32("model.norm.weight", model.final_norm));
   if (!model.output.empty()) tensors.push_back(st_half_or_f32("lm_head.weight", model.output));
 
-  write_config_and_tokenizer(model, dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
+  if (model.tokenizer) write_hf_tokenizer(model.tokenizer->data(), dir);
   write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
   const json qc = quantization_config(model, layout, sym, dense_modules, options.v2);
   write_file_atomic(dir / "quantize_config.json", qc.dump(2) + "\n");
-  json config = hf::parse_json_file(dir / "config.json");
+  json config = hf::config_json(model);
   config["quantization_config"] = qc;
   config["torch_dtype"] = "float16";
   write_file_atomic(dir / "config.json", config.dump(2) + "\n");

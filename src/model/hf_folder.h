@@ -21,6 +21,8 @@ namespace qalora::hf {
 using nlohmann::json;
 
 nlohmann::json parse_json_file(const std::filesystem::path& path);
+// config.json of a model (quantization_config not included).
+nlohmann::json config_json(const Model& model);
 // Shortest decimal that reads back as `f`, so config.json shows 1e-05 rather than 9.99999974e-06.
 double json_float(float f);
 
@@ -89,6 +91,8 @@ class HfWeights {
   const uint8_t* raw(const std::string& name, StDtype dtype, const Shape& expected,
                      const std::string& context) const;
   std::vector<SourceTensor> source_tensors() const;
+  // What keeps the memory of raw(name) alive (its file's mapping).
+  std::shared_ptr<const void> owner(const std::string& name) const;
 
  private:
   void open_shards(const std::filesystem::path& dir, const std::filesystem::path& index_path);
@@ -149,6 +153,7 @@ void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& pr
 // A float tensor stored as `dtype` (F16 or BF16) when every value survives the conversion
 // exactly, else as F32.
 StWriteTensor st_float(std::string name, const float* data, Shape shape, StDtype dtype);
+StWriteTensor st_float(std::string name, const Tensor& t, StDtype dtype);
 // A tensor whose elements are stored as they are in memory (codes, int32 words, fp32 values).
 template <typename T>
 StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape, const std::vector<T>& v) {

@@ -85,6 +85,10 @@ const uint8_t* HfWeights::raw(const std::string& name, StDtype dtype, const Shap
   return shards_[shard].data(*info);
 }
 
+std::shared_ptr<const void> HfWeights::owner(const std::string& name) const {
+  return shards_[locate(name).first].mapping();
+}
+
 std::vector<SourceTensor> HfWeights::source_tensors() const {
   std::vector<SourceTensor> out;
   for (const SafetensorsFile& f : shards_)
@@ -108,6 +112,44 @@ void HfWeights::open_shards(const fs::path& dir, const fs::path& index_path) {
              ": weight_map puts '", name, "' in ", f, ", which does not contain it");
   }
   QL_CHECK(!shards_.empty(), index_path.string(), ": weight_map is empty");
+}
+
+json config_json(const Model& model) {
+  const ModelConfig& c = model.config;
+  // Llama's attention_bias would also add an o_proj bias; Qwen2 has exactly q/k/v biases.
+  const bool qwen2 = c.arch == "qwen2" || c.qkv_bias;
+  json j;
+  j["architectures"] = json::array({qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"});
+  j["model_type"] = qwen2 ? "qwen2" : "llama";
+  j["hidden_act"] = "silu";
+  j["hidden_size"] = c.dim;
+  j["intermediate_size"] = c.hidden_dim;
+  j["num_hidden_layers"] = c.n_layers;
+  j["num_attention_heads"] = c.n_heads;
+  j["num_key_value_heads"] = c.n_kv_heads;
+  j["head_dim"] = c.head_dim;
+  j["max_position_embeddings"] = c.context_length;
+  j["rms_norm_eps"] = json_float(c.norm_eps);
+  j["rope_theta"] = json_float(c.rope_theta);
+  if (c.rope_scaling.type == RopeScaling::Type::Linear) {
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", json_float(c.rope_scaling.factor)}};
+  } else if (c.rope_scaling.type == RopeScaling::Type::Llama3) {
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", json_float(c.rope_scaling.factor)},
+                         {"low_freq_factor", json_float(c.rope_scaling.low_freq_factor)},
+                         {"high_freq_factor", json_float(c.rope_scaling.high_freq_factor)},
+                         {"original_max_position_embeddings", c.rope_scaling.original_context}};
+  }
+  j["vocab_size"] = c.vocab_size;
+  j["tie_word_embeddings"] = model.output.empty();
+  if (qwen2) j["use_sliding_window"] = false;
+  j["torch_dtype"] = "float32";
+  if (model.tokenizer) {
+    if (model.tokenizer->bos_id() >= 0) j["bos_token_id"] = model.tokenizer->bos_id();
+    if (model.tokenizer->eos_id() >= 0) j["eos_token_id"] = model.tokenizer->eos_id();
+  }
+  if (!c.name.empty()) j["_name_or_path"] = c.name;
+  return j;
 }
 
 }  // namespace hf
@@ -228,43 +270,6 @@ std::shared_ptr<const Tokenizer> load_folder_tokenizer(const fs::path& dir) {
   return nullptr;
 }
 
-json config_to_json(const Model& model) {
-  const ModelConfig& c = model.config;
-  // Llama's attention_bias would also add an o_proj bias; Qwen2 has exactly q/k/v biases.
-  const bool qwen2 = c.arch == "qwen2" || c.qkv_bias;
-  json j;
-  j["architectures"] = json::array({qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"});
-  j["model_type"] = qwen2 ? "qwen2" : "llama";
-  j["hidden_act"] = "silu";
-  j["hidden_size"] = c.dim;
-  j["intermediate_size"] = c.hidden_dim;
-  j["num_hidden_layers"] = c.n_layers;
-  j["num_attention_heads"] = c.n_heads;
-  j["num_key_value_heads"] = c.n_kv_heads;
-  j["head_dim"] = c.head_dim;
-  j["max_position_embeddings"] = c.context_length;
-  j["rms_norm_eps"] = json_float(c.norm_eps);
-  j["rope_theta"] = json_float(c.rope_theta);
-  if (c.rope_scaling.type == RopeScaling::Type::Linear) {
-    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", json_float(c.rope_scaling.factor)}};
-  } else if (c.rope_scaling.type == RopeScaling::Type::Llama3) {
-    j["rope_scaling"] = {{"rope_type", "llama3"},
-                         {"factor", json_float(c.rope_scaling.factor)},
-                         {"low_freq_factor", json_float(c.rope_scaling.low_freq_factor)},
-                         {"high_freq_factor", json_float(c.rope_scaling.high_freq_factor)},
-                         {"original_max_position_embeddings", c.rope_scaling.original_context}};
-  }
-  j["vocab_size"] = c.vocab_size;
-  j["tie_word_embeddings"] = model.output.empty();
-  if (qwen2) j["use_sliding_window"] = false;
-  j["torch_dtype"] = "float32";
-  if (model.tokenizer) {
-    if (model.tokenizer->bos_id() >= 0) j["bos_token_id"] = model.tokenizer->bos_id();
-    if (model.tokenizer->eos_id() >= 0) j["eos_token_id"] = model.tokenizer->eos_id();
-  }
-  if (!c.name.empty()) j["_name_or_path"] = c.name;
-  return j;
-}
 
 void add_linear(std::vector<StWriteTensor>& out, const std::string& prefix, const Linear& lin) {
   if (lin.quantized())
@@ -291,7 +296,7 @@ class FloatTypes {
       if (it != type_.end() && it->second == "F16") dtype = StDtype::F16;
       if (it != type_.end() && it->second == "BF16") dtype = StDtype::BF16;
     }
-    return hf::st_float(hf_name, t.decoded().data(), t.shape(), dtype);
+    return hf::st_float(hf_name, t, dtype);
   }
 
  private:
@@ -434,8 +439,10 @@ struct ModelFolderWriter::Impl {
       : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard),
         floats(m) {}
 
+  // Float tensors are read once, so their mapped pages are dropped once converted.
   void add_float(const std::string& hf_name, const std::string& gguf_name, const Tensor& t) {
     add(floats.tensor(hf_name, gguf_name, t, layout.has_value()));
+    t.release_pages();
   }
   void add(StWriteTensor t) {
     pending_bytes += static_cast<int64_t>(t.bytes.size());
@@ -571,7 +578,7 @@ void ModelFolderWriter::finish() {
   w.flush();
   w.name_shards();
 
-  json config = config_to_json(model);
+  json config = hf::config_json(model);
   if (w.layout) {
     const json q = hf::native_quant_json(model, *w.layout);
     write_file_atomic(w.partial / "quantize_config.json", q.dump(2) + "\n");

@@ -156,12 +156,13 @@ QMatrix load_native(const HfWeights& w, const FolderQuant& q, const std::string&
                   : make_codebook(q.type, out, in);
   const std::string qname = prefix + ".qweight";
   const uint8_t* codes = w.raw(qname, StDtype::U8, {out, m.row_bytes()}, ctx);
-  m.codes.assign(codes, codes + out * m.row_bytes());
+  m.codes = ByteBuffer::view(codes, static_cast<size_t>(out * m.row_bytes()), w.owner(qname));
   // Kernels may read whole 32-column chunks, so the padding codes must be the zeros we write.
   if (in % kQChunk != 0) {
     uint8_t chunk[kQChunk];
     for (int64_t r = 0; r < out; ++r) {
-      unpack_row(m.row_codes(r) + (in / kQChunk) * chunk_bytes(m.bits), kQChunk, m.bits, chunk);
+      unpack_row(std::as_const(m).row_codes(r) + (in / kQChunk) * chunk_bytes(m.bits), kQChunk,
+                 m.bits, chunk);
       for (int64_t k = in % kQChunk; k < kQChunk; ++k)
         QL_CHECK(chunk[k] == 0, w.file_of(qname), ": tensor '", qname, "' row ", r, " has code ",
                  int{chunk[k]}, " in its padding past column ", in, ", expected 0");
@@ -376,7 +377,8 @@ json native_quant_json(const Model& model, const NativeLayout& layout) {
 
 void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& prefix,
                           const QMatrix& w) {
-  out.push_back(st_raw(prefix + ".qweight", StDtype::U8, {w.rows, w.row_bytes()}, w.codes));
+  out.push_back(st_raw(prefix + ".qweight", StDtype::U8, {w.rows, w.row_bytes()},
+                       std::vector<uint8_t>(w.codes.begin(), w.codes.end())));
   if (w.type == QuantType::Affine) {
     const int64_t L = w.n_groups();
     out.push_back(st_float(prefix + ".scales", w.scales.data(), {w.rows, L}, StDtype::F16));
@@ -396,21 +398,35 @@ void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& pr
 }
 
 StWriteTensor st_float(std::string name, const float* data, Shape shape, StDtype dtype) {
-  int64_t n = 1;
-  for (const int64_t d : shape) n *= d;
+  return st_float(std::move(name), Tensor::view(data, std::move(shape), nullptr), dtype);
+}
+
+StWriteTensor st_float(std::string name, const Tensor& t, StDtype dtype) {
+  // Row by row from whatever storage the tensor has: the output bytes are the only copy.
+  const int64_t rows = t.rows(), n = t.row_len();
   if (dtype == StDtype::F16 || dtype == StDtype::BF16) {
     const bool f16 = dtype == StDtype::F16;
-    std::vector<uint16_t> half(static_cast<size_t>(n));
+    std::vector<uint16_t> half(static_cast<size_t>(rows * n));
     bool exact = true;
-    for (int64_t i = 0; i < n && exact; ++i) {
-      half[i] = f16 ? fp32_to_fp16(data[i]) : fp32_to_bf16(data[i]);
-      const float back = f16 ? fp16_to_fp32(half[i]) : bf16_to_fp32(half[i]);
-      exact = std::bit_cast<uint32_t>(back) == std::bit_cast<uint32_t>(data[i]);
+#pragma omp parallel
+    {
+      std::vector<float> row(static_cast<size_t>(n));
+#pragma omp for schedule(static) reduction(&& : exact)
+      for (int64_t r = 0; r < rows; ++r) {
+        t.decode_rows(r, r + 1, row.data());
+        uint16_t* h = half.data() + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          h[i] = f16 ? fp32_to_fp16(row[i]) : fp32_to_bf16(row[i]);
+          const float back = f16 ? fp16_to_fp32(h[i]) : bf16_to_fp32(h[i]);
+          exact = exact && std::bit_cast<uint32_t>(back) == std::bit_cast<uint32_t>(row[i]);
+        }
+      }
     }
-    if (exact) return st_raw(std::move(name), dtype, std::move(shape), half);
+    if (exact) return st_raw(std::move(name), dtype, t.shape(), half);
   }
-  return st_raw(std::move(name), StDtype::F32, std::move(shape),
-                std::vector<float>(data, data + n));
+  std::vector<float> values(static_cast<size_t>(rows * n));
+  t.decode_rows(0, rows, values.data());
+  return st_raw(std::move(name), StDtype::F32, t.shape(), values);
 }
 
 }  // namespace qalora::hf

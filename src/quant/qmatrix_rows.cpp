@@ -11,9 +11,9 @@ namespace qalora {
 namespace {
 
 // Copies row `from` of a [rows, n] array to row `to` of another.
-template <typename T>
-void copy_row(const std::vector<T>& src, std::vector<T>& dst, int64_t n, int64_t from, int64_t to) {
-  std::copy_n(src.begin() + from * n, n, dst.begin() + to * n);
+template <typename Src, typename Dst>
+void copy_row(const Src& src, Dst& dst, int64_t n, int64_t from, int64_t to) {
+  std::copy_n(src.data() + from * n, n, dst.data() + to * n);
 }
 
 }  // namespace

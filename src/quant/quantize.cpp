@@ -48,7 +48,16 @@ int64_t resolve_group_size(int64_t group_size, int64_t cols) {
 }
 
 void check_finite(const float* w, int64_t rows, int64_t cols, std::string_view name) {
-  for (int64_t j = 0; j < rows; ++j)
+  bool finite = true;
+#pragma omp parallel for schedule(static) reduction(&& : finite)
+  for (int64_t j = 0; j < rows; ++j) {
+    float sum = 0.0f;  // nan or inf anywhere in the row makes the sum nan
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < cols; ++i) sum += w[j * cols + i] * 0.0f;
+    finite = finite && sum == 0.0f;
+  }
+  if (finite) return;
+  for (int64_t j = 0; j < rows; ++j)  // the first bad element, for the message
     for (int64_t i = 0; i < cols; ++i)
       if (!std::isfinite(w[j * cols + i]))
         fail(name, ": weight [", j, ", ", i, "] is ", w[j * cols + i],

@@ -25,7 +25,7 @@ void expect_same_qmatrix(const QMatrix& a, const QMatrix& b, const std::string& 
   EXPECT_EQ(a.rows, b.rows) << what;
   EXPECT_EQ(a.cols, b.cols) << what;
   EXPECT_EQ(a.group_size, b.group_size) << what;
-  EXPECT_TRUE(same_bits(a.codes, b.codes)) << what << " codes";
+  EXPECT_EQ(a.codes, b.codes) << what << " codes";
   EXPECT_TRUE(same_bits(a.scales, b.scales)) << what << " scales";
   EXPECT_TRUE(same_bits(a.offsets, b.offsets)) << what << " offsets";
   EXPECT_EQ(a.g_idx, b.g_idx) << what << " g_idx";

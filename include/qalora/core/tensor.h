@@ -82,6 +82,7 @@ class Tensor {
 
  private:
   const uint8_t* row_bytes_at(int64_t stored_row) const;
+  static Tensor allocate(Shape shape, bool zero);
 
   Shape shape_;
   float* data_ = nullptr;

@@ -33,6 +33,7 @@ class SafetensorsFile {
   // overlap or come in any order; they only have to lie inside the data section.
   static SafetensorsFile open(const std::filesystem::path& path);
   const std::string& path() const { return file_->path(); }
+  std::shared_ptr<const MappedFile> mapping() const { return file_; }
   const std::vector<StTensorInfo>& tensors() const { return tensors_; }
   const StTensorInfo* find(std::string_view name) const;  // nullptr when absent
   // Raw little-endian bytes of any dtype (end - begin of them).

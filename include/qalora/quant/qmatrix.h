@@ -17,7 +17,7 @@
 //   bits 3: the low two bits of the 32 codes as a bits-2 chunk (8 bytes), then their third
 //           bits as one little-endian uint32 (bit k = code k), 4 bytes.
 // These layouts let SIMD kernels unpack a chunk with a few shifts and masks. The same bytes
-// are stored in the native model folder, so loading is a copy.
+// are stored in the native model folder, so a loaded folder's codes are its mapped file.
 //
 // Scales and offsets are fp32 in memory. Quantizers round them to fp16 (the default storage
 // precision) before computing codes, so what is evaluated is what is saved; GPTQ checkpoints
@@ -29,6 +29,7 @@
 #include <string_view>
 #include <vector>
 
+#include "qalora/core/byte_buffer.h"
 #include "qalora/core/tensor.h"
 
 namespace qalora {
@@ -65,7 +66,7 @@ struct QMatrix {
   int64_t cols = 0;
   // Affine: group size G (1..cols; cols = per channel). NF4/FP4: absmax block length.
   int64_t group_size = 0;
-  std::vector<uint8_t> codes;  // [rows, row_bytes()]
+  ByteBuffer codes;            // [rows, row_bytes()]; a view of the file for loaded folders
   std::vector<float> scales;   // Affine: [rows, n_groups()]
   std::vector<float> offsets;  // Affine: [rows, n_groups()]
   std::vector<int32_t> g_idx;  // Affine: [cols] group of each column; empty = contiguous
