@@ -94,23 +94,27 @@ Bandwidth memory_bandwidth() {
   return {bytes / read_s / 1e9, 2 * bytes / copy_s / 1e9};
 }
 
-// Bytes of weights one decoded token reads: every parameter once (quantized linears and a
-// quantized head: codes and their fp32 group parameters as held in memory), except that an untied
-// embedding table contributes a single row (the head is read in full either way).
+// Bytes of weights one decoded token reads: every weight once as it is held (quantized codes
+// with their fp32 group parameters, F16/BF16/ggml rows as stored, fp32 arrays), except that an
+// untied embedding table contributes a single row (the head is read in full either way).
+double quantized_bytes(const QMatrix& q) {
+  return static_cast<double>(q.codes.size()) +
+         4.0 * static_cast<double>(q.scales.size() + q.offsets.size() + q.g_idx.size() +
+                                   q.absmax.size());
+}
+
 double weight_bytes_per_token(const Model& model) {
-  double bytes = 4.0 * static_cast<double>(model.parameter_count());
-  if (!model.output.empty())
-    bytes -= 4.0 * static_cast<double>(model.tok_embeddings.numel() - model.config.dim);
-  auto replace_by_quantized = [&](const QMatrix& q) {
-    bytes -= 4.0 * static_cast<double>(q.rows * q.cols);
-    bytes += static_cast<double>(q.codes.size()) +
-             4.0 * static_cast<double>(q.scales.size() + q.offsets.size() + q.g_idx.size() +
-                                       q.absmax.size());
-  };
-  for (const LayerWeights& L : model.layers)
+  auto bytes_of = [](const Tensor& t) { return static_cast<double>(t.stored_bytes()); };
+  double bytes = bytes_of(model.final_norm);
+  for (const LayerWeights& L : model.layers) {
+    bytes += bytes_of(L.attn_norm) + bytes_of(L.ffn_norm);
     for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-      if (l->quantized()) replace_by_quantized(l->qweight);
-  if (!model.head_q.codes.empty()) replace_by_quantized(model.head_q);
+      bytes += (l->quantized() ? quantized_bytes(l->qweight) : bytes_of(l->weight)) +
+               bytes_of(l->bias);
+  }
+  bytes += model.head_q.codes.empty() ? bytes_of(model.head()) : quantized_bytes(model.head_q);
+  if (!model.output.empty())
+    bytes += bytes_of(model.tok_embeddings) / static_cast<double>(model.config.vocab_size);
   return bytes;
 }
 
@@ -211,8 +215,10 @@ void run_train_bench(const BenchArgs& args) {
 
   // What the run must hold: the base's weights as stored in memory, the adapters with their
   // gradients and two AdamW moments, and the activation buffers.
-  const double weights = weight_bytes_per_token(model) +
-                         4.0 * static_cast<double>(model.tok_embeddings.numel() - model.config.dim);
+  const double weights =
+      weight_bytes_per_token(model) + static_cast<double>(model.tok_embeddings.stored_bytes()) *
+                                          static_cast<double>(model.config.vocab_size - 1) /
+                                          static_cast<double>(model.config.vocab_size);
   const double adapter_bytes = 4.0 * 4.0 * static_cast<double>(adapters.parameter_count());
   const auto act_bytes = static_cast<double>(session.activation_bytes());
   const auto rss = static_cast<double>(peak_rss_bytes());
