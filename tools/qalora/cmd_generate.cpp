@@ -1,4 +1,5 @@
 // qalora generate: continue a prompt, streaming the text to stdout as it is produced.
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 
@@ -24,7 +25,13 @@ void run_generate(const GenerateArgs& args) {
   const Tokenizer& tok = model.require_tokenizer();
   const std::vector<int32_t> prompt = encode_prompt(tok, args.prompt, !args.no_bos);
   const auto adapters = load_adapter_arg(args.model, model);
-  InferenceSession session(model, resolve_ctx(model, args.ctx), adapters.get());
+  // Without --ctx the KV cache holds what this generation can use, not the model's whole
+  // context: at 7B a 4096-token fp32 cache alone is 4.3 GB.
+  const int64_t needed = static_cast<int64_t>(prompt.size()) + args.sampling.max_tokens;
+  const int64_t ctx = args.ctx > 0 || args.sampling.max_tokens <= 0
+                          ? resolve_ctx(model, args.ctx)
+                          : std::min(resolve_ctx(model, 0), needed);
+  InferenceSession session(model, ctx, adapters.get());
   Sampler sampler(sampling);
 
   // The prompt goes through the decoder too, so the first generated token is decoded in
