@@ -52,6 +52,20 @@ void gemv_encoded(float* y, const float* x, const Tensor& W, int64_t T) {
   }
 }
 
+// Calls body(r0, n, tile) for each run of n rows from r0, decoded into `tile` [n, I].
+template <typename Body>
+void for_each_tile(const Tensor& W, Body&& body) {
+  const int64_t O = W.dim(0), I = W.dim(1);
+  thread_local std::vector<float> tile;
+  const int64_t R = std::min(O, tile_rows(I));
+  tile.resize(static_cast<size_t>(R * I));
+  for (int64_t r0 = 0; r0 < O; r0 += R) {
+    const int64_t n = std::min(R, O - r0);
+    decode_tile(W, r0, r0 + n, tile.data());
+    body(r0, n, tile.data());
+  }
+}
+
 }  // namespace
 
 void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias, int64_t T) {
@@ -60,17 +74,12 @@ void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias
   if (T <= kGemvMaxTokens) {
     gemv_encoded(y, x, W, T);
   } else {
-    thread_local std::vector<float> tile;
-    const int64_t R = std::min(O, tile_rows(I));
-    tile.resize(static_cast<size_t>(R * I));
-    for (int64_t r0 = 0; r0 < O; r0 += R) {
-      const int64_t n = std::min(R, O - r0);
-      decode_tile(W, r0, r0 + n, tile.data());
+    for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
                   static_cast<blasint>(n), static_cast<blasint>(I), 1.0f, x,
-                  static_cast<blasint>(I), tile.data(), static_cast<blasint>(I), 0.0f, y + r0,
+                  static_cast<blasint>(I), tile, static_cast<blasint>(I), 0.0f, y + r0,
                   static_cast<blasint>(O));
-    }
+    });
   }
   if (bias != nullptr)
     for (int64_t t = 0; t < T; ++t)
@@ -80,18 +89,13 @@ void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias
 void matmul_backward_input(float* dx, const float* dy, const Tensor& W, int64_t T) {
   const int64_t O = W.dim(0), I = W.dim(1);
   if (!W.encoded()) return matmul_backward_input(dx, dy, W.data(), T, I, O);
-  thread_local std::vector<float> tile;
-  const int64_t R = std::min(O, tile_rows(I));
-  tile.resize(static_cast<size_t>(R * I));
-  for (int64_t r0 = 0; r0 < O; r0 += R) {
-    const int64_t n = std::min(R, O - r0);
-    decode_tile(W, r0, r0 + n, tile.data());
+  for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
     // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :]
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
                 static_cast<blasint>(I), static_cast<blasint>(n), 1.0f, dy + r0,
-                static_cast<blasint>(O), tile.data(), static_cast<blasint>(I),
-                r0 == 0 ? 0.0f : 1.0f, dx, static_cast<blasint>(I));
-  }
+                static_cast<blasint>(O), tile, static_cast<blasint>(I), r0 == 0 ? 0.0f : 1.0f, dx,
+                static_cast<blasint>(I));
+  });
 }
 
 }  // namespace qalora::ops
