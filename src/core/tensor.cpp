@@ -182,12 +182,12 @@ Tensor Tensor::permuted_rows(const std::vector<int64_t>& order) const {
 void Tensor::release_pages() const {
   if (!file_backed_ || empty()) return;
   static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(encoded() ? raw_ : reinterpret_cast<uint8_t*>(data_));
+  const auto begin =
+      reinterpret_cast<uintptr_t>(encoded() ? raw_ : reinterpret_cast<uint8_t*>(data_));
   const uintptr_t end = begin + static_cast<uintptr_t>(stored_bytes());
   // Only whole pages inside the tensor: a neighbour sharing a page keeps it.
   const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
-  if (last > first)
-    ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 }
 
 }  // namespace qalora

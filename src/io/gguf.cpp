@@ -28,7 +28,6 @@ constexpr int kMaxArrayDepth = 8;
 // A parsed element takes far more memory than its bytes in the file: reserve at most this many
 // up front, so that a corrupt count fails on the missing bytes instead of on the allocation.
 constexpr size_t kMaxReserve = size_t{1} << 16;
-// Dequantize big tensors on all cores; small ones are not worth the thread start-up.
 
 const char* value_type_name(GgufValueType t) {
   switch (t) {

@@ -165,7 +165,8 @@ const uint8_t* SafetensorsFile::data(const StTensorInfo& t) const {
 Tensor SafetensorsFile::load(const StTensorInfo& t) const {
   const uint8_t* src = data(t);
   const int64_t rows = t.shape.size() <= 1 ? 1 : t.shape[0];
-  const int64_t row_len = rows == 0 ? 0 : static_cast<int64_t>((t.end - t.begin) / st_dtype_size(t.dtype)) / rows;
+  const int64_t row_len =
+      rows == 0 ? 0 : static_cast<int64_t>((t.end - t.begin) / st_dtype_size(t.dtype)) / rows;
   switch (t.dtype) {
     case StDtype::F32:
       if (reinterpret_cast<uintptr_t>(src) % alignof(float) == 0)

@@ -1,5 +1,6 @@
-// GGUF -> Model: llama-architecture metadata, tensors dequantized to fp32 (F32 used in place),
-// and the tokenizer from tokenizer.ggml.*.
+// GGUF -> Model: llama-architecture metadata, weights as stored (affine block types on the
+// quantized kernels, other types decoded per use, F32 in place), and the tokenizer from
+// tokenizer.ggml.*.
 #include <cctype>
 #include <map>
 #include <memory>
@@ -142,11 +143,14 @@ Model load_gguf_model(const std::filesystem::path& path) {
   const bool permute = kNeoxRopeArchs.contains(arch);
   // Shapes are checked under the file's own tensor names, before anything is dequantized.
   // Weights stay as stored (decoded per use); norms, biases and RoPE factors are small fp32.
-  auto stored = [&](const std::string& name, const Shape& shape) {
+  auto info = [&](const std::string& name, const Shape& shape) -> const GgufTensorInfo& {
     const GgufTensorInfo* t = f.find_tensor(name);
     QL_CHECK(t != nullptr, path.string(), ": tensor '", name, "' is missing");
     check_shape(path.string(), name, t->shape, shape);
-    return f.load(*t);
+    return *t;
+  };
+  auto stored = [&](const std::string& name, const Shape& shape) {
+    return f.load(info(name, shape));
   };
   auto load = [&](const std::string& name, const Shape& shape) {
     return stored(name, shape).decoded();
@@ -159,16 +163,15 @@ Model load_gguf_model(const std::filesystem::path& path) {
   std::map<std::string, int64_t> linear_types;
   auto linear = [&](const std::string& name, const Shape& shape, int64_t rope_heads = 0) {
     Linear lin;
-    const Tensor w = stored(name, shape);
-    const GgufTensorInfo* t = f.find_tensor(name);
-    if (auto q = ggml_to_qmatrix(t->type, f.tensor_data(*t), shape[0], shape[1])) {
+    const GgufTensorInfo& t = info(name, shape);
+    if (auto q = ggml_to_qmatrix(t.type, f.tensor_data(t), shape[0], shape[1])) {
       lin.qweight = permute && rope_heads > 0
                         ? permute_rope_rows(*q, rope_heads, c.head_dim, /*to_hf=*/false)
                         : std::move(*q);
     } else {
-      lin.weight = rope_heads > 0 ? rope_rows(w, rope_heads) : w;
+      lin.weight = rope_heads > 0 ? rope_rows(f.load(t), rope_heads) : f.load(t);
     }
-    ++linear_types[ggml_type_name(t->type)];
+    ++linear_types[ggml_type_name(t.type)];
     return lin;
   };
 
@@ -179,7 +182,8 @@ Model load_gguf_model(const std::filesystem::path& path) {
     m.output = stored("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
   const GgufTensorInfo* head = m.output.empty() ? embd : f.find_tensor("output.weight");
-  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D)) m.head_q = std::move(*q);
+  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D))
+    m.head_q = std::move(*q);
   if (f.find_tensor("rope_freqs.weight") != nullptr) {
     const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});
     c.rope_freq_factors.assign(factors.data(), factors.data() + factors.numel());

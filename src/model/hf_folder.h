@@ -6,8 +6,8 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
-#include <span>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -130,7 +130,7 @@ QMatrix load_quantized_weight(const HfWeights& w, const FolderQuant& q, const st
 struct NativeLayout {
   QuantType type = QuantType::Affine;
   int bits = 0;
-  std::string first;  // the linear whose type and bits the others must share, for messages
+  std::string first;       // the linear whose type and bits the others must share, for messages
   int64_t group_size = 0;  // -1 = per channel; NF4/FP4: the absmax block
   bool qk_halves = true;
 };

@@ -270,7 +270,6 @@ std::shared_ptr<const Tokenizer> load_folder_tokenizer(const fs::path& dir) {
   return nullptr;
 }
 
-
 void add_linear(std::vector<StWriteTensor>& out, const std::string& prefix, const Linear& lin) {
   if (lin.quantized())
     hf::add_quantized_weight(out, prefix, lin.qweight);
@@ -290,12 +289,12 @@ class FloatTypes {
   StWriteTensor tensor(const std::string& hf_name, const std::string& gguf_name, const Tensor& t,
                        bool keep_source) const {
     StDtype dtype = StDtype::F32;
-    for (const std::string& name : {hf_name, gguf_name}) {
-      if (!keep_source) break;
-      const auto it = type_.find(name);
-      if (it != type_.end() && it->second == "F16") dtype = StDtype::F16;
-      if (it != type_.end() && it->second == "BF16") dtype = StDtype::BF16;
-    }
+    if (keep_source)
+      for (const std::string& name : {hf_name, gguf_name}) {
+        const auto it = type_.find(name);
+        if (it != type_.end() && it->second == "F16") dtype = StDtype::F16;
+        if (it != type_.end() && it->second == "BF16") dtype = StDtype::BF16;
+      }
     return hf::st_float(hf_name, t, dtype);
   }
 
@@ -425,8 +424,7 @@ struct ModelFolderWriter::Impl {
   const Model& model;
   fs::path dir, partial;
   int64_t shard_bytes;
-  std::optional<hf::NativeLayout> layout;
-  bool decided = false;  // whether the folder is quantized (layout) or dense is known
+  std::optional<hf::NativeLayout> layout;  // set by block 0 when the folder is quantized
   FloatTypes floats;
   std::vector<StWriteTensor> pending;
   int64_t pending_bytes = 0;
@@ -436,8 +434,7 @@ struct ModelFolderWriter::Impl {
   bool finished = false;
 
   Impl(const Model& m, fs::path d, int64_t shard)
-      : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard),
-        floats(m) {}
+      : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard), floats(m) {}
 
   // Float tensors are read once, so their mapped pages are dropped once converted.
   void add_float(const std::string& hf_name, const std::string& gguf_name, const Tensor& t) {
@@ -489,7 +486,8 @@ struct ModelFolderWriter::Impl {
     QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
     fs::remove(dir / "config.json", ec);
     for (const auto& e : fs::directory_iterator(dir))
-      if (is_weights_file(e.path().filename().string()) || e.path().filename() == "quantize_config.json")
+      if (is_weights_file(e.path().filename().string()) ||
+          e.path().filename() == "quantize_config.json")
         fs::remove(e.path());
     for (const auto& e : fs::directory_iterator(partial))
       if (e.path().filename() != "config.json") fs::rename(e.path(), dir / e.path().filename());
@@ -505,8 +503,7 @@ ModelFolderWriter::ModelFolderWriter(const Model& model, const fs::path& dir, in
   QL_CHECK(c.rope_freq_factors.empty(), dir.string(),
            ": this model's per-frequency RoPE factors (GGUF rope_freqs.weight) have no config.json "
            "equivalent; it cannot be saved as a Hugging Face folder");
-  QL_CHECK(!fs::exists(dir) || fs::is_directory(dir), dir.string(),
-           ": exists and is not a folder");
+  QL_CHECK(!fs::exists(dir) || fs::is_directory(dir), dir.string(), ": exists and is not a folder");
   std::error_code ec;
   fs::remove_all(impl_->partial, ec);  // left by an interrupted run
   fs::create_directories(impl_->partial, ec);
@@ -526,10 +523,9 @@ void ModelFolderWriter::write_block(int64_t index, const LayerWeights& L) {
            " written out of order, expected block ", w.next_block);
   const std::span<const LayerWeights> block(&L, 1);
   const bool quantized = hf::has_quantized_linear_in(block);
-  if (!w.decided) {
+  if (index == 0) {
     // The first block decides; a quantized folder records one layout for every block.
     if (quantized) w.layout = hf::native_layout(c, w.model.quant, block, w.dir.string());
-    w.decided = true;
   } else if (w.layout) {
     hf::check_same_quantization(L, index, *w.layout, w.dir.string());
     const hf::NativeLayout b = hf::native_layout(c, w.model.quant, block, w.dir.string(), index);

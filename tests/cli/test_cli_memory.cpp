@@ -71,11 +71,17 @@ void write_synthetic_f16_model(const fs::path& dir, const Tokenizer& tokenizer) 
   tensors.push_back(tensor("model.norm.weight", {kDim}, true));
   tensors.push_back(tensor("lm_head.weight", {kVocab, kDim}));
   write_safetensors(dir / "model.safetensors", tensors);
-  const nlohmann::json config = {
-      {"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
-      {"hidden_size", kDim}, {"intermediate_size", kHidden}, {"num_hidden_layers", kLayers},
-      {"num_attention_heads", kHeads}, {"num_key_value_heads", kHeads}, {"vocab_size", kVocab},
-      {"rms_norm_eps", 1e-5}, {"max_position_embeddings", 512}, {"tie_word_embeddings", false}};
+  const nlohmann::json config = {{"architectures", {"LlamaForCausalLM"}},
+                                 {"model_type", "llama"},
+                                 {"hidden_size", kDim},
+                                 {"intermediate_size", kHidden},
+                                 {"num_hidden_layers", kLayers},
+                                 {"num_attention_heads", kHeads},
+                                 {"num_key_value_heads", kHeads},
+                                 {"vocab_size", kVocab},
+                                 {"rms_norm_eps", 1e-5},
+                                 {"max_position_embeddings", 512},
+                                 {"tie_word_embeddings", false}};
   write_file_atomic(dir / "config.json", config.dump(2));
   write_hf_tokenizer(tokenizer.data(), dir);
 }
@@ -117,9 +123,28 @@ TEST(CliMemory, QuantizeTrainMergeExportStayFarBelowTheFp32Size) {
   const std::string f16 = (dir / "f16").string(), q4 = (dir / "q4").string(),
                     run_dir = (dir / "run").string(), merged = (dir / "merged").string();
   run("quantize", {"quantize", "-m", f16, "--method", "rtn", "--bits", "4", "-g", "32", "-o", q4});
-  run("train", {"train", "-m", q4, "--data", text.string(), "--format", "text", "--adapter",
-                "qalora", "-r", "8", "--max-steps", "1", "--grad-accum", "1", "--max-seq-len", "64",
-                "--eval-fraction", "0.001", "--grad-checkpoint", "--out", run_dir});
+  run("train", {"train",
+                "-m",
+                q4,
+                "--data",
+                text.string(),
+                "--format",
+                "text",
+                "--adapter",
+                "qalora",
+                "-r",
+                "8",
+                "--max-steps",
+                "1",
+                "--grad-accum",
+                "1",
+                "--max-seq-len",
+                "64",
+                "--eval-fraction",
+                "0.001",
+                "--grad-checkpoint",
+                "--out",
+                run_dir});
   run("merge", {"merge", "-m", q4, "--adapter", run_dir, "--fidelity-text", text.string(),
                 "--fidelity-tokens", "64", "--out", merged});
   run("export", {"export", "-m", merged, "--format", "gguf", "--calib", "none", "-o",

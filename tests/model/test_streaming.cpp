@@ -81,7 +81,8 @@ TEST(GgufLinears, Q4KBecomesTheExactAffineQMatrix) {
   const int64_t rows = 3, cols = 512;  // two 256-element super-blocks per row
   const size_t block_bytes = 144;
   std::vector<uint8_t> data(static_cast<size_t>(rows * cols / 256) * block_bytes);
-  const std::vector<float> noise = test::random_uniform(static_cast<int64_t>(data.size()), 5, 0, 255);
+  const std::vector<float> noise =
+      test::random_uniform(static_cast<int64_t>(data.size()), 5, 0, 255);
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(noise[i]);
   for (size_t b = 0; b < data.size() / block_bytes; ++b) {  // d and dmin: finite fp16 values
     const uint16_t d = fp32_to_fp16(0.01f * static_cast<float>(b + 1)), dmin = fp32_to_fp16(0.003f);

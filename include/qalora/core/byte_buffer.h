@@ -28,8 +28,6 @@ class ByteBuffer {
   uint8_t operator[](size_t i) const { return data_[i]; }
   // Equal bytes (wherever they live).
   bool operator==(const ByteBuffer& other) const;
-  // Whether the bytes are a view of someone else's memory (a mapped file), not owned.
-  bool is_view() const { return !owned_; }
 
  private:
   std::shared_ptr<const void> owner_;

@@ -57,7 +57,10 @@ class Tensor {
 
   // Encoded tensors have no fp32 array: read them with decode_rows() or decoded().
   bool encoded() const { return codec_ != nullptr; }
-  std::string_view stored_type() const { return encoded() ? codec_->type : "F32"; }
+  // (Both arms string_view: a std::string arm would make the result a dangling temporary.)
+  std::string_view stored_type() const {
+    return encoded() ? std::string_view(codec_->type) : std::string_view("F32");
+  }
   // Bytes the tensor's values take where they are stored.
   int64_t stored_bytes() const;
 
