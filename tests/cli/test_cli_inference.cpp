@@ -54,6 +54,9 @@ void expect_zoo_continuation(const std::vector<std::string>& model_args) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, kZooContinuation + "\n");
   EXPECT_NE(r.err.find("tok/s"), std::string::npos) << r.err;
+  // Without --ctx the cache holds the prompt and the tokens asked for, not the whole context.
+  const std::string cache = "KV cache " + std::to_string(prompt_tokens + new_tokens) + " positions";
+  EXPECT_NE(r.err.find(cache), std::string::npos) << r.err;
 }
 
 TEST(CliGenerate, StoriesGreedyMatchesLlama2cFromBin) {

@@ -28,9 +28,8 @@ void run_generate(const GenerateArgs& args) {
   // Without --ctx the KV cache holds what this generation can use, not the model's whole
   // context: at 7B a 4096-token fp32 cache alone is 4.3 GB.
   const int64_t needed = static_cast<int64_t>(prompt.size()) + args.sampling.max_tokens;
-  const int64_t ctx = args.ctx > 0 || args.sampling.max_tokens <= 0
-                          ? resolve_ctx(model, args.ctx)
-                          : std::min(resolve_ctx(model, 0), needed);
+  const int64_t requested = resolve_ctx(model, args.ctx);
+  const int64_t ctx = requested > 0 ? requested : std::min(model.config.context_length, needed);
   InferenceSession session(model, ctx, adapters.get());
   Sampler sampler(sampling);
 
@@ -46,8 +45,12 @@ void run_generate(const GenerateArgs& args) {
   const GenerationStats stats = generate(session, sampler, prompt, args.sampling.max_tokens, stop,
                                          [&](int32_t t) { print_now(decoder.push(t)); });
   print_now(decoder.flush() + "\n");
-  std::fprintf(stderr, "%s (seed %llu)\n", format_generation_stats(stats).c_str(),
-               static_cast<unsigned long long>(sampling.seed));
+  const ModelConfig& c = model.config;
+  const int64_t cache_mb = 2 * c.n_layers * c.kv_dim() * ctx * int64_t{sizeof(float)} >> 20;
+  std::fprintf(stderr, "%s (seed %llu), KV cache %lld positions (%lld MB)\n",
+               format_generation_stats(stats).c_str(),
+               static_cast<unsigned long long>(sampling.seed), static_cast<long long>(ctx),
+               static_cast<long long>(cache_mb));
 }
 
 }  // namespace
