@@ -324,6 +324,8 @@ ExportReport export_gguf(const Model& model, const fs::path& path,
   };
 
   GgufWriter w;
+  // A 7B model's tensors are gigabytes: they wait on disk, next to the output, not in memory.
+  w.spill_data_to(path.string() + ".data.partial");
   write_metadata(w, model, arch);
   ExportReport report;
   report.format = "gguf";

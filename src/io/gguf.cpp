@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <ostream>
 
@@ -783,7 +784,30 @@ void GgufWriter::add_tensor(std::string name, const Shape& shape, GgmlType type,
   QL_CHECK(data.size() == expected, "GGUF writer: tensor ", Quoted{name}, " data: expected ",
            expected, " bytes of ", traits->name, " for shape ", shape_str(shape), ", got ",
            data.size());
-  tensors_.push_back({std::move(name), shape, type, std::move(data)});
+  const size_t bytes = data.size();
+  if (spill_) {
+    spill_->write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(bytes));
+    QL_CHECK(spill_->good(), spill_path_.string(), ": cannot write tensor ", Quoted{name},
+             " (disk full?)");
+    data = {};
+  }
+  tensors_.push_back({std::move(name), shape, type, std::move(data), bytes});
+}
+
+void GgufWriter::spill_data_to(const std::filesystem::path& file) {
+  QL_CHECK(tensors_.empty() && !spill_, "GGUF writer: spill_data_to comes before the first tensor");
+  spill_path_ = file;
+  spill_ = std::make_unique<std::ofstream>(file, std::ios::binary | std::ios::trunc);
+  QL_CHECK(spill_->is_open(), file.string(), ": cannot create the temporary tensor data file");
+}
+
+GgufWriter::GgufWriter() = default;
+
+GgufWriter::~GgufWriter() {
+  if (!spill_) return;
+  spill_.reset();
+  std::error_code ignored;  // best effort: a destructor must not throw
+  std::filesystem::remove(spill_path_, ignored);
 }
 
 void GgufWriter::add_f32_tensor(std::string name, const Tensor& t) {
@@ -820,7 +844,14 @@ void GgufWriter::write(const std::filesystem::path& path) const {
   uint64_t data_size = 0;
   for (const PendingTensor& t : tensors_) {
     offsets.push_back(data_size);
-    data_size = align_up(data_size + t.data.size(), alignment);
+    data_size = align_up(data_size + t.bytes, alignment);
+  }
+  std::ifstream spilled;
+  if (spill_) {
+    spill_->flush();
+    QL_CHECK(spill_->good(), spill_path_.string(), ": cannot write the tensor data (disk full?)");
+    spilled.open(spill_path_, std::ios::binary);
+    QL_CHECK(spilled.is_open(), spill_path_.string(), ": cannot read back the tensor data");
   }
 
   write_file_atomic(path, [&](std::ostream& out) {
@@ -842,10 +873,21 @@ void GgufWriter::write(const std::filesystem::path& path) const {
       put(out, offsets[i]);
     }
     put_padding(out, static_cast<uint64_t>(out.tellp()), alignment);
+    std::vector<char> chunk;
     for (const PendingTensor& t : tensors_) {
-      out.write(reinterpret_cast<const char*>(t.data.data()),
-                static_cast<std::streamsize>(t.data.size()));
-      put_padding(out, t.data.size(), alignment);
+      if (spill_) {
+        for (size_t done = 0; done < t.bytes; done += chunk.size()) {
+          chunk.resize(std::min<size_t>(t.bytes - done, size_t{64} << 20));
+          spilled.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+          QL_CHECK(spilled.good(), spill_path_.string(), ": tensor data ended early at ",
+                   Quoted{t.name});
+          out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+        }
+      } else {
+        out.write(reinterpret_cast<const char*>(t.data.data()),
+                  static_cast<std::streamsize>(t.bytes));
+      }
+      put_padding(out, t.bytes, alignment);
     }
   });
 }

@@ -245,6 +245,29 @@ TEST(GgufWriter, HonoursGeneralAlignment) {
   }
 }
 
+TEST(GgufWriter, SpilledTensorDataWritesTheSameFile) {
+  const fs::path dir = test::temp_dir();
+  const auto fill = [](GgufWriter& w) {
+    w.set_u32("general.alignment", 64);
+    w.add_quantized_tensor("a", random_tensor({3, 64}, 7), GgmlType::Q4_1);
+    w.add_f32_tensor("b", random_tensor({2, 5}, 8));  // 40 bytes: padding follows
+    w.add_quantized_tensor("c", random_tensor({33}, 9), GgmlType::F16);
+  };
+  GgufWriter held;
+  fill(held);
+  held.write(dir / "held.gguf");
+  {
+    GgufWriter spilled;
+    spilled.spill_data_to(dir / "data.partial");
+    fill(spilled);
+    EXPECT_THROW(spilled.spill_data_to(dir / "again"), Error);
+    spilled.write(dir / "spilled.gguf");
+    EXPECT_TRUE(fs::exists(dir / "data.partial"));
+  }
+  EXPECT_FALSE(fs::exists(dir / "data.partial"));  // the writer removes its spill file
+  EXPECT_EQ(file_bytes(dir / "spilled.gguf"), file_bytes(dir / "held.gguf"));
+}
+
 TEST(GgufWriter, RejectsInvalidInput) {
   GgufWriter w;
   EXPECT_THROW(w.set("k", uint64_t{256}, GgufValueType::U8), Error);

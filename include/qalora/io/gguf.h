@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <iosfwd>
 #include <map>
 #include <memory>
 #include <optional>
@@ -163,7 +164,16 @@ class GgufWriter {
   void add_f32_tensor(std::string name, const Tensor& t);
   // Encodes `t` row by row with quantize_row.
   void add_quantized_tensor(std::string name, const Tensor& t, GgmlType type);
+  // From the next tensor on, tensor data is appended to `file` instead of staying in memory, so
+  // a model is exported one tensor at a time; write() copies it behind the header, and the
+  // file is removed when the writer goes. Call before adding any tensor.
+  void spill_data_to(const std::filesystem::path& file);
   void write(const std::filesystem::path& path) const;
+
+  GgufWriter();
+  GgufWriter(const GgufWriter&) = delete;
+  GgufWriter& operator=(const GgufWriter&) = delete;
+  ~GgufWriter();
 
  private:
   struct Entry {
@@ -175,10 +185,13 @@ class GgufWriter {
     std::string name;
     Shape shape;
     GgmlType type;
-    std::vector<uint8_t> data;
+    std::vector<uint8_t> data;  // empty when spilled
+    size_t bytes = 0;
   };
   std::vector<Entry> kv_;
   std::vector<PendingTensor> tensors_;
+  std::filesystem::path spill_path_;
+  std::unique_ptr<std::ofstream> spill_;
 };
 
 }  // namespace qalora
