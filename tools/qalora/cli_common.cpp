@@ -153,8 +153,13 @@ void print_now(const std::string& text) {
 }
 
 void print_peak_memory() {
-  std::fprintf(stderr, "peak memory:   %.0f MB resident\n",
-               static_cast<double>(peak_rss_bytes()) / 1e6);
+  const ResidentSplit now = resident_now();
+  std::fprintf(stderr,
+               "peak memory:   %.0f MB resident (at the end: %.0f MB private + %.0f MB of mapped "
+               "files)\n",
+               static_cast<double>(peak_rss_bytes()) / 1e6,
+               static_cast<double>(now.private_bytes) / 1e6,
+               static_cast<double>(now.file_bytes) / 1e6);
 }
 
 }  // namespace qalora::cli
