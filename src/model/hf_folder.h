@@ -110,7 +110,7 @@ struct FolderQuant {
   std::string file;  // where the settings came from, for messages
   QuantInfo info;
   QuantType type = QuantType::Affine;
-  bool qk_halves = true;     // q/k rows in the Hugging Face RoPE layout
+  bool qk_halves = true;     // q/k rows in the Hugging Face RoPE layout (older native folders)
   bool gptq_v2 = false;      // GPTQ zeros stored as is, else minus one
   std::string weights_file;  // GPTQ model_file_base_name + ".safetensors", when given
   // Native folders whose output head kept its source quantization (affine; lm_head.qweight).
@@ -126,22 +126,20 @@ QMatrix load_quantized_weight(const HfWeights& w, const FolderQuant& q, const st
                               int64_t out, int64_t in);
 
 // What a quantized model's folder records: one type, bits and group size for all its
-// quantized linears (checked), and whether q/k can take the Hugging Face row order exactly.
+// quantized linears (checked).
 struct NativeLayout {
   QuantType type = QuantType::Affine;
   int bits = 0;
   std::string first;       // the linear whose type and bits the others must share, for messages
   int64_t group_size = 0;  // -1 = per channel; NF4/FP4: the absmax block
-  bool qk_halves = true;
 };
 bool has_quantized_linear(const Model& model);
 bool has_quantized_linear_in(std::span<const LayerWeights> layers);
 NativeLayout native_layout(const Model& model, const std::string& where);
 // The same over some of the model's blocks (those a streaming writer has seen).
 // `first_index`: the model's index of layers[0], for messages.
-NativeLayout native_layout(const ModelConfig& config, const QuantInfo& quant,
-                           std::span<const LayerWeights> layers, const std::string& where,
-                           int64_t first_index = 0);
+NativeLayout native_layout(const QuantInfo& quant, std::span<const LayerWeights> layers,
+                           const std::string& where, int64_t first_index = 0);
 // Throws the error native_layout gives for a linear of `block` whose type or bits differ from
 // the layout's.
 void check_same_quantization(const LayerWeights& block, int64_t index, const NativeLayout& layout,

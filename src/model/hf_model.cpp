@@ -525,19 +525,18 @@ void ModelFolderWriter::write_block(int64_t index, const LayerWeights& L) {
   const bool quantized = hf::has_quantized_linear_in(block);
   if (index == 0) {
     // The first block decides; a quantized folder records one layout for every block.
-    if (quantized) w.layout = hf::native_layout(c, w.model.quant, block, w.dir.string());
+    if (quantized) w.layout = hf::native_layout(w.model.quant, block, w.dir.string());
   } else if (w.layout) {
     hf::check_same_quantization(L, index, *w.layout, w.dir.string());
-    const hf::NativeLayout b = hf::native_layout(c, w.model.quant, block, w.dir.string(), index);
-    QL_CHECK(b.qk_halves == w.layout->qk_halves, w.dir.string(), ": layer ", index,
-             " q/k rows take a different RoPE layout from layer 0's");
+    hf::native_layout(w.model.quant, block, w.dir.string(), index);  // validates the block
   } else {
     QL_CHECK(!quantized, w.dir.string(), ": block ", index,
              " has quantized linears but block 0 has none; a folder holds one quantization");
   }
-  const bool qk_halves = !w.layout || w.layout->qk_halves;
+  // Dense folders are Hugging Face checkpoints: q/k go to its halves layout. Quantized folders
+  // are ours and keep the runtime's pair order (qk_rope_layout "pairs").
   const auto qk = [&](const Linear& lin, int64_t heads) {
-    return qk_halves ? permute_rope_rows(lin, heads, c.head_dim, true) : lin;
+    return w.layout ? lin : permute_rope_rows(lin, heads, c.head_dim, true);
   };
   const std::string p = cat("model.layers.", index, "."), g = cat("blk.", index, ".");
   w.add_float(p + "input_layernorm.weight", g + "attn_norm.weight", L.attn_norm);

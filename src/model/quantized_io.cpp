@@ -298,12 +298,11 @@ void check_same_quantization(const LayerWeights& block, int64_t index, const Nat
 }
 
 NativeLayout native_layout(const Model& model, const std::string& where) {
-  return native_layout(model.config, model.quant, model.layers, where);
+  return native_layout(model.quant, model.layers, where);
 }
 
-NativeLayout native_layout(const ModelConfig& c, const QuantInfo& info,
-                           std::span<const LayerWeights> layers, const std::string& where,
-                           int64_t first_index) {
+NativeLayout native_layout(const QuantInfo& info, std::span<const LayerWeights> layers,
+                           const std::string& where, int64_t first_index) {
   const QMatrix* first = nullptr;
   std::string first_name;
   int64_t derived_group = -1;  // the largest group smaller than its row: G, unless per channel
@@ -344,12 +343,6 @@ NativeLayout native_layout(const ModelConfig& c, const QuantInfo& info,
                  m.group_size, ", expected ", expected, " (the folder's group size ",
                  layout.group_size, " over ", m.cols, " inputs)");
       }
-      // The Hugging Face row order only where every q/k matrix can take it exactly.
-      if (member == &LayerWeights::q || member == &LayerWeights::k) {
-        const int64_t heads = member == &LayerWeights::q ? c.n_heads : c.n_kv_heads;
-        if (!row_permutation_problem(m, rope_row_order(heads, c.head_dim, true)).empty())
-          layout.qk_halves = false;
-      }
     }
   return layout;
 }
@@ -362,7 +355,8 @@ json native_quant_json(const Model& model, const NativeLayout& layout) {
   j["quant_type"] = quant_type_name(layout.type);
   j["bits"] = layout.bits;
   j["group_size"] = layout.group_size;
-  j["qk_rope_layout"] = layout.qk_halves ? "halves" : "pairs";
+  // The runtime's own row order: q/k load as views of the file, no permuted copy.
+  j["qk_rope_layout"] = "pairs";
   j["method"] = info.method.empty() ? quant_type_name(layout.type) : info.method;
   j["sym"] = info.sym;
   j["act_order"] = info.act_order;

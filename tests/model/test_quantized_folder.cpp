@@ -33,7 +33,6 @@ using test::expect_same_tensor;
 using test::kLinears;
 using test::same_bits;
 
-
 std::vector<float> all_logits(const Model& m) {
   std::vector<int32_t> tokens;
   for (int32_t t = 0; t < 12; ++t)
@@ -118,18 +117,18 @@ TEST_P(RtnFolder, SaveLoadIsBitIdentical) {
   EXPECT_EQ(qc["quant_type"], "affine");
   EXPECT_EQ(qc["bits"], bits);
   EXPECT_EQ(qc["group_size"], group);
-  EXPECT_EQ(qc["qk_rope_layout"], "halves");
+  EXPECT_EQ(qc["qk_rope_layout"], "pairs");
   EXPECT_EQ(read_json(dir / "config.json")["quantization_config"], qc);
 
-  // On disk: the packed codes as they are, fp16 parameters, q/k in the Hugging Face row order.
+  // On disk: the packed codes as they are, fp16 parameters, q/k in the runtime's row order (so
+  // that loading maps them instead of permuting a copy).
   const SafetensorsFile st = SafetensorsFile::open(dir / "model.safetensors");
   const QMatrix& k = m.layers[1].k.qweight;
-  const QMatrix k_hf = permute_rope_rows(k, 3, 8, true);
   const StTensorInfo* qweight = st.find("model.layers.1.self_attn.k_proj.qweight");
   ASSERT_NE(qweight, nullptr);
   EXPECT_EQ(qweight->dtype, StDtype::U8);
   EXPECT_EQ(qweight->shape, (Shape{k.rows, k.row_bytes()}));
-  EXPECT_EQ(std::memcmp(st.data(*qweight), k_hf.codes.data(), k_hf.codes.size()), 0);
+  EXPECT_EQ(std::memcmp(st.data(*qweight), k.codes.data(), k.codes.size()), 0);
   const StTensorInfo* scales = st.find("model.layers.1.self_attn.k_proj.scales");
   ASSERT_NE(scales, nullptr);
   EXPECT_EQ(scales->dtype, StDtype::F16);
@@ -139,8 +138,6 @@ TEST_P(RtnFolder, SaveLoadIsBitIdentical) {
   EXPECT_EQ(g_idx->dtype, StDtype::I32);
   EXPECT_EQ(g_idx->shape, (Shape{100}));
   EXPECT_EQ(st.find("model.layers.0.mlp.down_proj.weight"), nullptr);
-  // Dequantized q/k rows on disk are the fp32 path's permutation of the in-memory rows.
-  expect_same_tensor(dequantize(k_hf), permute_rope_rows(dequantize(k), 3, 8, true), "k rows");
 }
 
 INSTANTIATE_TEST_SUITE_P(BitsAndGroups, RtnFolder,
@@ -153,13 +150,35 @@ INSTANTIATE_TEST_SUITE_P(BitsAndGroups, RtnFolder,
                                   (g < 0 ? std::string("per_channel") : "g" + std::to_string(g));
                          });
 
+// Folders written before quantized q/k were kept in the runtime's order hold them in the Hugging
+// Face halves order and say so; they load to the same model.
+TEST(QuantizedFolder, HalvesLayoutFolderLoadsToTheSameModel) {
+  Model m = test::make_random_model({}, 41);
+  quantize_rtn_all(m, 4, 32);
+  Model halves = m;
+  for (LayerWeights& L : halves.layers) {
+    L.q = permute_rope_rows(L.q, m.config.n_heads, m.config.head_dim, true);
+    L.k = permute_rope_rows(L.k, m.config.n_kv_heads, m.config.head_dim, true);
+  }
+  const fs::path dir = test::temp_dir();
+  save_hf_model(halves, dir);
+  json qc = read_json(dir / "quantize_config.json");
+  qc["qk_rope_layout"] = "halves";
+  json config = read_json(dir / "config.json");
+  config["quantization_config"] = qc;
+  write_file_atomic(dir / "quantize_config.json", qc.dump(2));
+  write_file_atomic(dir / "config.json", config.dump(2));
+  const Model r = load_model(dir);
+  expect_same_model(m, r);
+  expect_same_logits(m, r);
+}
+
 // ---- NF4 / FP4 -------------------------------------------------------------------------------
 
 struct CodebookCase {
   QuantType type;
   bool double_quant;
   test::RandomModelShape shape;
-  const char* layout;  // the q/k row order the folder can take exactly
   const char* name;
 };
 
@@ -177,17 +196,10 @@ TEST_P(CodebookFolder, SaveLoadIsBitIdentical) {
   EXPECT_EQ(qc["quant_type"], quant_type_name(c.type));
   EXPECT_EQ(qc["group_size"], 64);
   EXPECT_EQ(qc["double_quant"], c.double_quant);
-  EXPECT_EQ(qc["qk_rope_layout"], c.layout);
+  EXPECT_EQ(qc["qk_rope_layout"], "pairs");
   const SafetensorsFile st = SafetensorsFile::open(dir / "model.safetensors");
   EXPECT_EQ(st.find("model.layers.0.mlp.up_proj.absmax") != nullptr, !c.double_quant);
   EXPECT_EQ(st.find("model.layers.0.mlp.up_proj.absmax_codes") != nullptr, c.double_quant);
-  if (std::string(c.layout) == "halves") {
-    const QMatrix q_hf =
-        permute_rope_rows(m.layers[0].q.qweight, c.shape.heads, c.shape.head_dim, true);
-    const StTensorInfo* t = st.find("model.layers.0.self_attn.q_proj.qweight");
-    ASSERT_NE(t, nullptr);
-    EXPECT_EQ(std::memcmp(st.data(*t), q_hf.codes.data(), q_hf.codes.size()), 0);
-  }
 }
 
 constexpr test::RandomModelShape kDim64 = {
@@ -198,15 +210,15 @@ constexpr test::RandomModelShape kDqCrossing = {
 
 INSTANTIATE_TEST_SUITE_P(
     Types, CodebookFolder,
-    ::testing::Values(CodebookCase{QuantType::NF4, false, kDim64, "halves", "nf4"},
-                      CodebookCase{QuantType::NF4, true, kDim64, "halves", "nf4_dq"},
-                      CodebookCase{QuantType::FP4, false, kDim64, "halves", "fp4"},
-                      CodebookCase{QuantType::FP4, true, kDim64, "halves", "fp4_dq"},
-                      // dim 52: absmax blocks straddle rows, q/k stay in the runtime order.
-                      CodebookCase{QuantType::NF4, false, {}, "pairs", "nf4_straddling"},
-                      CodebookCase{QuantType::FP4, true, {}, "pairs", "fp4_dq_straddling"},
-                      CodebookCase{QuantType::NF4, true, kDqCrossing, "pairs", "nf4_dq_crossing"},
-                      CodebookCase{QuantType::NF4, false, kDqCrossing, "halves", "nf4_crossing"}),
+    ::testing::Values(CodebookCase{QuantType::NF4, false, kDim64, "nf4"},
+                      CodebookCase{QuantType::NF4, true, kDim64, "nf4_dq"},
+                      CodebookCase{QuantType::FP4, false, kDim64, "fp4"},
+                      CodebookCase{QuantType::FP4, true, kDim64, "fp4_dq"},
+                      // dim 52: absmax blocks straddle rows.
+                      CodebookCase{QuantType::NF4, false, {}, "nf4_straddling"},
+                      CodebookCase{QuantType::FP4, true, {}, "fp4_dq_straddling"},
+                      CodebookCase{QuantType::NF4, true, kDqCrossing, "nf4_dq_crossing"},
+                      CodebookCase{QuantType::NF4, false, kDqCrossing, "nf4_crossing"}),
     [](const auto& p) { return std::string(p.param.name); });
 
 // ---- act-order, explicit contiguous g_idx, mixed linears, source precision -------------------
@@ -458,7 +470,7 @@ TEST(QuantizedFolder, Stories260KRoundTripsForRtnAndNf4) {
   const Model r = round_trip(m, dir);
   expect_same_model(m, r);
   expect_same_logits(m, r);
-  EXPECT_EQ(read_json(dir / "quantize_config.json")["qk_rope_layout"], "halves");
+  EXPECT_EQ(read_json(dir / "quantize_config.json")["qk_rope_layout"], "pairs");
 }
 
 TEST(QuantizedFolder, InfoShowsTheQuantization) {
