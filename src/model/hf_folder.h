@@ -110,9 +110,10 @@ struct FolderQuant {
   std::string file;  // where the settings came from, for messages
   QuantInfo info;
   QuantType type = QuantType::Affine;
-  bool qk_halves = true;     // q/k rows in the Hugging Face RoPE layout (older native folders)
-  bool gptq_v2 = false;      // GPTQ zeros stored as is, else minus one
-  std::string weights_file;  // GPTQ model_file_base_name + ".safetensors", when given
+  bool qk_halves = true;       // q/k rows in the Hugging Face RoPE layout (older native folders)
+  bool gptq_v2 = false;        // GPTQ zeros stored as is, else minus one
+  bool describe_only = false;  // native affine linears without group parameters (LoadOptions)
+  std::string weights_file;    // GPTQ model_file_base_name + ".safetensors", when given
   // Native folders whose output head kept its source quantization (affine; lm_head.qweight).
   int head_bits = 0;  // 0 = a float head
   int64_t head_group_size = 0;

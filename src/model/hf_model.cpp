@@ -344,13 +344,14 @@ Linear permute_rope_rows(const Linear& lin, int64_t n_heads, int64_t head_dim, b
   return out;
 }
 
-Model load_hf_model(const fs::path& dir) {
+Model load_hf_model(const fs::path& dir, bool describe_only) {
   const fs::path config_path = dir / "config.json";
   const json config = hf::parse_json_file(config_path);
   Model m;
   // The config goes first so that a bad config is reported before any tensor is read.
   m.config = parse_config(config, config_path.string(), dir);
-  const FolderQuant quant = hf::read_folder_quant(config, config_path.string(), dir);
+  FolderQuant quant = hf::read_folder_quant(config, config_path.string(), dir);
+  quant.describe_only = describe_only;
   const HfWeights w(dir, quant.weights_file);
   // Without the field transformers would randomly initialise a missing lm_head; treating a
   // missing head as tied is the only useful reading.
@@ -369,6 +370,7 @@ Model load_hf_model(const fs::path& dir) {
     // The head in its source quantization; the float head (or tied embedding) is its exact
     // dequantization, so the file stores it once.
     FolderQuant head = quant;
+    head.describe_only = false;  // the float head is computed from it
     head.type = QuantType::Affine;
     head.info.bits = quant.head_bits;
     head.info.group_size = quant.head_group_size;

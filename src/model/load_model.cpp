@@ -35,7 +35,7 @@ bool is_pickle(const fs::path& path, const std::array<uint8_t, 4>& magic) {
   return magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
 }
 
-Model load_folder(const fs::path& dir) {
+Model load_folder(const fs::path& dir, bool describe_only) {
   const bool has_safetensors =
       fs::exists(dir / "model.safetensors") || fs::exists(dir / "model.safetensors.index.json");
   if (!has_safetensors) {
@@ -44,10 +44,10 @@ Model load_folder(const fs::path& dir) {
   }
   QL_CHECK(fs::exists(dir / "config.json"), dir.string(),
            ": not a Hugging Face model folder (no config.json)");
-  return load_hf_model(dir);
+  return load_hf_model(dir, describe_only);
 }
 
-Model load_file(const fs::path& path) {
+Model load_file(const fs::path& path, bool describe_only) {
   const std::array<uint8_t, 4> magic = file_magic(path);
   if (is_pickle(path, magic)) refuse_pickle(path);
   const std::string ext = path.extension().string();
@@ -58,7 +58,7 @@ Model load_file(const fs::path& path) {
     const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
     QL_CHECK(fs::exists(dir / "config.json"), path.string(),
              ": a safetensors file needs the config.json of its Hugging Face folder beside it");
-    return load_hf_model(dir);
+    return load_hf_model(dir, describe_only);
   }
   if (ext == ".bin") return load_llama2c_model(path);
   fail(path.string(),
@@ -83,10 +83,13 @@ std::shared_ptr<const Tokenizer> read_tokenizer_file(const fs::path& path, int64
 
 Model load_model(const fs::path& path, const LoadOptions& options) {
   QL_CHECK(fs::exists(path), path.string(), ": no such file or folder");
-  Model m = fs::is_directory(path) ? load_folder(path) : load_file(path);
+  Model m = fs::is_directory(path) ? load_folder(path, options.describe_only)
+                                   : load_file(path, options.describe_only);
   if (!options.tokenizer.empty())
     m.tokenizer = read_tokenizer_file(options.tokenizer, m.config.vocab_size);
-  m.validate();
+  // A described model lacks group parameters by design; the loaders have checked every tensor
+  // they read against the config already.
+  if (!options.describe_only) m.validate();
   return m;
 }
 

@@ -187,6 +187,12 @@ QMatrix load_native(const HfWeights& w, const FolderQuant& q, const std::string&
     // Contiguous groups are left implicit so kernels take their fast path.
     if (m.g_idx == contiguous_groups(in, m.group_size)) m.g_idx.clear();
     const Shape groups = {out, m.n_groups()};
+    if (q.describe_only) {
+      for (const char* field : {".scales", ".offsets"}) w.stored(prefix + field, groups, ctx);
+      m.scales = std::vector<float>();  // shapes checked, nothing decoded or kept
+      m.offsets = std::vector<float>();
+      return m;
+    }
     m.scales = floats_releasing(w.stored(prefix + ".scales", groups, ctx));
     m.offsets = floats_releasing(w.stored(prefix + ".offsets", groups, ctx));
   } else if (w.has(prefix + ".absmax_codes")) {

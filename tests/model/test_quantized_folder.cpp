@@ -16,6 +16,7 @@
 #include "qalora/core/mapped_file.h"
 #include "qalora/io/safetensors.h"
 #include "qalora/model/model.h"
+#include "qalora/model/quant_summary.h"
 #include "qalora/model/runtime.h"
 #include "qalora/quant/qmatrix_rows.h"
 #include "qalora/quant/quantize.h"
@@ -471,6 +472,28 @@ TEST(QuantizedFolder, Stories260KRoundTripsForRtnAndNf4) {
   expect_same_model(m, r);
   expect_same_logits(m, r);
   EXPECT_EQ(read_json(dir / "quantize_config.json")["qk_rope_layout"], "pairs");
+}
+
+// `info` loads to describe: the same layout and byte counts, and no group parameters decoded.
+TEST(QuantizedFolder, DescribeOnlyLoadSkipsTheGroupParameters) {
+  Model m = test::make_random_model({}, 13);
+  quantize_rtn_all(m, 3, 48);
+  const fs::path dir = test::temp_dir();
+  save_hf_model(m, dir);
+  const Model full = load_model(dir);
+  const Model described = load_model(dir, {.tokenizer = {}, .describe_only = true});
+  const QuantSummary a = quant_summary(full), b = quant_summary(described);
+  EXPECT_EQ(b.quantized, a.quantized);
+  EXPECT_EQ(b.quantized_bytes, a.quantized_bytes);
+  EXPECT_EQ(b.type, a.type);
+  EXPECT_EQ(b.bits, 3);
+  for (const LayerWeights& L : described.layers)
+    for (const auto& [name, member] : kLinears) {
+      const QMatrix& q = (L.*member).qweight;
+      EXPECT_TRUE(q.scales.empty() && q.offsets.empty()) << name;
+      EXPECT_EQ(q.group_size, 48) << name;
+    }
+  EXPECT_EQ(described.parameter_count(), full.parameter_count());
 }
 
 TEST(QuantizedFolder, InfoShowsTheQuantization) {

@@ -33,13 +33,14 @@ void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional) {
   cmd->add_option("-t,--threads", args.threads, "threads (0 = all cores)")->capture_default_str();
 }
 
-Model load_model(const ModelArgs& args) {
+Model load_model(const ModelArgs& args, bool describe_only) {
   QL_CHECK(args.threads >= 0, "--threads must be >= 0 (0 = all cores), got ", args.threads);
   QL_CHECK(std::filesystem::exists(args.model), "model not found: ", args.model);
   QL_CHECK(args.tokenizer.empty() || std::filesystem::exists(args.tokenizer),
            "--tokenizer: file not found: ", args.tokenizer);
   set_num_threads(args.threads);
-  return qalora::load_model(args.model, {.tokenizer = args.tokenizer});
+  return qalora::load_model(args.model,
+                            {.tokenizer = args.tokenizer, .describe_only = describe_only});
 }
 
 void add_adapter_arg(CLI::App* cmd, ModelArgs& args) {

@@ -31,7 +31,8 @@ struct ModelArgs {
 // --model (or a positional MODEL), --tokenizer, --threads.
 void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional = false);
 // Sets the thread count and loads the model; a missing file is reported with its option.
-Model load_model(const ModelArgs& args);
+// `describe_only`: see LoadOptions (qalora info).
+Model load_model(const ModelArgs& args, bool describe_only = false);
 // --adapter DIR: a trained adapter (native or PEFT folder) run unmerged on the model.
 void add_adapter_arg(CLI::App* cmd, ModelArgs& args);
 // The adapter of --adapter checked against `model`; null without --adapter.

@@ -113,9 +113,8 @@ Json describe(const Model& model, bool list_tensors) {
                {"quantization", describe_quantization(model)},
                {"output_head", model.head_q.codes.empty()
                                    ? std::string("fp32")
-                                   : cat(quant_type_name(model.head_q.type), " ",
-                                         model.head_q.bits, "-bit, group ",
-                                         model.head_q.group_size)}};
+                                   : cat(quant_type_name(model.head_q.type), " ", model.head_q.bits,
+                                         "-bit, group ", model.head_q.group_size)}};
   if (list_tensors) info["tensors"] = tensors;
 
   if (!model.tokenizer) {
@@ -268,7 +267,7 @@ void run_info(const InfoArgs& args) {
     std::printf("%s\n", info.dump(2).c_str());
     return;
   }
-  Json info = describe(load_model(args.model), args.tensors);
+  Json info = describe(load_model(args.model, /*describe_only=*/true), args.tensors);
   // `qalora merge` records what it merged beside the model.
   const std::filesystem::path merge_record = std::filesystem::path(args.model.model) / "merge.json";
   if (std::filesystem::exists(merge_record)) info["merge"] = read_json(merge_record);
@@ -283,10 +282,10 @@ void run_info(const InfoArgs& args) {
 
 void register_info(CLI::App& app) {
   auto args = std::make_shared<InfoArgs>();
-  CLI::App* cmd =
-      add_command(app, "info",
-                  "Describe a model (format, configuration, tensors, tokenizer, merge record) or an "
-                  "adapter folder");
+  CLI::App* cmd = add_command(
+      app, "info",
+      "Describe a model (format, configuration, tensors, tokenizer, merge record) or an "
+      "adapter folder");
   add_model_args(cmd, args->model, /*positional=*/true);
   // The other commands take -m; accept it here too, as an alternative to the positional.
   CLI::Option* positional = cmd->get_option("model");

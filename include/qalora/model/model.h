@@ -95,9 +95,9 @@ struct Model {
   ModelConfig config;
   Tensor tok_embeddings;  // [vocab, dim]
   std::vector<LayerWeights> layers;
-  Tensor final_norm;                           // [dim]
-  Tensor output;                               // [vocab, dim]; empty when tied to tok_embeddings
-  QuantInfo quant;                             // of the seven linear layers of every block
+  Tensor final_norm;  // [dim]
+  Tensor output;      // [vocab, dim]; empty when tied to tok_embeddings
+  QuantInfo quant;    // of the seven linear layers of every block
   // The head in its source quantization where a QMatrix holds it exactly (GGUF Q8_0/Q4_0/Q4_1):
   // the runtime computes logits from it (as llama.cpp does) instead of the fp32 copy. Empty
   // otherwise.
@@ -118,6 +118,9 @@ struct Model {
 
 struct LoadOptions {
   std::filesystem::path tokenizer;  // overrides/adds the tokenizer (llama2.c needs one)
+  // What `qalora info` shows and no more: a quantized folder's affine linears keep their codes
+  // (mapped, unread) but not their group parameters, so such a model cannot be run.
+  bool describe_only = false;
 };
 
 // Detects the format from the path: *.gguf, a folder with config.json, or a llama2.c .bin.
@@ -131,7 +134,7 @@ std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path
 // model.safetensors.index.json + tokenizer.json (else tokenizer.model; else no tokenizer).
 // Quantized folders: qalora's own (docs/formats.md) and GPTQ checkpoints (AutoGPTQ /
 // GPTQModel, v1 or v2 zeros) load into Linear::qweight; other quant_methods are refused.
-Model load_hf_model(const std::filesystem::path& dir);
+Model load_hf_model(const std::filesystem::path& dir, bool describe_only = false);
 // Finds tok<vocab>.bin or tokenizer.bin beside the checkpoint; no tokenizer when neither exists.
 Model load_llama2c_model(const std::filesystem::path& path);
 // Creates `dir` and writes config.json + model.safetensors (F32) + tokenizer.json and
