@@ -789,7 +789,7 @@ void GgufWriter::add_tensor(std::string name, const Shape& shape, GgmlType type,
     spill_->write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(bytes));
     QL_CHECK(spill_->good(), spill_path_.string(), ": cannot write tensor ", Quoted{name},
              " (disk full?)");
-    data = {};
+    data = std::vector<uint8_t>();  // frees it: `data = {}` would clear it and keep the capacity
   }
   tensors_.push_back({std::move(name), shape, type, std::move(data), bytes});
 }
