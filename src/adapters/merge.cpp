@@ -105,69 +105,96 @@ void merge_dense(Model& model, const AdapterSet& set) {
   if (!has_quantized_linear(model)) model.quant = QuantInfo{};
 }
 
-MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set,
-                             const Model& merged, std::span<const int32_t> tokens, int64_t ctx) {
-  const int64_t vocab = merged.config.vocab_size;
-  QL_CHECK(unmerged_base.config.vocab_size == vocab, "merge fidelity: the merged model has ", vocab,
-           " vocabulary entries, the base ", unmerged_base.config.vocab_size);
-  QL_CHECK(
-      ctx >= 2 && ctx <= merged.config.context_length && ctx <= unmerged_base.config.context_length,
-      "merge fidelity: context expected in [2, ", merged.config.context_length, "], got ", ctx);
-  InferenceSession unmerged_session(unmerged_base, ctx, set);
-  InferenceSession merged_session(merged, ctx);
-  const int32_t bos =
-      merged.tokenizer && merged.tokenizer->add_bos() ? merged.tokenizer->bos_id() : -1;
+namespace {
 
+int32_t window_bos(const Model& model) {
+  return model.tokenizer && model.tokenizer->add_bos() ? model.tokenizer->bos_id() : -1;
+}
+
+PerplexityOptions window_options(int64_t ctx) {
+  PerplexityOptions o;
+  o.ctx = ctx;
+  o.progress = false;
+  return o;
+}
+
+}  // namespace
+
+FidelityReference fidelity_reference(const Model& model, const AdapterSet* set,
+                                     std::span<const int32_t> tokens, int64_t ctx) {
+  QL_CHECK(ctx >= 2 && ctx <= model.config.context_length,
+           "merge fidelity: context expected in [2, ", model.config.context_length, "], got ", ctx);
+  FidelityReference ref;
+  ref.tokens.assign(tokens.begin(), tokens.end());
+  ref.ctx = ctx;
+  ref.vocab = model.config.vocab_size;
+  ref.bos = window_bos(model);
+  InferenceSession session(model, ctx, set);
+  // perplexity() cuts the windows (the same cut the comparison makes) and scores them.
+  const auto run = [&](std::span<const int32_t> window, std::span<float> logits) {
+    session.reset();
+    session.forward(window, logits, /*all_logits=*/true);
+    ref.logits.insert(ref.logits.end(), logits.begin(), logits.end());
+  };
+  const PerplexityResult r = perplexity(tokens, ref.vocab, ref.bos, run, window_options(ctx));
+  ref.nll_sum = r.nll_sum;
+  ref.tokens_scored = r.tokens_scored;
+  return ref;
+}
+
+MergeFidelity merge_fidelity(const FidelityReference& reference, const Model& merged) {
+  const int64_t vocab = merged.config.vocab_size, ctx = reference.ctx;
+  QL_CHECK(reference.vocab == vocab, "merge fidelity: the merged model has ", vocab,
+           " vocabulary entries, the base ", reference.vocab);
+  QL_CHECK(ctx >= 2 && ctx <= merged.config.context_length,
+           "merge fidelity: context expected in [2, ", merged.config.context_length, "], got ",
+           ctx);
+  QL_CHECK(window_bos(merged) == reference.bos, "merge fidelity: the merged model's BOS (",
+           window_bos(merged), ") differs from the base's (", reference.bos, ")");
+  InferenceSession session(merged, ctx);
   MergeFidelity f;
-  double kl_sum = 0, unmerged_nll = 0;
-  int64_t unmerged_scored = 0;
-  std::vector<float> unmerged_logits;
-  std::vector<double> lp_unmerged, lp_merged;
-  PerplexityOptions single;
-  single.progress = false;
-  // Each window runs both models; perplexity() scores the merged logits it is handed, and the
-  // unmerged ones are scored by a one-window perplexity() over the same tokens, which scores
-  // exactly the positions the outer call scores (non-overlapping windows).
-  const auto both = [&](std::span<const int32_t> window, std::span<float> merged_logits) {
+  double kl_sum = 0;
+  size_t at = 0;  // start of the current window's rows in reference.logits
+  std::vector<double> lp_reference, lp_merged;
+  const auto compare = [&](std::span<const int32_t> window, std::span<float> logits) {
+    session.reset();
+    session.forward(window, logits, /*all_logits=*/true);
     const auto n = static_cast<int64_t>(window.size());
-    unmerged_logits.resize(merged_logits.size());
-    unmerged_session.reset();
-    unmerged_session.forward(window, unmerged_logits, /*all_logits=*/true);
-    merged_session.reset();
-    merged_session.forward(window, merged_logits, /*all_logits=*/true);
+    QL_CHECK(at + logits.size() <= reference.logits.size(),
+             "merge fidelity: the merged model scored more windows than the reference");
     for (int64_t p = 0; p < n; ++p) {
-      const float* u = unmerged_logits.data() + p * vocab;
-      const float* m = merged_logits.data() + p * vocab;
-      log_softmax(u, vocab, lp_unmerged);
+      const float* u = reference.logits.data() + at + p * vocab;
+      const float* m = logits.data() + p * vocab;
+      log_softmax(u, vocab, lp_reference);
       log_softmax(m, vocab, lp_merged);
       double kl = 0;
       for (int64_t v = 0; v < vocab; ++v) {
         f.max_abs_logit_diff =
             std::max(f.max_abs_logit_diff, std::abs(static_cast<double>(u[v]) - m[v]));
-        kl += std::exp(lp_unmerged[v]) * (lp_unmerged[v] - lp_merged[v]);
+        kl += std::exp(lp_reference[v]) * (lp_reference[v] - lp_merged[v]);
       }
       kl_sum += kl;
     }
+    at += logits.size();
     f.tokens += n;
-    single.ctx = n;
-    const auto replay = [&](std::span<const int32_t>, std::span<float> logits) {
-      std::copy(unmerged_logits.begin(), unmerged_logits.end(), logits.begin());
-    };
-    const PerplexityResult r =
-        perplexity(window.subspan(bos >= 0 ? 1 : 0), vocab, bos, replay, single);
-    unmerged_nll += r.nll_sum;
-    unmerged_scored += r.tokens_scored;
   };
-  PerplexityOptions options;
-  options.ctx = ctx;
-  options.progress = false;
-  const PerplexityResult merged_result = perplexity(tokens, vocab, bos, both, options);
-  QL_CHECK(unmerged_scored == merged_result.tokens_scored, "merge fidelity: scored ",
-           unmerged_scored, " tokens unmerged but ", merged_result.tokens_scored, " merged");
+  const PerplexityResult r =
+      perplexity(reference.tokens, vocab, reference.bos, compare, window_options(ctx));
+  QL_CHECK(at == reference.logits.size() && r.tokens_scored == reference.tokens_scored,
+           "merge fidelity: scored ", reference.tokens_scored, " tokens unmerged but ",
+           r.tokens_scored, " merged");
   f.mean_kl = kl_sum / static_cast<double>(f.tokens);
-  f.ppl_merged = merged_result.ppl;
-  f.ppl_unmerged = std::exp(unmerged_nll / static_cast<double>(unmerged_scored));
+  f.ppl_merged = r.ppl;
+  f.ppl_unmerged = std::exp(reference.nll_sum / static_cast<double>(reference.tokens_scored));
   return f;
+}
+
+MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set, const Model& merged,
+                             std::span<const int32_t> tokens, int64_t ctx) {
+  QL_CHECK(unmerged_base.config.vocab_size == merged.config.vocab_size,
+           "merge fidelity: the merged model has ", merged.config.vocab_size,
+           " vocabulary entries, the base ", unmerged_base.config.vocab_size);
+  return merge_fidelity(fidelity_reference(unmerged_base, set, tokens, ctx), merged);
 }
 
 }  // namespace qalora

@@ -115,10 +115,14 @@ json round_stored_offsets(const ExportArgs& args, Model& model, const OffsetGrid
   std::string why_none;
   const TextSample sample = calibration_sample(args, model, why_none);
   const int64_t ctx = std::min(args.ctx, model.config.context_length);  // short-context models
-  const Model exact = model;
+  // With calibration text, the model's logits are kept to compare the rounded model with
+  // (rather than a copy of the model).
   std::vector<std::vector<double>> hessians;
-  if (!sample.tokens.empty())
+  std::optional<FidelityReference> reference;
+  if (!sample.tokens.empty()) {
     hessians = pooled_input_hessians(model, windows_of(sample.tokens, model, ctx));
+    reference = fidelity_reference(model, nullptr, sample.tokens, ctx);
+  }
   const OffsetRounding r =
       round_model_offsets(model, grid, hessians.empty() ? nullptr : &hessians, stored);
   json record = {{"onto", onto}, {"linears", off}, {"max_abs_dm", r.max_abs_dm}};
@@ -132,7 +136,7 @@ json round_stored_offsets(const ExportArgs& args, Model& model, const OffsetGrid
   std::printf(" with error feedback on %lld tokens of %s:\n",
               static_cast<long long>(sample.tokens.size()), sample.source.c_str());
   std::printf("  output error %.3g of rounding each offset to its nearest value\n", ratio);
-  const MergeFidelity f = merge_fidelity(exact, nullptr, model, sample.tokens, ctx);
+  const MergeFidelity f = merge_fidelity(*reference, model);
   std::printf("  max |logit diff|: %.6g, ppl %.6f -> %.6f (the model's -> as stored)\n",
               f.max_abs_logit_diff, f.ppl_unmerged, f.ppl_merged);
   if (f.ppl_merged > 1.01 * f.ppl_unmerged)

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,10 +67,12 @@ void run_merge(MergeArgs& args) {
   const bool check = args.fidelity_text != "none";
   QL_CHECK(!check || args.fidelity_tokens >= 2, "--fidelity-tokens: expected >= 2, got ",
            args.fidelity_tokens);
-  const Model base = load_model(args.model);
-  const std::unique_ptr<AdapterSet> set = load_adapter_arg(args.model, base);
+  // The merge happens in place: one model in memory, not a base and a merged copy.
+  Model model = load_model(args.model);
+  const std::unique_ptr<AdapterSet> set = load_adapter_arg(args.model, model);
   const AdapterConfig& c = set->config;
-  const bool quantized_base = !base.quant.empty();
+  const std::string base_quant = model.quant.method;
+  const bool quantized_base = !model.quant.empty();
   // LoRA on a dense base has nothing quantized to preserve: its merge is the dense one.
   QL_CHECK(
       args.dense || !args.requantize.empty() || c.kind == AdapterKind::QaLora || !quantized_base,
@@ -83,18 +86,22 @@ void run_merge(MergeArgs& args) {
   const TextSample sample =
       !check ? TextSample{}
       : args.fidelity_text.empty()
-          ? training_data_sample(args.model.adapter, base, args.fidelity_tokens, "--fidelity-text")
-          : text_sample(args.fidelity_text, base, args.fidelity_tokens, "--fidelity-text");
+          ? training_data_sample(args.model.adapter, model, args.fidelity_tokens, "--fidelity-text")
+          : text_sample(args.fidelity_text, model, args.fidelity_tokens, "--fidelity-text");
   const auto calibration = args.requantize.empty() ? std::vector<std::vector<int32_t>>{}
-                                                   : load_calibration(args.quant, base);
+                                                   : load_calibration(args.quant, model);
+  // The unmerged logits are taken before the model changes.
+  const std::optional<FidelityReference> reference =
+      check ? std::optional(fidelity_reference(model, set.get(), sample.tokens, args.ctx))
+            : std::nullopt;
 
-  Model merged = base;
   if (method == "qalora-offsets") {
-    merge_qalora(merged, *set);
+    merge_qalora(model, *set);
   } else {
-    merge_dense(merged, *set);
-    if (!args.requantize.empty()) quantize_with_progress(merged, args.quant, calibration, "");
+    merge_dense(model, *set);
+    if (!args.requantize.empty()) quantize_with_progress(model, args.quant, calibration, "");
   }
+  const Model& merged = model;
   save_hf_model(merged, args.out);
   const char* into = method == "dense"            ? "fp32 weights"
                      : method == "qalora-offsets" ? "the quantized offsets"
@@ -111,7 +118,7 @@ void run_merge(MergeArgs& args) {
                  {"rslora", c.rslora},
                  {"scale", c.scale()},
                  {"pool", c.kind == AdapterKind::QaLora ? json(adapter_pool_name(c.pool)) : json()},
-                 {"base_quant", base.quant.method},
+                 {"base_quant", base_quant},
                  {"merged_quant", merged.quant.method},
                  {"fidelity", nullptr}};
   if (!args.requantize.empty())
@@ -121,7 +128,7 @@ void run_merge(MergeArgs& args) {
                             {"sym", merged.quant.sym},
                             {"calibration", merged.quant.calibration}};
   if (check) {
-    const MergeFidelity f = merge_fidelity(base, set.get(), merged, sample.tokens, args.ctx);
+    const MergeFidelity f = merge_fidelity(*reference, merged);
     std::printf("fidelity on %lld positions of %s (ctx %lld), unmerged vs merged:\n",
                 static_cast<long long>(f.tokens), sample.source.c_str(),
                 static_cast<long long>(args.ctx));

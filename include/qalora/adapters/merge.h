@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "qalora/adapters/adapter.h"
 
@@ -46,7 +47,23 @@ struct MergeFidelity {
 // one, as `qalora perplexity`), takes the logits of every position of both, and compares them;
 // KL and the perplexities are computed in double. Throws Error on a vocabulary mismatch, a
 // context below 2 or above either model's, or too few tokens.
-MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set,
-                             const Model& merged, std::span<const int32_t> tokens, int64_t ctx);
+MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set, const Model& merged,
+                             std::span<const int32_t> tokens, int64_t ctx);
+
+// The two halves of merge_fidelity, for a merge done in place (one model in memory, not two):
+// the reference logits of every window, taken before the merge, then the comparison with the
+// merged model. The reference holds tokens x vocab floats.
+struct FidelityReference {
+  std::vector<int32_t> tokens;
+  int64_t ctx = 0;
+  int64_t vocab = 0;
+  int32_t bos = -1;           // the BOS each window starts with; -1 = none
+  std::vector<float> logits;  // [positions of every window, vocab], windows in order
+  double nll_sum = 0;         // of the positions perplexity() scores
+  int64_t tokens_scored = 0;
+};
+FidelityReference fidelity_reference(const Model& model, const AdapterSet* set,
+                                     std::span<const int32_t> tokens, int64_t ctx);
+MergeFidelity merge_fidelity(const FidelityReference& reference, const Model& merged);
 
 }  // namespace qalora
