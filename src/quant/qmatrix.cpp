@@ -11,12 +11,9 @@ namespace qalora {
 
 const char* quant_type_name(QuantType type) {
   switch (type) {
-    case QuantType::Affine:
-      return "affine";
-    case QuantType::NF4:
-      return "nf4";
-    case QuantType::FP4:
-      return "fp4";
+    case QuantType::Affine: return "affine";
+    case QuantType::NF4: return "nf4";
+    case QuantType::FP4: return "fp4";
   }
   return "?";
 }
@@ -29,11 +26,11 @@ int64_t QMatrix::n_groups() const {
 
 int64_t QMatrix::storage_bytes() const {
   // Affine parameters from the layout, so a model loaded to be described counts them too.
-  const auto params =
-      type == QuantType::Affine ? rows * n_groups() * 2 * 2 + static_cast<int64_t>(g_idx.size()) * 4
-      : absmax_dq.empty()
-          ? static_cast<int64_t>(absmax.size()) * 4
-          : static_cast<int64_t>(absmax_dq.codes.size() + 4 * absmax_dq.scales.size() + 4);
+  const auto params = type == QuantType::Affine
+                          ? rows * n_groups() * 2 * 2 + static_cast<int64_t>(g_idx.size()) * 4
+                      : absmax_dq.empty()
+                          ? static_cast<int64_t>(absmax.size()) * 4
+                          : static_cast<int64_t>(absmax_dq.codes.size() + 4 * absmax_dq.scales.size() + 4);
   return static_cast<int64_t>(codes.size()) + params;
 }
 
@@ -102,12 +99,9 @@ struct Slot {
 };
 Slot slot(int bits, int k) {
   switch (bits) {
-    case 8:
-      return {k, 0};
-    case 4:
-      return {k % 16, 4 * (k / 16)};
-    default:
-      return {k % 8, 2 * (k / 8)};  // 2 bits, and the low plane of 3 bits
+    case 8: return {k, 0};
+    case 4: return {k % 16, 4 * (k / 16)};
+    default: return {k % 8, 2 * (k / 8)};  // 2 bits, and the low plane of 3 bits
   }
 }
 }  // namespace
@@ -139,8 +133,8 @@ static uint8_t unpack_one(const uint8_t* chunk, int bits, int k) {
 
 void unpack_row(const uint8_t* packed, int64_t cols, int bits, uint8_t* codes) {
   for (int64_t i = 0; i < cols; ++i)
-    codes[i] =
-        unpack_one(packed + (i / kQChunk) * chunk_bytes(bits), bits, static_cast<int>(i % kQChunk));
+    codes[i] = unpack_one(packed + (i / kQChunk) * chunk_bytes(bits), bits,
+                          static_cast<int>(i % kQChunk));
 }
 
 uint8_t code_at(const QMatrix& w, int64_t row, int64_t col) {
@@ -150,34 +144,20 @@ uint8_t code_at(const QMatrix& w, int64_t row, int64_t col) {
 
 // NF4: the QLoRA normal-float levels (bitsandbytes' table): quantiles of N(0, 1) normalised
 // to [-1, 1] with an exact zero; tests/quant re-derive them from the definition.
-static constexpr float kNF4[16] = {-1.0f,
-                                   -0.6961928009986877f,
-                                   -0.5250730514526367f,
-                                   -0.39491748809814453f,
-                                   -0.28444138169288635f,
-                                   -0.18477343022823334f,
-                                   -0.09105003625154495f,
-                                   0.0f,
-                                   0.07958029955625534f,
-                                   0.16093020141124725f,
-                                   0.24611230194568634f,
-                                   0.33791524171829224f,
-                                   0.44070982933044434f,
-                                   0.5626170039176941f,
-                                   0.7229568362236023f,
-                                   1.0f};
+static constexpr float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 // FP4: E2M1 (sign, two exponent bits, one mantissa bit; values 0, 0.5, 1, 1.5, 2, 3, 4, 6)
 // divided by 6 so the largest magnitude is 1; code bit 3 is the sign.
-static constexpr float kFP4[16] = {
-    0.0f,  1.0f / 12,  2.0f / 12,  3.0f / 12,  4.0f / 12,  6.0f / 12,  8.0f / 12,  1.0f,
-    -0.0f, -1.0f / 12, -2.0f / 12, -3.0f / 12, -4.0f / 12, -6.0f / 12, -8.0f / 12, -1.0f};
+static constexpr float kFP4[16] = {0.0f,        1.0f / 12,  2.0f / 12,  3.0f / 12,
+                                   4.0f / 12,   6.0f / 12,  8.0f / 12,  1.0f,
+                                   -0.0f,       -1.0f / 12, -2.0f / 12, -3.0f / 12,
+                                   -4.0f / 12,  -6.0f / 12, -8.0f / 12, -1.0f};
 
-const float* nf4_codebook() {
-  return kNF4;
-}
-const float* fp4_codebook() {
-  return kFP4;
-}
+const float* nf4_codebook() { return kNF4; }
+const float* fp4_codebook() { return kFP4; }
 const float* codebook(QuantType type) {
   QL_CHECK(type != QuantType::Affine, "affine quantization has no codebook");
   return type == QuantType::NF4 ? kNF4 : kFP4;
@@ -234,7 +214,8 @@ Tensor dequantize(const QMatrix& w) {
   return t;
 }
 
-void qmatmul_forward_ref(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T) {
+void qmatmul_forward_ref(float* y, const float* x, const QMatrix& w, const float* bias,
+                         int64_t T) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < w.rows; ++j) {
       double acc = bias ? bias[j] : 0.0;

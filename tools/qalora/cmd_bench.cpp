@@ -109,8 +109,8 @@ double weight_bytes_per_token(const Model& model) {
   for (const LayerWeights& L : model.layers) {
     bytes += bytes_of(L.attn_norm) + bytes_of(L.ffn_norm);
     for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-      bytes +=
-          (l->quantized() ? quantized_bytes(l->qweight) : bytes_of(l->weight)) + bytes_of(l->bias);
+      bytes += (l->quantized() ? quantized_bytes(l->qweight) : bytes_of(l->weight)) +
+               bytes_of(l->bias);
   }
   bytes += model.head_q.codes.empty() ? bytes_of(model.head()) : quantized_bytes(model.head_q);
   if (!model.output.empty())

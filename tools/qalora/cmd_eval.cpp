@@ -104,8 +104,8 @@ void register_eval(CLI::App& app) {
   cmd->add_flag("--dense", args->dense,
                 "score on the fp32 dequantized weights (4 bytes per parameter): exact and "
                 "faster for quantized models");
-  cmd->add_flag(
-      "--no-progress", [args](int64_t) { args->options.progress = false; }, "no progress bar");
+  cmd->add_flag("--no-progress", [args](int64_t) { args->options.progress = false; },
+                "no progress bar");
   cmd->add_option("--out", args->out, "write metrics and per-item results as JSON");
   cmd->callback([args] {
     run_eval(*args);

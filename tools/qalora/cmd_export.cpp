@@ -2,14 +2,15 @@
 // (SPEC §8, docs/export.md): GGUF for llama.cpp / ollama, a GPTQ checkpoint for transformers /
 // vLLM, a dense Hugging Face folder, or the PEFT files of an adapter. Every weight written is
 // compared with the model's own values; the differences are printed and saved beside the output.
-#include <algorithm>
 #include <cctype>
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <optional>
 #include <string>
 
@@ -126,15 +127,15 @@ json round_stored_offsets(const ExportArgs& args, Model& model, const OffsetGrid
   const OffsetRounding r =
       round_model_offsets(model, grid, hessians.empty() ? nullptr : &hessians, stored);
   json record = {{"onto", onto}, {"linears", off}, {"max_abs_dm", r.max_abs_dm}};
-  std::printf("offsets of %lld linears rounded onto %s (max |dm| %.3g)",
-              static_cast<long long>(off), onto, r.max_abs_dm);
+  std::printf("offsets of %lld linears rounded onto %s (max |dm| %.3g)", static_cast<long long>(off),
+              onto, r.max_abs_dm);
   if (hessians.empty()) {
     std::printf(", each to its nearest value (%s)\n", why_none.c_str());
     return record;
   }
   const double ratio = r.nearest_error > 0 ? r.output_error / r.nearest_error : 0.0;
-  std::printf(" with error feedback on %lld tokens of %s:\n",
-              static_cast<long long>(sample.tokens.size()), sample.source.c_str());
+  std::printf(" with error feedback on %lld tokens of %s:\n", static_cast<long long>(sample.tokens.size()),
+              sample.source.c_str());
   std::printf("  output error %.3g of rounding each offset to its nearest value\n", ratio);
   const MergeFidelity f = merge_fidelity(*reference, model);
   std::printf("  max |logit diff|: %.6g, ppl %.6f -> %.6f (the model's -> as stored)\n",
@@ -170,11 +171,10 @@ void print_report(const ExportReport& r, bool offsets_rounded) {
   std::printf("max |dw|: %.6g\n", r.max_abs_dw());
   std::printf("relative error: %.6g\n", r.relative_error());
   std::printf("max |dm|: %.6g\n", r.max_abs_dm());
-  std::printf("%s\n", !r.exact() ? "not exact: see the differences above"
-                      : offsets_rounded
-                          ? "exact: every weight decodes to the model's value, offsets "
-                            "as rounded above"
-                          : "exact: every weight decodes to the model's value");
+  std::printf("%s\n", !r.exact()        ? "not exact: see the differences above"
+                     : offsets_rounded ? "exact: every weight decodes to the model's value, offsets "
+                                         "as rounded above"
+                                       : "exact: every weight decodes to the model's value");
 }
 
 void run_export(const ExportArgs& args) {
@@ -187,11 +187,9 @@ void run_export(const ExportArgs& args) {
            "--format ", f);
   QL_CHECK(args.gptq_format.empty() || args.gptq_format == "v1" || args.gptq_format == "v2",
            "--gptq-format: expected v1 or v2, got '", args.gptq_format, "'");
-  QL_CHECK(args.calib.empty() || f == "gptq" ||
-               (f == "gguf" && (args.type.empty() || args.type == "q4_1")),
+  QL_CHECK(args.calib.empty() || f == "gptq" || (f == "gguf" && (args.type.empty() || args.type == "q4_1")),
            "--calib: only --format gptq and gguf with Q4_1 store offsets that need rounding, got "
-           "--format ",
-           f, args.type.empty() ? "" : " --type " + args.type);
+           "--format ", f, args.type.empty() ? "" : " --type " + args.type);
   QL_CHECK(args.calib.empty() || args.calib == "none" || fs::is_regular_file(args.calib),
            "--calib: cannot open ", args.calib, ": no such file (pass a text file, or none)");
   QL_CHECK(f != "peft" || !args.model.adapter.empty(),

@@ -113,8 +113,9 @@ Json describe(const Model& model, bool list_tensors) {
                {"quantization", describe_quantization(model)},
                {"output_head", model.head_q.codes.empty()
                                    ? std::string("fp32")
-                                   : cat(quant_type_name(model.head_q.type), " ", model.head_q.bits,
-                                         "-bit, group ", model.head_q.group_size)}};
+                                   : cat(quant_type_name(model.head_q.type), " ",
+                                         model.head_q.bits, "-bit, group ",
+                                         model.head_q.group_size)}};
   if (list_tensors) info["tensors"] = tensors;
 
   if (!model.tokenizer) {
@@ -282,10 +283,10 @@ void run_info(const InfoArgs& args) {
 
 void register_info(CLI::App& app) {
   auto args = std::make_shared<InfoArgs>();
-  CLI::App* cmd = add_command(
-      app, "info",
-      "Describe a model (format, configuration, tensors, tokenizer, merge record) or an "
-      "adapter folder");
+  CLI::App* cmd =
+      add_command(app, "info",
+                  "Describe a model (format, configuration, tensors, tokenizer, merge record) or an "
+                  "adapter folder");
   add_model_args(cmd, args->model, /*positional=*/true);
   // The other commands take -m; accept it here too, as an alternative to the positional.
   CLI::Option* positional = cmd->get_option("model");

@@ -74,12 +74,12 @@ void run_merge(MergeArgs& args) {
   const std::string base_quant = model.quant.method;
   const bool quantized_base = !model.quant.empty();
   // LoRA on a dense base has nothing quantized to preserve: its merge is the dense one.
-  QL_CHECK(
-      args.dense || !args.requantize.empty() || c.kind == AdapterKind::QaLora || !quantized_base,
-      "--adapter: ", args.model.adapter,
-      " is a lora adapter, which cannot be merged into quantized weights exactly; pass "
-      "--dense to merge it into fp32 weights, or --requantize METHOD to quantize the merged "
-      "weights again (lossy)");
+  QL_CHECK(args.dense || !args.requantize.empty() || c.kind == AdapterKind::QaLora ||
+               !quantized_base,
+           "--adapter: ", args.model.adapter,
+           " is a lora adapter, which cannot be merged into quantized weights exactly; pass "
+           "--dense to merge it into fp32 weights, or --requantize METHOD to quantize the merged "
+           "weights again (lossy)");
   const std::string method = merge_method(args, c.kind);
   // Read the text and the calibration data before the merge so that bad input fails before
   // any work.

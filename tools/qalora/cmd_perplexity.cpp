@@ -44,8 +44,7 @@ void run_example_loss(const PerplexityArgs& args) {
   QL_CHECK(args.eval_fraction >= 0 && args.eval_fraction < 1,
            "--eval-fraction: expected a value in [0, 1), got ", args.eval_fraction);
   const Model model = load_model(args.model);
-  Dataset data =
-      load_dataset(args.data, model.require_tokenizer(), resolve_data_args(args.data_args));
+  Dataset data = load_dataset(args.data, model.require_tokenizer(), resolve_data_args(args.data_args));
   const Dataset scored =
       args.eval_fraction > 0 ? split_heldout(data, args.eval_fraction, args.seed) : std::move(data);
   int64_t longest = 1;

@@ -23,8 +23,8 @@ struct QuantizeCommandArgs {
 
 void run_quantize(QuantizeCommandArgs& a) {
   resolve_quantize_args(a.quant);
-  QL_CHECK(!std::filesystem::exists(a.out) || std::filesystem::is_directory(a.out),
-           "--out: ", a.out, " exists and is not a folder");
+  QL_CHECK(!std::filesystem::exists(a.out) || std::filesystem::is_directory(a.out), "--out: ",
+           a.out, " exists and is not a folder");
   const auto t0 = Clock::now();
   Model model = load_model(a.model);
   const auto calibration = load_calibration(a.quant, model);
@@ -46,8 +46,7 @@ void run_quantize(QuantizeCommandArgs& a) {
 
 void register_quantize(CLI::App& app) {
   auto a = std::make_shared<QuantizeCommandArgs>();
-  CLI::App* cmd =
-      add_command(app, "quantize", "Quantize a model's linear layers (RTN, GPTQ, NF4, FP4, INT8)");
+  CLI::App* cmd = add_command(app, "quantize", "Quantize a model's linear layers (RTN, GPTQ, NF4, FP4, INT8)");
   add_model_args(cmd, a->model);
   cmd->add_option("--method", a->quant.options.method, "rtn, gptq, nf4, fp4 or int8")
       ->capture_default_str();

@@ -18,8 +18,7 @@ void add_quantize_args(CLI::App* cmd, QuantizeArgs& a) {
       "--group-size,-g", o.group_size,
       "inputs per group, -1 = per channel (default 128; nf4/fp4 blocks: 64; int8: -1)");
   cmd->add_flag("--sym", o.sym, "symmetric (zero point 2^(bits-1)); default asymmetric");
-  cmd->add_flag("--act-order", o.act_order,
-                "GPTQ: quantize columns by decreasing Hessian diagonal");
+  cmd->add_flag("--act-order", o.act_order, "GPTQ: quantize columns by decreasing Hessian diagonal");
   cmd->add_flag("--static-groups", o.static_groups,
                 "GPTQ act-order: fix group parameters up front so groups stay contiguous");
   cmd->add_option("--damp", o.damp, "GPTQ: dampening, fraction of the mean Hessian diagonal")

@@ -30,9 +30,9 @@ TextSample training_data_sample(const fs::path& adapter, const Model& model, int
   QL_CHECK(fs::is_regular_file(config_path), "adapter ", adapter,
            " has no train_config.json naming its training data", hint);
   const json config = json::parse(read_file(config_path), nullptr, false);
-  QL_CHECK(
-      !config.is_discarded() && config.contains("data_path") && config["data_path"].is_string(),
-      config_path.string(), ": field data_path: expected a path string", hint);
+  QL_CHECK(!config.is_discarded() && config.contains("data_path") &&
+               config["data_path"].is_string(),
+           config_path.string(), ": field data_path: expected a path string", hint);
   const fs::path data = config["data_path"].get<std::string>();
   QL_CHECK(fs::is_regular_file(data), config_path.string(), ": data_path ", data,
            " does not exist (moved?)", hint);

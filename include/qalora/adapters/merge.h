@@ -47,8 +47,8 @@ struct MergeFidelity {
 // one, as `qalora perplexity`), takes the logits of every position of both, and compares them;
 // KL and the perplexities are computed in double. Throws Error on a vocabulary mismatch, a
 // context below 2 or above either model's, or too few tokens.
-MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set, const Model& merged,
-                             std::span<const int32_t> tokens, int64_t ctx);
+MergeFidelity merge_fidelity(const Model& unmerged_base, const AdapterSet* set,
+                             const Model& merged, std::span<const int32_t> tokens, int64_t ctx);
 
 // The two halves of merge_fidelity, for a merge done in place (one model in memory, not two):
 // the reference logits of every window, taken before the merge, then the comparison with the

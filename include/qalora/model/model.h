@@ -95,9 +95,9 @@ struct Model {
   ModelConfig config;
   Tensor tok_embeddings;  // [vocab, dim]
   std::vector<LayerWeights> layers;
-  Tensor final_norm;  // [dim]
-  Tensor output;      // [vocab, dim]; empty when tied to tok_embeddings
-  QuantInfo quant;    // of the seven linear layers of every block
+  Tensor final_norm;                           // [dim]
+  Tensor output;                               // [vocab, dim]; empty when tied to tok_embeddings
+  QuantInfo quant;                             // of the seven linear layers of every block
   // The head in its source quantization where a QMatrix holds it exactly (GGUF Q8_0/Q4_0/Q4_1):
   // the runtime computes logits from it (as llama.cpp does) instead of the fp32 copy. Empty
   // otherwise.
