@@ -111,6 +111,11 @@ int32_t window_bos(const Model& model) {
   return model.tokenizer && model.tokenizer->add_bos() ? model.tokenizer->bos_id() : -1;
 }
 
+void check_window_context(const Model& model, int64_t ctx) {
+  QL_CHECK(ctx >= 2 && ctx <= model.config.context_length,
+           "merge fidelity: context expected in [2, ", model.config.context_length, "], got ", ctx);
+}
+
 PerplexityOptions window_options(int64_t ctx) {
   PerplexityOptions o;
   o.ctx = ctx;
@@ -122,8 +127,7 @@ PerplexityOptions window_options(int64_t ctx) {
 
 FidelityReference fidelity_reference(const Model& model, const AdapterSet* set,
                                      std::span<const int32_t> tokens, int64_t ctx) {
-  QL_CHECK(ctx >= 2 && ctx <= model.config.context_length,
-           "merge fidelity: context expected in [2, ", model.config.context_length, "], got ", ctx);
+  check_window_context(model, ctx);
   FidelityReference ref;
   ref.tokens.assign(tokens.begin(), tokens.end());
   ref.ctx = ctx;
@@ -146,9 +150,7 @@ MergeFidelity merge_fidelity(const FidelityReference& reference, const Model& me
   const int64_t vocab = merged.config.vocab_size, ctx = reference.ctx;
   QL_CHECK(reference.vocab == vocab, "merge fidelity: the merged model has ", vocab,
            " vocabulary entries, the base ", reference.vocab);
-  QL_CHECK(ctx >= 2 && ctx <= merged.config.context_length,
-           "merge fidelity: context expected in [2, ", merged.config.context_length, "], got ",
-           ctx);
+  check_window_context(merged, ctx);
   QL_CHECK(window_bos(merged) == reference.bos, "merge fidelity: the merged model's BOS (",
            window_bos(merged), ") differs from the base's (", reference.bos, ")");
   InferenceSession session(merged, ctx);
