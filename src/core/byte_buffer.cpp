@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "qalora/core/mapped_file.h"
+
 namespace qalora {
 
 ByteBuffer ByteBuffer::view(const uint8_t* data, size_t size, std::shared_ptr<const void> owner) {
@@ -23,6 +25,10 @@ void ByteBuffer::assign(size_t n, uint8_t value) {
 
 bool ByteBuffer::operator==(const ByteBuffer& other) const {
   return size_ == other.size_ && (size_ == 0 || std::memcmp(data_, other.data_, size_) == 0);
+}
+
+void ByteBuffer::release_pages() const {
+  if (!owned_) release_mapped_pages(data_, size_);
 }
 
 uint8_t* ByteBuffer::data() {

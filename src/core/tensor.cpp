@@ -1,14 +1,12 @@
 #include "qalora/core/tensor.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
 #include "qalora/core/error.h"
 #include "qalora/core/fp16.h"
+#include "qalora/core/mapped_file.h"
 
 namespace qalora {
 
@@ -181,13 +179,8 @@ Tensor Tensor::permuted_rows(const std::vector<int64_t>& order) const {
 
 void Tensor::release_pages() const {
   if (!file_backed_ || empty()) return;
-  static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin =
-      reinterpret_cast<uintptr_t>(encoded() ? raw_ : reinterpret_cast<uint8_t*>(data_));
-  const uintptr_t end = begin + static_cast<uintptr_t>(stored_bytes());
-  // Only whole pages inside the tensor: a neighbour sharing a page keeps it.
-  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
-  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  release_mapped_pages(encoded() ? static_cast<const void*>(raw_) : data_,
+                       static_cast<size_t>(stored_bytes()));
 }
 
 }  // namespace qalora

@@ -382,6 +382,7 @@ ExportReport export_gguf(const Model& model, const fs::path& path,
     add_linear("ffn_gate", L.gate);
     add_linear("ffn_up", L.up);
     add_linear("ffn_down", L.down);
+    L.release_pages();  // copied into the writer
   }
   add_f32("output_norm.weight", model.final_norm);
   if (!tied)

@@ -550,6 +550,7 @@ void ModelFolderWriter::write_block(int64_t index, const LayerWeights& L) {
   w.add_linear(p + "mlp.gate_proj", L.gate);
   w.add_linear(p + "mlp.up_proj", L.up);
   w.add_linear(p + "mlp.down_proj", L.down);
+  L.release_pages();  // copied into the pending shard
   ++w.next_block;
   if (w.pending_bytes >= w.shard_bytes) w.flush();
 }

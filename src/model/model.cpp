@@ -43,6 +43,17 @@ void expect_linear(const std::string& source, const std::string& name, const Lin
 
 }  // namespace
 
+void Linear::release_pages() const {
+  weight.release_pages();
+  qweight.codes.release_pages();
+  bias.release_pages();
+}
+
+void LayerWeights::release_pages() const {
+  for (const Tensor* t : {&attn_norm, &ffn_norm}) t->release_pages();
+  for (const Linear* l : {&q, &k, &v, &o, &gate, &up, &down}) l->release_pages();
+}
+
 void Model::validate() const {
   const ModelConfig& c = config;
   const std::string& src = source_path;

@@ -181,6 +181,7 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     linear(L.down, gate_.data(), xn, T);
     adapt(li, Target::Down, gate_.data(), xn, T);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
+    if (streams_weights(T)) L.release_pages();
   }
 
   const float* last = all_logits ? x : x + (T - 1) * D;
@@ -189,6 +190,7 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
   // the greedy choice when the top two are that close.
   project(model_.head(), model_.head_q, Tensor(), xn, logits.data(), rows_out,
           DecodeActivations::Exact);
+  if (streams_weights(T)) model_.head().release_pages();
 
   pos_ += T;
   stats_.tokens += T;

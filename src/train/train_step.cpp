@@ -171,6 +171,7 @@ struct TrainSession::Impl {
     ops::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
     linear(li, Target::Down, hidden.data(), x_out, b, T, p, seed, st);
     add_into(x_out, b.x_mid.data(), T * D);
+    if (streams_weights(T)) L.release_pages();
   }
 
   // `att` and `probs` from the block's q, k, v.
@@ -215,6 +216,7 @@ struct TrainSession::Impl {
     linear_backward(li, Target::K, dk.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
     linear_backward(li, Target::V, dv.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
     ops::rmsnorm_backward(dx.data(), dxn.data(), x, L.attn_norm.data(), T, D, eps);
+    if (streams_weights(T)) L.release_pages();
   }
 
   void embed(std::span<const int32_t> tokens) {
@@ -281,6 +283,7 @@ struct TrainSession::Impl {
       ops::rmsnorm_backward(dx.data(), dxn.data(), x_last, model.final_norm.data(), T, D,
                             model.config.norm_eps);
     }
+    if (streams_weights(T)) head.release_pages();
     st.head_seconds += seconds_since(t0);
     return loss;
   }

@@ -26,6 +26,9 @@ class ByteBuffer {
   const uint8_t* begin() const { return data_; }
   const uint8_t* end() const { return data_ + size_; }
   uint8_t operator[](size_t i) const { return data_[i]; }
+  // Drops a view's pages from resident memory (release_mapped_pages: views are of read-only
+  // file mappings); no-op for owned bytes.
+  void release_pages() const;
   // Equal bytes (wherever they live).
   bool operator==(const ByteBuffer& other) const;
 

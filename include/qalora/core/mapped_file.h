@@ -30,6 +30,12 @@ class MappedFile {
   std::string path_;
 };
 
+// Drops the whole pages inside [data, data + size) of a read-only file mapping from this
+// process's resident memory; the page cache keeps them, so a later read faults them back in
+// without disk I/O unless the kernel needed the memory meanwhile. Partial pages at either end
+// stay: a neighbouring tensor may be using them.
+void release_mapped_pages(const void* data, size_t size);
+
 // Reads a whole (small) text or binary file; throws Error naming the path on failure.
 std::string read_file(const std::filesystem::path& path);
 

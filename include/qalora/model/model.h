@@ -61,6 +61,8 @@ struct Linear {
   int64_t in_features() const { return quantized() ? qweight.cols : weight.dim(1); }
   // The fp32 weight, dequantized when quantized.
   Tensor dense_weight() const { return quantized() ? dequantize(qweight) : weight.decoded(); }
+  // Drops its memory-mapped bytes from resident memory (see release_mapped_pages).
+  void release_pages() const;
 };
 
 // How the linear layers were quantized (quantize_config.json); method empty = not quantized.
@@ -82,6 +84,9 @@ struct LayerWeights {
   Linear q, k, v, o;
   Tensor ffn_norm;  // [dim]
   Linear gate, up, down;
+  // Drops the block's memory-mapped weights from resident memory: a pass over many tokens calls
+  // it once done with the block, so resident memory holds one block of a mapped model, not all.
+  void release_pages() const;
 };
 
 // What the source file stored, for `qalora info`.

@@ -105,6 +105,13 @@ void linear_forward_shared(std::span<const LinearOutput> outputs, const float* x
 std::vector<double> reference_forward(const Model& model, std::span<const int32_t> tokens,
                                       const AdapterSet* adapters = nullptr);
 
+// Whether a pass over T tokens drops each block's memory-mapped weights once done with it, so
+// resident memory holds one block of a mapped model instead of all of it. Worth it from a few
+// tokens on: faulting a block back in from the page cache (one fault per 64 KB) costs far less
+// than its arithmetic. Decoding (1-4 tokens a pass) keeps the weights resident instead of
+// faulting the whole model in again for every token.
+inline bool streams_weights(int64_t T) { return T >= 16; }
+
 // Sets the threads used by BLAS and OpenMP loops (0 = all cores).
 void set_num_threads(int threads);
 int num_threads();
