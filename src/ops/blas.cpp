@@ -9,8 +9,24 @@
 #include <filesystem>
 #include <string>
 #include <system_error>
+#include <vector>
+
+#include "qalora/core/clock.h"
 
 namespace qalora {
+
+double sgemm_peak_gflops() {
+  constexpr int n = 2048;
+  std::vector<float> a(static_cast<size_t>(n) * n, 1.0f), b(a), c(a.size());
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {  // the first run warms up
+    const auto start = Clock::now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
+                0.0f, c.data(), n);
+    if (rep > 0) best = std::min(best, seconds_since(start));
+  }
+  return 2.0 * n * n * static_cast<double>(n) / best / 1e9;
+}
 
 const char* blas_core_name() {
   return openblas_get_corename();

@@ -130,11 +130,12 @@ struct Calibration {
 
 }  // namespace
 
-void quantize_model(Model& model, const QuantizeOptions& o,
-                    const std::vector<std::vector<int32_t>>& calibration,
-                    const LayerCallback& on_layer, const BlockCallback& on_block) {
+QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
+                            const std::vector<std::vector<int32_t>>& calibration,
+                            const LayerCallback& on_layer, const BlockCallback& on_block) {
   validate_quantize_options(o);
   const ModelConfig& c = model.config;
+  QuantizeWork work;
   QuantInfo& qi = model.quant;
   qi = QuantInfo{};
   qi.method = o.method;
@@ -198,6 +199,14 @@ void quantize_model(Model& model, const QuantizeOptions& o,
     auto for_chunks = [&](const std::function<void(int64_t s0, int64_t n)>& body) {
       for (int64_t s0 = 0; s0 < N; s0 += S) body(s0, std::min(S, N - s0));
     };
+    auto forward = [&](const Linear& l, const float* x, float* y, int64_t n_rows) {
+      linear_forward(l, x, y, n_rows);
+      work.flops += 2.0 * static_cast<double>(n_rows * l.in_features() * l.out_features());
+    };
+    auto add_rows = [&](HessianAccumulator& acc, const float* x, int64_t n_rows, int64_t width) {
+      acc.add(x, n_rows);
+      work.flops += static_cast<double>(n_rows * width * (width + 1));  // ssyrk
+    };
 
     // GPTQ of the given linears of block li on one Hessian.
     auto quantize_stage = [&](int64_t li, const HessianAccumulator& acc,
@@ -211,6 +220,10 @@ void quantize_model(Model& model, const QuantizeOptions& o,
         QMatrix qm = gptq_quantize(w.data(), w.dim(0), w.dim(1), Hs, g);
         const Tensor deq = dequantize(qm);
         const double err = relative_output_error(w.data(), deq.data(), w.dim(0), w.dim(1), Hs);
+        // Factorization and inverse of H (~n^3), the sweep's updates (~rows n^2), and the two
+        // tr(A H A^T) of the error (2 rows n^2 each).
+        const auto n = static_cast<double>(w.dim(1)), r = static_cast<double>(w.dim(0));
+        work.flops += n * n * n + 5.0 * r * n * n;
         finish_linear(l, std::move(qm), li, kLinearNames[k_idx], t0, err);
       }
     };
@@ -220,16 +233,16 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       HessianAccumulator h_qkv(D);
       for_chunks([&](int64_t s0, int64_t n) {
         ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.attn_norm.data(), n * T, D, c.norm_eps);
-        h_qkv.add(xn.data(), n * T);
+        add_rows(h_qkv, xn.data(), n * T, D);
       });
       quantize_stage(li, h_qkv, {0, 1, 2});
 
       HessianAccumulator h_o(Q);
       for_chunks([&](int64_t s0, int64_t n) {
         ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.attn_norm.data(), n * T, D, c.norm_eps);
-        linear_forward(L.q, xn.data(), q.data(), n * T);
-        linear_forward(L.k, xn.data(), k.data(), n * T);
-        linear_forward(L.v, xn.data(), v.data(), n * T);
+        forward(L.q, xn.data(), q.data(), n * T);
+        forward(L.k, xn.data(), k.data(), n * T);
+        forward(L.v, xn.data(), v.data(), n * T);
         for (int64_t s = 0; s < n; ++s) {
           float* qs = q.data() + s * T * Q;
           float* ks = k.data() + s * T * KVD;
@@ -239,18 +252,19 @@ void quantize_model(Model& model, const QuantizeOptions& o,
           ops::kv_cache_store(kc.data(), vc.data(), ks, vs, T, 0, KV, Hd, T);
           ops::attention_forward(cal.act_of(s0 + s, Q), qs, kc.data(), vc.data(), T, 0, H, KV,
                                  Hd, T);
+          work.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
         }
-        h_o.add(cal.act_of(s0, Q), n * T);
+        add_rows(h_o, cal.act_of(s0, Q), n * T, Q);
       });
       quantize_stage(li, h_o, {3});
 
       HessianAccumulator h_mlp(D);
       for_chunks([&](int64_t s0, int64_t n) {
         float* hs = cal.h_of(s0);
-        linear_forward(L.o, cal.act_of(s0, Q), out.data(), n * T);
+        forward(L.o, cal.act_of(s0, Q), out.data(), n * T);
         for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
         ops::rmsnorm_forward(xn.data(), hs, L.ffn_norm.data(), n * T, D, c.norm_eps);
-        h_mlp.add(xn.data(), n * T);
+        add_rows(h_mlp, xn.data(), n * T, D);
       });
       quantize_stage(li, h_mlp, {4, 5});
 
@@ -258,20 +272,21 @@ void quantize_model(Model& model, const QuantizeOptions& o,
       for_chunks([&](int64_t s0, int64_t n) {
         ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.ffn_norm.data(), n * T, D, c.norm_eps);
         float* hidden = cal.act_of(s0, F);
-        linear_forward(L.gate, xn.data(), hidden, n * T);
-        linear_forward(L.up, xn.data(), up.data(), n * T);
+        forward(L.gate, xn.data(), hidden, n * T);
+        forward(L.up, xn.data(), up.data(), n * T);
         ops::swiglu_forward(hidden, hidden, up.data(), n * T * F);
-        h_down.add(hidden, n * T);
+        add_rows(h_down, hidden, n * T, F);
       });
       quantize_stage(li, h_down, {6});
       for_chunks([&](int64_t s0, int64_t n) {
         float* hs = cal.h_of(s0);
-        linear_forward(L.down, cal.act_of(s0, F), out.data(), n * T);
+        forward(L.down, cal.act_of(s0, F), out.data(), n * T);
         for (int64_t i = 0; i < n * T * D; ++i) hs[i] += out[i];
       });
       finish_block(li);
     }
   }
+  return work;
 }
 
 }  // namespace qalora

@@ -82,6 +82,9 @@ TEST(CliQuantize, StoriesEveryMethodRoundTripsThroughTheFolder) {
     const auto r = run_cli(stories_args(args));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("bits/weight"), std::string::npos) << r.out;
+    // GPTQ reports its arithmetic against the GEMM peak; the rounding methods do none.
+    EXPECT_EQ(r.out.find("of the fp32 GEMM peak") != std::string::npos, row.flags[1] == "gptq")
+        << r.out;
     // One metrics line per quantized linear: 5 blocks x 7.
     std::ifstream metrics(dir / "q.jsonl");
     int lines = 0;

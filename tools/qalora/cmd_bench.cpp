@@ -57,17 +57,6 @@ double best_time(F&& run) {
   return best;
 }
 
-// fp32 GEMM rate of the BLAS the runtime uses, GFLOP/s.
-double gemm_peak_gflops() {
-  constexpr int n = 2048;
-  std::vector<float> a(static_cast<size_t>(n) * n, 1.0f), b(a), c(a.size());
-  const double seconds = best_time([&] {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
-                0.0f, c.data(), n);
-  });
-  return 2.0 * n * n * static_cast<double>(n) / seconds / 1e9;
-}
-
 struct Bandwidth {
   double read_gbs;
   double copy_gbs;  // bytes read + bytes written
@@ -201,7 +190,7 @@ void run_train_bench(const BenchArgs& args) {
     opt_s += seconds_since(t0);
   };
   // The peak is measured around the steps: a shared machine's speed drifts.
-  const double gemm_before = gemm_peak_gflops();
+  const double gemm_before = sgemm_peak_gflops();
   step();  // warm-up: buffers, page faults, BLAS threads
   session.stats().reset();
   data_s = opt_s = 0;
@@ -209,7 +198,7 @@ void run_train_bench(const BenchArgs& args) {
   for (int64_t i = 0; i < args.steps; ++i) step();
   const double total_s = seconds_since(start);
   const TrainStepStats& st = session.stats();
-  const double gemm = std::max(gemm_before, gemm_peak_gflops());
+  const double gemm = std::max(gemm_before, sgemm_peak_gflops());
   const double tps = static_cast<double>(st.tokens) / total_s;
   const double gflops = st.flops / total_s / 1e9;
 
@@ -299,7 +288,7 @@ void run_bench(const BenchArgs& args) {
 
   QL_CHECK(args.reps >= 1, "--reps must be >= 1, got ", args.reps);
   const Bandwidth bw = memory_bandwidth();
-  const double gemm = gemm_peak_gflops();
+  const double gemm = sgemm_peak_gflops();
   // The model and the baseline alternate, and each keeps its fastest run: a shared machine's
   // passing load then slows both alike instead of skewing their ratio.
   Speed sp;

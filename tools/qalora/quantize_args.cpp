@@ -5,9 +5,11 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
 #include "qalora/core/progress.h"
+#include "qalora/ops/blas.h"
 
 namespace qalora::cli {
 
@@ -86,7 +88,9 @@ void quantize_with_progress(Model& model, const QuantizeArgs& a,
       metrics->write(rec);
     }
   };
-  quantize_model(model, o, calibration, on_linear, count_block);
+  const auto t0 = Clock::now();
+  const QuantizeWork work = quantize_model(model, o, calibration, on_linear, count_block);
+  const double seconds = seconds_since(t0);
   bar.finish();
   model.quant.calibration =
       calibration.empty() ? std::string()
@@ -103,6 +107,13 @@ void quantize_with_progress(Model& model, const QuantizeArgs& a,
   if (err_count > 0)
     std::printf("output error:  %.4f mean relative ||WX - QX|| / ||WX|| on calibration inputs\n",
                 err_sum / static_cast<double>(err_count));
+  if (work.flops > 0) {
+    // Measured after the run, on the machine as it is now: a shared machine's speed drifts.
+    const double gflops = work.flops / seconds / 1e9, peak = sgemm_peak_gflops();
+    std::printf("arithmetic:    %.3g TFLOP in %.1f s: %.1f GFLOP/s, %.0f%% of the fp32 GEMM peak "
+                "(%.1f GFLOP/s)\n",
+                work.flops / 1e12, seconds, gflops, 100.0 * gflops / peak, peak);
+  }
 }
 
 }  // namespace qalora::cli

@@ -11,6 +11,10 @@ namespace qalora {
 // fails. Call it first in main(), before any thread starts.
 void select_blas_kernels(char** argv);
 
+// The fp32 GEMM rate this BLAS reaches now, in GFLOP/s: the best of three cblas_sgemm 2048^3
+// after a warm-up (about a second). The peak that speed figures are compared with.
+double sgemm_peak_gflops();
+
 // The kernel family OpenBLAS is using ("skylakex", "haswell", "zen", ...).
 const char* blas_core_name();
 

@@ -49,13 +49,21 @@ using LayerCallback = std::function<void(const LayerReport&)>;
 using BlockCallback = std::function<void(int64_t index, LayerWeights& block)>;
 
 
+// Arithmetic a quantization did, for its GFLOP/s. GPTQ counts the calibration forward
+// (linears, attention), the Hessians, each linear's factorization, column sweep and error
+// measure; RTN, NF4/FP4 and INT8 only read and round (0).
+struct QuantizeWork {
+  double flops = 0;
+};
+
 // Replaces every block linear's weight by its quantized form, block by block, and records
 // model.quant. GPTQ needs `calibration` (token windows) and runs them through the model one
 // block at a time; other methods ignore it. Throws Error naming the layer, linear and element
 // of the first nan/inf weight.
-void quantize_model(Model& model, const QuantizeOptions& options,
-                    const std::vector<std::vector<int32_t>>& calibration,
-                    const LayerCallback& on_layer = {}, const BlockCallback& on_block = {});
+QuantizeWork quantize_model(Model& model, const QuantizeOptions& options,
+                            const std::vector<std::vector<int32_t>>& calibration,
+                            const LayerCallback& on_layer = {},
+                            const BlockCallback& on_block = {});
 
 // sqrt(tr((W - Q) H (W - Q)^T) / tr(W H W^T)): ||W X - Q X|| / ||W X|| over the inputs that
 // built H = (2/n) X^T X. W, Q [rows, cols]; H [cols, cols].
