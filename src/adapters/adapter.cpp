@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "qalora/core/error.h"
+#include "qalora/core/strings.h"
 #include "qalora/model/model.h"
 
 namespace qalora {
@@ -15,12 +16,6 @@ namespace {
 
 constexpr std::array<const char*, kNumTargets> kTargetNames = {
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-
-std::string_view trim(std::string_view s) {
-  const auto first = s.find_first_not_of(" \t");
-  if (first == std::string_view::npos) return {};
-  return s.substr(first, s.find_last_not_of(" \t") - first + 1);
-}
 
 // "layer 3 q_proj", the way every per-adapter message names its layer.
 std::string where(int64_t layer, Target t) {

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "qalora/core/error.h"
+#include "qalora/core/strings.h"
 #include "qalora/core/hash.h"
 #include "qalora/core/mapped_file.h"
 
@@ -268,13 +269,6 @@ std::vector<MmluRow> read_mmlu_csv(const fs::path& path) {
   return out;
 }
 
-std::string trim(std::string_view s) {
-  const size_t b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string_view::npos) return {};
-  const size_t e = s.find_last_not_of(" \t\r\n");
-  return std::string(s.substr(b, e - b + 1));
-}
-
 void replace_all(std::string& s, std::string_view from, std::string_view to) {
   for (size_t pos = s.find(from); pos != std::string::npos; pos = s.find(from, pos + to.size()))
     s.replace(pos, from.size(), to);
@@ -334,7 +328,7 @@ std::vector<McItem> read_mc_task(TaskKind kind, const fs::path& path) {
 }
 
 std::string hellaswag_preprocess(std::string_view text) {
-  std::string s = trim(text);
+  std::string s(trim(text));
   replace_all(s, " [title]", ". ");
   std::string out;
   // Non-greedy "\[.*?\]": from each '[' to the next ']'; an unclosed '[' stays.
@@ -430,7 +424,7 @@ const char* mmlu_category(std::string_view subject) {
 }
 
 std::string mmlu_question(std::string_view question, const std::vector<std::string>& choices) {
-  std::string out = trim(question);
+  std::string out(trim(question));
   for (size_t i = 0; i < choices.size(); ++i)
     out += cat("\n", static_cast<char>('A' + i), ". ", choices[i]);
   return out + "\nAnswer:";

@@ -4,6 +4,7 @@
 #include <array>
 
 #include "qalora/core/error.h"
+#include "qalora/core/strings.h"
 
 namespace qalora {
 
@@ -11,14 +12,6 @@ namespace {
 
 constexpr std::array<ChatFormat, 4> kFormats = {ChatFormat::ChatML, ChatFormat::Llama2,
                                                 ChatFormat::Llama3, ChatFormat::Zephyr};
-
-// Python's str.strip() / Jinja's trim, which the Llama templates apply to message content.
-std::string_view trim(std::string_view s) {
-  const auto is_space = [](char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; };
-  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
-  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
-  return s;
-}
 
 bool contains(std::string_view text, std::string_view what) {
   return text.find(what) != std::string_view::npos;
