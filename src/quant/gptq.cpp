@@ -4,6 +4,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <numeric>
 
@@ -69,7 +70,8 @@ int64_t sweep_block(int64_t block, int64_t group, int64_t cols) {
 
 }  // namespace
 
-std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, double damp) {
+std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, double damp,
+                                            double* lambda_used) {
   QL_CHECK(static_cast<int64_t>(H.size()) == n * n, "Hessian has ", H.size(), " entries, expected ",
            n * n);
   double mean_diag = 0.0;
@@ -78,8 +80,12 @@ std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, do
   // A Hessian that still is not positive definite gets 10x more damping, a few times.
   for (int attempt = 0;; ++attempt) {
     std::vector<double> U = H;
-    for (int64_t a = 0; a < n; ++a) U[a * n + a] += damp * mean_diag;
-    if (inverse_upper_cholesky(U, static_cast<int>(n))) return U;
+    const double lambda = damp * mean_diag;
+    for (int64_t a = 0; a < n; ++a) U[a * n + a] += lambda;
+    if (inverse_upper_cholesky(U, static_cast<int>(n))) {
+      if (lambda_used) *lambda_used = lambda;
+      return U;
+    }
     QL_CHECK(attempt < 4, "GPTQ: the Hessian of a layer with ", n,
              " inputs is not positive definite even with damp ", damp,
              " (too few calibration tokens?)");
@@ -87,8 +93,8 @@ std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, do
   }
 }
 
-QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<double> H,
-                      const GptqOptions& opt) {
+GptqResult gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<double> H,
+                         const GptqOptions& opt) {
   QL_CHECK(opt.bits == 2 || opt.bits == 3 || opt.bits == 4 || opt.bits == 8, "GPTQ: bits is ",
            opt.bits, ", expected 2, 3, 4 or 8");
   QL_CHECK(!opt.static_groups || opt.act_order, "GPTQ: static groups only apply with act-order");
@@ -99,10 +105,12 @@ QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<do
   const int bits = opt.bits;
 
   std::vector<float> Wk(W, W + rows * cols);
+  std::vector<uint8_t> dead(static_cast<size_t>(cols), 0);
   for (int64_t i = 0; i < cols; ++i) {
     if (H[i * cols + i] != 0.0) continue;
     // A column no calibration input ever reached: its weight cannot matter, quantize it as 0.
     H[i * cols + i] = 1.0;
+    dead[i] = 1;
     for (int64_t j = 0; j < rows; ++j) Wk[j * cols + i] = 0.0f;
   }
 
@@ -136,17 +144,36 @@ QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<do
   std::vector<double> Hp(H.size());
   for (int64_t a = 0; a < cols; ++a)
     for (int64_t b = 0; b < cols; ++b) Hp[a * cols + b] = H[perm[a] * cols + perm[b]];
-  const std::vector<double> U = damped_inverse_cholesky(std::move(Hp), cols, opt.damp);
+  double lambda = 0;
+  const std::vector<double> U = damped_inverse_cholesky(std::move(Hp), cols, opt.damp, &lambda);
   const std::vector<float> Uf(U.begin(), U.end());
+
+  // The error is measured on the undamped H: H' = U^-1 U^-T differs from it on the diagonal only.
+  std::vector<double> added(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) added[c] = lambda + (dead[perm[c]] ? 1.0 : 0.0);
+  double signal = 0.0;  // tr(W H W^T) = ||W U^-1||^2 - sum_c added_c ||W[:, c]||^2
+  {
+    std::vector<float> WUinv = Wp;
+    cblas_strsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit,
+                static_cast<int>(rows), static_cast<int>(cols), 1.0f, Uf.data(),
+                static_cast<int>(cols), WUinv.data(), static_cast<int>(cols));
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t c = 0; c < cols; ++c) {
+        const double x = WUinv[j * cols + c], w = Wp[j * cols + c];
+        signal += x * x - added[c] * w * w;
+      }
+  }
 
   const int64_t B = opt.static_groups ? opt.block : sweep_block(opt.block, G, cols);
   constexpr int64_t kRowChunk = 16;
   std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+  // The sweep's errors e satisfy W - Q = e U, so sum e^2 = tr((W - Q) H' (W - Q)^T).
+  double noise = 0.0;
 #pragma omp parallel
   {
     std::vector<float> err(static_cast<size_t>(kRowChunk * B));
     std::vector<AffineParams> params(static_cast<size_t>(kRowChunk));
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(dynamic) reduction(+ : noise)
     for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
       const int64_t R = std::min(kRowChunk, rows - r0);
       for (int64_t b0 = 0; b0 < cols; b0 += B) {
@@ -166,9 +193,11 @@ QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<do
             float* wrow = Wp.data() + j * cols;
             const uint8_t code = affine_code(wrow[c], params[r], bits);
             codes[j * cols + perm[c]] = code;
-            const float e = (wrow[c] - (params[r].scale * code + params[r].offset)) /
-                            Uf[c * cols + c];
+            const float deq = params[r].scale * code + params[r].offset;
+            const float e = (wrow[c] - deq) / Uf[c * cols + c];
             err[r * bw + (c - b0)] = e;
+            const double d = Wk[j * cols + perm[c]] - deq;
+            noise += static_cast<double>(e) * e - added[c] * d * d;
             const float* urow = Uf.data() + c * cols;
             for (int64_t c2 = c + 1; c2 < b1; ++c2) wrow[c2] -= e * urow[c2];
           }
@@ -182,7 +211,7 @@ QMatrix gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<do
     }
   }
   for (int64_t j = 0; j < rows; ++j) pack_row(codes.data() + j * cols, cols, bits, q.row_codes(j));
-  return q;
+  return {std::move(q), signal > 0.0 ? std::sqrt(std::max(0.0, noise) / signal) : 0.0};
 }
 
 }  // namespace qalora

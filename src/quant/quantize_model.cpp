@@ -217,14 +217,12 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
         const auto t0 = Clock::now();
         Linear& l = *linears[k_idx];
         const Tensor w = source_weight(l, li, kLinearNames[k_idx]);
-        QMatrix qm = gptq_quantize(w.data(), w.dim(0), w.dim(1), Hs, g);
-        const Tensor deq = dequantize(qm);
-        const double err = relative_output_error(w.data(), deq.data(), w.dim(0), w.dim(1), Hs);
-        // Factorization and inverse of H (~n^3), the sweep's updates (~rows n^2), and the two
-        // tr(A H A^T) of the error (2 rows n^2 each).
+        GptqResult res = gptq_quantize(w.data(), w.dim(0), w.dim(1), Hs, g);
+        // Factorization and inverse of H (~n^3), the sweep's updates (~rows n^2) and the
+        // error's triangular solve (rows n^2).
         const auto n = static_cast<double>(w.dim(1)), r = static_cast<double>(w.dim(0));
-        work.flops += n * n * n + 5.0 * r * n * n;
-        finish_linear(l, std::move(qm), li, kLinearNames[k_idx], t0, err);
+        work.flops += n * n * n + 2.0 * r * n * n;
+        finish_linear(l, std::move(res.q), li, kLinearNames[k_idx], t0, res.relative_error);
       }
     };
 

@@ -66,7 +66,8 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& options,
                             const BlockCallback& on_block = {});
 
 // sqrt(tr((W - Q) H (W - Q)^T) / tr(W H W^T)): ||W X - Q X|| / ||W X|| over the inputs that
-// built H = (2/n) X^T X. W, Q [rows, cols]; H [cols, cols].
+// built H = (2/n) X^T X. W, Q [rows, cols]; H [cols, cols]. The plain reference for the error
+// gptq_quantize derives from its sweep.
 double relative_output_error(const float* W, const float* Q, int64_t rows, int64_t cols,
                              const std::vector<double>& H);
 
