@@ -208,20 +208,20 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
       work.flops += static_cast<double>(n_rows * width * (width + 1));  // ssyrk
     };
 
-    // GPTQ of the given linears of block li on one Hessian.
+    // GPTQ of the given linears of block li on one Hessian, factored once for all of them.
     auto quantize_stage = [&](int64_t li, const HessianAccumulator& acc,
                               std::initializer_list<int> which) {
-      const std::vector<double> Hs = acc.hessian();
+      const GptqFactor factor = gptq_factor(acc, g);
+      const auto n = static_cast<double>(acc.cols());
+      work.flops += 2.0 / 3.0 * n * n * n;  // Cholesky factorization and triangular inverse
       const auto linears = block_linears(model.layers[li]);
       for (int k_idx : which) {
         const auto t0 = Clock::now();
         Linear& l = *linears[k_idx];
         const Tensor w = source_weight(l, li, kLinearNames[k_idx]);
-        GptqResult res = gptq_quantize(w.data(), w.dim(0), w.dim(1), Hs, g);
-        // Factorization and inverse of H (~n^3), the sweep's updates (~rows n^2) and the
-        // error's triangular solve (rows n^2).
-        const auto n = static_cast<double>(w.dim(1)), r = static_cast<double>(w.dim(0));
-        work.flops += n * n * n + 2.0 * r * n * n;
+        GptqResult res = gptq_quantize(w.data(), w.dim(0), factor, g);
+        // The sweep's updates (~rows n^2) and the error's triangular solve (rows n^2).
+        work.flops += 2.0 * static_cast<double>(w.dim(0)) * n * n;
         finish_linear(l, std::move(res.q), li, kLinearNames[k_idx], t0, res.relative_error);
       }
     };

@@ -3,6 +3,7 @@
 // stories260K perplexity.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -73,6 +74,69 @@ TEST(Gptq, HessianIsTwoOverNTimesXtX) {
         ref += static_cast<double>(X[t * cols + a]) * X[t * cols + b];
       EXPECT_NEAR(H[a * cols + b], 2.0 * ref / n, 1e-4 * (1 + std::fabs(ref)));
     }
+}
+
+// max |U^T U S - I| with U upper and a positive diagonal, S [n, n]; infinity when U is not.
+template <typename T>
+double inverse_factor_residual(const std::vector<T>& U, const std::vector<double>& S, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(U[i * n + i] > 0)) return INFINITY;
+    for (int64_t j = 0; j < i; ++j)
+      if (U[i * n + j] != 0) return INFINITY;
+  }
+  double worst = 0;
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = 0; b < n; ++b) {
+      double v = 0;  // (U^T U S)[a][b]
+      for (int64_t k = 0; k < n; ++k) {
+        double us = 0;  // (U S)[k][b]
+        for (int64_t m = k; m < n; ++m) us += static_cast<double>(U[k * n + m]) * S[m * n + b];
+        v += static_cast<double>(U[k * n + a]) * us;
+      }
+      worst = std::max(worst, std::fabs(v - (a == b ? 1.0 : 0.0)));
+    }
+  return worst;
+}
+
+// Both factors invert the damped Hessian: the double one for offset rounding, GPTQ's fp32 one in
+// its sweep order (act-order here) with dead columns counted as unit variance.
+TEST(Gptq, FactorsInvertTheDampedHessian) {
+  const int64_t n = 53, cols = 37;
+  std::vector<float> X = correlated_inputs(n, cols, 21);
+  for (int64_t t = 0; t < n; ++t) X[t * cols + 5] = 0.0f;
+  HessianAccumulator acc(cols);
+  acc.add(X.data(), n);
+  const std::vector<double> H = acc.hessian();
+
+  double lambda = 0;
+  const std::vector<double> U = damped_inverse_cholesky(H, cols, 0.5, &lambda);
+  std::vector<double> S = H;
+  for (int64_t a = 0; a < cols; ++a) S[a * cols + a] += lambda;
+  double mean_diag = 0;
+  for (int64_t a = 0; a < cols; ++a) mean_diag += H[a * cols + a] / cols;
+  EXPECT_NEAR(lambda, 0.5 * mean_diag, 1e-12 * mean_diag);
+  EXPECT_LT(inverse_factor_residual(U, S, cols), 1e-9);
+
+  GptqOptions opt;
+  opt.act_order = true;
+  const GptqFactor f = gptq_factor(acc, opt);
+  ASSERT_EQ(f.cols, cols);
+  EXPECT_TRUE(f.dead[5]);
+  EXPECT_EQ(std::count(f.dead.begin(), f.dead.end(), 1), 1);
+  for (int64_t c = 0; c + 1 < cols; ++c) {
+    const auto d = [&](int64_t k) { return f.dead[f.perm[k]] ? 1.0 : H[f.perm[k] * cols + f.perm[k]]; };
+    EXPECT_GE(d(c), d(c + 1)) << "act-order: decreasing diag(H)";
+  }
+  std::vector<double> Sp(static_cast<size_t>(cols * cols));
+  for (int64_t a = 0; a < cols; ++a)
+    for (int64_t b = 0; b < cols; ++b)
+      Sp[a * cols + b] = H[f.perm[a] * cols + f.perm[b]] + (a == b ? f.added[a] : 0.0);
+  EXPECT_LT(inverse_factor_residual(f.U, Sp, cols), 1e-3);
+  // From the accumulator or from the full H: the same factor.
+  const GptqFactor g = gptq_factor(H, cols, opt);
+  EXPECT_EQ(g.perm, f.perm);
+  EXPECT_EQ(g.added, f.added);
+  for (size_t i = 0; i < f.U.size(); ++i) EXPECT_NEAR(g.U[i], f.U[i], 1e-5 * std::fabs(f.U[i]) + 1e-9);
 }
 
 // With H a multiple of I no error is propagated, so GPTQ must reproduce RTN code for code.

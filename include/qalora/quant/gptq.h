@@ -3,6 +3,7 @@
 // layer's inputs, so the layer output W X changes as little as possible (SPEC §3).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -30,6 +31,11 @@ class HessianAccumulator {
   int64_t samples() const { return n_; }
   // The full symmetric [cols, cols] matrix, in double.
   std::vector<double> hessian() const;
+  // H[a][b], from the accumulated upper triangle.
+  double at(int64_t a, int64_t b) const {
+    const int64_t i = std::min(a, b), j = std::max(a, b);
+    return 2.0 / static_cast<double>(n_) * upper_[static_cast<size_t>(i * cols_ + j)];
+  }
 
  private:
   int64_t cols_;
@@ -41,8 +47,25 @@ class HessianAccumulator {
 // mean(diag H): the factor GPTQ's sweep pushes rounding errors through. lambda grows 10x, up to
 // four times, while H + lambda I is not positive definite; then Error. `lambda_used`, when given,
 // receives the lambda that was added.
-std::vector<double> damped_inverse_cholesky(std::vector<double> H, int64_t n, double damp,
+std::vector<double> damped_inverse_cholesky(const std::vector<double>& H, int64_t n, double damp,
                                             double* lambda_used = nullptr);
+
+// What GPTQ needs from one Hessian, whatever the weight: the sweep order, the inverse factor and
+// the dead columns. The linears that read the same input (q/k/v, gate/up) share one.
+struct GptqFactor {
+  int64_t cols = 0;
+  std::vector<int64_t> perm;   // sweep position -> column (identity without act-order)
+  bool act_order = false;      // perm sorts columns by decreasing diag(H)
+  std::vector<uint8_t> dead;   // per column: no calibration input reached it
+  std::vector<double> added;   // per sweep position: what the factored H' adds to diag(H)
+  std::vector<float> U;        // [cols, cols] upper, U^T U = H'^-1, rows and columns in sweep order
+};
+
+// H [cols, cols] from HessianAccumulator::hessian(). Throws Error on inconsistent options or
+// when H cannot be factored even after extra damping.
+GptqFactor gptq_factor(const std::vector<double>& H, int64_t cols, const GptqOptions& options);
+// The same from the accumulated sums, without a double copy of H (cols^2 * 8 B).
+GptqFactor gptq_factor(const HessianAccumulator& acc, const GptqOptions& options);
 
 struct GptqResult {
   QMatrix q;
@@ -53,9 +76,11 @@ struct GptqResult {
   double relative_error = 0;
 };
 
-// W [rows, cols] fp32 row-major; H [cols, cols] from HessianAccumulator::hessian().
-// Throws Error when the options are inconsistent or H cannot be factored even after extra damping.
-GptqResult gptq_quantize(const float* W, int64_t rows, int64_t cols, std::vector<double> H,
+// W [rows, cols] fp32 row-major, quantized with the factor of its inputs' Hessian.
+GptqResult gptq_quantize(const float* W, int64_t rows, const GptqFactor& factor,
+                         const GptqOptions& options);
+// One linear on its own: gptq_quantize(W, rows, gptq_factor(H, cols, options), options).
+GptqResult gptq_quantize(const float* W, int64_t rows, int64_t cols, const std::vector<double>& H,
                          const GptqOptions& options);
 
 }  // namespace qalora
