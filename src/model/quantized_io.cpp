@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "model/hf_folder.h"
+#include "qalora/core/mapped_file.h"
 #include "qalora/core/fp16.h"
 #include "qalora/quant/gptq_checkpoint.h"
 #include "qalora/quant/qmatrix_rows.h"
@@ -235,7 +236,13 @@ QMatrix load_gptq(const HfWeights& w, const FolderQuant& q, const std::string& p
   t.qzeros_name = name(qzeros);
   t.scales_name = name(scales);
   t.g_idx_name = name(g_idx);
-  return gptq_to_qmatrix(t, {b, G, q.gptq_v2});
+  QMatrix m = gptq_to_qmatrix(t, {b, G, q.gptq_v2});
+  // Repacked into m: the checkpoint's own bytes need not stay resident (3.5 GB at 7B).
+  release_mapped_pages(t.qweight, static_cast<size_t>(in * b / 32 * out * 4));
+  release_mapped_pages(t.qzeros, static_cast<size_t>(L * out * b / 32 * 4));
+  if (t.g_idx) release_mapped_pages(t.g_idx, static_cast<size_t>(in * 4));
+  w.stored(scales, {L, out}, ctx).release_pages();
+  return m;
 }
 
 }  // namespace
