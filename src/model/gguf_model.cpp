@@ -7,6 +7,7 @@
 #include <set>
 
 #include "qalora/core/error.h"
+#include "qalora/core/mapped_file.h"
 #include "qalora/io/gguf.h"
 #include "qalora/model/model.h"
 
@@ -168,6 +169,7 @@ Model load_gguf_model(const std::filesystem::path& path) {
       lin.qweight = permute && rope_heads > 0
                         ? permute_rope_rows(*q, rope_heads, c.head_dim, /*to_hf=*/false)
                         : std::move(*q);
+      release_mapped_pages(f.tensor_data(t), t.nbytes);  // repacked: the file's blocks can go
     } else {
       lin.weight = rope_heads > 0 ? rope_rows(f.load(t), rope_heads) : f.load(t);
     }
