@@ -132,19 +132,28 @@ bool gptq_packable(const QMatrix& q) {
   return q.cols * q.bits % 32 == 0 && q.rows * q.bits % 32 == 0;
 }
 
-ExportReport export_gptq(const Model& model, const fs::path& dir,
-                         const GptqExportOptions& options) {
-  check_exportable(model);
-  const hf::NativeLayout layout = hf::native_layout(model, "export --format gptq");
-  const ModelConfig& c = model.config;
+namespace {
+
+// What the checkpoint holds beyond its tensors: the export report, the linears written dense and
+// whether every zero point is the symmetric one.
+struct GptqContents {
   ExportReport report;
-  report.format = "gptq";
-  report.path = dir.string();
-  std::vector<StWriteTensor> tensors;
   std::vector<std::string> dense_modules;
   bool sym = true;
+};
 
+// The checkpoint's tensors in file order, handed to `emit` a block (or the embeddings, or the
+// final norm and head) at a time.
+void gptq_tensors(const Model& model, const GptqExportOptions& options, GptqContents& contents,
+                  const std::function<void(const std::vector<StWriteTensor>&)>& emit) {
+  const ModelConfig& c = model.config;
+  std::vector<StWriteTensor> tensors;
+  auto flush = [&] {
+    emit(tensors);
+    tensors.clear();
+  };
   tensors.push_back(st_half_or_f32("model.embed_tokens.weight", model.tok_embeddings));
+  flush();
   for (size_t l = 0; l < model.layers.size(); ++l) {
     const LayerWeights& L = model.layers[l];
     const std::string p = cat("model.layers.", l, ".");
@@ -166,7 +175,8 @@ ExportReport export_gptq(const Model& model, const fs::path& dir,
         add_gptq_linear(tensors, prefix, lin.qweight, options, e);
         const QMatrix& q = lin.qweight;
         for (int64_t g = 0; g < q.rows * q.n_groups(); ++g)
-          sym = sym && q.offsets[g] == -q.scales[g] * static_cast<float>(1 << (q.bits - 1));
+          contents.sym =
+              contents.sym && q.offsets[g] == -q.scales[g] * static_cast<float>(1 << (q.bits - 1));
       } else {
         // Written as a plain weight, which the GPTQ loaders keep dense.
         const Tensor w = lin.dense_weight();
@@ -177,22 +187,53 @@ ExportReport export_gptq(const Model& model, const fs::path& dir,
                        lin.qweight.bits, " bits do not fill whole int32 words");
         e.elements = w.numel();
         tensors.push_back(std::move(st));
-        if (std::find(dense_modules.begin(), dense_modules.end(), module) == dense_modules.end())
-          dense_modules.push_back(module);
+        std::vector<std::string>& dense = contents.dense_modules;
+        if (std::find(dense.begin(), dense.end(), module) == dense.end()) dense.push_back(module);
       }
       if (!lin.bias.empty()) tensors.push_back(st_half_or_f32(prefix + ".bias", lin.bias));
-      report.tensors.push_back(std::move(e));
+      contents.report.tensors.push_back(std::move(e));
     }
+    flush();
+    L.release_pages();  // encoded and handed over
   }
   tensors.push_back(st_half_or_f32("model.norm.weight", model.final_norm));
   if (!model.output.empty()) tensors.push_back(st_half_or_f32("lm_head.weight", model.output));
+  flush();
+}
+
+}  // namespace
+
+ExportReport export_gptq(const Model& model, const fs::path& dir,
+                         const GptqExportOptions& options) {
+  check_exportable(model);
+  const hf::NativeLayout layout = hf::native_layout(model, "export --format gptq");
+  // The header needs every tensor's shape before the first byte: a first pass encodes the model
+  // block by block for them (and for the report), the second encodes it again into the file.
+  // Twice the packing work, one block of it in memory.
+  GptqContents contents;
+  std::vector<StTensorSpec> specs;
+  gptq_tensors(model, options, contents, [&](const std::vector<StWriteTensor>& block) {
+    for (const StWriteTensor& t : block) specs.push_back({t.name, t.dtype, t.shape});
+  });
+  ExportReport& report = contents.report;
+  report.format = "gptq";
+  report.path = dir.string();
 
   std::error_code ec;
   fs::create_directories(dir, ec);
   QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
   if (model.tokenizer) write_hf_tokenizer(model.tokenizer->data(), dir);
-  write_safetensors(dir / "model.safetensors", tensors, {{"format", "pt"}});
-  const json qc = quantization_config(model, layout, sym, dense_modules, options.v2);
+  write_safetensors(
+      dir / "model.safetensors", specs,
+      [&](const StTensorSink& write) {
+        GptqContents again;
+        gptq_tensors(model, options, again, [&](const std::vector<StWriteTensor>& block) {
+          for (const StWriteTensor& t : block) write(t);
+        });
+      },
+      {{"format", "pt"}});
+  const json qc =
+      quantization_config(model, layout, contents.sym, contents.dense_modules, options.v2);
   write_file_atomic(dir / "quantize_config.json", qc.dump(2) + "\n");
   json config = hf::config_json(model);
   config["quantization_config"] = qc;

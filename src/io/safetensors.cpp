@@ -186,21 +186,23 @@ Tensor SafetensorsFile::load_f32(const StTensorInfo& t) const {
   return load(t).decoded();
 }
 
-void write_safetensors(const std::filesystem::path& path, const std::vector<StWriteTensor>& tensors,
+void write_safetensors(const std::filesystem::path& path, const std::vector<StTensorSpec>& specs,
+                       const std::function<void(const StTensorSink&)>& produce,
                        const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<size_t> sizes;
   size_t offset = 0;
-  for (const StWriteTensor& t : tensors) {
+  for (const StTensorSpec& t : specs) {
     QL_CHECK(!header.contains(t.name), path.string(), ": duplicate tensor name '", t.name, "'");
     size_t numel = 0;
-    QL_CHECK(checked_numel(t.shape, numel) && numel * st_dtype_size(t.dtype) == t.bytes.size(),
-             path.string(), ": tensor '", t.name, "' shape ", shape_str(t.shape), " x ",
-             st_dtype_name(t.dtype), " does not match its ", t.bytes.size(), " bytes");
+    QL_CHECK(checked_numel(t.shape, numel), path.string(), ": tensor '", t.name, "' shape ",
+             shape_str(t.shape), " overflows");
+    sizes.push_back(numel * st_dtype_size(t.dtype));
     header[t.name] = {{"dtype", st_dtype_name(t.dtype)},
                       {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+                      {"data_offsets", {offset, offset + sizes.back()}}};
+    offset += sizes.back();
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
@@ -210,10 +212,36 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<StWr
     for (size_t i = 0; i < 8; ++i) len[i] = static_cast<char>((text.size() >> (8 * i)) & 0xffu);
     out.write(len.data(), 8);
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const StWriteTensor& t : tensors)
+    size_t k = 0;
+    produce([&](const StWriteTensor& t) {
+      QL_CHECK(k < specs.size(), path.string(), ": tensor '", t.name, "' is beyond the ",
+               specs.size(), " tensors of the header");
+      const StTensorSpec& want = specs[k];
+      QL_CHECK(t.name == want.name && t.dtype == want.dtype && t.shape == want.shape &&
+                   t.bytes.size() == sizes[k],
+               path.string(), ": tensor ", k, " is '", t.name, "' ", shape_str(t.shape), " x ",
+               st_dtype_name(t.dtype), " in ", t.bytes.size(), " bytes, the header says '",
+               want.name, "' ", shape_str(want.shape), " x ", st_dtype_name(want.dtype), " in ",
+               sizes[k], " bytes");
       out.write(reinterpret_cast<const char*>(t.bytes.data()),
                 static_cast<std::streamsize>(t.bytes.size()));
+      ++k;
+    });
+    QL_CHECK(k == specs.size(), path.string(), ": ", k, " tensors written, the header has ",
+             specs.size());
   });
+}
+
+void write_safetensors(const std::filesystem::path& path, const std::vector<StWriteTensor>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<StTensorSpec> specs;
+  for (const StWriteTensor& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
+  write_safetensors(
+      path, specs,
+      [&](const StTensorSink& write) {
+        for (const StWriteTensor& t : tensors) write(t);
+      },
+      metadata);
 }
 
 StWriteTensor st_f32(std::string name, const Tensor& t) {

@@ -177,5 +177,32 @@ TEST(SafetensorsTest, WriterRejectsBytesThatDoNotMatchTheShape) {
   EXPECT_FALSE(fs::exists(path));
 }
 
+// Streamed: the header from the specs, the tensors one at a time; what it writes reads back as the
+// whole-vector writer's file, and a producer that strays from the specs leaves no file.
+TEST(SafetensorsTest, StreamedWriterMatchesTheSpecsOrWritesNothing) {
+  const fs::path dir = test::temp_dir();
+  const std::vector<StWriteTensor> tensors = {st_f32("a", make_tensor({2, 3}, 1)),
+                                              {"b", StDtype::U8, {5}, {1, 2, 3, 4, 5}}};
+  std::vector<StTensorSpec> specs;
+  for (const StWriteTensor& t : tensors) specs.push_back({t.name, t.dtype, t.shape});
+  auto produce = [&](size_t from, size_t to) {
+    return [&tensors, from, to](const StTensorSink& write) {
+      for (size_t i = from; i < to; ++i) write(tensors[i]);
+    };
+  };
+  write_safetensors(dir / "whole.safetensors", tensors, {{"k", "v"}});
+  write_safetensors(dir / "streamed.safetensors", specs, produce(0, 2), {{"k", "v"}});
+  EXPECT_EQ(read_file(dir / "whole.safetensors"), read_file(dir / "streamed.safetensors"));
+
+  const fs::path bad = dir / "bad.safetensors";
+  EXPECT_THROW(write_safetensors(bad, specs, produce(0, 1)), Error);  // one missing
+  EXPECT_THROW(write_safetensors(bad, specs, produce(1, 2)), Error);  // out of order
+  std::vector<StTensorSpec> wider = specs;
+  wider[1].shape = {6};
+  EXPECT_THROW(write_safetensors(bad, wider, produce(0, 2)), Error);  // bytes do not match
+  EXPECT_THROW(write_safetensors(bad, {specs[0]}, produce(0, 2)), Error);  // one extra
+  EXPECT_FALSE(fs::exists(bad));
+}
+
 }  // namespace
 }  // namespace qalora

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -62,6 +63,20 @@ struct StWriteTensor {
   std::vector<uint8_t> bytes;
 };
 void write_safetensors(const std::filesystem::path& path, const std::vector<StWriteTensor>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// The same for a file too large to hold: the header comes from `specs`, and `produce` hands the
+// tensors over one at a time, in that order and matching them, to the function it is given, so
+// memory holds what the producer holds. A tensor that does not match its spec, or a missing or
+// extra one, is an Error and the file is not written.
+struct StTensorSpec {
+  std::string name;
+  StDtype dtype;
+  Shape shape;
+};
+using StTensorSink = std::function<void(const StWriteTensor&)>;
+void write_safetensors(const std::filesystem::path& path, const std::vector<StTensorSpec>& specs,
+                       const std::function<void(const StTensorSink&)>& produce,
                        const std::map<std::string, std::string>& metadata = {});
 StWriteTensor st_f32(std::string name, const Tensor& t);  // copies the data as F32
 
