@@ -49,6 +49,13 @@ void release_mapped_pages(const void* data, size_t size) {
   if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 }
 
+void prefetch_mapped_pages(const void* data, size_t size) {
+  static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = begin / page * page, last = (begin + size + page - 1) / page * page;
+  if (size > 0) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_WILLNEED);
+}
+
 std::string read_file(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path.string(), ": cannot open for reading");

@@ -183,4 +183,10 @@ void Tensor::release_pages() const {
                        static_cast<size_t>(stored_bytes()));
 }
 
+void Tensor::prefetch_pages() const {
+  if (!file_backed_ || empty()) return;
+  prefetch_mapped_pages(encoded() ? static_cast<const void*>(raw_) : data_,
+                        static_cast<size_t>(stored_bytes()));
+}
+
 }  // namespace qalora

@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <future>
 #include <random>
 
 #include "qalora/core/clock.h"
@@ -169,6 +170,13 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
 
   if (o.method != "gptq") {
     for (int64_t li = 0; li < c.n_layers; ++li) {
+      // The next block's weights are read from disk while this one is quantized (madvise may
+      // wait for the reads it starts, so a helper thread asks).
+      std::future<void> next;
+      if (li + 1 < c.n_layers)
+        next = std::async(std::launch::async, [&, li] {
+          for (const Linear* l : block_linears(model.layers[li + 1])) l->weight.prefetch_pages();
+        });
       const auto linears = block_linears(model.layers[li]);
       for (size_t k = 0; k < linears.size(); ++k) {
         const auto t0 = Clock::now();
