@@ -45,11 +45,7 @@ std::vector<double> HessianAccumulator::hessian() const {
 
 namespace {
 
-// With J the reversal of the index order and J S J = L L^T, U = J L^-1 J is upper triangular and
-// U^T U = J (J S J)^-1 J = S^-1: GPTQ's factor from one Cholesky factorization and one triangular
-// inverse (2n^3/3 flops), where inverting S and factoring the inverse takes 4n^3/3.
-// On success B holds L^-1, row-major and lower, so U[i][j] = B[n^2 - 1 - (i n + j)].
-// entry(a, b) gives S[a][b] for a <= b.
+// LAPACK by element type (GPTQ factors in fp32, offset rounding in double).
 void potrf(const char* uplo, const int* n, float* a, int* info) { spotrf_(uplo, n, a, n, info); }
 void potrf(const char* uplo, const int* n, double* a, int* info) { dpotrf_(uplo, n, a, n, info); }
 void trtri(const char* uplo, const char* diag, const int* n, float* a, int* info) {
@@ -59,6 +55,11 @@ void trtri(const char* uplo, const char* diag, const int* n, double* a, int* inf
   dtrtri_(uplo, diag, n, a, n, info);
 }
 
+// With J the reversal of the index order and J S J = L L^T, U = J L^-1 J is upper triangular and
+// U^T U = J (J S J)^-1 J = S^-1: GPTQ's factor from one Cholesky factorization and one triangular
+// inverse (2n^3/3 flops), where inverting S and factoring the inverse takes 4n^3/3.
+// On success B holds L^-1, row-major and lower, so U[i][j] = B[n^2 - 1 - (i n + j)].
+// entry(a, b) gives S[a][b] for a <= b.
 template <typename T, typename Entry>
 bool reversed_inverse_factor(std::vector<T>& B, int64_t n, const Entry& entry) {
   B.assign(static_cast<size_t>(n * n), T{0});
