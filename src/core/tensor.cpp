@@ -177,16 +177,18 @@ Tensor Tensor::permuted_rows(const std::vector<int64_t>& order) const {
   return out;
 }
 
+const void* Tensor::stored_data() const {
+  return encoded() ? static_cast<const void*>(raw_) : data_;
+}
+
 void Tensor::release_pages() const {
-  if (!file_backed_ || empty()) return;
-  release_mapped_pages(encoded() ? static_cast<const void*>(raw_) : data_,
-                       static_cast<size_t>(stored_bytes()));
+  if (file_backed_ && !empty())
+    release_mapped_pages(stored_data(), static_cast<size_t>(stored_bytes()));
 }
 
 void Tensor::prefetch_pages() const {
-  if (!file_backed_ || empty()) return;
-  prefetch_mapped_pages(encoded() ? static_cast<const void*>(raw_) : data_,
-                        static_cast<size_t>(stored_bytes()));
+  if (file_backed_ && !empty())
+    prefetch_mapped_pages(stored_data(), static_cast<size_t>(stored_bytes()));
 }
 
 }  // namespace qalora

@@ -5,8 +5,8 @@
 #include <cstring>
 
 #include "model/hf_folder.h"
-#include "qalora/core/mapped_file.h"
 #include "qalora/core/fp16.h"
+#include "qalora/core/mapped_file.h"
 #include "qalora/quant/gptq_checkpoint.h"
 #include "qalora/quant/qmatrix_rows.h"
 #include "qalora/quant/quantize.h"
@@ -230,7 +230,8 @@ QMatrix load_gptq(const HfWeights& w, const FolderQuant& q, const std::string& p
   t.out = out;
   t.qweight = w.raw(qweight, StDtype::I32, {in * b / 32, out}, ctx);
   t.qzeros = w.raw(qzeros, StDtype::I32, {L, out * b / 32}, ctx);
-  const Tensor s = w.get(scales, {L, out}, ctx);
+  const Tensor stored_scales = w.stored(scales, {L, out}, ctx);
+  const Tensor s = stored_scales.decoded();
   t.scales = s.data();
   if (w.has(g_idx)) t.g_idx = w.raw(g_idx, StDtype::I32, {in}, ctx);
   t.qzeros_name = name(qzeros);
@@ -241,7 +242,7 @@ QMatrix load_gptq(const HfWeights& w, const FolderQuant& q, const std::string& p
   release_mapped_pages(t.qweight, static_cast<size_t>(in * b / 32 * out * 4));
   release_mapped_pages(t.qzeros, static_cast<size_t>(L * out * b / 32 * 4));
   if (t.g_idx) release_mapped_pages(t.g_idx, static_cast<size_t>(in * 4));
-  w.stored(scales, {L, out}, ctx).release_pages();
+  stored_scales.release_pages();
   return m;
 }
 

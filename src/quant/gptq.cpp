@@ -106,15 +106,12 @@ int64_t sweep_block(int64_t block, int64_t group, int64_t cols) {
 
 }  // namespace
 
-std::vector<double> damped_inverse_cholesky(const std::vector<double>& H, int64_t n, double damp,
-                                            double* lambda_used) {
+std::vector<double> damped_inverse_cholesky(const std::vector<double>& H, int64_t n, double damp) {
   QL_CHECK(static_cast<int64_t>(H.size()) == n * n, "Hessian has ", H.size(), " entries, expected ",
            n * n);
   std::vector<double> U;
-  const double lambda =
-      factor_damped(U, n, damp, [&](int64_t a, int64_t b) { return H[a * n + b]; });
+  factor_damped(U, n, damp, [&](int64_t a, int64_t b) { return H[a * n + b]; });
   std::reverse(U.begin(), U.end());
-  if (lambda_used) *lambda_used = lambda;
   return U;
 }
 

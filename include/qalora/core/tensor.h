@@ -88,6 +88,7 @@ class Tensor {
 
  private:
   const uint8_t* row_bytes_at(int64_t stored_row) const;
+  const void* stored_data() const;  // the bytes as stored: raw_ when encoded, else data_
   static Tensor allocate(Shape shape, bool zero);
 
   Shape shape_;

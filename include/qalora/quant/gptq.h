@@ -45,10 +45,8 @@ class HessianAccumulator {
 
 // U, upper triangular [n, n] row-major, with U^T U = (H + lambda I)^-1 and lambda = damp *
 // mean(diag H): the factor GPTQ's sweep pushes rounding errors through. lambda grows 10x, up to
-// four times, while H + lambda I is not positive definite; then Error. `lambda_used`, when given,
-// receives the lambda that was added.
-std::vector<double> damped_inverse_cholesky(const std::vector<double>& H, int64_t n, double damp,
-                                            double* lambda_used = nullptr);
+// four times, while H + lambda I is not positive definite; then Error.
+std::vector<double> damped_inverse_cholesky(const std::vector<double>& H, int64_t n, double damp);
 
 // What GPTQ needs from one Hessian, whatever the weight: the sweep order, the inverse factor and
 // the dead columns. The linears that read the same input (q/k/v, gate/up) share one.
