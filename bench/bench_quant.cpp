@@ -7,6 +7,7 @@
 //   Prefill256/quant (T = 256): dequantize + sgemm against sgemm on the fp32 weight, also
 //     interleaved; GFLOPS counts 2 T I O; of_sgemm is fp32 time / quantized time (1 = equal).
 //   The counters of these two use each side's fastest call (see time_pair); Time is the mean.
+//   GemvLayer7B/quant: decode through a 7B layer from memory against a pure read (of_read).
 //   Dequantize: the non-BLAS part of prefill and backward, as GB/s of fp32 written.
 //   build/bench/bench_quant [--benchmark_filter=Gemv]   (OMP_NUM_THREADS sets the threads;
 //   QALORA_ISA=portable|avx2|avx512|avx512vnni forces the kernels' instruction set)
@@ -160,6 +161,43 @@ BENCHMARK(BM_GemvQuant)
     ->ArgNames({"kind", "I", "O", "exact"})
     ->Apply(gemv_args)
     ->UseManualTime();
+
+// Decode through one Llama-2-7B layer's seven linears (200M weights, 100+ MB quantized: far
+// beyond the caches, so the GEMVs stream from memory as in a real 7B decode) against a pure
+// read of as many bytes (cblas_sasum), interleaved. of_read = read time / GEMV time: the
+// share of the machine's read bandwidth the decode reaches.
+void BM_GemvLayer7B(benchmark::State& state) {
+  const int64_t kind = state.range(0), D = 4096, F = 11008;
+  const auto W = random_vec(static_cast<size_t>(D * F), 1), x = random_vec(size_t(F), 2);
+  std::vector<QMatrix> ws;
+  for (int i = 0; i < 4; ++i) ws.push_back(quantized(kind, W, D, D));  // q, k, v, o
+  for (int i = 0; i < 2; ++i) ws.push_back(quantized(kind, W, F, D));  // gate, up
+  ws.push_back(quantized(kind, W, D, F));                              // down
+  double bytes = 0.0;
+  for (const QMatrix& w : ws) bytes += weight_bytes(w);
+  const std::vector<float> plain(static_cast<size_t>(bytes / sizeof(float)), 1.0f);
+  std::vector<float> y(static_cast<size_t>(F));
+  float sink = 0.0f;
+  const auto [tr, tq] = time_pair(
+      state, [&] { sink += cblas_sasum(static_cast<int>(plain.size()), plain.data(), 1); },
+      [&] {
+        for (const QMatrix& w : ws) qalora::qmatmul_forward(y.data(), x.data(), w, nullptr, 1);
+      });
+  benchmark::DoNotOptimize(sink);
+  benchmark::DoNotOptimize(y.data());
+  state.SetLabel(std::string(kind_name(kind)) + " " + qalora::qkernel_isa());
+  state.counters["GBps"] = bytes / tq / 1e9;
+  state.counters["read_GBps"] = bytes / tr / 1e9;
+  state.counters["of_read"] = tr / tq;
+}
+BENCHMARK(BM_GemvLayer7B)
+    ->Name("GemvLayer7B/quant")
+    ->ArgName("kind")
+    ->Arg(kQ4g32)
+    ->Arg(kQ4g128)
+    ->Arg(kQ8g128)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 void BM_PrefillFp32(benchmark::State& state) {
   const int64_t T = 256, I = state.range(0), O = state.range(1);

@@ -28,11 +28,13 @@ void check_shape(std::string_view source, std::string_view name, const Shape& ac
 namespace {
 
 std::shared_ptr<const RowCodec> element_codec(const char* type, int64_t row_len, size_t size,
-                                              void (*decode)(const uint8_t*, float*, int64_t)) {
+                                              void (*decode)(const uint8_t*, float*, int64_t),
+                                              float (*dot)(const uint8_t*, const float*, int64_t)) {
   auto c = std::make_shared<RowCodec>();
   c->type = type;
   c->row_bytes = static_cast<size_t>(row_len) * size;
   c->decode = decode;
+  c->dot = dot;
   return c;
 }
 
@@ -40,18 +42,29 @@ void f32_row(const uint8_t* src, float* dst, int64_t n) {
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
 
+float f32_dot_row(const uint8_t* src, const float* x, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    float w = 0.0f;
+    std::memcpy(&w, src + 4 * i, 4);  // the rows of an F32 view may be unaligned
+    acc += w * x[i];
+  }
+  return acc;
+}
+
 }  // namespace
 
 std::shared_ptr<const RowCodec> f32_codec(int64_t row_len) {
-  return element_codec("F32", row_len, 4, f32_row);
+  return element_codec("F32", row_len, 4, f32_row, f32_dot_row);
 }
 
 std::shared_ptr<const RowCodec> half_codec(int64_t row_len) {
-  return element_codec("F16", row_len, 2, fp16_to_fp32_row);
+  return element_codec("F16", row_len, 2, fp16_to_fp32_row, fp16_dot_row);
 }
 
 std::shared_ptr<const RowCodec> bf16_codec(int64_t row_len) {
-  return element_codec("BF16", row_len, 2, bf16_to_fp32_row);
+  return element_codec("BF16", row_len, 2, bf16_to_fp32_row, bf16_dot_row);
 }
 
 int64_t Tensor::numel() const {
@@ -144,6 +157,35 @@ void Tensor::decode_rows(int64_t r0, int64_t r1, float* out) const {
   for (int64_t r = r0; r < r1; ++r)
     codec_->decode(row_bytes_at(order_ ? (*order_)[static_cast<size_t>(r)] : r), out + (r - r0) * n,
                    n);
+}
+
+void Tensor::dot_rows(int64_t r0, int64_t r1, const float* x, int64_t T, float* y,
+                      int64_t y_stride) const {
+  const int64_t n = row_len();
+  auto dot_each = [&](auto&& row_dot) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t t = 0; t < T; ++t) y[t * y_stride + r - r0] = row_dot(r, x + t * n);
+  };
+  if (encoded() && codec_->dot != nullptr) {
+    dot_each([&](int64_t r, const float* xt) {
+      return codec_->dot(row_bytes_at(order_ ? (*order_)[static_cast<size_t>(r)] : r), xt, n);
+    });
+    return;
+  }
+  thread_local std::vector<float> decoded_row;
+  decoded_row.resize(static_cast<size_t>(n));
+  int64_t decoded = -1;
+  dot_each([&](int64_t r, const float* xt) {
+    const float* w = encoded() ? decoded_row.data() : data_ + r * n;
+    if (encoded() && decoded != r) {
+      decode_rows(r, r + 1, decoded_row.data());
+      decoded = r;
+    }
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += w[i] * xt[i];
+    return acc;
+  });
 }
 
 Tensor Tensor::decoded() const {

@@ -27,28 +27,15 @@ void decode_tile(const Tensor& W, int64_t r0, int64_t r1, float* out) {
   for (int64_t r = r0; r < r1; ++r) W.decode_rows(r, r + 1, out + (r - r0) * n);
 }
 
-// Decode: each thread decodes its own blocks of rows and takes their dot products with the few
-// token vectors, so the weight is read once, straight from its storage.
+// Decode: each thread takes its own blocks of rows and dots them with the few token vectors
+// straight from their storage, so the weight is read once.
 void gemv_encoded(float* y, const float* x, const Tensor& W, int64_t T) {
-  const int64_t O = W.dim(0), I = W.dim(1);
+  const int64_t O = W.dim(0);
   const int64_t blocks = (O + kGemvRows - 1) / kGemvRows;
-#pragma omp parallel
-  {
-    std::vector<float> rows(static_cast<size_t>(kGemvRows * I));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * kGemvRows, r1 = std::min(O, r0 + kGemvRows);
-      W.decode_rows(r0, r1, rows.data());
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t r = r0; r < r1; ++r) {
-          const float* w = rows.data() + (r - r0) * I;
-          const float* xt = x + t * I;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < I; ++i) acc += w[i] * xt[i];
-          y[t * O + r] = acc;
-        }
-    }
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * kGemvRows, r1 = std::min(O, r0 + kGemvRows);
+    W.dot_rows(r0, r1, x, T, y + r0, O);
   }
 }
 

@@ -196,6 +196,7 @@ thread_local std::vector<float> tl_x;         // padded activations (GEMV)
 thread_local std::vector<float> tl_xsum;      // per-group activation sums (GEMV)
 thread_local std::vector<int8_t> tl_xq;       // int8 activations (int8 GEMV)
 thread_local std::vector<float> tl_xd;        // their per-lane chunk scales (int8 GEMV)
+thread_local std::vector<float> tl_xdc;       // the same per chunk
 thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV)
 thread_local std::vector<int32_t> tl_groups;  // group of each column (GEMV, odd layouts)
 thread_local std::vector<GemvArgs> tl_args;   // one per product (GEMV)
@@ -243,10 +244,12 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
     shared.xq_stride = int8_stride(w);
     int8_t* xq = scratch(tl_xq, T * shared.xq_stride);
     float* xd = scratch(tl_xd, T * shared.xq_stride / 4);
+    float* xdc = scratch(tl_xdc, T * shared.xq_stride / kQChunk);
     float* xs = scratch(tl_xsum, T * shared.L);
-    quantize_activations(xp, P, T, w, xq, xd, xs);
+    quantize_activations(xp, P, T, w, xq, xd, xdc, xs);
     shared.xq = xq;
     shared.xd = xd;
+    shared.xdc = xdc;
     shared.xsum = xs;
   } else if (k.gemv_rows && affine_chunk_aligned(w)) {
     const int64_t G = w.group_size, L = shared.L;
@@ -388,7 +391,7 @@ float quantize_chunk_int8(const float* x, int64_t n, int8_t* q) {
 }
 
 void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w, int8_t* xq,
-                          float* xd, float* xsum) {
+                          float* xd, float* xdc, float* xsum) {
   const int64_t S = int8_stride(w), nc = w.padded_cols() / kQChunk, L = w.n_groups();
   const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
   const uint8_t* order = int8_lane_order(w.bits);
@@ -413,6 +416,7 @@ void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMa
       for (int k = 0; k < 2 * kQChunk; ++k) out[k] = q[order[k]];
       float* scales = xd + t * (S / 4) + v * 16;
       for (int l = 0; l < 16; ++l) scales[l] = d[order[4 * l] / kQChunk];
+      std::copy(d, d + 2, xdc + t * (S / kQChunk) + 2 * v);
     }
 }
 

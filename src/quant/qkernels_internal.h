@@ -40,6 +40,7 @@ struct GemvArgs {
   // gemv_int8_rows only: x quantized by quantize_activations.
   const int8_t* xq = nullptr;  // [T, xq_stride]
   const float* xd = nullptr;   // [T, xq_stride / 4]
+  const float* xdc = nullptr;  // [T, xq_stride / 32]: the d_c of each chunk
   int64_t xq_stride = 0;
 };
 inline constexpr int64_t kGemvMaxTokens = 4;
@@ -75,11 +76,12 @@ struct VectorGroups {
 };
 
 // x [T, padded cols] -> xq [T, xq_stride] in int8_lane_order, xd [T, xq_stride / 4]: the
-// d_c of the chunk each 4-byte lane of xq comes from, and xsum [T, n_groups]: the group sums
-// of x^. xq_stride = padded cols rounded up to 64.
+// d_c of the chunk each 4-byte lane of xq comes from, xdc [T, xq_stride / 32]: the d_c in
+// chunk order (zero past the last chunk), and xsum [T, n_groups]: the group sums of x^.
+// xq_stride = padded cols rounded up to 64.
 int64_t int8_stride(const QMatrix& w);
 void quantize_activations(const float* x, int64_t x_stride, int64_t T, const QMatrix& w, int8_t* xq,
-                          float* xd, float* xsum);
+                          float* xd, float* xdc, float* xsum);
 // The scale of one chunk and its int8 codes: the definition both the kernel's input and the
 // reference below use.
 float quantize_chunk_int8(const float* x, int64_t n, int8_t* q);

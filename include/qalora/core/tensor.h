@@ -28,6 +28,8 @@ struct RowCodec {
   std::string type;  // "F16", "BF16", "Q6_K", ... as the source file names it
   size_t row_bytes = 0;
   std::function<void(const uint8_t* src, float* dst, int64_t n)> decode;
+  // sum_i row[i] x[i] without decoding the row to memory; null where the type has none.
+  float (*dot)(const uint8_t* src, const float* x, int64_t n) = nullptr;
 };
 // F32 (possibly unaligned), F16 and BF16 rows of `row_len` elements.
 std::shared_ptr<const RowCodec> f32_codec(int64_t row_len);
@@ -73,6 +75,10 @@ class Tensor {
 
   // out[(r1 - r0) * row_len()] = rows r0..r1-1 as fp32, whatever the storage.
   void decode_rows(int64_t r0, int64_t r1, float* out) const;
+  // y[t * y_stride + r - r0] = row r . x[t * row_len()] for rows r0..r1-1 and T tokens, from
+  // the stored bytes where the codec can (RowCodec::dot), else through a decoded copy.
+  void dot_rows(int64_t r0, int64_t r1, const float* x, int64_t T, float* y,
+                int64_t y_stride) const;
   // The tensor as a plain fp32 array: itself when it is one, else a decoded copy.
   Tensor decoded() const;
   // Row r of the result is row order[r] of this tensor: a copy for fp32 arrays, a reordered
