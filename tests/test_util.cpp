@@ -56,13 +56,17 @@ static std::string slurp(const std::filesystem::path& p) {
 }
 
 CliResult run_cli(const std::vector<std::string>& args) {
+  return run_program(QALORA_CLI_PATH, args);
+}
+
+CliResult run_program(const std::string& program, const std::vector<std::string>& args) {
   const std::filesystem::path dir = temp_dir_sibling("cli");
   std::filesystem::create_directories(dir);
   const auto out_path = dir / "stdout", err_path = dir / "stderr";
   const pid_t pid = fork();
   if (pid == 0) {
     std::vector<char*> argv;
-    std::string exe = QALORA_CLI_PATH;
+    std::string exe = program;
     argv.push_back(exe.data());
     std::vector<std::string> copy = args;
     for (auto& a : copy) argv.push_back(a.data());
@@ -70,7 +74,7 @@ CliResult run_cli(const std::vector<std::string>& args) {
     if (!freopen(out_path.c_str(), "w", stdout) || !freopen(err_path.c_str(), "w", stderr) ||
         !freopen("/dev/null", "r", stdin))
       _exit(127);
-    execv(exe.c_str(), argv.data());
+    execvp(exe.c_str(), argv.data());
     _exit(127);
   }
   int status = 0;

@@ -58,6 +58,8 @@ struct CliResult {
   std::string err;  // stderr
 };
 CliResult run_cli(const std::vector<std::string>& args);
+// The same for another program (found on PATH), e.g. mpirun.
+CliResult run_program(const std::string& program, const std::vector<std::string>& args);
 
 // Runs `python3 SCRIPT ARGS...` (an independent reference implementation). Returns its exit
 // status with its stderr in `err`; kPythonMissing when python3 or a package it needs is absent

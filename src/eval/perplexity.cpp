@@ -7,6 +7,7 @@
 #include "qalora/core/error.h"
 #include "qalora/core/progress.h"
 #include "qalora/data/dataset.h"
+#include "qalora/dist/communicator.h"
 #include "qalora/model/runtime.h"
 
 namespace qalora {
@@ -33,6 +34,15 @@ std::vector<WindowPlan> plan_windows(int64_t n_tokens, int64_t text_len, int64_t
     prev_end = end;
   }
   return plan;
+}
+
+// This rank's place among those that share the work: item k is rank k % ranks's.
+struct Share {
+  int rank = 0, ranks = 1;
+  int64_t count(int64_t items) const { return (items - rank + ranks - 1) / ranks; }
+};
+Share share_of(const Communicator* comm) {
+  return comm == nullptr ? Share{} : Share{comm->rank(), comm->size()};
 }
 
 }  // namespace
@@ -63,16 +73,19 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
   QL_CHECK(!plan.empty(), "perplexity needs at least ", has_bos ? 1 : 2, " tokens of text, got ",
            tokens.size());
 
-  std::optional<JsonlWriter> metrics;
-  if (!options.metrics.empty()) metrics.emplace(options.metrics);
+  const Share share = share_of(options.comm);
   std::optional<ProgressBar> bar;
-  if (options.progress) bar.emplace("perplexity", static_cast<int64_t>(plan.size()));
+  if (options.progress && share.rank == 0)
+    bar.emplace("perplexity", share.count(static_cast<int64_t>(plan.size())));
 
-  PerplexityResult result;
+  // Per window: the sum of its tokens' NLL and their count; each rank fills its own.
+  std::vector<double> scores(2 * plan.size(), 0.0);
   std::vector<int32_t> window;
   std::vector<float> logits;
   const auto vocab = static_cast<size_t>(vocab_size);
-  for (const WindowPlan& w : plan) {
+  for (size_t k = static_cast<size_t>(share.rank); k < plan.size();
+       k += static_cast<size_t>(share.ranks)) {
+    const WindowPlan& w = plan[k];
     window.clear();
     if (has_bos) window.push_back(bos);
     window.insert(window.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
@@ -81,13 +94,22 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
 
     // Text token i sits at window position i - begin (+1 after BOS); the row before predicts it.
     const int64_t offset = has_bos ? 1 : 0;
-    PerplexityWindow r{static_cast<int64_t>(result.per_window.size()), w.begin, w.end, 0, 0.0};
     for (int64_t i = w.score_from; i < w.end; ++i) {
       const auto row = static_cast<size_t>(i - w.begin + offset - 1);
-      r.nll_sum += token_nll(std::span<const float>(logits).subspan(row * vocab, vocab),
-                             tokens[static_cast<size_t>(i)]);
-      ++r.scored;
+      scores[2 * k] += token_nll(std::span<const float>(logits).subspan(row * vocab, vocab),
+                                 tokens[static_cast<size_t>(i)]);
+      scores[2 * k + 1] += 1;
     }
+    if (bar) bar->advance();
+  }
+  if (share.ranks > 1) options.comm->all_reduce_sum(scores.data(), scores.size());
+
+  std::optional<JsonlWriter> metrics;
+  if (!options.metrics.empty() && share.rank == 0) metrics.emplace(options.metrics);
+  PerplexityResult result;
+  for (size_t k = 0; k < plan.size(); ++k) {
+    const PerplexityWindow r{static_cast<int64_t>(k), plan[k].begin, plan[k].end,
+                             static_cast<int64_t>(scores[2 * k + 1]), scores[2 * k]};
     result.nll_sum += r.nll_sum;
     result.tokens_scored += r.scored;
     result.per_window.push_back(r);
@@ -102,7 +124,6 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
                       {"ppl", std::exp(mean)},
                       {"running_ppl", std::exp(running)}});
     }
-    if (bar) bar->advance();
   }
   result.windows = static_cast<int64_t>(result.per_window.size());
   result.mean_nll = result.nll_sum / static_cast<double>(result.tokens_scored);
@@ -122,13 +143,16 @@ PerplexityResult perplexity(InferenceSession& session, std::span<const int32_t> 
 }
 
 ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
-                         bool progress) {
+                         bool progress, Communicator* comm) {
+  const Share share = share_of(comm);
   std::optional<ProgressBar> bar;
-  if (progress) bar.emplace("loss", std::ssize(examples));
+  if (progress && share.rank == 0) bar.emplace("loss", share.count(std::ssize(examples)));
   const auto vocab = static_cast<size_t>(session.model().config.vocab_size);
   ExampleLoss result;
   std::vector<float> logits;
-  for (const Example& e : examples) {
+  for (size_t k = static_cast<size_t>(share.rank); k < examples.size();
+       k += static_cast<size_t>(share.ranks)) {
+    const Example& e = examples[k];
     QL_CHECK(std::ssize(e.tokens) <= session.max_context(), "an example of ", e.tokens.size(),
              " tokens exceeds the inference cache of ", session.max_context(), " positions");
     logits.resize(e.tokens.size() * vocab);
@@ -143,6 +167,14 @@ ExampleLoss example_loss(InferenceSession& session, std::span<const Example> exa
     }
     ++result.examples;
     if (bar) bar->advance();
+  }
+  if (share.ranks > 1) {
+    double sums[3] = {result.nll_sum, static_cast<double>(result.tokens),
+                      static_cast<double>(result.examples)};
+    comm->all_reduce_sum(sums, 3);
+    result.nll_sum = sums[0];
+    result.tokens = static_cast<int64_t>(sums[1]);
+    result.examples = static_cast<int64_t>(sums[2]);
   }
   QL_CHECK(result.tokens > 0, "no target tokens to score in ", examples.size(), " examples");
   result.mean_nll = result.nll_sum / static_cast<double>(result.tokens);

@@ -218,7 +218,7 @@ void write_loss_curve(const fs::path& out, const RunState& rs, const std::string
 
 }  // namespace
 
-json TrainConfig::identity() const {
+json TrainConfig::identity(int ranks) const {
   const AdapterConfig& a = adapter;
   json targets = json::array();
   for (Target t : a.targets) targets.push_back(target_name(t));
@@ -247,7 +247,9 @@ json TrainConfig::identity() const {
         {"eps", adamw.eps},
         {"weight_decay", adamw.weight_decay}}},
       {"batch_size", batch_size},
-      {"grad_accum", grad_accum},
+      // Micro-batches per optimizer step over all ranks: a run resumes at another world size
+      // that keeps it (2 ranks x --grad-accum 2 = 1 rank x 4).
+      {"grad_accum", grad_accum * ranks},
       {"max_steps", max_steps},
       {"num_epochs", num_epochs},
       {"group_by_length", group_by_length},
@@ -264,8 +266,47 @@ fs::path find_checkpoint(const fs::path& dir) {
   return all.back().second;
 }
 
-TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<bool>* stop) {
+namespace {
+
+// Stops every rank with one line when a rank runs another configuration or base than rank 0.
+void check_same_job(Communicator& comm, const json& identity, const Model& model) {
+  json job = identity;
+  job["base"] = {{"model", fs::path(model.source_path).filename().string()},
+                 {"parameters", model.parameter_count()},
+                 {"quantization", model.quant.empty() ? "none" : model.quant.method}};
+  const std::string mine = job.dump();
+  const std::string root_job = comm.broadcast_string(mine, 0);
+  double differ = root_job == mine ? 0.0 : 1.0;
+  if (differ > 0)
+    std::fprintf(stderr, "rank %d: %s\n", comm.rank(),
+                 first_difference(json::parse(root_job), job).c_str());
+  comm.all_reduce_sum(&differ, 1);
+  QL_CHECK(differ == 0, "train: ", differ, " of ", comm.size(),
+           " ranks run another configuration or base than rank 0 (see each rank's line above)");
+}
+
+// Sums the adapter gradients over the ranks: one all-reduce of all of them, packed in `buf`.
+void all_reduce_grads(Communicator& comm, AdapterSet& adapters, std::vector<float>& buf) {
+  buf.clear();
+  for (const LoraAdapter& a : adapters.adapters)
+    for (const std::vector<float>* g : {&a.grad_A, &a.grad_B})
+      buf.insert(buf.end(), g->begin(), g->end());
+  comm.all_reduce_sum(buf.data(), buf.size());
+  size_t at = 0;
+  for (LoraAdapter& a : adapters.adapters)
+    for (std::vector<float>* g : {&a.grad_A, &a.grad_B}) {
+      std::copy_n(buf.begin() + static_cast<std::ptrdiff_t>(at), g->size(), g->begin());
+      at += g->size();
+    }
+}
+
+}  // namespace
+
+TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<bool>* stop,
+                  Communicator& comm) {
   const Tokenizer& tok = model.require_tokenizer();
+  const bool root = comm.is_root();
+  const int ranks = comm.size();
   QL_CHECK(!cfg.out.empty(), "train: --out is required");
   QL_CHECK(cfg.learning_rate > 0 && std::isfinite(cfg.learning_rate),
            "--learning-rate: expected a positive number, got ", cfg.learning_rate);
@@ -279,23 +320,28 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
            "--eval-fraction: expected a value in [0, 1), got ", cfg.eval_fraction);
 
   Dataset train_set = load_dataset(cfg.data, tok, cfg.data_options);
-  std::printf("data: %s (%s): %s\n", cfg.data.string().c_str(), data_format_name(train_set.format),
-              train_set.stats.summary().c_str());
+  if (root)
+    std::printf("data: %s (%s): %s\n", cfg.data.string().c_str(),
+                data_format_name(train_set.format), train_set.stats.summary().c_str());
   Dataset eval_set = cfg.eval_data.empty() ? split_heldout(train_set, cfg.eval_fraction, cfg.seed)
                                            : load_dataset(cfg.eval_data, tok, cfg.data_options);
   QL_CHECK(!train_set.examples.empty(), cfg.data.string(), ": no training examples left");
-  std::printf("split: %zu training, %zu held-out examples%s\n", train_set.examples.size(),
-              eval_set.examples.size(),
-              cfg.eval_data.empty() ? "" : (" (from " + cfg.eval_data.string() + ")").c_str());
+  if (root)
+    std::printf("split: %zu training, %zu held-out examples%s\n", train_set.examples.size(),
+                eval_set.examples.size(),
+                cfg.eval_data.empty() ? "" : (" (from " + cfg.eval_data.string() + ")").c_str());
 
+  // Every rank draws the same global order; an optimizer step takes grad_accum micro-batches
+  // per rank, and rank r runs micro-batches r, r + ranks, ... of them.
   Batcher batcher(train_set, cfg.batch_size, cfg.group_by_length, cfg.seed);
-  const int64_t steps_per_epoch =
-      (batcher.batches_per_epoch() + cfg.grad_accum - 1) / cfg.grad_accum;
+  const int64_t step_batches = cfg.grad_accum * ranks;
+  const int64_t steps_per_epoch = (batcher.batches_per_epoch() + step_batches - 1) / step_batches;
   const int64_t total = cfg.max_steps > 0 ? cfg.max_steps : cfg.num_epochs * steps_per_epoch;
   const auto warmup =
       static_cast<int64_t>(std::ceil(cfg.warmup_ratio * static_cast<double>(total)));
 
-  const json identity = cfg.identity();
+  const json identity = cfg.identity(ranks);
+  if (ranks > 1) check_same_job(comm, identity, model);
   AdapterSet adapters;
   RunState rs;
   AdamW opt(adapters, cfg.adamw);
@@ -308,7 +354,6 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     adapters = create_adapters(model, cfg.adapter);
     opt = AdamW(adapters, cfg.adamw);
   }
-  fs::create_directories(cfg.out);
   json run_config = identity;
   run_config["model"] = model.source_path;
   // Where the data was, for tools that read a slice of it later (merge's fidelity check); the
@@ -317,7 +362,12 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   run_config["total_steps"] = total;
   run_config["warmup_steps"] = warmup;
   run_config["grad_checkpoint"] = cfg.grad_checkpoint;
-  write_file_atomic(cfg.out / "train_config.json", run_config.dump(1));
+  run_config["ranks"] = ranks;
+  // Only rank 0 writes: the run's files, metrics, checkpoints, the adapter.
+  if (root) {
+    fs::create_directories(cfg.out);
+    write_file_atomic(cfg.out / "train_config.json", run_config.dump(1));
+  }
 
   int64_t max_len = 1;
   for (const Dataset* d : {&train_set, &eval_set})
@@ -325,52 +375,67 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   TrainSession session(model, adapters, max_len, {.grad_checkpoint = cfg.grad_checkpoint});
 
   const AdapterConfig& ac = adapters.config;
-  std::printf(
-      "adapter: %s r %lld alpha %g (scale %g%s) dropout %g, %lld parameters on %zu layers\n",
-      adapter_kind_name(ac.kind), static_cast<long long>(ac.rank), ac.alpha, ac.scale(),
-      ac.rslora ? ", rsLoRA" : "", ac.dropout, static_cast<long long>(adapters.parameter_count()),
-      adapters.adapters.size());
-  std::printf(
-      "optimizer: AdamW lr %g %s, warmup %lld steps, max grad norm %g, weight decay %g; batch %lld "
-      "x accum %lld; %lld steps (%lld per epoch)%s; seed %llu\n",
-      cfg.learning_rate, lr_schedule_name(cfg.lr_schedule), static_cast<long long>(warmup),
-      cfg.max_grad_norm, cfg.adamw.weight_decay, static_cast<long long>(cfg.batch_size),
-      static_cast<long long>(cfg.grad_accum), static_cast<long long>(total),
-      static_cast<long long>(steps_per_epoch), cfg.grad_checkpoint ? ", grad checkpointing" : "",
-      static_cast<unsigned long long>(cfg.seed));
-  if (!resumed_from.empty())
-    std::printf("resumed from %s at step %lld\n", resumed_from.string().c_str(),
-                static_cast<long long>(rs.step));
-  std::fflush(stdout);
+  if (root) {
+    std::printf(
+        "adapter: %s r %lld alpha %g (scale %g%s) dropout %g, %lld parameters on %zu layers\n",
+        adapter_kind_name(ac.kind), static_cast<long long>(ac.rank), ac.alpha, ac.scale(),
+        ac.rslora ? ", rsLoRA" : "", ac.dropout, static_cast<long long>(adapters.parameter_count()),
+        adapters.adapters.size());
+    std::printf(
+        "optimizer: AdamW lr %g %s, warmup %lld steps, max grad norm %g, weight decay %g; batch "
+        "%lld "
+        "x accum %lld x %d ranks (%s) = %lld sequences per step; %lld steps (%lld per epoch)%s; "
+        "seed %llu\n",
+        cfg.learning_rate, lr_schedule_name(cfg.lr_schedule), static_cast<long long>(warmup),
+        cfg.max_grad_norm, cfg.adamw.weight_decay, static_cast<long long>(cfg.batch_size),
+        static_cast<long long>(cfg.grad_accum), ranks, comm.backend(),
+        static_cast<long long>(cfg.batch_size * step_batches), static_cast<long long>(total),
+        static_cast<long long>(steps_per_epoch), cfg.grad_checkpoint ? ", grad checkpointing" : "",
+        static_cast<unsigned long long>(cfg.seed));
+    if (!resumed_from.empty())
+      std::printf("resumed from %s at step %lld\n", resumed_from.string().c_str(),
+                  static_cast<long long>(rs.step));
+    std::fflush(stdout);
+  }
 
   const fs::path metrics_path = cfg.out / "metrics.jsonl";
-  if (!resumed_from.empty()) truncate_metrics(metrics_path, rs.step);
-  JsonlWriter metrics(metrics_path, !resumed_from.empty());
+  std::optional<JsonlWriter> metrics;
+  if (root) {
+    if (!resumed_from.empty()) truncate_metrics(metrics_path, rs.step);
+    metrics.emplace(metrics_path, !resumed_from.empty());
+  }
+  auto write_metrics = [&](const json& j) {
+    if (metrics) metrics->write(j);
+  };
 
+  // Each rank scores every ranks-th held-out example; the sums are added up.
   auto eval_loss = [&]() {
-    double sum = 0;
-    int64_t n = 0;
-    for (const Example& e : eval_set.examples) {
+    double sums[2] = {0, 0};  // loss, scored tokens
+    for (size_t i = static_cast<size_t>(comm.rank()); i < eval_set.examples.size();
+         i += static_cast<size_t>(ranks)) {
+      const Example& e = eval_set.examples[i];
       int64_t count = 0;
-      sum += session.loss(e.tokens, e.target, count);
-      n += count;
+      sums[0] += session.loss(e.tokens, e.target, count);
+      sums[1] += static_cast<double>(count);
     }
-    return n > 0 ? sum / static_cast<double>(n) : -1.0;
+    comm.all_reduce_sum(sums, 2);
+    return sums[1] > 0 ? sums[0] / sums[1] : -1.0;
   };
   auto record_eval = [&](int64_t step) {
     const auto t0 = Clock::now();
     const double loss = eval_loss();
     if (loss < 0) return loss;
     rs.eval_points.push_back({step, loss});
-    metrics.write({{"step", step}, {"eval_loss", loss}, {"eval_seconds", seconds_since(t0)}});
+    write_metrics({{"step", step}, {"eval_loss", loss}, {"eval_seconds", seconds_since(t0)}});
     return loss;
   };
 
   TrainResult result;
   result.total_steps = total;
+  result.first_step = rs.step;
   if (resumed_from.empty()) {
     rs.eval_loss_before = record_eval(0);
-    if (rs.eval_loss_before >= 0)
+    if (rs.eval_loss_before >= 0 && root)
       std::printf("held-out loss before training: %.4f\n", rs.eval_loss_before);
   }
   result.eval_loss_before = rs.eval_loss_before;
@@ -380,17 +445,22 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
 
   const auto t_start = Clock::now();
   std::optional<ProgressBar> bar;
-  if (cfg.progress) {
+  if (cfg.progress && root) {
     bar.emplace("train", total, stderr);
     bar->resume_from(rs.step);
   }
   std::vector<const Example*> step_examples;
+  std::vector<bool> mine;  // whether this rank runs step_examples[i]
+  std::vector<float> grads;
   while (rs.step < total) {
     const auto t_data = Clock::now();
     step_examples.clear();
-    for (int64_t m = 0; m < cfg.grad_accum; ++m)
-      for (int64_t i : batcher.next())
+    mine.clear();
+    for (int64_t m = 0; m < step_batches; ++m)
+      for (int64_t i : batcher.next()) {
         step_examples.push_back(&train_set.examples[static_cast<size_t>(i)]);
+        mine.push_back(m % ranks == comm.rank());
+      }
     int64_t step_targets = 0, step_tokens = 0;
     for (const Example* e : step_examples) {
       step_targets += e->target_count();
@@ -404,12 +474,26 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     const uint64_t step_seed =
         derive_seed(derive_seed(cfg.seed, kDropoutStream), static_cast<uint64_t>(rs.step));
     for (size_t i = 0; i < step_examples.size(); ++i) {
+      if (!mine[i]) continue;
       int64_t n = 0;
+      // The seed of the example's place in the global step: any split gives the same dropout.
       loss_sum += session.forward_backward(step_examples[i]->tokens, step_examples[i]->target,
                                            1.0f / static_cast<float>(step_targets),
                                            derive_seed(step_seed, i), n);
     }
     const double fb_s = seconds_since(t_fb);
+
+    // The ranks' gradients (each already divided by the global scored-token count) are summed,
+    // and so are their losses and their stop requests: every rank stops at the same step.
+    const auto t_comm = Clock::now();
+    double shared[2] = {loss_sum, stop != nullptr && stop->load() ? 1.0 : 0.0};
+    if (ranks > 1) {
+      all_reduce_grads(comm, adapters, grads);
+      comm.all_reduce_sum(shared, 2);
+    }
+    loss_sum = shared[0];
+    const double comm_s = seconds_since(t_comm);
+    result.all_reduce_seconds += comm_s;
 
     const auto t_opt = Clock::now();
     const double norm = grad_norm(adapters);
@@ -426,17 +510,20 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     result.tokens += step_tokens;
     result.target_tokens += step_targets;
     result.train_loss_last = loss;
-    const double step_s = data_s + fb_s + opt_s;
-    metrics.write(
-        {{"step", rs.step},
-         {"loss", loss},
-         {"lr", lr},
-         {"grad_norm", norm},
-         {"tokens", step_tokens},
-         {"target_tokens", step_targets},
-         {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
-         {"seconds", {{"data", data_s}, {"forward_backward", fb_s}, {"optimizer", opt_s}}},
-         {"epoch", rs.batcher.epoch}});
+    const double step_s = data_s + fb_s + comm_s + opt_s;
+    write_metrics({{"step", rs.step},
+                   {"loss", loss},
+                   {"lr", lr},
+                   {"grad_norm", norm},
+                   {"tokens", step_tokens},
+                   {"target_tokens", step_targets},
+                   {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
+                   {"seconds",
+                    {{"data", data_s},
+                     {"forward_backward", fb_s},
+                     {"all_reduce", comm_s},
+                     {"optimizer", opt_s}}},
+                   {"epoch", rs.batcher.epoch}});
     char status[128];
     std::snprintf(status, sizeof status, "loss %.4f lr %.2e %.0f tok/s", loss, lr,
                   static_cast<double>(result.tokens) / seconds_since(t_start));
@@ -447,11 +534,13 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
 
     const bool last = rs.step == total;
     if (!last && cfg.eval_steps > 0 && rs.step % cfg.eval_steps == 0) record_eval(rs.step);
-    const bool stopping = stop != nullptr && stop->load();
+    const bool stopping = shared[1] > 0;
     if ((!last && cfg.save_steps > 0 && rs.step % cfg.save_steps == 0) || stopping) {
-      save_checkpoint(cfg.out, model, adapters, opt, rs, identity, cfg.save_total_limit);
+      if (root) {
+        save_checkpoint(cfg.out, model, adapters, opt, rs, identity, cfg.save_total_limit);
+        write_loss_curve(cfg.out, rs, title);
+      }
       result.checkpoint = cfg.out / (kCheckpointPrefix + std::to_string(rs.step));
-      write_loss_curve(cfg.out, rs, title);
     }
     if (stopping && !last) {
       result.interrupted = true;
@@ -464,10 +553,12 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
 
   if (!result.interrupted) {
     result.eval_loss_after = record_eval(rs.step);
-    save_adapter(adapters, model, cfg.out);
+    if (root) save_adapter(adapters, model, cfg.out);
   }
-  write_loss_curve(cfg.out, rs, title);
-  metrics.write(
+  if (root) write_loss_curve(cfg.out, rs, title);
+  // The files are complete when any rank returns.
+  comm.barrier();
+  write_metrics(
       {{"step", rs.step},
        {"summary",
         {{"tokens", result.tokens},
@@ -477,6 +568,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
          {"eval_loss_before", result.eval_loss_before},
          {"eval_loss_after", result.eval_loss_after},
          {"peak_rss_mb", static_cast<double>(peak_rss_bytes()) / 1e6},
+         {"ranks", ranks},
+         {"all_reduce_seconds", result.all_reduce_seconds},
          {"interrupted", result.interrupted}}}});
   return result;
 }

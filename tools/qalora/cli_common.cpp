@@ -8,6 +8,7 @@
 #include "qalora/adapters/adapter_io.h"
 #include "qalora/core/error.h"
 #include "qalora/core/resources.h"
+#include "qalora/dist/communicator.h"
 
 namespace qalora::cli {
 
@@ -161,6 +162,18 @@ void print_peak_memory() {
                static_cast<double>(peak_rss_bytes()) / 1e6,
                static_cast<double>(now.private_bytes) / 1e6,
                static_cast<double>(now.file_bytes) / 1e6);
+}
+
+void run_ranked(const std::function<void()>& body) {
+  Communicator& comm = world();
+  try {
+    body();
+  } catch (const Error& e) {
+    if (comm.size() == 1) throw;
+    std::fprintf(stderr, "error: rank %d: %s\n", comm.rank(), e.what());
+    comm.abort(1);
+  }
+  if (comm.is_root()) print_peak_memory();
 }
 
 }  // namespace qalora::cli

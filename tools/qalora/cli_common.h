@@ -84,4 +84,9 @@ void print_now(const std::string& text);
 // what a run needs.
 void print_peak_memory();
 
+// The body of a command that may run as one rank of an MPI job (train, perplexity): an Error on
+// any rank ends the whole job with that rank's line (the others may be waiting in a collective
+// operation); rank 0 alone prints the peak memory at the end.
+void run_ranked(const std::function<void()>& body);
+
 }  // namespace qalora::cli

@@ -11,6 +11,7 @@
 #include "data_args.h"
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
+#include "qalora/dist/communicator.h"
 #include "qalora/eval/perplexity.h"
 
 namespace qalora::cli {
@@ -51,7 +52,9 @@ void run_example_loss(const PerplexityArgs& args) {
   for (const Example& e : scored.examples) longest = std::max(longest, std::ssize(e.tokens));
   const auto adapters = load_adapter_arg(args.model, model);
   InferenceSession session(model, longest, adapters.get());
-  const ExampleLoss r = example_loss(session, scored.examples, !args.no_progress);
+  Communicator& comm = world();
+  const ExampleLoss r = example_loss(session, scored.examples, !args.no_progress, &comm);
+  if (!comm.is_root()) return;
   std::printf("examples:      %lld%s\n", static_cast<long long>(r.examples),
               args.eval_fraction > 0 ? " (held-out split)" : "");
   std::printf("tokens scored: %lld\n", static_cast<long long>(r.tokens));
@@ -69,12 +72,14 @@ void run_perplexity(const PerplexityArgs& args) {
   PerplexityOptions options = args.options;
   options.metrics = args.metrics;
   options.progress = !args.no_progress;
+  options.comm = &world();
   const auto adapters = load_adapter_arg(args.model, model);
   InferenceSession session(model, resolve_ctx(model, options.ctx), adapters.get());
 
   const std::vector<int32_t> tokens = tok.encode(text, /*add_bos=*/false);
   const int32_t bos = tok.add_bos() ? tok.bos_id() : -1;
   const PerplexityResult r = perplexity(session, tokens, bos, options);
+  if (!options.comm->is_root()) return;
   std::printf("text tokens:   %zu\n", tokens.size());
   std::printf("context:       %lld%s\n", static_cast<long long>(options.ctx),
               bos >= 0 ? " (BOS + text)" : "");
@@ -109,10 +114,7 @@ void register_perplexity(CLI::App& app) {
                   "slide windows by S tokens, scoring only new tokens (default: no overlap)");
   cmd->add_option("--max-windows", args->options.max_windows, "score at most K windows (0 = all)");
   cmd->add_option("--metrics", args->metrics, "write one JSON line per window to this file");
-  cmd->callback([args] {
-    run_perplexity(*args);
-    print_peak_memory();
-  });
+  cmd->callback([args] { run_ranked([&] { run_perplexity(*args); }); });
 }
 
 }  // namespace qalora::cli

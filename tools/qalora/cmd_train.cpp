@@ -1,15 +1,20 @@
 // qalora train: fine-tune LoRA / QLoRA / QA-LoRA adapters on a frozen base (SPEC §4-§6).
+#include <omp.h>
+
 #include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <thread>
 
 #include "cli_common.h"
 #include "commands.h"
 #include "data_args.h"
 #include "qalora/core/error.h"
+#include "qalora/dist/communicator.h"
+#include "qalora/model/runtime.h"
 #include "qalora/train/trainer.h"
 
 namespace qalora::cli {
@@ -35,6 +40,16 @@ struct TrainArgs {
   CLI::Option* seed_option = nullptr;
 };
 
+// Ranks on one machine split its cores unless --threads says otherwise (a launcher that binds
+// each rank to its cores, as mpirun does for a few ranks, already leaves each only its own).
+void share_cores(const Communicator& comm, int threads) {
+  if (threads > 0) return;
+  const int visible = omp_get_num_procs();
+  const auto machine = static_cast<int>(std::thread::hardware_concurrency());
+  if (visible >= machine && comm.local_size() > 1)
+    set_num_threads(std::max(1, machine / comm.local_size()));
+}
+
 void run_train(TrainArgs& args) {
   TrainConfig& c = args.config;
   c.data = args.data;
@@ -55,14 +70,20 @@ void run_train(TrainArgs& args) {
   QL_CHECK(!std::filesystem::exists(c.out) || !c.resume.empty() || std::filesystem::is_empty(c.out),
            "--out: ", args.out, " exists and is not empty (use --resume ", args.out,
            " to continue that run, or another folder)");
+  Communicator& comm = world();
+  if (comm.size() > 1) {
+    comm.barrier();  // every rank has checked --out before rank 0 writes into it
+    share_cores(comm, args.model.threads);
+  }
 
   const Model model = load_model(args.model);
   g_stop.store(false);
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
-  const TrainResult r = train(model, c, &g_stop);
+  const TrainResult r = train(model, c, &g_stop, comm);
   std::signal(SIGINT, SIG_DFL);
   std::signal(SIGTERM, SIG_DFL);
+  if (!comm.is_root()) return;
 
   if (r.interrupted) {
     std::printf("interrupted at step %lld of %lld: checkpoint %s (continue with --resume %s)\n",
@@ -76,6 +97,12 @@ void run_train(TrainArgs& args) {
               static_cast<long long>(r.steps), static_cast<long long>(r.tokens),
               static_cast<long long>(r.target_tokens), r.seconds,
               static_cast<double>(r.tokens) / std::max(r.seconds, 1e-9));
+  if (comm.size() > 1) {
+    const double per_step =
+        r.all_reduce_seconds / static_cast<double>(std::max<int64_t>(1, r.steps - r.first_step));
+    std::printf("%d ranks: %.3f s per step in the gradient all-reduce (%.1f%% of the time)\n",
+                comm.size(), per_step, 100 * r.all_reduce_seconds / std::max(r.seconds, 1e-9));
+  }
   if (r.eval_loss_before >= 0 && r.eval_loss_after >= 0)
     std::printf("held-out loss: %.4f -> %.4f\n", r.eval_loss_before, r.eval_loss_after);
   std::printf("last training loss: %.4f\n", r.train_loss_last);
@@ -146,10 +173,7 @@ void register_train(CLI::App& app) {
   add_data_args(cmd, args->data_args);
   cmd->add_flag("--group-by-length", c.group_by_length, "batch sequences of similar length");
   cmd->add_flag("--no-progress", args->no_progress, "no progress bar");
-  cmd->callback([args] {
-    run_train(*args);
-    print_peak_memory();
-  });
+  cmd->callback([args] { run_ranked([&] { run_train(*args); }); });
 }
 
 }  // namespace qalora::cli

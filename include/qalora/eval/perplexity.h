@@ -14,6 +14,7 @@ namespace qalora {
 
 class InferenceSession;
 struct Example;
+class Communicator;
 
 struct PerplexityOptions {
   int64_t ctx = 512;
@@ -21,6 +22,9 @@ struct PerplexityOptions {
   int64_t max_windows = 0;        // 0: the whole stream
   bool progress = true;           // progress bar on stderr
   std::filesystem::path metrics;  // optional JSONL, one record per window
+  // Ranks that share the windows (rank r scores every r-th; every rank gets the whole result,
+  // rank 0 alone writes `metrics`); null: this process scores them all.
+  Communicator* comm = nullptr;
 };
 
 struct PerplexityWindow {
@@ -63,7 +67,8 @@ struct ExampleLoss {
   double mean_nll = 0;
 };
 // The session's cache must hold the longest example. Throws Error when no example has a target.
+// With `comm`, its ranks share the examples as perplexity() shares windows.
 ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
-                         bool progress = true);
+                         bool progress = true, Communicator* comm = nullptr);
 
 }  // namespace qalora

@@ -10,6 +10,7 @@
 
 #include "qalora/adapters/adapter.h"
 #include "qalora/data/dataset.h"
+#include "qalora/dist/communicator.h"
 #include "qalora/model/model.h"
 #include "qalora/train/optimizer.h"
 
@@ -43,15 +44,17 @@ struct TrainConfig {
   bool progress = true;
 
   // The fields that determine the trained adapter, as JSON: a resumed run must match them.
-  nlohmann::json identity() const;
+  nlohmann::json identity(int ranks = 1) const;
 };
 
 struct TrainResult {
   int64_t steps = 0;  // optimizer steps done in total (including before a resume)
   int64_t total_steps = 0;
+  int64_t first_step = 0;     // where this invocation started (non-zero after a resume)
   int64_t tokens = 0;         // tokens run through the model in this invocation
   int64_t target_tokens = 0;  // of which scored
   double seconds = 0;
+  double all_reduce_seconds = 0;  // of `seconds`, summing gradients over the ranks
   double eval_loss_before = -1;  // mean held-out loss per target token; -1 without held-out data
   double eval_loss_after = -1;
   double train_loss_last = 0;  // of the last step
@@ -62,7 +65,10 @@ struct TrainResult {
 // Runs (or resumes) a training run writing into config.out: the adapter (adapter_io.h layouts)
 // at the end, checkpoint-<step>/ folders, metrics.jsonl, loss.svg, train_config.json. Stops
 // early, after writing a checkpoint, when `stop` becomes true (set it from a signal handler).
-TrainResult train(const Model& model, const TrainConfig& config, const std::atomic<bool>* stop);
+// Across the ranks of `comm` (data parallel, docs/distributed.md): each runs its share of every
+// step's examples, gradients are summed, and rank 0 alone writes.
+TrainResult train(const Model& model, const TrainConfig& config, const std::atomic<bool>* stop,
+                  Communicator& comm = world());
 
 // The checkpoint-<step> folder with the highest step in `dir`, or `dir` itself when it is one.
 std::filesystem::path find_checkpoint(const std::filesystem::path& dir);
