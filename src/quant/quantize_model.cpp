@@ -148,9 +148,22 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
   qi.double_quant = o.double_quant;
   qi.damp = o.method == "gptq" ? static_cast<float>(o.damp) : 0.0f;
 
-  // The weight in fp32, checked: a nan/inf weight is reported before it is quantized.
+  // The weight in fp32, checked: a nan/inf weight is reported before it is quantized. Stored
+  // (F16, BF16) weights are decoded into one buffer reused for every linear: a fresh 180 MB
+  // allocation per 7B linear cost a page fault and a cleared page per 4 KB (7.6 M faults, as
+  // much system time as the quantization's own).
+  std::vector<float> decoded;
   auto source_weight = [&](const Linear& l, int64_t li, const char* name) {
-    Tensor w = l.dense_weight();
+    Tensor w;
+    if (l.quantized() || !l.weight.encoded()) {
+      w = l.dense_weight();
+    } else {
+      const int64_t rows = l.weight.dim(0), cols = l.weight.dim(1);
+      decoded.resize(static_cast<size_t>(rows * cols));
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) l.weight.decode_rows(r, r + 1, decoded.data() + r * cols);
+      w = Tensor::view(decoded.data(), l.weight.shape(), nullptr);
+    }
     check_finite(w.data(), w.dim(0), w.dim(1), cat(model.source_path, ": layer ", li, " ", name));
     return w;
   };
