@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <optional>
 
@@ -12,6 +13,7 @@
 #include "qalora/core/hash.h"
 #include "qalora/core/mapped_file.h"
 #include "qalora/core/progress.h"
+#include "qalora/dist/communicator.h"
 #include "qalora/eval/gsm8k.h"
 #include "qalora/eval/perplexity.h"
 #include "qalora/model/runtime.h"
@@ -38,6 +40,36 @@ std::string fraction_status(const char* name, int64_t hits, int64_t done) {
 }
 
 json stderr_json(double s) { return std::isnan(s) ? json(nullptr) : json(s); }
+
+// Runs item(k) for k in [0, n), each rank its share (k % ranks == rank), and gathers the
+// records so that every rank holds all n, in order; the metrics are then computed from them.
+std::vector<json> share_items(Communicator* comm, size_t n,
+                              const std::function<json(size_t k)>& item) {
+  std::vector<json> all(n);
+  const auto [rank, ranks] = Share(comm);
+  if (ranks == 1) {
+    for (size_t k = 0; k < n; ++k) all[k] = item(k);
+    return all;
+  }
+  json mine = json::array();
+  for (size_t k = static_cast<size_t>(rank); k < n; k += static_cast<size_t>(ranks))
+    mine.push_back({k, item(k)});
+  for (int r = 0; r < ranks; ++r)
+    for (const json& kj : json::parse(comm->broadcast_string(r == rank ? mine.dump() : "", r)))
+      all[kj[0].get<size_t>()] = kj[1];
+  return all;
+}
+
+// Positions all ranks computed.
+int64_t total_fed(Communicator* comm, int64_t mine) {
+  double fed = static_cast<double>(mine);
+  if (comm) comm->all_reduce_sum(&fed, 1);
+  return static_cast<int64_t>(fed);
+}
+
+bool show_progress(const EvalOptions& o) {
+  return o.progress && (o.comm == nullptr || o.comm->is_root());
+}
 
 }  // namespace
 
@@ -163,15 +195,13 @@ TaskReport Evaluator::run_mc(TaskKind kind, const std::filesystem::path& data) {
   CachedSession cache(session_, options_.share_prefix);
   SessionScorer scorer(cache);
   std::optional<ProgressBar> bar;
-  if (options_.progress) bar.emplace(task_name(kind), static_cast<int64_t>(items.size()));
+  if (show_progress(options_))
+    bar.emplace(task_name(kind), Share(options_.comm).count(std::ssize(items)));
   const bool with_norm = reports_acc_norm(kind);
 
-  TaskReport report;
-  std::vector<McItemResult> results;
-  int64_t hits = 0;
-  for (const McItem& item : items) {
-    results.push_back(score_mc_item(item, encoder_, scorer));
-    const McItemResult& res = results.back();
+  int64_t hits = 0, done = 0;
+  const std::vector<json> records = share_items(options_.comm, items.size(), [&](size_t k) {
+    const McItemResult res = score_mc_item(items[k], encoder_, scorer);
     json j = {{"index", res.index}};
     if (!res.group.empty()) j["subject"] = res.group;
     j["gold"] = res.gold;
@@ -181,22 +211,34 @@ TaskReport Evaluator::run_mc(TaskKind kind, const std::filesystem::path& data) {
     for (const ContinuationScore& s : res.choices) {
       loglik.push_back(s.loglik);
       tokens.push_back(s.tokens);
-      report.tokens_scored += s.tokens;
     }
     j["loglik"] = std::move(loglik);
     j["tokens"] = std::move(tokens);
     if (res.truncated) j["truncated"] = true;
-    report.items.push_back(std::move(j));
-    report.truncated += res.truncated ? 1 : 0;
     hits += res.pred == res.gold ? 1 : 0;
     if (bar) {
-      bar->set_status(fraction_status("acc", hits, static_cast<int64_t>(results.size())));
+      bar->set_status(fraction_status("acc", hits, ++done));
       bar->advance();
     }
+    return j;
+  });
+
+  TaskReport report;
+  std::vector<McItemResult> results;  // what the metrics read, from every rank's records
+  for (const json& j : records) {
+    McItemResult r;
+    r.group = j.value("subject", "");
+    r.gold = j["gold"].get<int64_t>();
+    r.pred = j["pred"].get<int64_t>();
+    r.pred_norm = j.value("pred_norm", int64_t{0});
+    results.push_back(std::move(r));
+    for (const json& t : j["tokens"]) report.tokens_scored += t.get<int64_t>();
+    report.truncated += j.contains("truncated") ? 1 : 0;
+    report.items.push_back(j);
   }
   report.n = static_cast<int64_t>(results.size());
   report.metrics = kind == TaskKind::Mmlu ? mmlu_metrics(results) : mc_metrics(results, with_norm);
-  report.tokens_fed = cache.tokens_fed();
+  report.tokens_fed = total_fed(options_.comm, cache.tokens_fed());
   return report;
 }
 
@@ -206,32 +248,37 @@ TaskReport Evaluator::run_cloze(const std::filesystem::path& data) {
   SessionScorer scorer(cache);
   const auto subset = seeded_subset(all.size(), options_.limit, options_.seed);
   std::optional<ProgressBar> bar;
-  if (options_.progress) bar.emplace("cloze", static_cast<int64_t>(subset.size()));
+  if (show_progress(options_)) bar.emplace("cloze", Share(options_.comm).count(std::ssize(subset)));
+
+  int64_t greedy = 0, done = 0;
+  const std::vector<json> records = share_items(options_.comm, subset.size(), [&](size_t k) {
+    const ClozeItem& item = all[subset[k]];
+    const ContinuationScore s = scorer.score(encoder_.encode_pair(item.context, item.continuation));
+    json j = {
+        {"index", item.index}, {"loglik", s.loglik}, {"tokens", s.tokens}, {"greedy", s.greedy}};
+    if (s.truncated) j["truncated"] = true;
+    greedy += s.greedy ? 1 : 0;
+    if (bar) {
+      bar->set_status(fraction_status("acc", greedy, ++done));
+      bar->advance();
+    }
+    return j;
+  });
 
   TaskReport report;
   std::vector<double> hits, logliks;
-  for (size_t i : subset) {
-    const ContinuationScore s =
-        scorer.score(encoder_.encode_pair(all[i].context, all[i].continuation));
-    hits.push_back(s.greedy ? 1.0 : 0.0);
-    logliks.push_back(s.loglik);
-    report.tokens_scored += s.tokens;
-    report.truncated += s.truncated ? 1 : 0;
-    json j = {{"index", all[i].index}, {"loglik", s.loglik}, {"tokens", s.tokens},
-              {"greedy", s.greedy}};
-    if (s.truncated) j["truncated"] = true;
-    report.items.push_back(std::move(j));
-    if (bar) {
-      bar->set_status(fraction_status("acc", static_cast<int64_t>(std::count(hits.begin(), hits.end(), 1.0)),
-                                      static_cast<int64_t>(hits.size())));
-      bar->advance();
-    }
+  for (const json& j : records) {
+    hits.push_back(j["greedy"].get<bool>() ? 1.0 : 0.0);
+    logliks.push_back(j["loglik"].get<double>());
+    report.tokens_scored += j["tokens"].get<int64_t>();
+    report.truncated += j.contains("truncated") ? 1 : 0;
+    report.items.push_back(j);
   }
   report.n = static_cast<int64_t>(hits.size());
   // The harness's LAMBADA perplexity: exp of minus the mean log-likelihood per item.
   const Metric mean_ll = mean_metric("loglik", logliks);
   report.metrics = {mean_metric("acc", hits), Metric{"ppl", std::exp(-mean_ll.value)}};
-  report.tokens_fed = cache.tokens_fed();
+  report.tokens_fed = total_fed(options_.comm, cache.tokens_fed());
   return report;
 }
 
@@ -256,12 +303,11 @@ TaskReport Evaluator::run_gsm8k(const std::filesystem::path& data) {
   if (encoder_.chat()) stop_tokens = encoder_.chat()->stop_tokens();
   CachedSession cache(session_, options_.share_prefix);
   std::optional<ProgressBar> bar;
-  if (options_.progress) bar.emplace("gsm8k", static_cast<int64_t>(subset.size()));
+  if (show_progress(options_)) bar.emplace("gsm8k", Share(options_.comm).count(std::ssize(subset)));
 
-  TaskReport report;
-  std::vector<double> strict_hits, flex_hits;
-  for (size_t i : subset) {
-    const Gsm8kItem& item = all[i];
+  int64_t flex_count = 0, done = 0;
+  const std::vector<json> records = share_items(options_.comm, subset.size(), [&](size_t at) {
+    const Gsm8kItem& item = all[subset[at]];
     const std::string prompt = gsm8k_prompt(shots, item.question);
     const size_t prefix_chars = prompt.size() - gsm8k_prompt({}, item.question).size();
     const Generation g = generate_until(cache, tok, encoder_.encode_context(prompt, prefix_chars),
@@ -271,27 +317,32 @@ TaskReport Evaluator::run_gsm8k(const std::filesystem::path& data) {
     const auto flexible = gsm8k_last_number(g.text);
     const bool strict_ok = strict && gsm8k_normalize(*strict) == gold;
     const bool flex_ok = flexible && gsm8k_normalize(*flexible) == gold;
-    strict_hits.push_back(strict_ok ? 1.0 : 0.0);
-    flex_hits.push_back(flex_ok ? 1.0 : 0.0);
-    report.tokens_scored += g.tokens;
-    report.truncated += g.truncated ? 1 : 0;
     json j = {{"index", item.index},          {"gold", gold},
               {"generation", g.text},         {"strict", strict.value_or("")},
               {"flexible", flexible.value_or("")}, {"correct_strict", strict_ok},
               {"correct_flexible", flex_ok},  {"tokens", g.tokens}};
     if (g.truncated) j["truncated"] = true;
-    report.items.push_back(std::move(j));
+    flex_count += flex_ok ? 1 : 0;
     if (bar) {
-      bar->set_status(fraction_status(
-          "em", static_cast<int64_t>(std::count(flex_hits.begin(), flex_hits.end(), 1.0)),
-          static_cast<int64_t>(flex_hits.size())));
+      bar->set_status(fraction_status("em", flex_count, ++done));
       bar->advance();
     }
+    return j;
+  });
+
+  TaskReport report;
+  std::vector<double> strict_hits, flex_hits;
+  for (const json& j : records) {
+    strict_hits.push_back(j["correct_strict"].get<bool>() ? 1.0 : 0.0);
+    flex_hits.push_back(j["correct_flexible"].get<bool>() ? 1.0 : 0.0);
+    report.tokens_scored += j["tokens"].get<int64_t>();
+    report.truncated += j.contains("truncated") ? 1 : 0;
+    report.items.push_back(j);
   }
   report.n = static_cast<int64_t>(subset.size());
   report.metrics = {mean_metric("exact_match", strict_hits),
                     mean_metric("exact_match_flexible", flex_hits)};
-  report.tokens_fed = cache.tokens_fed();
+  report.tokens_fed = total_fed(options_.comm, cache.tokens_fed());
   return report;
 }
 
@@ -307,6 +358,7 @@ TaskReport Evaluator::run_ppl(const std::filesystem::path& data) {
   po.ctx = session_.max_context();
   po.max_windows = options_.limit;
   po.progress = options_.progress;
+  po.comm = options_.comm;
   const PerplexityResult res = perplexity(session_, tokens, bos, po);
 
   TaskReport report;

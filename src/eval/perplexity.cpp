@@ -36,15 +36,6 @@ std::vector<WindowPlan> plan_windows(int64_t n_tokens, int64_t text_len, int64_t
   return plan;
 }
 
-// This rank's place among those that share the work: item k is rank k % ranks's.
-struct Share {
-  int rank = 0, ranks = 1;
-  int64_t count(int64_t items) const { return (items - rank + ranks - 1) / ranks; }
-};
-Share share_of(const Communicator* comm) {
-  return comm == nullptr ? Share{} : Share{comm->rank(), comm->size()};
-}
-
 }  // namespace
 
 double token_nll(std::span<const float> logits, int32_t target) {
@@ -73,7 +64,7 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
   QL_CHECK(!plan.empty(), "perplexity needs at least ", has_bos ? 1 : 2, " tokens of text, got ",
            tokens.size());
 
-  const Share share = share_of(options.comm);
+  const Share share(options.comm);
   std::optional<ProgressBar> bar;
   if (options.progress && share.rank == 0)
     bar.emplace("perplexity", share.count(static_cast<int64_t>(plan.size())));
@@ -144,7 +135,7 @@ PerplexityResult perplexity(InferenceSession& session, std::span<const int32_t> 
 
 ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
                          bool progress, Communicator* comm) {
-  const Share share = share_of(comm);
+  const Share share(comm);
   std::optional<ProgressBar> bar;
   if (progress && share.rank == 0) bar.emplace("loss", share.count(std::ssize(examples)));
   const auto vocab = static_cast<size_t>(session.model().config.vocab_size);

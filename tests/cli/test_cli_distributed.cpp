@@ -11,6 +11,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -176,6 +177,73 @@ TEST_F(CliDistributed, PerplexityAndHeldOutLossSplitTheirWorkAcrossRanks) {
   int lines = 0;
   for (std::string line; std::getline(in, line);) ++lines;
   EXPECT_EQ(lines, 40) << "one line per window, written by rank 0 alone";
+}
+
+TEST_F(CliDistributed, EvalSharesItsItemsAndReportsWhatOneProcessReports) {
+  QL_REQUIRE_DATA("eval/mc/arc_easy.jsonl");
+  QL_REQUIRE_DATA("eval/gsm8k_test.jsonl");
+  const std::string gsm8k = (test::data_dir() / "eval/gsm8k_test.jsonl").string();
+  const fs::path cloze = dir_ / "cloze.jsonl";
+  std::ofstream(cloze)
+      << R"({"context": "Once upon a time, there was a little", "continuation": " girl"})"
+      << "\n"
+      << R"({"context": "The cat sat on the", "continuation": " mat"})"
+      << "\n"
+      << R"({"context": "She went to the", "continuation": " park"})"
+      << "\n";
+  const auto eval = [&](const fs::path& out) {
+    return std::vector<std::string>{"eval",
+                                    "-m",
+                                    q4_,
+                                    "--no-progress",
+                                    "--threads",
+                                    "1",
+                                    "--task",
+                                    "arc",
+                                    "--data",
+                                    (test::data_dir() / "eval/mc/arc_easy.jsonl").string(),
+                                    "--limit",
+                                    "15",
+                                    "--task",
+                                    "cloze",
+                                    "--data",
+                                    cloze.string(),
+                                    "--task",
+                                    "gsm8k",
+                                    "--data",
+                                    gsm8k,
+                                    "--shots",
+                                    "1",
+                                    "--shots-data",
+                                    gsm8k,
+                                    "--max-new-tokens",
+                                    "6",
+                                    "--task",
+                                    "ppl",
+                                    "--data",
+                                    train_text_,
+                                    "--out",
+                                    out.string()};
+  };
+  auto r = run_cli(eval(dir_ / "one.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto args = eval(dir_ / "two.json");
+  args.insert(args.begin(), QALORA_CLI_PATH);
+  r = mpirun({with({"-np", "2"}, args)});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  auto one = nlohmann::json::parse(read_file(dir_ / "one.json"));
+  auto two = nlohmann::json::parse(read_file(dir_ / "two.json"));
+  ASSERT_EQ(one["tasks"].size(), 4u);
+  ASSERT_EQ(two["tasks"].size(), 4u);
+  for (size_t t = 0; t < 4; ++t) {
+    // Timing differs, and so do the positions computed: each rank shares prefixes only
+    // among its own items.
+    for (auto* j : {&one, &two}) {
+      (*j)["tasks"][t].erase("seconds");
+      (*j)["tasks"][t].erase("tokens_fed");
+    }
+    EXPECT_EQ(one["tasks"][t].dump(), two["tasks"][t].dump()) << one["tasks"][t]["task"];
+  }
 }
 
 // A run whose checkpoint 2 is all that is left (as after a kill at step 3), resumed.

@@ -9,6 +9,7 @@
 #include "commands.h"
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
+#include "qalora/dist/communicator.h"
 #include "qalora/eval/evaluate.h"
 #include "qalora/model/chat.h"
 
@@ -53,6 +54,8 @@ void run_eval(const EvalArgs& args) {
   EvalOptions options = args.options;
   options.shots_data = args.shots_data;
   options.share_prefix = !args.no_shared_prefix;
+  options.comm = &world();
+  const bool root = options.comm->is_root();
   Evaluator evaluator(session, encoder, options);
 
   std::vector<TaskReport> reports;
@@ -69,9 +72,9 @@ void run_eval(const EvalArgs& args) {
     reports.push_back(evaluator.run(kinds[i], args.data[i]));
     out["tasks"].push_back(report_json(reports.back()));
     // Written after every task, so a long run keeps what it finished.
-    if (!args.out.empty()) write_file_atomic(args.out, out.dump(1) + "\n");
+    if (!args.out.empty() && root) write_file_atomic(args.out, out.dump(1) + "\n");
   }
-  print_now(format_table(reports));
+  if (root) print_now(format_table(reports));
 }
 
 }  // namespace
@@ -107,10 +110,7 @@ void register_eval(CLI::App& app) {
   cmd->add_flag("--no-progress", [args](int64_t) { args->options.progress = false; },
                 "no progress bar");
   cmd->add_option("--out", args->out, "write metrics and per-item results as JSON");
-  cmd->callback([args] {
-    run_eval(*args);
-    print_peak_memory();
-  });
+  cmd->callback([args] { run_ranked([&] { run_eval(*args); }); });
 }
 
 }  // namespace qalora::cli

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace qalora {
@@ -30,6 +31,16 @@ class Communicator {
   bool is_root() const { return rank() == 0; }
   // root's string on every rank.
   std::string broadcast_string(std::string s, int root);
+};
+
+// How the evaluation commands split their items: item k is rank k % ranks's. A null
+// communicator is one process with all of them.
+struct Share {
+  int rank = 0, ranks = 1;
+  explicit Share(const Communicator* comm)
+      : rank(comm ? comm->rank() : 0), ranks(comm ? comm->size() : 1) {}
+  // Items of n that are this rank's.
+  int64_t count(int64_t n) const { return (n - rank + ranks - 1) / ranks; }
 };
 
 // The process's communicator: MPI when the build has it (-DQALORA_MPI=ON) and an MPI launcher

@@ -18,6 +18,8 @@
 
 namespace qalora {
 
+class Communicator;
+
 struct Metric {
   std::string name;
   double value = 0;
@@ -61,6 +63,9 @@ struct EvalOptions {
   bool share_prefix = true;            // false: score every request from scratch
   bool progress = true;
   int64_t max_new_tokens = 256;        // gsm8k
+  // Ranks that share the items (each scores every ranks-th; every rank gets the whole report);
+  // null: this process scores them all.
+  Communicator* comm = nullptr;
 };
 
 struct TaskReport {
