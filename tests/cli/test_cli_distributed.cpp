@@ -1,6 +1,7 @@
 // mpirun -np 2 qalora train: two ranks with grad-accum 2 train the adapter one rank with
 // grad-accum 4 does, resume where they stopped (also at one rank), refuse ranks that run
-// another job; a failing or killed rank ends the whole job, and its last checkpoint resumes.
+// another job; a failing, killed or hanging rank ends the whole job, and the last checkpoint
+// resumes.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -331,45 +333,67 @@ int count_loss_lines(const fs::path& metrics) {
   return n;
 }
 
-TEST_F(CliDistributed, AKilledRankEndsTheJobAndItsLastCheckpointResumes) {
-  const int steps = 400;
-  const fs::path whole = dir_ / "whole", cut = dir_ / "cut";
-  auto r = mpirun({with({"-np", "2"}, train("lora", 1, steps, whole, {"--save-steps", "10"}))});
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-
-  const std::vector<std::string> args = with(with(with({"mpirun"}, mpirun_options()), {"-np", "2"}),
-                                             train("lora", 1, steps, cut, {"--save-steps", "10"}));
+// mpirun with `mpi_args` and one qalora command line, started without waiting; its stdout and
+// stderr go to dir/job.out and dir/job.err.
+pid_t spawn_mpirun(const std::vector<std::string>& mpi_args, const std::vector<std::string>& app,
+                   const fs::path& dir) {
+  const std::vector<std::string> args =
+      with(with(with({"mpirun"}, mpirun_options()), mpi_args), app);
   const pid_t job = fork();
   if (job == 0) {
     std::vector<std::string> copy = args;
     std::vector<char*> argv;
     for (auto& a : copy) argv.push_back(a.data());
     argv.push_back(nullptr);
-    if (!freopen((dir_ / "job.out").c_str(), "w", stdout) ||
-        !freopen((dir_ / "job.err").c_str(), "w", stderr))
+    if (!freopen((dir / "job.out").c_str(), "w", stdout) ||
+        !freopen((dir / "job.err").c_str(), "w", stderr))
       _exit(127);
     execvp("mpirun", argv.data());
     _exit(127);
   }
-  ASSERT_GT(job, 0);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (count_loss_lines(cut / "metrics.jsonl") < 25 &&
-         std::chrono::steady_clock::now() < deadline)
+  return job;
+}
+
+void wait_for_loss_lines(const fs::path& metrics, int lines) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (count_loss_lines(metrics) < lines && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
+}
+
+// The job's wait status once it ends by itself within `seconds`; nullopt (after killing it and
+// `ranks`) when it does not.
+std::optional<int> wait_for_job(pid_t job, const std::vector<pid_t>& ranks, int seconds) {
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  while (waitpid(job, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (pid_t r : ranks) kill(r, SIGKILL);
+      kill(job, SIGKILL);
+      waitpid(job, &status, 0);
+      return std::nullopt;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return status;
+}
+
+TEST_F(CliDistributed, AKilledRankEndsTheJobAndItsLastCheckpointResumes) {
+  const int steps = 400;
+  const fs::path whole = dir_ / "whole", cut = dir_ / "cut";
+  auto r = mpirun({with({"-np", "2"}, train("lora", 1, steps, whole, {"--save-steps", "10"}))});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+
+  const pid_t job =
+      spawn_mpirun({"-np", "2"}, train("lora", 1, steps, cut, {"--save-steps", "10"}), dir_);
+  ASSERT_GT(job, 0);
+  wait_for_loss_lines(cut / "metrics.jsonl", 25);
   const std::vector<pid_t> ranks = children_of(job);
   ASSERT_EQ(ranks.size(), 2u) << "mpirun's rank processes";
   ASSERT_EQ(kill(ranks.back(), SIGKILL), 0);
   // The job ends by itself, without hanging in a collective operation.
-  int status = 0;
-  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (waitpid(job, &status, WNOHANG) == 0 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  if (kill(job, 0) == 0) {
-    kill(job, SIGKILL);
-    waitpid(job, &status, 0);
-    FAIL() << "the job did not end within 60 s of a rank's death";
-  }
-  EXPECT_FALSE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const auto status = wait_for_job(job, ranks, 60);
+  ASSERT_TRUE(status.has_value()) << "the job did not end within 60 s of a rank's death";
+  EXPECT_FALSE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
   ASSERT_FALSE(fs::exists(cut / "qalora_adapter.safetensors")) << "killed before the end";
 
   r = mpirun({with({"-np", "2"}, train("lora", 1, steps, cut,
@@ -379,6 +403,26 @@ TEST_F(CliDistributed, AKilledRankEndsTheJobAndItsLastCheckpointResumes) {
   EXPECT_EQ(read_file(whole / "qalora_adapter.safetensors"),
             read_file(cut / "qalora_adapter.safetensors"));
   EXPECT_EQ(count_loss_lines(cut / "metrics.jsonl"), steps);
+}
+
+TEST_F(CliDistributed, ARankThatHangsEndsTheJobAfterTheTimeout) {
+  // A stopped rank neither answers nor dies: the other waits in the gradient all-reduce until
+  // QALORA_COMM_TIMEOUT, then ends the job with one line.
+  const fs::path out = dir_ / "hang";
+  const pid_t job = spawn_mpirun({"-x", "QALORA_COMM_TIMEOUT=3", "-np", "2"},
+                                 train("lora", 1, 100000, out), dir_);
+  ASSERT_GT(job, 0);
+  wait_for_loss_lines(out / "metrics.jsonl", 10);
+  const std::vector<pid_t> ranks = children_of(job);
+  ASSERT_EQ(ranks.size(), 2u) << "mpirun's rank processes";
+  ASSERT_EQ(kill(ranks.back(), SIGSTOP), 0);
+  const auto status = wait_for_job(job, ranks, 60);
+  ASSERT_TRUE(status.has_value()) << "the job hung with a stopped rank";
+  EXPECT_FALSE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
+  EXPECT_NE(
+      read_file(dir_ / "job.err").find("error: rank 0: no answer from the other ranks for 3 s"),
+      std::string::npos)
+      << read_file(dir_ / "job.err");
 }
 
 }  // namespace
