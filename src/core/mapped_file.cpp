@@ -12,6 +12,10 @@
 
 #include "qalora/core/error.h"
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older C libraries lack the name
+#endif
+
 namespace qalora {
 
 std::shared_ptr<MappedFile> MappedFile::open(const std::filesystem::path& path) {
@@ -53,7 +57,13 @@ void prefetch_mapped_pages(const void* data, size_t size) {
   static const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const auto begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t first = begin / page * page, last = (begin + size + page - 1) / page * page;
-  if (size > 0) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_WILLNEED);
+  if (size == 0) return;
+  // Populating the page tables as well spares the thread that then reads the pages a fault per
+  // 4 KB: 7B RTN quantize from a cold cache 30-42 -> 23 s, warm 23 -> 19 s. Kernels before 5.14
+  // refuse it, and are asked to read ahead instead.
+  void* p = reinterpret_cast<void*>(first);
+  if (::madvise(p, last - first, MADV_POPULATE_READ) != 0)
+    ::madvise(p, last - first, MADV_WILLNEED);
 }
 
 std::string read_file(const std::filesystem::path& path) {

@@ -183,8 +183,8 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
 
   if (o.method != "gptq") {
     for (int64_t li = 0; li < c.n_layers; ++li) {
-      // The next block's weights are read from disk while this one is quantized (madvise may
-      // wait for the reads it starts, so a helper thread asks).
+      // The next block's weights are read from disk and mapped while this one is quantized (by
+      // a helper thread: the request waits for the reads).
       std::future<void> next;
       if (li + 1 < c.n_layers)
         next = std::async(std::launch::async, [&, li] {

@@ -35,9 +35,10 @@ class MappedFile {
 // without disk I/O unless the kernel needed the memory meanwhile. Partial pages at either end
 // stay: a neighbouring tensor may be using them.
 void release_mapped_pages(const void* data, size_t size);
-// Starts reading the pages of [data, data + size) of a file mapping from disk without waiting
-// for them (MADV_WILLNEED): a pass that asks for the next layer's weights while it computes on
-// this one overlaps the reading with the work.
+// Reads the pages of [data, data + size) of a file mapping from disk and maps them
+// (MADV_POPULATE_READ; where the kernel lacks it, starts reading them without waiting:
+// MADV_WILLNEED). Blocks until they are in: a helper thread that asks for the next layer's
+// weights while the pass computes on this one overlaps the reading with the work.
 void prefetch_mapped_pages(const void* data, size_t size);
 
 // Reads a whole (small) text or binary file; throws Error naming the path on failure.

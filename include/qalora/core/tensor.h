@@ -88,7 +88,7 @@ class Tensor {
   // again from the file if used later); no-op for owned memory. Streaming commands call it once
   // they are done with a layer.
   void release_pages() const;
-  // Starts reading a file-backed view's pages ahead of use (prefetch_mapped_pages); no-op for
+  // Reads a file-backed view's pages ahead of use (prefetch_mapped_pages); no-op for
   // owned memory.
   void prefetch_pages() const;
 
