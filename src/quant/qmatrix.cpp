@@ -106,9 +106,43 @@ Slot slot(int bits, int k) {
 }
 }  // namespace
 
+namespace {
+// pack_row for 2, 4 and 8 bits: code k of a chunk goes to byte k % CB at shift (k / CB) * B
+// (slot()), written with the widths known so that whole chunks pack in vectors.
+template <int B>
+void pack_row_pow2(const uint8_t* codes, int64_t cols, uint8_t* packed) {
+  constexpr int64_t CB = chunk_bytes(B);
+  for (int64_t c0 = 0; c0 < cols; c0 += kQChunk) {
+    const int64_t n = std::min<int64_t>(kQChunk, cols - c0);
+    uint8_t* chunk = packed + c0 / kQChunk * CB;
+    if (n == kQChunk) {
+      for (int64_t b = 0; b < CB; ++b) {
+        unsigned byte = 0;
+        for (int64_t s = 0; s < kQChunk / CB; ++s)
+          byte |= unsigned{codes[c0 + s * CB + b]} << (s * B);
+        chunk[b] = static_cast<uint8_t>(byte);
+      }
+    } else {
+      for (int64_t k = 0; k < n; ++k)
+        chunk[k % CB] = static_cast<uint8_t>(chunk[k % CB] | (codes[c0 + k] << (k / CB * B)));
+    }
+  }
+}
+}  // namespace
+
 void pack_row(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed) {
   const int64_t chunks = (cols + kQChunk - 1) / kQChunk;
   std::memset(packed, 0, static_cast<size_t>(chunks * chunk_bytes(bits)));
+  switch (bits) {
+    case 2:
+      return pack_row_pow2<2>(codes, cols, packed);
+    case 4:
+      return pack_row_pow2<4>(codes, cols, packed);
+    case 8:
+      return pack_row_pow2<8>(codes, cols, packed);
+    default:
+      break;
+  }
   for (int64_t i = 0; i < cols; ++i) {
     uint8_t* chunk = packed + (i / kQChunk) * chunk_bytes(bits);
     const int k = static_cast<int>(i % kQChunk);
