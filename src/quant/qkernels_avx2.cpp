@@ -220,6 +220,7 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
   const int64_t vpg = L == 1 ? nv : cpg / 2;
   const int64_t ds = a.xq_stride / 4;
   constexpr int64_t VB = 2 * chunk_bytes(B);
+  prefetch_rows(w, j0, R);
   __m256 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm256_setzero_ps();
@@ -268,7 +269,9 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
 
 template <int B, int NT, bool kPerVector>
 QL_AVX2 void gemv_int8(const GemvArgs& a, int64_t r0, int64_t r1) {
-  constexpr int R = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // rows per block: 16 vector registers
+  // Rows per block: two streams of codes read closer to the memory bandwidth than four (a 7B
+  // layer, AVX2 forced on Zen 4: 0.69 of a pure read at G = 32 against 0.59, with prefetch).
+  constexpr int R = NT <= 2 ? 2 : 1;
   // The `second` lanes of each half as blend masks (all ones where set).
   const unsigned lanes = int8_second_chunk_lanes(B);
   __m256 second[2];
