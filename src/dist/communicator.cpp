@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "qalora/core/error.h"
 
@@ -35,6 +36,9 @@ class SingleProcess final : public Communicator {
   int local_size() const override { return 1; }
   void all_reduce_sum(float*, size_t) override {}
   void all_reduce_sum(double*, size_t) override {}
+  void start_all_reduce_sum(float*, size_t) override {}
+  void progress() override {}
+  void finish() override {}
   void broadcast(void*, size_t, int) override {}
   void barrier() override {}
   [[noreturn]] void abort(int code) override { std::exit(code); }
@@ -103,6 +107,28 @@ class Mpi final : public Communicator {
   int local_size() const override { return local_size_; }
   void all_reduce_sum(float* data, size_t n) override { reduce(data, n, MPI_FLOAT); }
   void all_reduce_sum(double* data, size_t n) override { reduce(data, n, MPI_DOUBLE); }
+  void start_all_reduce_sum(float* data, size_t n) override {
+    for (size_t done = 0; done < n;) {
+      const int count = static_cast<int>(std::min<size_t>(n - done, kMaxCount));
+      check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data + done, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD,
+                               &pending_.emplace_back()),
+                "MPI_Iallreduce");
+      done += static_cast<size_t>(count);
+    }
+  }
+  void progress() override {
+    int done = 0;
+    if (!pending_.empty())
+      check_mpi(MPI_Testall(static_cast<int>(pending_.size()), pending_.data(), &done,
+                            MPI_STATUSES_IGNORE),
+                "MPI_Testall");
+  }
+  void finish() override {
+    const Waiting waiting(*this, "MPI_Waitall");
+    check_mpi(MPI_Waitall(static_cast<int>(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE),
+              "MPI_Waitall");
+    pending_.clear();
+  }
   void broadcast(void* data, size_t bytes, int root) override {
     const Waiting waiting(*this, "MPI_Bcast");
     for (size_t done = 0; done < bytes;) {  // MPI counts are ints
@@ -180,6 +206,7 @@ class Mpi final : public Communicator {
   const char* op_ = nullptr;  // the collective operation in progress, if any
   std::chrono::steady_clock::time_point since_;
   std::thread watchdog_;
+  std::vector<MPI_Request> pending_;  // started by start_all_reduce_sum
 };
 #endif
 

@@ -297,7 +297,8 @@ TrainSession::~TrainSession() = default;
 
 double TrainSession::forward_backward(std::span<const int32_t> tokens,
                                       std::span<const uint8_t> target, float grad_scale,
-                                      uint64_t dropout_seed, int64_t& targets) {
+                                      uint64_t dropout_seed, int64_t& targets,
+                                      const std::function<void(int64_t layer)>& on_layer_done) {
   Impl& m = *impl_;
   m.check_input(tokens, target);
   const auto T = static_cast<int64_t>(tokens.size());
@@ -327,6 +328,7 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
       recompute_s += seconds_since(tr);
     }
     m.block_backward(li, T, p, dropout_seed, m.options.grad_checkpoint, stats_);
+    if (on_layer_done) on_layer_done(li);
   }
   stats_.forward_seconds += recompute_s;
   stats_.backward_seconds += seconds_since(t1) - recompute_s;

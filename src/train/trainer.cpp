@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <sstream>
 
@@ -285,20 +286,51 @@ void check_same_job(Communicator& comm, const json& identity, const Model& model
            " ranks run another configuration or base than rank 0 (see each rank's line above)");
 }
 
-// Sums the adapter gradients over the ranks: one all-reduce of all of them, packed in `buf`.
-void all_reduce_grads(Communicator& comm, AdapterSet& adapters, std::vector<float>& buf) {
-  buf.clear();
-  for (const LoraAdapter& a : adapters.adapters)
-    for (const std::vector<float>* g : {&a.grad_A, &a.grad_B})
-      buf.insert(buf.end(), g->begin(), g->end());
-  comm.all_reduce_sum(buf.data(), buf.size());
-  size_t at = 0;
-  for (LoraAdapter& a : adapters.adapters)
-    for (std::vector<float>* g : {&a.grad_A, &a.grad_B}) {
-      std::copy_n(buf.begin() + static_cast<std::ptrdiff_t>(at), g->size(), g->begin());
-      at += g->size();
-    }
-}
+// Sums the adapter gradients over the ranks layer by layer, as soon as each layer's are final:
+// the backward of the rank's last sequence in a step reaches the layers top down, and the
+// layer's adapters (packed into one bucket) start summing while the layers below compute.
+class GradientSum {
+ public:
+  GradientSum(Communicator& comm, AdapterSet& adapters, int64_t layers)
+      : comm_(comm),
+        adapters_(adapters),
+        buckets_(static_cast<size_t>(layers)),
+        started_(static_cast<size_t>(layers), false) {}
+  void begin_step() { std::fill(started_.begin(), started_.end(), false); }
+  // Layer li's gradients are final on this rank.
+  void layer_done(int64_t li) {
+    std::vector<float>& bucket = buckets_[static_cast<size_t>(li)];
+    bucket.clear();
+    for (const LoraAdapter& a : adapters_.adapters)
+      if (a.layer == li)
+        for (const std::vector<float>* g : {&a.grad_A, &a.grad_B})
+          bucket.insert(bucket.end(), g->begin(), g->end());
+    comm_.start_all_reduce_sum(bucket.data(), bucket.size());
+    started_[static_cast<size_t>(li)] = true;
+    comm_.progress();
+  }
+  // Starts the layers not started yet (a rank whose last sequence scored nothing), waits for
+  // every sum and puts them back into the adapters.
+  void finish() {
+    for (size_t li = 0; li < buckets_.size(); ++li)
+      if (!started_[li]) layer_done(static_cast<int64_t>(li));
+    comm_.finish();
+    std::vector<size_t> at(buckets_.size(), 0);
+    for (LoraAdapter& a : adapters_.adapters)
+      for (std::vector<float>* g : {&a.grad_A, &a.grad_B}) {
+        const std::vector<float>& bucket = buckets_[static_cast<size_t>(a.layer)];
+        size_t& i = at[static_cast<size_t>(a.layer)];
+        std::copy_n(bucket.begin() + static_cast<std::ptrdiff_t>(i), g->size(), g->begin());
+        i += g->size();
+      }
+  }
+
+ private:
+  Communicator& comm_;
+  AdapterSet& adapters_;
+  std::vector<std::vector<float>> buckets_;
+  std::vector<bool> started_;
+};
 
 }  // namespace
 
@@ -451,7 +483,7 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   }
   std::vector<const Example*> step_examples;
   std::vector<bool> mine;  // whether this rank runs step_examples[i]
-  std::vector<float> grads;
+  GradientSum gradient_sum(comm, adapters, model.config.n_layers);
   while (rs.step < total) {
     const auto t_data = Clock::now();
     step_examples.clear();
@@ -473,22 +505,30 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     double loss_sum = 0;
     const uint64_t step_seed =
         derive_seed(derive_seed(cfg.seed, kDropoutStream), static_cast<uint64_t>(rs.step));
+    // The ranks' gradients (each divided by the global scored-token count) are summed, each
+    // layer's from when the backward of this rank's last sequence is done with it.
+    gradient_sum.begin_step();
+    const size_t last_mine =
+        static_cast<size_t>(std::find(mine.rbegin(), mine.rend(), true).base() - mine.begin()) - 1;
     for (size_t i = 0; i < step_examples.size(); ++i) {
       if (!mine[i]) continue;
       int64_t n = 0;
+      std::function<void(int64_t)> on_layer_done;
+      if (ranks > 1 && i == last_mine)
+        on_layer_done = [&](int64_t li) { gradient_sum.layer_done(li); };
       // The seed of the example's place in the global step: any split gives the same dropout.
       loss_sum += session.forward_backward(step_examples[i]->tokens, step_examples[i]->target,
                                            1.0f / static_cast<float>(step_targets),
-                                           derive_seed(step_seed, i), n);
+                                           derive_seed(step_seed, i), n, on_layer_done);
     }
     const double fb_s = seconds_since(t_fb);
 
-    // The ranks' gradients (each already divided by the global scored-token count) are summed,
-    // and so are their losses and their stop requests: every rank stops at the same step.
+    // What the summing still takes after the backward, and the losses and stop requests (every
+    // rank stops at the same step).
     const auto t_comm = Clock::now();
     double shared[2] = {loss_sum, stop != nullptr && stop->load() ? 1.0 : 0.0};
     if (ranks > 1) {
-      all_reduce_grads(comm, adapters, grads);
+      gradient_sum.finish();
       comm.all_reduce_sum(shared, 2);
     }
     loss_sum = shared[0];

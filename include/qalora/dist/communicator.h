@@ -20,6 +20,12 @@ class Communicator {
   // Elementwise sum over the ranks, in place; every rank gets the same result.
   virtual void all_reduce_sum(float* data, size_t n) = 0;
   virtual void all_reduce_sum(double* data, size_t n) = 0;
+  // The same without waiting: the sum may land in `data` any time until finish(), which
+  // completes every one started. progress() lets them advance (MPI moves them only inside
+  // its own calls).
+  virtual void start_all_reduce_sum(float* data, size_t n) = 0;
+  virtual void progress() = 0;
+  virtual void finish() = 0;
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void barrier() = 0;
   // Ends every rank of the job with `code` (a failed rank must not leave the others waiting

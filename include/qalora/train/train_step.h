@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 
@@ -52,8 +53,11 @@ class TrainSession {
   // positions t with target[t] = 1; grad_scale * d(loss)/d(adapter) is added to the adapters'
   // grad_A / grad_B (allocated here on first use). Dropout masks derive from dropout_seed.
   // Returns the loss sum (nats) and sets `targets` to the number of scored tokens.
+  // `on_layer_done(l)`, when given, runs once layer l's backward has added its gradients
+  // (layers in descending order): data-parallel training starts summing them there.
   double forward_backward(std::span<const int32_t> tokens, std::span<const uint8_t> target,
-                          float grad_scale, uint64_t dropout_seed, int64_t& targets);
+                          float grad_scale, uint64_t dropout_seed, int64_t& targets,
+                          const std::function<void(int64_t layer)>& on_layer_done = {});
   // The same loss without dropout and without gradients (held-out evaluation).
   double loss(std::span<const int32_t> tokens, std::span<const uint8_t> target, int64_t& targets);
 
