@@ -224,6 +224,23 @@ TEST(Quantize, RtnMinMaxProperties) {
       }
 }
 
+TEST(Quantize, AffineCodesEqualAffineCodeElementByElement) {
+  // Values past both ends of the range, exact halves (round half to even), and lengths with
+  // tails after the 16-wide vectors.
+  std::vector<float> w = test::random_uniform(100, 71, -3.0f, 3.0f);
+  for (int k = 0; k < 20; ++k)
+    w[static_cast<size_t>(k)] = 0.25f * static_cast<float>(k - 10) + 0.125f;
+  for (int bits : {2, 3, 4, 8})
+    for (int64_t n : {1, 15, 16, 17, 33, 100}) {
+      const AffineParams p{0.25f, -1.5f};
+      std::vector<uint8_t> got(static_cast<size_t>(n), 0xFF);
+      affine_codes(w.data(), n, p, bits, got.data());
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(got[static_cast<size_t>(i)], affine_code(w[static_cast<size_t>(i)], p, bits))
+            << "bits " << bits << " n " << n << " i " << i << " w " << w[static_cast<size_t>(i)];
+    }
+}
+
 TEST(Quantize, RtnRangeIncludesZeroAndHandlesConstantGroups) {
   // An all-positive group still represents 0 (the range always includes it) ...
   std::vector<float> pos(64, 0.0f);

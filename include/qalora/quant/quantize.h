@@ -19,6 +19,9 @@ struct AffineParams {
 AffineParams affine_params(const float* w, int64_t n, int64_t stride, int bits, bool sym);
 // The code of w against stored parameters: clamp(round((w - offset) / scale), 0, 2^bits - 1).
 uint8_t affine_code(float w, const AffineParams& p, int bits);
+// affine_code of w[0..n) into codes[0..n): the same codes, in vectors where the build has
+// AVX-512.
+void affine_codes(const float* w, int64_t n, const AffineParams& p, int bits, uint8_t* codes);
 
 // Group size argument: -1 means one group per row (per channel).
 int64_t resolve_group_size(int64_t group_size, int64_t cols);
