@@ -188,12 +188,16 @@ void Tensor::dot_rows(int64_t r0, int64_t r1, const float* x, int64_t T, float* 
   });
 }
 
+void Tensor::decode_all(float* out) const {
+  const int64_t rows_n = rows(), n = row_len();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows_n; ++r) decode_rows(r, r + 1, out + r * n);
+}
+
 Tensor Tensor::decoded() const {
   if (!encoded()) return *this;
   Tensor out = allocate(shape_, false);  // every element is written below
-  const int64_t rows_n = rows(), n = row_len();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows_n; ++r) decode_rows(r, r + 1, out.data_ + r * n);
+  decode_all(out.data_);
   return out;
 }
 

@@ -46,16 +46,18 @@ json stderr_json(double s) { return std::isnan(s) ? json(nullptr) : json(s); }
 std::vector<json> share_items(Communicator* comm, size_t n,
                               const std::function<json(size_t k)>& item) {
   std::vector<json> all(n);
-  const auto [rank, ranks] = Share(comm);
-  if (ranks == 1) {
+  const Share share(comm);
+  if (share.ranks == 1) {
     for (size_t k = 0; k < n; ++k) all[k] = item(k);
     return all;
   }
   json mine = json::array();
-  for (size_t k = static_cast<size_t>(rank); k < n; k += static_cast<size_t>(ranks))
-    mine.push_back({k, item(k)});
-  for (int r = 0; r < ranks; ++r)
-    for (const json& kj : json::parse(comm->broadcast_string(r == rank ? mine.dump() : "", r)))
+  share.for_each(static_cast<int64_t>(n), [&](int64_t k) {
+    mine.push_back({k, item(static_cast<size_t>(k))});
+  });
+  for (int r = 0; r < share.ranks; ++r)
+    for (const json& kj :
+         json::parse(comm->broadcast_string(r == share.rank ? mine.dump() : "", r)))
       all[kj[0].get<size_t>()] = kj[1];
   return all;
 }
@@ -67,8 +69,24 @@ int64_t total_fed(Communicator* comm, int64_t mine) {
   return static_cast<int64_t>(fed);
 }
 
-bool show_progress(const EvalOptions& o) {
-  return o.progress && (o.comm == nullptr || o.comm->is_root());
+// Starts the progress bar of a task's n items on rank 0 (counting its own share), if asked for.
+void start_progress(std::optional<ProgressBar>& bar, const EvalOptions& o, const char* name,
+                    size_t n) {
+  if (o.progress && (o.comm == nullptr || o.comm->is_root()))
+    bar.emplace(name, Share(o.comm).count(static_cast<int64_t>(n)));
+}
+
+// Adds an item's record to the report: its tokens scored (one count, or one per choice),
+// whether its context was truncated, and the record itself.
+void add_record(TaskReport& report, const json& j) {
+  const json& tokens = j["tokens"];
+  if (tokens.is_array()) {
+    for (const json& t : tokens) report.tokens_scored += t.get<int64_t>();
+  } else {
+    report.tokens_scored += tokens.get<int64_t>();
+  }
+  report.truncated += j.contains("truncated") ? 1 : 0;
+  report.items.push_back(j);
 }
 
 }  // namespace
@@ -195,8 +213,7 @@ TaskReport Evaluator::run_mc(TaskKind kind, const std::filesystem::path& data) {
   CachedSession cache(session_, options_.share_prefix);
   SessionScorer scorer(cache);
   std::optional<ProgressBar> bar;
-  if (show_progress(options_))
-    bar.emplace(task_name(kind), Share(options_.comm).count(std::ssize(items)));
+  start_progress(bar, options_, task_name(kind), items.size());
   const bool with_norm = reports_acc_norm(kind);
 
   int64_t hits = 0, done = 0;
@@ -232,9 +249,7 @@ TaskReport Evaluator::run_mc(TaskKind kind, const std::filesystem::path& data) {
     r.pred = j["pred"].get<int64_t>();
     r.pred_norm = j.value("pred_norm", int64_t{0});
     results.push_back(std::move(r));
-    for (const json& t : j["tokens"]) report.tokens_scored += t.get<int64_t>();
-    report.truncated += j.contains("truncated") ? 1 : 0;
-    report.items.push_back(j);
+    add_record(report, j);
   }
   report.n = static_cast<int64_t>(results.size());
   report.metrics = kind == TaskKind::Mmlu ? mmlu_metrics(results) : mc_metrics(results, with_norm);
@@ -248,7 +263,7 @@ TaskReport Evaluator::run_cloze(const std::filesystem::path& data) {
   SessionScorer scorer(cache);
   const auto subset = seeded_subset(all.size(), options_.limit, options_.seed);
   std::optional<ProgressBar> bar;
-  if (show_progress(options_)) bar.emplace("cloze", Share(options_.comm).count(std::ssize(subset)));
+  start_progress(bar, options_, "cloze", subset.size());
 
   int64_t greedy = 0, done = 0;
   const std::vector<json> records = share_items(options_.comm, subset.size(), [&](size_t k) {
@@ -270,9 +285,7 @@ TaskReport Evaluator::run_cloze(const std::filesystem::path& data) {
   for (const json& j : records) {
     hits.push_back(j["greedy"].get<bool>() ? 1.0 : 0.0);
     logliks.push_back(j["loglik"].get<double>());
-    report.tokens_scored += j["tokens"].get<int64_t>();
-    report.truncated += j.contains("truncated") ? 1 : 0;
-    report.items.push_back(j);
+    add_record(report, j);
   }
   report.n = static_cast<int64_t>(hits.size());
   // The harness's LAMBADA perplexity: exp of minus the mean log-likelihood per item.
@@ -303,7 +316,7 @@ TaskReport Evaluator::run_gsm8k(const std::filesystem::path& data) {
   if (encoder_.chat()) stop_tokens = encoder_.chat()->stop_tokens();
   CachedSession cache(session_, options_.share_prefix);
   std::optional<ProgressBar> bar;
-  if (show_progress(options_)) bar.emplace("gsm8k", Share(options_.comm).count(std::ssize(subset)));
+  start_progress(bar, options_, "gsm8k", subset.size());
 
   int64_t flex_count = 0, done = 0;
   const std::vector<json> records = share_items(options_.comm, subset.size(), [&](size_t at) {
@@ -335,9 +348,7 @@ TaskReport Evaluator::run_gsm8k(const std::filesystem::path& data) {
   for (const json& j : records) {
     strict_hits.push_back(j["correct_strict"].get<bool>() ? 1.0 : 0.0);
     flex_hits.push_back(j["correct_flexible"].get<bool>() ? 1.0 : 0.0);
-    report.tokens_scored += j["tokens"].get<int64_t>();
-    report.truncated += j.contains("truncated") ? 1 : 0;
-    report.items.push_back(j);
+    add_record(report, j);
   }
   report.n = static_cast<int64_t>(subset.size());
   report.metrics = {mean_metric("exact_match", strict_hits),

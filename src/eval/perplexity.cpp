@@ -74,9 +74,8 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
   std::vector<int32_t> window;
   std::vector<float> logits;
   const auto vocab = static_cast<size_t>(vocab_size);
-  for (size_t k = static_cast<size_t>(share.rank); k < plan.size();
-       k += static_cast<size_t>(share.ranks)) {
-    const WindowPlan& w = plan[k];
+  share.for_each(std::ssize(plan), [&](int64_t k) {
+    const WindowPlan& w = plan[static_cast<size_t>(k)];
     window.clear();
     if (has_bos) window.push_back(bos);
     window.insert(window.end(), tokens.begin() + w.begin, tokens.begin() + w.end);
@@ -87,12 +86,13 @@ PerplexityResult perplexity(std::span<const int32_t> tokens, int64_t vocab_size,
     const int64_t offset = has_bos ? 1 : 0;
     for (int64_t i = w.score_from; i < w.end; ++i) {
       const auto row = static_cast<size_t>(i - w.begin + offset - 1);
-      scores[2 * k] += token_nll(std::span<const float>(logits).subspan(row * vocab, vocab),
-                                 tokens[static_cast<size_t>(i)]);
-      scores[2 * k + 1] += 1;
+      scores[static_cast<size_t>(2 * k)] +=
+          token_nll(std::span<const float>(logits).subspan(row * vocab, vocab),
+                    tokens[static_cast<size_t>(i)]);
+      scores[static_cast<size_t>(2 * k + 1)] += 1;
     }
     if (bar) bar->advance();
-  }
+  });
   if (share.ranks > 1) options.comm->all_reduce_sum(scores.data(), scores.size());
 
   std::optional<JsonlWriter> metrics;
@@ -141,9 +141,8 @@ ExampleLoss example_loss(InferenceSession& session, std::span<const Example> exa
   const auto vocab = static_cast<size_t>(session.model().config.vocab_size);
   ExampleLoss result;
   std::vector<float> logits;
-  for (size_t k = static_cast<size_t>(share.rank); k < examples.size();
-       k += static_cast<size_t>(share.ranks)) {
-    const Example& e = examples[k];
+  share.for_each(std::ssize(examples), [&](int64_t k) {
+    const Example& e = examples[static_cast<size_t>(k)];
     QL_CHECK(std::ssize(e.tokens) <= session.max_context(), "an example of ", e.tokens.size(),
              " tokens exceeds the inference cache of ", session.max_context(), " positions");
     logits.resize(e.tokens.size() * vocab);
@@ -158,7 +157,7 @@ ExampleLoss example_loss(InferenceSession& session, std::span<const Example> exa
     }
     ++result.examples;
     if (bar) bar->advance();
-  }
+  });
   if (share.ranks > 1) {
     double sums[3] = {result.nll_sum, static_cast<double>(result.tokens),
                       static_cast<double>(result.examples)};

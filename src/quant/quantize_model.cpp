@@ -158,10 +158,8 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
     if (l.quantized() || !l.weight.encoded()) {
       w = l.dense_weight();
     } else {
-      const int64_t rows = l.weight.dim(0), cols = l.weight.dim(1);
-      decoded.resize(static_cast<size_t>(rows * cols));
-#pragma omp parallel for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) l.weight.decode_rows(r, r + 1, decoded.data() + r * cols);
+      decoded.resize(static_cast<size_t>(l.weight.numel()));
+      l.weight.decode_all(decoded.data());
       w = Tensor::view(decoded.data(), l.weight.shape(), nullptr);
     }
     check_finite(w.data(), w.dim(0), w.dim(1), cat(model.source_path, ": layer ", li, " ", name));

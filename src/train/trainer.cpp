@@ -339,6 +339,7 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   const Tokenizer& tok = model.require_tokenizer();
   const bool root = comm.is_root();
   const int ranks = comm.size();
+  const Share share(&comm);
   QL_CHECK(!cfg.out.empty(), "train: --out is required");
   QL_CHECK(cfg.learning_rate > 0 && std::isfinite(cfg.learning_rate),
            "--learning-rate: expected a positive number, got ", cfg.learning_rate);
@@ -443,13 +444,12 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   // Each rank scores every ranks-th held-out example; the sums are added up.
   auto eval_loss = [&]() {
     double sums[2] = {0, 0};  // loss, scored tokens
-    for (size_t i = static_cast<size_t>(comm.rank()); i < eval_set.examples.size();
-         i += static_cast<size_t>(ranks)) {
-      const Example& e = eval_set.examples[i];
+    share.for_each(std::ssize(eval_set.examples), [&](int64_t i) {
+      const Example& e = eval_set.examples[static_cast<size_t>(i)];
       int64_t count = 0;
       sums[0] += session.loss(e.tokens, e.target, count);
       sums[1] += static_cast<double>(count);
-    }
+    });
     comm.all_reduce_sum(sums, 2);
     return sums[1] > 0 ? sums[0] / sums[1] : -1.0;
   };
@@ -483,6 +483,7 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   }
   std::vector<const Example*> step_examples;
   std::vector<bool> mine;  // whether this rank runs step_examples[i]
+  size_t last_mine = 0;    // the last of them
   GradientSum gradient_sum(comm, adapters, model.config.n_layers);
   while (rs.step < total) {
     const auto t_data = Clock::now();
@@ -491,7 +492,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     for (int64_t m = 0; m < step_batches; ++m)
       for (int64_t i : batcher.next()) {
         step_examples.push_back(&train_set.examples[static_cast<size_t>(i)]);
-        mine.push_back(m % ranks == comm.rank());
+        mine.push_back(share.owns(m));
+        if (mine.back()) last_mine = step_examples.size() - 1;
       }
     int64_t step_targets = 0, step_tokens = 0;
     for (const Example* e : step_examples) {
@@ -508,8 +510,6 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     // The ranks' gradients (each divided by the global scored-token count) are summed, each
     // layer's from when the backward of this rank's last sequence is done with it.
     gradient_sum.begin_step();
-    const size_t last_mine =
-        static_cast<size_t>(std::find(mine.rbegin(), mine.rend(), true).base() - mine.begin()) - 1;
     for (size_t i = 0; i < step_examples.size(); ++i) {
       if (!mine[i]) continue;
       int64_t n = 0;

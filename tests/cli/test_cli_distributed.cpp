@@ -377,21 +377,32 @@ std::optional<int> wait_for_job(pid_t job, const std::vector<pid_t>& ranks, int 
   return status;
 }
 
+// Starts a 2-rank job, sends `signal` to one rank once `lines` steps are logged in
+// out/metrics.jsonl, and returns the job's wait status if it then ends by itself within 60 s.
+std::optional<int> signal_a_rank(const std::vector<std::string>& mpi_args,
+                                 const std::vector<std::string>& app, const fs::path& out,
+                                 int lines, int signal, const fs::path& dir) {
+  const pid_t job = spawn_mpirun(with(mpi_args, {"-np", "2"}), app, dir);
+  EXPECT_GT(job, 0);
+  if (job <= 0) return std::nullopt;
+  wait_for_loss_lines(out / "metrics.jsonl", lines);
+  const std::vector<pid_t> ranks = children_of(job);
+  EXPECT_EQ(ranks.size(), 2u) << "mpirun's rank processes";
+  if (!ranks.empty()) {
+    EXPECT_EQ(kill(ranks.back(), signal), 0);
+  }
+  return wait_for_job(job, ranks, 60);
+}
+
 TEST_F(CliDistributed, AKilledRankEndsTheJobAndItsLastCheckpointResumes) {
   const int steps = 400;
   const fs::path whole = dir_ / "whole", cut = dir_ / "cut";
   auto r = mpirun({with({"-np", "2"}, train("lora", 1, steps, whole, {"--save-steps", "10"}))});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
 
-  const pid_t job =
-      spawn_mpirun({"-np", "2"}, train("lora", 1, steps, cut, {"--save-steps", "10"}), dir_);
-  ASSERT_GT(job, 0);
-  wait_for_loss_lines(cut / "metrics.jsonl", 25);
-  const std::vector<pid_t> ranks = children_of(job);
-  ASSERT_EQ(ranks.size(), 2u) << "mpirun's rank processes";
-  ASSERT_EQ(kill(ranks.back(), SIGKILL), 0);
   // The job ends by itself, without hanging in a collective operation.
-  const auto status = wait_for_job(job, ranks, 60);
+  const auto status = signal_a_rank({}, train("lora", 1, steps, cut, {"--save-steps", "10"}), cut,
+                                    25, SIGKILL, dir_);
   ASSERT_TRUE(status.has_value()) << "the job did not end within 60 s of a rank's death";
   EXPECT_FALSE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
   ASSERT_FALSE(fs::exists(cut / "qalora_adapter.safetensors")) << "killed before the end";
@@ -409,14 +420,8 @@ TEST_F(CliDistributed, ARankThatHangsEndsTheJobAfterTheTimeout) {
   // A stopped rank neither answers nor dies: the other waits in the gradient all-reduce until
   // QALORA_COMM_TIMEOUT, then ends the job with one line.
   const fs::path out = dir_ / "hang";
-  const pid_t job = spawn_mpirun({"-x", "QALORA_COMM_TIMEOUT=3", "-np", "2"},
-                                 train("lora", 1, 100000, out), dir_);
-  ASSERT_GT(job, 0);
-  wait_for_loss_lines(out / "metrics.jsonl", 10);
-  const std::vector<pid_t> ranks = children_of(job);
-  ASSERT_EQ(ranks.size(), 2u) << "mpirun's rank processes";
-  ASSERT_EQ(kill(ranks.back(), SIGSTOP), 0);
-  const auto status = wait_for_job(job, ranks, 60);
+  const auto status = signal_a_rank({"-x", "QALORA_COMM_TIMEOUT=3"}, train("lora", 1, 100000, out),
+                                    out, 10, SIGSTOP, dir_);
   ASSERT_TRUE(status.has_value()) << "the job hung with a stopped rank";
   EXPECT_FALSE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
   EXPECT_NE(

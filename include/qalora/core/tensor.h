@@ -79,6 +79,8 @@ class Tensor {
   // the stored bytes where the codec can (RowCodec::dot), else through a decoded copy.
   void dot_rows(int64_t r0, int64_t r1, const float* x, int64_t T, float* y,
                 int64_t y_stride) const;
+  // out[numel()] = every row as fp32 (decode_rows of all of them, rows in parallel).
+  void decode_all(float* out) const;
   // The tensor as a plain fp32 array: itself when it is one, else a decoded copy.
   Tensor decoded() const;
   // Row r of the result is row order[r] of this tensor: a copy for fp32 arrays, a reordered

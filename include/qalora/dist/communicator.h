@@ -47,6 +47,12 @@ struct Share {
       : rank(comm ? comm->rank() : 0), ranks(comm ? comm->size() : 1) {}
   // Items of n that are this rank's.
   int64_t count(int64_t n) const { return (n - rank + ranks - 1) / ranks; }
+  bool owns(int64_t k) const { return k % ranks == rank; }
+  // f(k) for this rank's items k of n, in order.
+  template <typename F>
+  void for_each(int64_t n, F&& f) const {
+    for (int64_t k = rank; k < n; k += ranks) f(k);
+  }
 };
 
 // The process's communicator: MPI when the build has it (-DQALORA_MPI=ON) and an MPI launcher
