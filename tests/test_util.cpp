@@ -59,10 +59,10 @@ CliResult run_cli(const std::vector<std::string>& args) {
   return run_program(QALORA_CLI_PATH, args);
 }
 
-CliResult run_program(const std::string& program, const std::vector<std::string>& args) {
-  const std::filesystem::path dir = temp_dir_sibling("cli");
-  std::filesystem::create_directories(dir);
-  const auto out_path = dir / "stdout", err_path = dir / "stderr";
+// Starts `program ARGS...` with stdout and stderr into files and stdin from /dev/null.
+static pid_t spawn_program(const std::string& program, const std::vector<std::string>& args,
+                           const std::filesystem::path& out_path,
+                           const std::filesystem::path& err_path) {
   const pid_t pid = fork();
   if (pid == 0) {
     std::vector<char*> argv;
@@ -77,6 +77,14 @@ CliResult run_program(const std::string& program, const std::vector<std::string>
     execvp(exe.c_str(), argv.data());
     _exit(127);
   }
+  return pid;
+}
+
+CliResult run_program(const std::string& program, const std::vector<std::string>& args) {
+  const std::filesystem::path dir = temp_dir_sibling("cli");
+  std::filesystem::create_directories(dir);
+  const auto out_path = dir / "stdout", err_path = dir / "stderr";
+  const pid_t pid = spawn_program(program, args, out_path, err_path);
   int status = 0;
   waitpid(pid, &status, 0);
   CliResult r;
@@ -84,6 +92,10 @@ CliResult run_program(const std::string& program, const std::vector<std::string>
   r.out = slurp(out_path);
   r.err = slurp(err_path);
   return r;
+}
+
+pid_t spawn_cli(const std::vector<std::string>& args, const std::filesystem::path& dir) {
+  return spawn_program(QALORA_CLI_PATH, args, dir / "spawn.out", dir / "spawn.err");
 }
 
 int run_python(const std::filesystem::path& script, const std::vector<std::string>& args,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <sys/types.h>
 
 #include <cstdint>
 #include <filesystem>
@@ -60,6 +61,9 @@ struct CliResult {
 CliResult run_cli(const std::vector<std::string>& args);
 // The same for another program (found on PATH), e.g. mpirun.
 CliResult run_program(const std::string& program, const std::vector<std::string>& args);
+// Starts the CLI without waiting for it (for tests that signal it); its stdout and stderr go to
+// DIR/spawn.out and DIR/spawn.err.
+pid_t spawn_cli(const std::vector<std::string>& args, const std::filesystem::path& dir);
 
 // Runs `python3 SCRIPT ARGS...` (an independent reference implementation). Returns its exit
 // status with its stderr in `err`; kPythonMissing when python3 or a package it needs is absent

@@ -1,27 +1,50 @@
 #include "qalora/core/atomic_file.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 #include <fstream>
+#include <string>
 
 #include "qalora/core/error.h"
 
 namespace qalora {
 
+const char* write_failure_reason() {
+  return errno != 0 ? std::strerror(errno) : "disk full?";
+}
+
+bool left_by_dead_process(std::string_view name, std::string_view prefix) {
+  if (!name.starts_with(prefix) || name.size() == prefix.size()) return false;
+  const std::string_view digits = name.substr(prefix.size());
+  long pid = 0;
+  const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), pid);
+  if (ec != std::errc() || end != digits.data() + digits.size() || pid <= 0) return false;
+  return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
 void write_file_atomic(const std::filesystem::path& path,
                        const std::function<void(std::ostream&)>& write) {
+  const std::string stem = path.filename().string() + ".tmp.";
   const std::filesystem::path tmp =
       path.string() + ".tmp." + std::to_string(static_cast<long>(::getpid()));
+  std::error_code ec;
+  const std::filesystem::path parent = path.has_parent_path() ? path.parent_path() : ".";
+  for (const auto& e : std::filesystem::directory_iterator(parent, ec))
+    if (left_by_dead_process(e.path().filename().string(), stem))
+      std::filesystem::remove(e.path(), ec);
   try {
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
       if (!out) fail(tmp.string(), ": cannot open for writing: ", std::strerror(errno));
       write(out);
       out.flush();
-      if (!out) fail(tmp.string(), ": write failed (disk full?)");
+      if (!out) fail(tmp.string(), ": write failed: ", write_failure_reason());
     }
     // Sync the data before the rename so a crash cannot expose an empty target.
     const int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
@@ -29,7 +52,6 @@ void write_file_atomic(const std::filesystem::path& path,
       ::fsync(fd);
       ::close(fd);
     }
-    std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec) fail(path.string(), ": cannot rename temporary file into place: ", ec.message());
   } catch (...) {

@@ -7,6 +7,7 @@
 #include <map>
 
 #include "export/export_internal.h"
+#include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
 
 namespace qalora {
@@ -84,17 +85,40 @@ json ExportReport::to_json() const {
           {"tensors", list}};
 }
 
+namespace {
+
+// What killed writers of `target` left beside it: their unfinished folders go, and an output
+// moved aside to be replaced comes back when its replacement never arrived.
+void clean_up_after_dead_writers(const fs::path& parent, const fs::path& target) {
+  const std::string stem = target.filename().string();
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(parent, ec)) {
+    const std::string name = e.path().filename().string();
+    if (left_by_dead_process(name, cat(".", stem, ".tmp."))) {
+      fs::remove_all(e.path(), ec);
+    } else if (left_by_dead_process(name, cat(".", stem, ".old."))) {
+      if (!fs::exists(target))
+        fs::rename(e.path(), target, ec);
+      else
+        fs::remove_all(e.path(), ec);
+    }
+  }
+}
+
+}  // namespace
+
 void write_folder_atomic(const fs::path& dir, bool replace,
                          const std::function<void(const fs::path&)>& write) {
   QL_CHECK(!dir.empty(), "export: the output path is empty");
-  const bool exists = fs::exists(fs::symlink_status(dir));
-  QL_CHECK(replace || !exists, dir.string(), ": already exists (use --force to replace it)");
   fs::path target = fs::absolute(dir).lexically_normal();
   if (!target.has_filename()) target = target.parent_path();  // "out/"
   const fs::path parent = target.parent_path();
   std::error_code ec;
   fs::create_directories(parent, ec);
   QL_CHECK(!ec, parent.string(), ": cannot create folder: ", ec.message());
+  clean_up_after_dead_writers(parent, target);
+  const bool exists = fs::exists(fs::symlink_status(dir));
+  QL_CHECK(replace || !exists, dir.string(), ": already exists (use --force to replace it)");
   const std::string stem = target.filename().string();
   const fs::path tmp = parent / cat(".", stem, ".tmp.", ::getpid());
   const fs::path old = parent / cat(".", stem, ".old.", ::getpid());

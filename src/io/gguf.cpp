@@ -787,8 +787,8 @@ void GgufWriter::add_tensor(std::string name, const Shape& shape, GgmlType type,
   const size_t bytes = data.size();
   if (spill_) {
     spill_->write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(bytes));
-    QL_CHECK(spill_->good(), spill_path_.string(), ": cannot write tensor ", Quoted{name},
-             " (disk full?)");
+    QL_CHECK(spill_->good(), spill_path_.string(), ": cannot write tensor ", Quoted{name}, ": ",
+             write_failure_reason());
     data = std::vector<uint8_t>();  // frees it: `data = {}` would clear it and keep the capacity
   }
   tensors_.push_back({std::move(name), shape, type, std::move(data), bytes});
@@ -849,7 +849,8 @@ void GgufWriter::write(const std::filesystem::path& path) const {
   std::ifstream spilled;
   if (spill_) {
     spill_->flush();
-    QL_CHECK(spill_->good(), spill_path_.string(), ": cannot write the tensor data (disk full?)");
+    QL_CHECK(spill_->good(), spill_path_.string(),
+             ": cannot write the tensor data: ", write_failure_reason());
     spilled.open(spill_path_, std::ios::binary);
     QL_CHECK(spilled.is_open(), spill_path_.string(), ": cannot read back the tensor data");
   }

@@ -10,6 +10,7 @@
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
 #include "qalora/core/mapped_file.h"
+#include "qalora/core/output_lock.h"
 #include "qalora/io/safetensors.h"
 #include "qalora/model/model.h"
 #include "qalora/quant/qmatrix_rows.h"
@@ -434,6 +435,8 @@ struct ModelFolderWriter::Impl {
   std::vector<std::vector<std::string>> shard_names;  // tensors of each written shard
   int64_t next_block = 0;
   bool finished = false;
+  // Two runs writing the same folder would share `partial`: the second is refused.
+  std::optional<OutputLock> lock;
 
   Impl(const Model& m, fs::path d, int64_t shard)
       : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard), floats(m) {}
@@ -480,10 +483,18 @@ struct ModelFolderWriter::Impl {
     const json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", map}};
     write_file_atomic(partial / "model.safetensors.index.json", index.dump(2) + "\n");
   }
-  // Moves the finished files into `dir`. config.json goes last, and an older one goes first:
+  // Moves the finished files into `dir`: in one rename when `dir` is new (or empty), so that it
+  // is either absent or complete. Otherwise config.json goes last, and an older one goes first:
   // until the move ends the folder is not a loadable model, never a mix of two.
   void publish() {
     std::error_code ec;
+    fs::remove(partial / OutputLock::kFileName, ec);
+    if (!fs::exists(dir) || fs::is_empty(dir)) {
+      fs::rename(partial, dir, ec);
+      QL_CHECK(!ec, dir.string(), ": cannot rename ", partial.string(),
+               " into place: ", ec.message());
+      return;
+    }
     fs::create_directories(dir, ec);
     QL_CHECK(!ec, dir.string(), ": cannot create folder: ", ec.message());
     fs::remove(dir / "config.json", ec);
@@ -506,10 +517,10 @@ ModelFolderWriter::ModelFolderWriter(const Model& model, const fs::path& dir, in
            ": this model's per-frequency RoPE factors (GGUF rope_freqs.weight) have no config.json "
            "equivalent; it cannot be saved as a Hugging Face folder");
   QL_CHECK(!fs::exists(dir) || fs::is_directory(dir), dir.string(), ": exists and is not a folder");
-  std::error_code ec;
-  fs::remove_all(impl_->partial, ec);  // left by an interrupted run
-  fs::create_directories(impl_->partial, ec);
-  QL_CHECK(!ec, impl_->partial.string(), ": cannot create folder: ", ec.message());
+  impl_->lock.emplace(impl_->partial, dir.string().c_str());
+  // Whatever an interrupted run left.
+  for (const auto& e : fs::directory_iterator(impl_->partial))
+    if (e.path().filename() != OutputLock::kFileName) fs::remove_all(e.path());
 }
 
 ModelFolderWriter::~ModelFolderWriter() {

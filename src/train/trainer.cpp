@@ -101,6 +101,7 @@ const json& field_at(const json& j, const std::string& dotted) {
 
 struct RunState {
   int64_t step = 0;
+  int64_t total = 0;  // the run's length when the state was saved
   BatcherState batcher;
   double eval_loss_before = -1;
   std::vector<LossPoint> train_points, eval_points;
@@ -127,29 +128,40 @@ std::vector<MomentTensor> moment_tensors(const AdapterSet& adapters, AdamW& opt)
   return tensors;
 }
 
+json state_json(const RunState& rs, const AdamW& opt, const json& identity) {
+  return {{"step", rs.step},
+          {"total_steps", rs.total},
+          {"optimizer_steps", opt.steps()},
+          {"batcher", {{"epoch", rs.batcher.epoch}, {"position", rs.batcher.position}}},
+          {"eval_loss_before", rs.eval_loss_before},
+          {"train_loss", points_json(rs.train_points)},
+          {"eval_loss", points_json(rs.eval_points)},
+          {"identity", identity}};
+}
+
 void save_checkpoint(const fs::path& out, const Model& model, const AdapterSet& adapters,
                      AdamW& opt, const RunState& rs, const json& identity, int64_t keep) {
   const fs::path final_dir = out / (kCheckpointPrefix + std::to_string(rs.step));
   const fs::path tmp = out / (final_dir.filename().string() + ".tmp");
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  save_adapter(adapters, model, tmp);
-  std::vector<StWriteTensor> moments;
-  for (const MomentTensor& m : moment_tensors(adapters, opt)) {
-    StWriteTensor t{m.name, StDtype::F32, m.shape, {}};
-    t.bytes.resize(m.values->size() * sizeof(float));
-    std::memcpy(t.bytes.data(), m.values->data(), t.bytes.size());
-    moments.push_back(std::move(t));
+  try {
+    save_adapter(adapters, model, tmp);
+    std::vector<StWriteTensor> moments;
+    for (const MomentTensor& m : moment_tensors(adapters, opt)) {
+      StWriteTensor t{m.name, StDtype::F32, m.shape, {}};
+      t.bytes.resize(m.values->size() * sizeof(float));
+      std::memcpy(t.bytes.data(), m.values->data(), t.bytes.size());
+      moments.push_back(std::move(t));
+    }
+    write_safetensors(tmp / kOptimizerFile, moments);
+    write_file_atomic(tmp / kStateFile, state_json(rs, opt, identity).dump(1));
+  } catch (...) {
+    // A failed write (a full disk) leaves the earlier checkpoints and no partial folder.
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);
+    throw;
   }
-  write_safetensors(tmp / kOptimizerFile, moments);
-  const json state = {{"step", rs.step},
-                      {"optimizer_steps", opt.steps()},
-                      {"batcher", {{"epoch", rs.batcher.epoch}, {"position", rs.batcher.position}}},
-                      {"eval_loss_before", rs.eval_loss_before},
-                      {"train_loss", points_json(rs.train_points)},
-                      {"eval_loss", points_json(rs.eval_points)},
-                      {"identity", identity}};
-  write_file_atomic(tmp / kStateFile, state.dump(1));
   // The folder appears under its final name only once complete.
   fs::remove_all(final_dir);
   fs::rename(tmp, final_dir);
@@ -170,11 +182,15 @@ RunState load_checkpoint(const fs::path& dir, const Model& model, const json& id
   int64_t optimizer_steps = 0;
   try {
     state = json::parse(in);
-    const json& saved = state.at("identity");
+    json saved = state.at("identity");
+    // Checkpoints written before a finished run could be continued held the run's length.
+    saved.erase("max_steps");
+    saved.erase("num_epochs");
     if (const std::string d = first_difference(saved, identity); !d.empty())
       fail("--resume: ", dir.string(), " is from another run configuration: ", d, " was ",
            field_at(saved, d).dump(), ", this run has ", field_at(identity, d).dump());
     rs.step = state.at("step").get<int64_t>();
+    rs.total = state.value("total_steps", int64_t{0});  // absent before runs could be extended
     rs.batcher.epoch = state.at("batcher").at("epoch").get<int64_t>();
     rs.batcher.position = state.at("batcher").at("position").get<int64_t>();
     rs.eval_loss_before = state.at("eval_loss_before").get<double>();
@@ -213,11 +229,31 @@ void truncate_metrics(const fs::path& path, int64_t step) {
   write_file_atomic(path, kept);
 }
 
+// Checked before anything is saved: a checkpoint or adapter never holds a NaN or an infinity.
+void check_finite(const AdapterSet& adapters, int64_t step) {
+  for (const LoraAdapter& a : adapters.adapters)
+    for (const Tensor* t : {&a.A, &a.B})
+      QL_CHECK(
+          std::all_of(t->data(), t->data() + t->numel(), [](float v) { return std::isfinite(v); }),
+          "train: step ", step, ": the adapter of layer ", a.layer, " ", target_name(a.target),
+          " holds a non-finite value (learning rate too high?); nothing was saved for this step");
+}
+
 void write_loss_curve(const fs::path& out, const RunState& rs, const std::string& title) {
   write_file_atomic(out / "loss.svg", loss_curve_svg(rs.train_points, rs.eval_points, title));
 }
 
 }  // namespace
+
+const char* non_finite_name(NonFinite n) {
+  return n == NonFinite::Stop ? "stop" : "skip";
+}
+
+NonFinite parse_non_finite(std::string_view name) {
+  for (NonFinite n : {NonFinite::Stop, NonFinite::Skip})
+    if (name == non_finite_name(n)) return n;
+  fail("--on-non-finite: unknown action '", name, "', expected stop or skip");
+}
 
 json TrainConfig::identity(int ranks) const {
   const AdapterConfig& a = adapter;
@@ -251,8 +287,6 @@ json TrainConfig::identity(int ranks) const {
       // Micro-batches per optimizer step over all ranks: a run resumes at another world size
       // that keeps it (2 ranks x --grad-accum 2 = 1 rank x 4).
       {"grad_accum", grad_accum * ranks},
-      {"max_steps", max_steps},
-      {"num_epochs", num_epochs},
       {"group_by_length", group_by_length},
       {"seed", seed},
   };
@@ -382,6 +416,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   if (!cfg.resume.empty()) {
     resumed_from = find_checkpoint(cfg.resume);
     rs = load_checkpoint(resumed_from, model, identity, adapters, opt);
+    QL_CHECK(rs.step <= total, "train: ", resumed_from.string(), " is at step ", rs.step,
+             ", past this run's ", total, " steps (raise --max-steps to continue it)");
     batcher.restore(rs.batcher);
   } else {
     adapters = create_adapters(model, cfg.adapter);
@@ -428,6 +464,14 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     if (!resumed_from.empty())
       std::printf("resumed from %s at step %lld\n", resumed_from.string().c_str(),
                   static_cast<long long>(rs.step));
+    if (!resumed_from.empty() && rs.total > 0 && rs.total != total)
+      std::printf(
+          "continuing a run of %lld steps to %lld: the learning rate schedule now spans %lld "
+          "steps%s\n",
+          static_cast<long long>(rs.total), static_cast<long long>(total),
+          static_cast<long long>(total),
+          cfg.lr_schedule == LrSchedule::Constant ? ""
+                                                  : " (steps already taken used the old span)");
     std::fflush(stdout);
   }
 
@@ -465,6 +509,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   TrainResult result;
   result.total_steps = total;
   result.first_step = rs.step;
+  result.checkpoint = resumed_from;
+  rs.total = total;
   if (resumed_from.empty()) {
     rs.eval_loss_before = record_eval(0);
     if (rs.eval_loss_before >= 0 && root)
@@ -537,33 +583,51 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
 
     const auto t_opt = Clock::now();
     const double norm = grad_norm(adapters);
-    if (cfg.max_grad_norm > 0 && norm > cfg.max_grad_norm)
-      scale_grads(adapters, static_cast<float>(cfg.max_grad_norm / norm));
+    const double loss = loss_sum / static_cast<double>(std::max<int64_t>(1, step_targets));
     const double lr = learning_rate(cfg.lr_schedule, cfg.learning_rate, rs.step, warmup, total);
-    opt.step(adapters, lr);
+    // Every rank sees the same summed loss and gradients, so all stop or skip together.
+    const bool finite = std::isfinite(loss) && std::isfinite(norm);
+    if (!finite) {
+      const std::string what = cat("the ", std::isfinite(loss) ? "gradient norm" : "loss", " is ",
+                                   std::isfinite(loss) ? norm : loss);
+      write_metrics({{"step", rs.step + 1}, {"non_finite", what}, {"lr", lr}});
+      QL_CHECK(cfg.on_non_finite == NonFinite::Skip, "train: step ", rs.step + 1, ": ", what,
+               " (learning rate ", lr, " too high?); stopped before updating the adapter, ",
+               result.checkpoint.empty() ? std::string("the run has no checkpoint yet")
+                                         : "the last checkpoint is " + result.checkpoint.string(),
+               " (--on-non-finite skip steps over such steps)");
+      ++result.skipped_steps;
+      if (root)
+        std::fprintf(stderr, "step %lld: %s, skipped\n", static_cast<long long>(rs.step + 1),
+                     what.c_str());
+    } else {
+      if (cfg.max_grad_norm > 0 && norm > cfg.max_grad_norm)
+        scale_grads(adapters, static_cast<float>(cfg.max_grad_norm / norm));
+      opt.step(adapters, lr);
+    }
     const double opt_s = seconds_since(t_opt);
 
     ++rs.step;
     rs.batcher = batcher.state();
-    const double loss = loss_sum / static_cast<double>(std::max<int64_t>(1, step_targets));
-    rs.train_points.push_back({rs.step, loss});
+    if (finite) rs.train_points.push_back({rs.step, loss});
     result.tokens += step_tokens;
     result.target_tokens += step_targets;
-    result.train_loss_last = loss;
+    if (finite) result.train_loss_last = loss;
     const double step_s = data_s + fb_s + comm_s + opt_s;
-    write_metrics({{"step", rs.step},
-                   {"loss", loss},
-                   {"lr", lr},
-                   {"grad_norm", norm},
-                   {"tokens", step_tokens},
-                   {"target_tokens", step_targets},
-                   {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
-                   {"seconds",
-                    {{"data", data_s},
-                     {"forward_backward", fb_s},
-                     {"all_reduce", comm_s},
-                     {"optimizer", opt_s}}},
-                   {"epoch", rs.batcher.epoch}});
+    if (finite)
+      write_metrics({{"step", rs.step},
+                     {"loss", loss},
+                     {"lr", lr},
+                     {"grad_norm", norm},
+                     {"tokens", step_tokens},
+                     {"target_tokens", step_targets},
+                     {"tokens_per_second", static_cast<double>(step_tokens) / step_s},
+                     {"seconds",
+                      {{"data", data_s},
+                       {"forward_backward", fb_s},
+                       {"all_reduce", comm_s},
+                       {"optimizer", opt_s}}},
+                     {"epoch", rs.batcher.epoch}});
     char status[128];
     std::snprintf(status, sizeof status, "loss %.4f lr %.2e %.0f tok/s", loss, lr,
                   static_cast<double>(result.tokens) / seconds_since(t_start));
@@ -575,8 +639,10 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     const bool last = rs.step == total;
     if (!last && cfg.eval_steps > 0 && rs.step % cfg.eval_steps == 0) record_eval(rs.step);
     const bool stopping = shared[1] > 0;
-    if ((!last && cfg.save_steps > 0 && rs.step % cfg.save_steps == 0) || stopping) {
+    // The last step always leaves a checkpoint: a finished run continues to more steps.
+    if (last || (cfg.save_steps > 0 && rs.step % cfg.save_steps == 0) || stopping) {
       if (root) {
+        check_finite(adapters, rs.step);
         save_checkpoint(cfg.out, model, adapters, opt, rs, identity, cfg.save_total_limit);
         write_loss_curve(cfg.out, rs, title);
       }
@@ -593,7 +659,10 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
 
   if (!result.interrupted) {
     result.eval_loss_after = record_eval(rs.step);
-    if (root) save_adapter(adapters, model, cfg.out);
+    if (root) {
+      check_finite(adapters, rs.step);
+      save_adapter(adapters, model, cfg.out);
+    }
   }
   if (root) write_loss_curve(cfg.out, rs, title);
   // The files are complete when any rank returns.
@@ -610,6 +679,7 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
          {"peak_rss_mb", static_cast<double>(peak_rss_bytes()) / 1e6},
          {"ranks", ranks},
          {"all_reduce_seconds", result.all_reduce_seconds},
+         {"skipped_steps", result.skipped_steps},
          {"interrupted", result.interrupted}}}});
   return result;
 }

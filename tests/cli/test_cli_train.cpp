@@ -136,24 +136,6 @@ TEST(CliTrain, QaLoraOnGptqStoriesLowersTheHeldOutLoss) {
   }
 }
 
-// Spawns the CLI without waiting; stdout and stderr go to files in `dir`.
-pid_t spawn_cli(const std::vector<std::string>& args, const fs::path& dir) {
-  const pid_t pid = fork();
-  if (pid == 0) {
-    std::vector<std::string> copy = args;
-    std::string exe = QALORA_CLI_PATH;
-    std::vector<char*> argv = {exe.data()};
-    for (auto& a : copy) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (!freopen((dir / "spawn.out").c_str(), "w", stdout) ||
-        !freopen((dir / "spawn.err").c_str(), "w", stderr))
-      _exit(127);
-    execv(exe.c_str(), argv.data());
-    _exit(127);
-  }
-  return pid;
-}
-
 TEST(CliTrain, InterruptedBySignalAndResumedGivesTheSameAdapter) {
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
   QL_REQUIRE_DATA(kTinyStories);
@@ -189,7 +171,7 @@ TEST(CliTrain, InterruptedBySignalAndResumedGivesTheSameAdapter) {
   auto r = run_cli(args(whole));
   ASSERT_EQ(r.exit_code, 0) << r.err;
 
-  const pid_t pid = spawn_cli(args(parts), dir);
+  const pid_t pid = test::spawn_cli(args(parts), dir);
   ASSERT_GT(pid, 0);
   // A real SIGINT once a few steps are logged, as Ctrl-C would send.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);

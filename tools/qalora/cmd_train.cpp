@@ -7,12 +7,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "cli_common.h"
 #include "commands.h"
 #include "data_args.h"
 #include "qalora/core/error.h"
+#include "qalora/core/output_lock.h"
 #include "qalora/dist/communicator.h"
 #include "qalora/model/runtime.h"
 #include "qalora/train/trainer.h"
@@ -35,7 +37,7 @@ struct TrainArgs {
   DataArgs data_args;
   std::string data, eval_data, out, resume;
   std::string adapter = "lora", targets = "all-linear", init = "kaiming";
-  std::string pool = "avg", scheduler = "constant";
+  std::string pool = "avg", scheduler = "constant", on_non_finite = "stop";
   bool no_progress = false;
   CLI::Option* seed_option = nullptr;
 };
@@ -67,10 +69,14 @@ void run_train(TrainArgs& args) {
   c.adapter.pool = parse_adapter_pool(args.pool);
   c.adapter.seed = c.seed;
   c.lr_schedule = parse_lr_schedule(args.scheduler);
-  QL_CHECK(!std::filesystem::exists(c.out) || !c.resume.empty() || std::filesystem::is_empty(c.out),
-           "--out: ", args.out, " exists and is not empty (use --resume ", args.out,
-           " to continue that run, or another folder)");
+  c.on_non_finite = parse_non_finite(args.on_non_finite);
   Communicator& comm = world();
+  // Held until the run ends: a second run into the same folder is refused, not interleaved.
+  std::optional<OutputLock> lock;
+  if (comm.is_root()) lock.emplace(c.out, "--out");
+  QL_CHECK(!c.resume.empty() || output_folder_is_empty(c.out), "--out: ", args.out,
+           " exists and is not empty (use --resume ", args.out,
+           " to continue that run, or another folder)");
   if (comm.size() > 1) {
     comm.barrier();  // every rank has checked --out before rank 0 writes into it
     share_cores(comm, args.model.threads);
@@ -162,6 +168,9 @@ void register_train(CLI::App& app) {
   cmd->add_option("--save-total-limit", c.save_total_limit, "keep the last K checkpoints (0 = all)")
       ->capture_default_str();
   cmd->add_option("--seed", c.seed, "seed of initialisation, data order and dropout")
+      ->capture_default_str();
+  cmd->add_option("--on-non-finite", args->on_non_finite,
+                  "a step with a NaN/Inf loss or gradient: stop, or skip it")
       ->capture_default_str();
   cmd->add_flag("--grad-checkpoint", c.grad_checkpoint,
                 "recompute each block in the backward (less memory, one more forward)");

@@ -1,5 +1,6 @@
 // Atomic file output: data goes to a temporary file beside the target, is flushed and synced,
-// then renamed over the target, so an interrupted run never leaves a half-written file.
+// then renamed over the target, so an interrupted run never leaves a half-written file; the next
+// write of the same file removes what a killed writer left.
 #pragma once
 
 #include <filesystem>
@@ -12,5 +13,13 @@ namespace qalora {
 void write_file_atomic(const std::filesystem::path& path,
                        const std::function<void(std::ostream&)>& write);
 void write_file_atomic(const std::filesystem::path& path, std::string_view contents);
+
+// Why the last write to a stream failed, for messages: the system's reason (errno) when it left
+// one, else "disk full?".
+const char* write_failure_reason();
+
+// Whether `name` is PREFIX followed by the pid of a process that no longer exists: a temporary
+// output (".tmp.PID") its writer left when it was killed, which a later writer may remove.
+bool left_by_dead_process(std::string_view name, std::string_view prefix);
 
 }  // namespace qalora

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 
 #include "qalora/adapters/adapter.h"
 #include "qalora/data/dataset.h"
@@ -15,6 +16,12 @@
 #include "qalora/train/optimizer.h"
 
 namespace qalora {
+
+// What a step whose loss or gradient is NaN or infinite does: stop the run (the adapter and the
+// checkpoints stay as they were before that step), or skip the step without updating anything.
+enum class NonFinite { Stop, Skip };
+const char* non_finite_name(NonFinite n);  // "stop", "skip"
+NonFinite parse_non_finite(std::string_view name);
 
 struct TrainConfig {
   std::filesystem::path data;
@@ -35,15 +42,17 @@ struct TrainConfig {
   bool group_by_length = false;
   uint64_t seed = 42;
   bool grad_checkpoint = false;
+  NonFinite on_non_finite = NonFinite::Stop;
 
   int64_t eval_steps = 0;        // held-out loss every N steps (0: at the start and end only)
-  int64_t save_steps = 0;        // checkpoint every N steps (0: only at the end)
+  int64_t save_steps = 0;        // checkpoint every N steps, and always after the last one
   int64_t save_total_limit = 0;  // keep the last K checkpoints (0: all)
   std::filesystem::path out;
   std::filesystem::path resume;  // a checkpoint-N folder, or an output folder (its latest)
   bool progress = true;
 
-  // The fields that determine the trained adapter, as JSON: a resumed run must match them.
+  // The fields that determine the trained adapter, as JSON: a resumed run must match them. The
+  // length of the run is not one of them: a finished run continues to more steps.
   nlohmann::json identity(int ranks = 1) const;
 };
 
@@ -58,8 +67,9 @@ struct TrainResult {
   double eval_loss_before = -1;  // mean held-out loss per target token; -1 without held-out data
   double eval_loss_after = -1;
   double train_loss_last = 0;  // of the last step
+  int64_t skipped_steps = 0;   // steps with a non-finite loss or gradient (NonFinite::Skip)
   bool interrupted = false;
-  std::filesystem::path checkpoint;  // the last checkpoint written
+  std::filesystem::path checkpoint;  // the run's latest checkpoint (written or resumed from)
 };
 
 // Runs (or resumes) a training run writing into config.out: the adapter (adapter_io.h layouts)
