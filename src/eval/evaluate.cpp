@@ -4,7 +4,9 @@
 #include <array>
 #include <cstdio>
 #include <functional>
+#include <iterator>
 #include <map>
+#include <memory>
 #include <optional>
 
 #include "qalora/adapters/adapter.h"
@@ -89,6 +91,53 @@ void add_record(TaskReport& report, const json& j) {
   report.items.push_back(j);
 }
 
+// The scorer a task uses: packed batches, or one request at a time (--batch-tokens 0, and the
+// from-scratch path of --no-shared-prefix).
+std::unique_ptr<Scorer> make_scorer(CachedSession& cache, const EvalOptions& o) {
+  if (o.share_prefix && o.batch_tokens > 0)
+    return std::make_unique<PackedScorer>(cache, o.batch_tokens);
+  return std::make_unique<SessionScorer>(cache);
+}
+
+// Each item's scores, computed for a chunk of this rank's items at a time: one score_all call
+// over their requests lets a packed scorer batch them (and the progress bar still moves).
+class ChunkedScores {
+ public:
+  static constexpr size_t kChunkItems = 64;
+  ChunkedScores(size_t n, const Share& share,
+                std::function<std::vector<ScoreRequest>(size_t)> requests_of, Scorer& scorer)
+      : n_(n), share_(share), requests_of_(std::move(requests_of)), scorer_(scorer) {}
+
+  // The scores of item k's requests; k is one of this rank's items, asked for in order.
+  std::vector<ContinuationScore> of(size_t k) {
+    if (!ready_.contains(k)) {
+      ready_.clear();
+      std::vector<ScoreRequest> requests;
+      std::vector<std::pair<size_t, size_t>> spans;  // item, its request count
+      for (size_t j = k; j < n_ && spans.size() < kChunkItems;
+           j += static_cast<size_t>(share_.ranks)) {
+        std::vector<ScoreRequest> mine = requests_of_(j);
+        spans.emplace_back(j, mine.size());
+        std::move(mine.begin(), mine.end(), std::back_inserter(requests));
+      }
+      const std::vector<ContinuationScore> scores = scorer_.score_all(requests);
+      auto at = scores.begin();
+      for (const auto& [item, count] : spans) {
+        ready_[item].assign(at, at + static_cast<std::ptrdiff_t>(count));
+        at += static_cast<std::ptrdiff_t>(count);
+      }
+    }
+    return std::move(ready_.at(k));
+  }
+
+ private:
+  size_t n_;
+  Share share_;
+  std::function<std::vector<ScoreRequest>(size_t)> requests_of_;
+  Scorer& scorer_;
+  std::map<size_t, std::vector<ContinuationScore>> ready_;
+};
+
 }  // namespace
 
 Metric mean_metric(std::string name, std::span<const double> values) {
@@ -104,19 +153,19 @@ Metric mean_metric(std::string name, std::span<const double> values) {
   return m;
 }
 
-McItemResult score_choices(std::span<const ScoreRequest> requests,
-                           std::span<const int64_t> norm_chars, int64_t gold, Scorer& scorer) {
-  QL_CHECK(requests.size() == norm_chars.size() && !requests.empty(), "score_choices: ",
-           requests.size(), " requests for ", norm_chars.size(), " choice lengths");
+McItemResult choose(std::vector<ContinuationScore> scores, std::span<const int64_t> norm_chars,
+                    int64_t gold) {
+  QL_CHECK(scores.size() == norm_chars.size() && !scores.empty(), "choose: ", scores.size(),
+           " scores for ", norm_chars.size(), " choice lengths");
   McItemResult r;
   r.gold = gold;
   r.norm_chars.assign(norm_chars.begin(), norm_chars.end());
+  r.choices = std::move(scores);
   std::vector<double> raw, normed;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    r.choices.push_back(scorer.score(requests[i]));
-    r.truncated = r.truncated || r.choices.back().truncated;
-    raw.push_back(r.choices.back().loglik);
-    normed.push_back(r.choices.back().loglik /
+  for (size_t i = 0; i < r.choices.size(); ++i) {
+    r.truncated = r.truncated || r.choices[i].truncated;
+    raw.push_back(r.choices[i].loglik);
+    normed.push_back(r.choices[i].loglik /
                      static_cast<double>(std::max<int64_t>(1, norm_chars[i])));
   }
   r.pred = best(raw);
@@ -124,12 +173,21 @@ McItemResult score_choices(std::span<const ScoreRequest> requests,
   return r;
 }
 
-McItemResult score_mc_item(const McItem& item, const PromptEncoder& encoder, Scorer& scorer) {
+McItemResult score_choices(std::span<const ScoreRequest> requests,
+                           std::span<const int64_t> norm_chars, int64_t gold, Scorer& scorer) {
+  return choose(scorer.score_all(requests), norm_chars, gold);
+}
+
+std::vector<ScoreRequest> mc_requests(const McItem& item, const PromptEncoder& encoder) {
   std::vector<ScoreRequest> requests;
   for (size_t i = 0; i < item.contexts.size(); ++i)
     requests.push_back(
         encoder.encode_pair(item.contexts[i], item.continuations[i], item.prefix_chars));
-  McItemResult r = score_choices(requests, item.norm_chars, item.gold, scorer);
+  return requests;
+}
+
+McItemResult score_mc_item(const McItem& item, const PromptEncoder& encoder, Scorer& scorer) {
+  McItemResult r = score_choices(mc_requests(item, encoder), item.norm_chars, item.gold, scorer);
   r.index = item.index;
   r.group = item.group;
   return r;
@@ -211,14 +269,19 @@ TaskReport Evaluator::run_mc(TaskKind kind, const std::filesystem::path& data) {
       items.push_back(std::move(all[i]));
   }
   CachedSession cache(session_, options_.share_prefix);
-  SessionScorer scorer(cache);
+  const std::unique_ptr<Scorer> scorer = make_scorer(cache, options_);
+  ChunkedScores scores(
+      items.size(), Share(options_.comm), [&](size_t k) { return mc_requests(items[k], encoder_); },
+      *scorer);
   std::optional<ProgressBar> bar;
   start_progress(bar, options_, task_name(kind), items.size());
   const bool with_norm = reports_acc_norm(kind);
 
   int64_t hits = 0, done = 0;
   const std::vector<json> records = share_items(options_.comm, items.size(), [&](size_t k) {
-    const McItemResult res = score_mc_item(items[k], encoder_, scorer);
+    McItemResult res = choose(scores.of(k), items[k].norm_chars, items[k].gold);
+    res.index = items[k].index;
+    res.group = items[k].group;
     json j = {{"index", res.index}};
     if (!res.group.empty()) j["subject"] = res.group;
     j["gold"] = res.gold;
@@ -260,15 +323,22 @@ TaskReport Evaluator::run_mc(TaskKind kind, const std::filesystem::path& data) {
 TaskReport Evaluator::run_cloze(const std::filesystem::path& data) {
   const std::vector<ClozeItem> all = read_cloze(data);
   CachedSession cache(session_, options_.share_prefix);
-  SessionScorer scorer(cache);
+  const std::unique_ptr<Scorer> scorer = make_scorer(cache, options_);
   const auto subset = seeded_subset(all.size(), options_.limit, options_.seed);
+  ChunkedScores scores(
+      subset.size(), Share(options_.comm),
+      [&](size_t k) {
+        const ClozeItem& item = all[subset[k]];
+        return std::vector<ScoreRequest>{encoder_.encode_pair(item.context, item.continuation)};
+      },
+      *scorer);
   std::optional<ProgressBar> bar;
   start_progress(bar, options_, "cloze", subset.size());
 
   int64_t greedy = 0, done = 0;
   const std::vector<json> records = share_items(options_.comm, subset.size(), [&](size_t k) {
     const ClozeItem& item = all[subset[k]];
-    const ContinuationScore s = scorer.score(encoder_.encode_pair(item.context, item.continuation));
+    const ContinuationScore s = scores.of(k).front();
     json j = {
         {"index", item.index}, {"loglik", s.loglik}, {"tokens", s.tokens}, {"greedy", s.greedy}};
     if (s.truncated) j["truncated"] = true;

@@ -108,6 +108,12 @@ ContinuationScore score_continuation(std::span<const float> rows,
   return s;
 }
 
+std::vector<ContinuationScore> Scorer::score_all(std::span<const ScoreRequest> requests) {
+  std::vector<ContinuationScore> scores;
+  for (const ScoreRequest& r : requests) scores.push_back(score(r));
+  return scores;
+}
+
 LogitsScorer::LogitsScorer(WindowLogitsFn logits_fn, int64_t vocab, int64_t window)
     : logits_fn_(std::move(logits_fn)), vocab_(vocab), window_(window) {}
 
@@ -186,6 +192,28 @@ void CachedSession::append(int32_t token, std::vector<float>& logits) {
   last_rows_.back() = logits;
 }
 
+void CachedSession::hold(std::span<const int32_t> prefix) {
+  if (prefix.empty()) {
+    session_.truncate(0);
+    cached_.clear();
+    ends_.clear();
+    last_rows_.clear();
+    return;
+  }
+  const auto n = static_cast<int64_t>(prefix.size());
+  const int64_t ends[] = {n};
+  std::vector<float> ignored;
+  run(prefix, ends, n - 1, ignored);
+}
+
+void CachedSession::run_packed(std::span<const int32_t> tokens, const PackedLayout& layout,
+                               std::span<const int64_t> rows, std::vector<float>& logits) {
+  session_.truncate(static_cast<int64_t>(cached_.size()));
+  logits.resize(rows.size() * static_cast<size_t>(session_.model().config.vocab_size));
+  session_.forward_packed(tokens, layout, rows, logits);
+  tokens_fed_ += static_cast<int64_t>(tokens.size());
+}
+
 SessionScorer::SessionScorer(CachedSession& cache) : cache_(cache) {}
 
 ContinuationScore SessionScorer::score(const ScoreRequest& request) {
@@ -195,6 +223,118 @@ ContinuationScore SessionScorer::score(const ScoreRequest& request) {
                                            cache_.session().model().config.vocab_size);
   s.truncated = w.truncated;
   return s;
+}
+
+namespace {
+
+// Tokens a request adds to a packed batch beyond its shared prefix: its context (when no
+// earlier request of the batch has the same one) and its fed continuation.
+int64_t packed_tokens(const ScoreRequest& r, bool new_context) {
+  const auto n_ctx = static_cast<int64_t>(r.context.size());
+  return (new_context ? n_ctx - r.prefix : 0) + static_cast<int64_t>(r.continuation.size()) - 1;
+}
+
+bool same_prefix(const ScoreRequest& a, const ScoreRequest& b) {
+  return a.prefix == b.prefix &&
+         std::equal(a.context.begin(), a.context.begin() + a.prefix, b.context.begin());
+}
+
+}  // namespace
+
+PackedScorer::PackedScorer(CachedSession& cache, int64_t batch_tokens)
+    : cache_(cache), single_(cache), batch_tokens_(batch_tokens) {
+  QL_CHECK(batch_tokens >= 1, "--batch-tokens: expected >= 1, got ", batch_tokens);
+}
+
+ContinuationScore PackedScorer::score(const ScoreRequest& request) {
+  return score_all(std::span<const ScoreRequest>(&request, 1)).front();
+}
+
+std::vector<ContinuationScore> PackedScorer::score_all(std::span<const ScoreRequest> requests) {
+  std::vector<ContinuationScore> scores(requests.size());
+  const int64_t window = cache_.max_context();
+  size_t i = 0;
+  while (i < requests.size()) {
+    const ScoreRequest& first = requests[i];
+    if (fit_window(first, window).truncated) {
+      scores[i] = single_.score(first);
+      ++i;
+      continue;
+    }
+    // The batch: following requests with the same prefix, untruncated, within the budget (and
+    // the cache, which holds the prefix and the whole batch).
+    const int64_t budget = std::min(batch_tokens_, window - first.prefix);
+    std::vector<std::span<const int32_t>> contexts;
+    int64_t used = 0;
+    size_t j = i;
+    for (; j < requests.size(); ++j) {
+      const ScoreRequest& r = requests[j];
+      if (j > i && (!same_prefix(first, r) || fit_window(r, window).truncated)) break;
+      const bool new_context = std::none_of(contexts.begin(), contexts.end(), [&](auto c) {
+        return std::equal(c.begin(), c.end(), r.context.begin(), r.context.end());
+      });
+      const int64_t add = packed_tokens(r, new_context);
+      if (j > i && used + add > budget) break;
+      used += add;
+      if (new_context) contexts.push_back(r.context);
+    }
+    score_batch(requests.subspan(i, j - i), std::span(scores).subspan(i, j - i));
+    i = j;
+  }
+  return scores;
+}
+
+void PackedScorer::score_batch(std::span<const ScoreRequest> requests,
+                               std::span<ContinuationScore> out) {
+  const ScoreRequest& first = requests.front();
+  const int64_t P = first.prefix;
+  cache_.hold(std::span(first.context).first(static_cast<size_t>(P)));
+
+  std::vector<int32_t> tokens;
+  PackedLayout layout;
+  std::vector<int64_t> rows;
+  // Batch offsets of each distinct context's first and last token.
+  std::vector<std::pair<std::span<const int32_t>, int64_t>> placed;
+  for (const ScoreRequest& r : requests) {
+    const auto n_ctx = static_cast<int64_t>(r.context.size());
+    auto at = std::find_if(placed.begin(), placed.end(), [&](const auto& p) {
+      return std::equal(p.first.begin(), p.first.end(), r.context.begin(), r.context.end());
+    });
+    if (at == placed.end()) {
+      const auto begin = static_cast<int64_t>(tokens.size());
+      for (int64_t k = P; k < n_ctx; ++k) {
+        tokens.push_back(r.context[static_cast<size_t>(k)]);
+        layout.positions.push_back(k);
+        layout.visible.push_back(
+            {.prefix_end = P, .context_begin = P, .context_end = P, .own_begin = P + begin});
+      }
+      placed.emplace_back(r.context, begin);
+      at = placed.end() - 1;
+    }
+    // The context's tokens sit at slots P + begin ... P + begin + (n_ctx - P) - 1.
+    const int64_t ctx_begin = P + at->second, ctx_end = ctx_begin + n_ctx - P;
+    rows.push_back(ctx_end - 1 - P);
+    const auto own = static_cast<int64_t>(tokens.size());
+    for (size_t k = 0; k + 1 < r.continuation.size(); ++k) {
+      rows.push_back(static_cast<int64_t>(tokens.size()));
+      tokens.push_back(r.continuation[k]);
+      layout.positions.push_back(n_ctx + static_cast<int64_t>(k));
+      layout.visible.push_back({.prefix_end = P,
+                                .context_begin = ctx_begin,
+                                .context_end = ctx_end,
+                                .own_begin = P + own});
+    }
+  }
+  cache_.run_packed(tokens, layout, rows, logits_);
+
+  const int64_t V = cache_.session().model().config.vocab_size;
+  size_t row = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const size_t n = requests[i].continuation.size();
+    out[i] = score_continuation(std::span<const float>(logits_).subspan(row * V, n * V),
+                                requests[i].continuation, V);
+    row += n;
+  }
 }
 
 }  // namespace qalora

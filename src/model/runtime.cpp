@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "qalora/adapters/lora.h"
 #include "qalora/core/clock.h"
@@ -127,6 +128,26 @@ void InferenceSession::project(const Tensor& weight, const QMatrix& qweight, con
 
 void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float> logits,
                                bool all_logits) {
+  const auto T = static_cast<int64_t>(tokens.size());
+  std::vector<int64_t> rows(all_logits ? static_cast<size_t>(T) : 1);
+  std::iota(rows.begin(), rows.end(), all_logits ? 0 : T - 1);
+  run(tokens, nullptr, rows, logits);
+}
+
+void InferenceSession::forward_packed(std::span<const int32_t> tokens, const PackedLayout& layout,
+                                      std::span<const int64_t> rows, std::span<float> logits) {
+  const auto T = static_cast<int64_t>(tokens.size());
+  QL_CHECK(std::ssize(layout.positions) == T && std::ssize(layout.visible) == T,
+           "forward_packed: a layout of ", layout.positions.size(), " positions and ",
+           layout.visible.size(), " visibility entries for ", T, " tokens");
+  for (int64_t p : layout.positions)
+    QL_CHECK(p >= 0 && p < max_ctx_, "forward_packed: position ", p, " is outside the ", max_ctx_,
+             "-token context");
+  run(tokens, &layout, rows, logits);
+}
+
+void InferenceSession::run(std::span<const int32_t> tokens, const PackedLayout* layout,
+                           std::span<const int64_t> rows, std::span<float> logits) {
   const auto t_start = Clock::now();
   const ModelConfig& c = model_.config;
   const auto T = static_cast<int64_t>(tokens.size());
@@ -136,7 +157,9 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
   for (int32_t id : tokens)
     QL_CHECK(id >= 0 && id < c.vocab_size, "token id ", id, " is out of range [0, ", c.vocab_size,
              ")");
-  const int64_t rows_out = all_logits ? T : 1;
+  const auto rows_out = std::ssize(rows);
+  for (int64_t r : rows)
+    QL_CHECK(r >= 0 && r < T, "forward: logits of row ", r, " asked of a batch of ", T);
   QL_CHECK(static_cast<int64_t>(logits.size()) >= rows_out * c.vocab_size,
            "forward: logits buffer holds ", logits.size(), " floats, need ",
            rows_out * c.vocab_size);
@@ -162,11 +185,20 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     adapt(li, Target::Q, xn, q_.data(), T);
     adapt(li, Target::K, xn, k_.data(), T);
     adapt(li, Target::V, xn, v_.data(), T);
-    ops::rope_forward(q_.data(), T, H, Hd, pos_, rope_cos_.data(), rope_sin_.data());
-    ops::rope_forward(k_.data(), T, KV, Hd, pos_, rope_cos_.data(), rope_sin_.data());
+    if (layout) {
+      ops::rope_forward_at(q_.data(), T, H, Hd, layout->positions.data(), rope_cos_.data(),
+                           rope_sin_.data());
+      ops::rope_forward_at(k_.data(), T, KV, Hd, layout->positions.data(), rope_cos_.data(),
+                           rope_sin_.data());
+    } else {
+      ops::rope_forward(q_.data(), T, H, Hd, pos_, rope_cos_.data(), rope_sin_.data());
+      ops::rope_forward(k_.data(), T, KV, Hd, pos_, rope_cos_.data(), rope_sin_.data());
+    }
     ops::kv_cache_store(kc, vc, k_.data(), v_.data(), T, pos_, KV, Hd, max_ctx_);
     const auto t_att = Clock::now();
-    ops::attention_forward(att_.data(), q_.data(), kc, vc, T, pos_, H, KV, Hd, max_ctx_);
+    ops::attention_forward(att_.data(), q_.data(), kc, vc, T, pos_, H, KV, Hd, max_ctx_,
+                           layout ? std::span<const ops::VisibleKeys>(layout->visible)
+                                  : std::span<const ops::VisibleKeys>());
     stats_.attention_seconds += seconds_since(t_att);
     linear(L.o, att_.data(), xn, T);
     adapt(li, Target::O, att_.data(), xn, T);
@@ -184,8 +216,9 @@ void InferenceSession::forward(std::span<const int32_t> tokens, std::span<float>
     if (streams_weights(T)) L.release_pages();
   }
 
-  const float* last = all_logits ? x : x + (T - 1) * D;
-  ops::rmsnorm_forward(xn, last, model_.final_norm.data(), rows_out, D, c.norm_eps);
+  for (int64_t i = 0; i < rows_out; ++i)
+    ops::rmsnorm_forward(xn + i * D, x + rows[static_cast<size_t>(i)] * D, model_.final_norm.data(),
+                         1, D, c.norm_eps);
   // Logits in exact arithmetic: int8 activations would move them by ~0.5%, enough to swap
   // the greedy choice when the top two are that close.
   project(model_.head(), model_.head_q, Tensor(), xn, logits.data(), rows_out,

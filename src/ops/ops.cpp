@@ -5,9 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <numeric>
+#include <span>
 #include <vector>
 
 #include "ops/ops_internal.h"
+#include "qalora/core/error.h"
 
 namespace qalora::ops {
 
@@ -82,23 +86,35 @@ void matmul_forward_ref(float* y, const float* x, const float* W, const float* b
 
 void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0, const float* cos_table,
                   const float* sin_table) {
-  rotate_pairs(x, T, H, Hd, pos0, cos_table, sin_table, 1.0f);
+  rotate_pairs(x, T, H, Hd, pos0, nullptr, cos_table, sin_table, 1.0f);
 }
 
-void rope_forward_ref(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
-                      const float* cos_table, const float* sin_table) {
+void rope_forward_at(float* x, int64_t T, int64_t H, int64_t Hd, const int64_t* positions,
+                     const float* cos_table, const float* sin_table) {
+  rotate_pairs(x, T, H, Hd, 0, positions, cos_table, sin_table, 1.0f);
+}
+
+void rope_forward_at_ref(float* x, int64_t T, int64_t H, int64_t Hd, const int64_t* positions,
+                         const float* cos_table, const float* sin_table) {
   const int64_t half = Hd / 2;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
       for (int64_t i = 0; i < half; ++i) {
         float* v = x + (t * H + h) * Hd + 2 * i;
-        const double c = cos_table[(pos0 + t) * half + i], s = sin_table[(pos0 + t) * half + i];
+        const double c = cos_table[positions[t] * half + i], s = sin_table[positions[t] * half + i];
         const double a = v[0], b = v[1];
         v[0] = static_cast<float>(a * c - b * s);
         v[1] = static_cast<float>(a * s + b * c);
       }
     }
   }
+}
+
+void rope_forward_ref(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
+                      const float* cos_table, const float* sin_table) {
+  std::vector<int64_t> positions(static_cast<size_t>(T));
+  std::iota(positions.begin(), positions.end(), pos0);
+  rope_forward_at_ref(x, T, H, Hd, positions.data(), cos_table, sin_table);
 }
 
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t N) {
@@ -234,10 +250,43 @@ void attention_decode(float* out, const float* q, const float* k_cache, const fl
 
 }  // namespace
 
+namespace {
+
+// The cache slots query t (at slot pos0 + t) attends to, as three ascending half-open ranges.
+struct KeyRanges {
+  int64_t begin[3], end[3];
+};
+
+KeyRanges key_ranges(std::span<const VisibleKeys> visible, int64_t t, int64_t pos0) {
+  const int64_t own_end = pos0 + t + 1;
+  if (visible.empty()) return {{0, 0, 0}, {0, 0, own_end}};
+  const VisibleKeys& v = visible[static_cast<size_t>(t)];
+  return {{0, v.context_begin, v.own_begin}, {v.prefix_end, v.context_end, own_end}};
+}
+
+void check_visible(std::span<const VisibleKeys> visible, int64_t T, int64_t pos0) {
+  if (visible.empty()) return;
+  QL_CHECK(static_cast<int64_t>(visible.size()) == T, "attention_forward: ", visible.size(),
+           " visibility entries for ", T, " queries");
+  for (int64_t t = 0; t < T; ++t) {
+    const VisibleKeys& v = visible[static_cast<size_t>(t)];
+    QL_CHECK(0 <= v.prefix_end && v.prefix_end <= v.context_begin &&
+                 v.context_begin <= v.context_end && v.context_end <= v.own_begin &&
+                 v.own_begin <= pos0 + t,
+             "attention_forward: query ", t, " at slot ", pos0 + t,
+             " sees slots that are not ascending ranges before it: [0, ", v.prefix_end, "), [",
+             v.context_begin, ", ", v.context_end, "), [", v.own_begin, ", ", pos0 + t, "]");
+  }
+}
+
+}  // namespace
+
 void attention_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                        int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
-                       int64_t cache_stride) {
-  if (T == 1) return attention_decode(out, q, k_cache, v_cache, pos0 + 1, H, KV, Hd, cache_stride);
+                       int64_t cache_stride, std::span<const VisibleKeys> visible) {
+  if (T == 1 && visible.empty())
+    return attention_decode(out, q, k_cache, v_cache, pos0 + 1, H, KV, Hd, cache_stride);
+  check_visible(visible, T, pos0);
   const int64_t P = pos0 + T;  // keys visible to the last query
   const int64_t group = H / KV;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
@@ -259,11 +308,22 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
                   scores.data(), static_cast<blasint>(P));
       for (int64_t t = 0; t < T; ++t) {
         float* s = scores.data() + t * P;
-        const int64_t visible = pos0 + t + 1;
-        const float mx = *std::max_element(s, s + visible);
-        const float inv = 1.0f / exp_shifted(s, visible, mx);
-        for (int64_t p = 0; p < visible; ++p) s[p] *= inv;
-        std::fill(s + visible, s + P, 0.0f);  // causal mask
+        const KeyRanges r = key_ranges(visible, t, pos0);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int k = 0; k < 3; ++k)
+          if (r.end[k] > r.begin[k])
+            mx = std::max(mx, *std::max_element(s + r.begin[k], s + r.end[k]));
+        float sum = 0.0f;
+        for (int k = 0; k < 3; ++k) sum += exp_shifted(s + r.begin[k], r.end[k] - r.begin[k], mx);
+        const float inv = 1.0f / sum;
+        int64_t masked_from = 0;  // the mask: zero weight outside the ranges
+        for (int k = 0; k < 3; ++k) {
+          if (r.end[k] <= r.begin[k]) continue;
+          std::fill(s + masked_from, s + r.begin[k], 0.0f);
+          for (int64_t p = r.begin[k]; p < r.end[k]; ++p) s[p] *= inv;
+          masked_from = r.end[k];
+        }
+        std::fill(s + masked_from, s + P, 0.0f);
       }
       // O_h[T, Hd] = S[T, P] V[P, Hd]
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
@@ -276,29 +336,33 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
 
 void attention_forward_ref(float* out, const float* q, const float* k_cache, const float* v_cache,
                            int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
-                           int64_t cache_stride) {
+                           int64_t cache_stride, std::span<const VisibleKeys> visible) {
+  check_visible(visible, T, pos0);
   const int64_t group = H / KV;
   const double scale = 1.0 / std::sqrt(static_cast<double>(Hd));
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t visible = pos0 + t + 1;
+    const KeyRanges r = key_ranges(visible, t, pos0);
+    std::vector<int64_t> keys;
+    for (int k = 0; k < 3; ++k)
+      for (int64_t p = r.begin[k]; p < r.end[k]; ++p) keys.push_back(p);
     for (int64_t h = 0; h < H; ++h) {
       const float* Kt = k_cache + (h / group) * Hd * cache_stride;
       const float* V = v_cache + (h / group) * cache_stride * Hd;
       const float* Q = q + (t * H + h) * Hd;
-      std::vector<double> s(static_cast<size_t>(visible));
+      std::vector<double> s(keys.size());
       double mx = -1e300;
-      for (int64_t p = 0; p < visible; ++p) {
+      for (size_t j = 0; j < keys.size(); ++j) {
         double acc = 0.0;
         for (int64_t i = 0; i < Hd; ++i)
-          acc += static_cast<double>(Q[i]) * Kt[i * cache_stride + p];
-        s[p] = acc * scale;
-        mx = std::max(mx, s[p]);
+          acc += static_cast<double>(Q[i]) * Kt[i * cache_stride + keys[j]];
+        s[j] = acc * scale;
+        mx = std::max(mx, s[j]);
       }
       double sum = 0.0;
       for (auto& v : s) sum += (v = std::exp(v - mx));
       for (int64_t i = 0; i < Hd; ++i) {
         double acc = 0.0;
-        for (int64_t p = 0; p < visible; ++p) acc += s[p] / sum * V[p * Hd + i];
+        for (size_t j = 0; j < keys.size(); ++j) acc += s[j] / sum * V[keys[j] * Hd + i];
         out[(t * H + h) * Hd + i] = static_cast<float>(acc);
       }
     }

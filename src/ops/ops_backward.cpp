@@ -99,7 +99,7 @@ void matmul_backward_input_ref(float* dx, const float* dy, const float* W, int64
 void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
                    const float* cos_table, const float* sin_table) {
   // The transpose of the rotation by +angle is the rotation by -angle.
-  rotate_pairs(dx, T, H, Hd, pos0, cos_table, sin_table, -1.0f);
+  rotate_pairs(dx, T, H, Hd, pos0, nullptr, cos_table, sin_table, -1.0f);
 }
 
 void rope_backward_ref(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0,

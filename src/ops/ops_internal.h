@@ -42,16 +42,19 @@ inline float exp_shifted(float* s, int64_t n, float mx) {
 }
 
 // Rotates each adjacent pair (x[2i], x[2i+1]) of every head of x [T, H, Hd] by `sign` times
-// the angle of its position (pos0 + t) and pair: +1 is RoPE, -1 its inverse and transpose.
+// the angle of its position and pair: +1 is RoPE, -1 its inverse and transpose. Token t sits at
+// positions[t], or at pos0 + t when `positions` is null.
 inline void rotate_pairs(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
-                         const float* cos_table, const float* sin_table, float sign) {
+                         const int64_t* positions, const float* cos_table, const float* sin_table,
+                         float sign) {
   const int64_t half = Hd / 2;
 #pragma omp parallel for collapse(2) if (T * H > 64)
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
       float* v = x + (t * H + h) * Hd;
-      const float* c = cos_table + (pos0 + t) * half;
-      const float* s = sin_table + (pos0 + t) * half;
+      const int64_t pos = positions != nullptr ? positions[t] : pos0 + t;
+      const float* c = cos_table + pos * half;
+      const float* s = sin_table + pos * half;
       for (int64_t i = 0; i < half; ++i) {
         const float a = v[2 * i], b = v[2 * i + 1], sn = sign * s[i];
         v[2 * i] = a * c[i] - b * sn;

@@ -181,6 +181,26 @@ TEST_F(CliDistributed, PerplexityAndHeldOutLossSplitTheirWorkAcrossRanks) {
   EXPECT_EQ(lines, 40) << "one line per window, written by rank 0 alone";
 }
 
+// Equal JSON, numbers within a relative 1e-5: a rank packs other items beside an item than one
+// process does, and a differently sized batch rounds differently.
+void expect_same_report(const nlohmann::json& a, const nlohmann::json& b, const std::string& at) {
+  if (a.is_number_float() || b.is_number_float()) {
+    ASSERT_TRUE(a.is_number() && b.is_number()) << at;
+    EXPECT_NEAR(a.get<double>(), b.get<double>(), 1e-5 * (1 + std::abs(b.get<double>()))) << at;
+  } else if (a.is_structured()) {
+    ASSERT_EQ(a.type(), b.type()) << at;
+    ASSERT_EQ(a.size(), b.size()) << at;
+    for (auto it = a.begin(); it != a.end(); ++it) {
+      const std::string key = a.is_object() ? it.key() : std::to_string(it - a.begin());
+      expect_same_report(*it,
+                         a.is_object() ? b.at(it.key()) : b.at(static_cast<size_t>(it - a.begin())),
+                         at + "/" + key);
+    }
+  } else {
+    EXPECT_EQ(a, b) << at;
+  }
+}
+
 TEST_F(CliDistributed, EvalSharesItsItemsAndReportsWhatOneProcessReports) {
   QL_REQUIRE_DATA("eval/mc/arc_easy.jsonl");
   QL_REQUIRE_DATA("eval/gsm8k_test.jsonl");
@@ -244,7 +264,8 @@ TEST_F(CliDistributed, EvalSharesItsItemsAndReportsWhatOneProcessReports) {
       (*j)["tasks"][t].erase("seconds");
       (*j)["tasks"][t].erase("tokens_fed");
     }
-    EXPECT_EQ(one["tasks"][t].dump(), two["tasks"][t].dump()) << one["tasks"][t]["task"];
+    expect_same_report(one["tasks"][t], two["tasks"][t],
+                       one["tasks"][t]["task"].get<std::string>());
   }
 }
 

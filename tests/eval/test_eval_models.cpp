@@ -47,6 +47,17 @@ std::vector<double> score_all(const std::vector<McItem>& items, const PromptEnco
   return out;
 }
 
+// The same from one score_all call over every item's requests, as eval's chunks make it.
+std::vector<double> score_packed(const std::vector<McItem>& items, const PromptEncoder& encoder,
+                                 PackedScorer& scorer) {
+  std::vector<ScoreRequest> requests;
+  for (const McItem& item : items)
+    for (ScoreRequest& r : mc_requests(item, encoder)) requests.push_back(std::move(r));
+  std::vector<double> out;
+  for (const ContinuationScore& s : scorer.score_all(requests)) out.push_back(s.loglik);
+  return out;
+}
+
 double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
   EXPECT_EQ(a.size(), b.size());
   double d = 0;
@@ -84,6 +95,16 @@ void expect_shared_matches_scratch(const Model& model, const std::vector<McItem>
   EXPECT_LE(max_abs_diff(a, b), 1e-4);
   EXPECT_LT(shared_fed * 4, scratch.tokens_fed() * 3);
 
+  // Packed batches (one request at a time, a budget that cuts items apart, the default): the
+  // same numbers where every batch runs exactly (fp32 weights), else those of exact scoring.
+  if (check_single_batch) {
+    for (const int64_t budget : {1, 37, 512}) {
+      CachedSession cache(session);
+      PackedScorer packed(cache, budget);
+      EXPECT_LE(max_abs_diff(a, score_packed(items, encoder, packed)), 1e-4) << budget;
+    }
+  }
+
   if (!check_single_batch) return;
   LogitsScorer whole(
       [&session](std::span<const int32_t> tokens, std::span<float> logits) {
@@ -119,20 +140,24 @@ TEST(EvalModels, SmolLM2SharedPrefixMatchesFromScratch) {
   const auto mmlu = read_mmlu(test::data_dir() / "eval/mmlu", 2, 2, 5);
   items.insert(items.end(), mmlu.begin(), mmlu.begin() + 4);
   // Q4_1 weights: batches of a few tokens run with int8 activations, so only the same
-  // segments computed from scratch are comparable.
+  // segments computed from scratch are comparable (packed scoring is checked against numpy).
   expect_shared_matches_scratch(model, items, /*check_single_batch=*/false);
 }
 
-// SmolLM2 (dequantized, so that every batch is exact fp32) against numpy_scorer.py in
-// float64 over the same token ids. Tokenization is tested on its own (tests/tokenizer).
-void expect_matches_numpy(TaskKind kind, const std::string& file, int64_t n_items) {
+// SmolLM2 against numpy_scorer.py in float64 over the same token ids: one request at a time on
+// the dequantized weights (so that every batch is exact fp32), or packed on the Q4_1 weights
+// themselves (a packed batch is long enough to run exactly). Tokenization is tested on its own
+// (tests/tokenizer).
+void expect_matches_numpy(TaskKind kind, const std::string& file, int64_t n_items, bool packed) {
   const OneThread one_thread;
   Model model = load_model(test::smollm2_path());
-  dequantize_weights(model);
+  if (!packed) dequantize_weights(model);
   const PromptEncoder encoder(model.require_tokenizer());
   InferenceSession session(model);
   CachedSession cache(session);
-  SessionScorer scorer(cache);
+  SessionScorer one_at_a_time(cache);
+  PackedScorer batched(cache, 512);
+  Scorer& scorer = packed ? static_cast<Scorer&>(batched) : one_at_a_time;
 
   const auto items = first_items(kind, file, n_items);
   nlohmann::json requests = nlohmann::json::array();
@@ -189,14 +214,14 @@ TEST(EvalModels, SmolLM2ArcMatchesNumpyScorer) {
   QL_SKIP_UNDER_SANITIZERS("SmolLM2 scoring; stories260K covers the same code");
   QL_REQUIRE_SMOLLM2();
   QL_REQUIRE_DATA("eval/mc/arc_easy.jsonl");
-  expect_matches_numpy(TaskKind::Arc, "arc_easy.jsonl", 25);
+  expect_matches_numpy(TaskKind::Arc, "arc_easy.jsonl", 25, /*packed=*/false);
 }
 
 TEST(EvalModels, SmolLM2HellaswagMatchesNumpyScorer) {
   QL_SKIP_UNDER_SANITIZERS("SmolLM2 scoring; stories260K covers the same code");
   QL_REQUIRE_SMOLLM2();
   QL_REQUIRE_DATA("eval/mc/hellaswag_val_1000.jsonl");
-  expect_matches_numpy(TaskKind::Hellaswag, "hellaswag_val_1000.jsonl", 25);
+  expect_matches_numpy(TaskKind::Hellaswag, "hellaswag_val_1000.jsonl", 25, /*packed=*/true);
 }
 
 }  // namespace

@@ -5,8 +5,10 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <tuple>
 #include <vector>
 
+#include "qalora/core/error.h"
 #include "qalora/ops/ops.h"
 #include "test_util.h"
 
@@ -56,6 +58,26 @@ TEST(Ops, RopeMatchesReferenceAndPreservesNorm) {
   expect_close(a, b, 1e-6f);
   for (size_t p = 0; p < x.size(); p += 2)  // a rotation keeps each pair's length
     EXPECT_NEAR(std::hypot(a[p], a[p + 1]), std::hypot(x[p], x[p + 1]), 1e-5f);
+}
+
+TEST(Ops, RopeAtPositionsMatchesReferenceAndTheContiguousForm) {
+  const int64_t T = 7, H = 3, Hd = 10, half = Hd / 2, positions_max = 12;
+  std::vector<float> cos_t(positions_max * half), sin_t(cos_t.size());
+  for (size_t i = 0; i < cos_t.size(); ++i) {
+    cos_t[i] = std::cos(0.3f * static_cast<float>(i));
+    sin_t[i] = std::sin(0.3f * static_cast<float>(i));
+  }
+  // Two packed sequences: positions restart, as a batch of several sequences has them.
+  const std::vector<int64_t> positions = {5, 6, 7, 8, 5, 6, 11};
+  const auto x = random_uniform(T * H * Hd, 7);
+  auto a = x, b = x;
+  rope_forward_at(a.data(), T, H, Hd, positions.data(), cos_t.data(), sin_t.data());
+  rope_forward_at_ref(b.data(), T, H, Hd, positions.data(), cos_t.data(), sin_t.data());
+  expect_close(a, b, 1e-6f);
+  // Tokens 0..3 at positions 5..8 are what rope_forward does from pos0 = 5.
+  auto c = x;
+  rope_forward(c.data(), 4, H, Hd, 5, cos_t.data(), sin_t.data());
+  for (int64_t i = 0; i < 4 * H * Hd; ++i) EXPECT_EQ(a[i], c[i]) << i;
 }
 
 TEST(Ops, ExpMatchesReference) {
@@ -121,6 +143,65 @@ TEST(Ops, AttentionMatchesReference) {
       expect_close(a, b, 1e-5f);
     }
   }
+}
+
+// Packed sequences: each query sees a prefix, a context range and its own range only; the
+// optimized kernel against the reference, and against causal attention over the same keys laid
+// out contiguously (what the query would see alone).
+TEST(Ops, AttentionWithVisibleRangesMatchesReferenceAndTheSequenceAlone) {
+  for (auto [H, KV, Hd] : {std::tuple<int64_t, int64_t, int64_t>{4, 2, 8}, {6, 2, 64}, {3, 3, 5}}) {
+    SCOPED_TRACE(testing::Message() << "H " << H << " KV " << KV << " Hd " << Hd);
+    // Slots: prefix 0..2, then the batch from pos0 = 3: context A 3..6, A's continuation 7..8,
+    // context B 9..10, B's continuation 11..13.
+    const int64_t pos0 = 3, T = 11, P = pos0 + T, stride = P + 5;
+    std::vector<VisibleKeys> visible;
+    for (int64_t slot = pos0; slot < P; ++slot) {
+      if (slot <= 6)
+        visible.push_back({3, 3, 3, 3});
+      else if (slot <= 8)
+        visible.push_back({3, 3, 7, 7});
+      else if (slot <= 10)
+        visible.push_back({3, 3, 3, 9});
+      else
+        visible.push_back({3, 9, 11, 11});
+    }
+    const auto keys = random_uniform(P * KV * Hd, 21), values = random_uniform(P * KV * Hd, 22);
+    std::vector<float> k(static_cast<size_t>(KV * stride * Hd), NAN), v(k);
+    kv_cache_store(k.data(), v.data(), keys.data(), values.data(), P, 0, KV, Hd, stride);
+    const auto q = random_uniform(T * H * Hd, 23);
+    std::vector<float> a(q.size()), b(q.size());
+    attention_forward(a.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride, visible);
+    attention_forward_ref(b.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd, stride,
+                          visible);
+    expect_close(a, b, 1e-5f);
+
+    // B's continuation (slots 11..13) alone: prefix 0..2, context 9..10, itself, contiguous.
+    const std::vector<int64_t> alone_slots = {0, 1, 2, 9, 10, 11, 12, 13};
+    const auto n = static_cast<int64_t>(alone_slots.size());
+    std::vector<float> ka(static_cast<size_t>(KV * n * Hd)), va(ka);
+    std::vector<float> keys_alone, values_alone;
+    for (int64_t s : alone_slots) {
+      keys_alone.insert(keys_alone.end(), keys.begin() + s * KV * Hd,
+                        keys.begin() + (s + 1) * KV * Hd);
+      values_alone.insert(values_alone.end(), values.begin() + s * KV * Hd,
+                          values.begin() + (s + 1) * KV * Hd);
+    }
+    kv_cache_store(ka.data(), va.data(), keys_alone.data(), values_alone.data(), n, 0, KV, Hd, n);
+    std::vector<float> alone(static_cast<size_t>(3 * H * Hd));
+    attention_forward_ref(alone.data(), q.data() + 8 * H * Hd, ka.data(), va.data(), 3, 5, H, KV,
+                          Hd, n);
+    expect_close(std::vector<float>(a.begin() + 8 * H * Hd, a.end()), alone, 1e-5f);
+  }
+}
+
+TEST(Ops, AttentionRefusesRangesThatAreNotAscending) {
+  const int64_t H = 2, KV = 1, Hd = 4, T = 2, pos0 = 2, stride = 8;
+  std::vector<float> k(static_cast<size_t>(KV * stride * Hd), 0.5f), v(k), q(T * H * Hd, 0.1f),
+      out(q.size());
+  const std::vector<VisibleKeys> overlapping = {{2, 1, 2, 2}, {2, 2, 2, 2}};
+  EXPECT_THROW(attention_forward(out.data(), q.data(), k.data(), v.data(), T, pos0, H, KV, Hd,
+                                 stride, overlapping),
+               Error);
 }
 
 }  // namespace

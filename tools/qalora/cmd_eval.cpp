@@ -64,6 +64,7 @@ void run_eval(const EvalArgs& args) {
                         {"ctx", session.max_context()},
                         {"chat_template", args.chat_template},
                         {"shared_prefix", options.share_prefix},
+                        {"batch_tokens", options.batch_tokens},
                         {"shots", options.shots},
                         {"limit", options.limit},
                         {"seed", options.seed},
@@ -104,6 +105,9 @@ void register_eval(CLI::App& app) {
                 "wrap each prompt in the model's chat template as a user turn");
   cmd->add_flag("--no-shared-prefix", args->no_shared_prefix,
                 "score every choice from scratch (for timing and checks)");
+  cmd->add_option("--batch-tokens", args->options.batch_tokens,
+                  "pack many choices into forwards of about N tokens (0: one choice at a time)")
+      ->capture_default_str();
   cmd->add_flag("--dense", args->dense,
                 "score on the fp32 dequantized weights (4 bytes per parameter): exact and "
                 "faster for quantized models");

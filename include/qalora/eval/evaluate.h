@@ -42,9 +42,14 @@ struct McItemResult {
   bool truncated = false;
 };
 
+// The predictions from each choice's score.
+McItemResult choose(std::vector<ContinuationScore> scores, std::span<const int64_t> norm_chars,
+                    int64_t gold);
 // Scores each request (choice) and picks the predictions.
 McItemResult score_choices(std::span<const ScoreRequest> requests,
                            std::span<const int64_t> norm_chars, int64_t gold, Scorer& scorer);
+// An McItem's requests, one per choice, through the encoder.
+std::vector<ScoreRequest> mc_requests(const McItem& item, const PromptEncoder& encoder);
 // An McItem through the encoder and the scorer.
 McItemResult score_mc_item(const McItem& item, const PromptEncoder& encoder, Scorer& scorer);
 
@@ -61,6 +66,9 @@ struct EvalOptions {
   int64_t limit = 0;                   // > 0: a seeded subset (per subject for mmlu)
   uint64_t seed = 1234;
   bool share_prefix = true;            // false: score every request from scratch
+  // > 0: pack many items' requests into forwards of about this many tokens (PackedScorer);
+  // 0: one request at a time.
+  int64_t batch_tokens = 512;
   bool progress = true;
   int64_t max_new_tokens = 256;        // gsm8k
   // Ranks that share the items (each scores every ranks-th; every rank gets the whole report);

@@ -14,6 +14,7 @@
 
 #include "qalora/eval/perplexity.h"
 #include "qalora/model/chat.h"
+#include "qalora/model/runtime.h"
 #include "qalora/tokenizer/tokenizer.h"
 
 namespace qalora {
@@ -99,6 +100,8 @@ class Scorer {
  public:
   virtual ~Scorer() = default;
   virtual ContinuationScore score(const ScoreRequest& request) = 0;
+  // Every request's score, in order; scorers that batch requests override it.
+  virtual std::vector<ContinuationScore> score_all(std::span<const ScoreRequest> requests);
 };
 
 // Scores every request from scratch with a logits function over the whole fed window
@@ -135,6 +138,13 @@ class CachedSession {
            std::vector<float>& logits);
   // Appends one token to the last segment (generation) and writes its logits ([vocab]).
   void append(int32_t token, std::vector<float>& logits);
+  // Makes the cache hold exactly `prefix` (one segment, reused when it is there already;
+  // nothing when empty).
+  void hold(std::span<const int32_t> prefix);
+  // Runs a packed batch (InferenceSession::forward_packed) after the held tokens, which stay as
+  // they are: the batch's slots are scratch for the next run to overwrite.
+  void run_packed(std::span<const int32_t> tokens, const PackedLayout& layout,
+                  std::span<const int64_t> rows, std::vector<float>& logits);
 
   InferenceSession& session() { return session_; }
   int64_t max_context() const;
@@ -156,6 +166,29 @@ class SessionScorer final : public Scorer {
 
  private:
   CachedSession& cache_;
+  std::vector<float> logits_;
+};
+
+// Scores many requests in few forwards. Consecutive requests with the same shared prefix
+// (ScoreRequest::prefix, held in the cache) are packed into batches of about `batch_tokens`
+// tokens: each distinct context once, then each request's fed continuation, which attends to
+// the prefix, its context and itself (ops::VisibleKeys) at the positions it would have alone.
+// The quantized weights are then converted once per batch instead of once per request. A
+// request whose context must be cut to fit the window is scored alone, as SessionScorer does.
+// Scores equal SessionScorer's up to the rounding of a differently sized batch.
+class PackedScorer final : public Scorer {
+ public:
+  PackedScorer(CachedSession& cache, int64_t batch_tokens);
+  ContinuationScore score(const ScoreRequest& request) override;
+  std::vector<ContinuationScore> score_all(std::span<const ScoreRequest> requests) override;
+
+ private:
+  // The requests in one forward (they share their prefix and fit the window untruncated).
+  void score_batch(std::span<const ScoreRequest> requests, std::span<ContinuationScore> out);
+
+  CachedSession& cache_;
+  SessionScorer single_;
+  int64_t batch_tokens_;
   std::vector<float> logits_;
 };
 

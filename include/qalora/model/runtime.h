@@ -9,6 +9,7 @@
 
 #include "qalora/adapters/adapter.h"
 #include "qalora/model/model.h"
+#include "qalora/ops/ops.h"
 
 namespace qalora {
 
@@ -32,6 +33,11 @@ struct LinearOutput {
 using LinearInputObserver =
     std::function<void(int64_t layer, Target target, const float* x, int64_t T)>;
 
+struct PackedLayout {
+  std::vector<int64_t> positions;
+  std::vector<ops::VisibleKeys> visible;
+};
+
 class InferenceSession {
  public:
   // max_context: KV cache length (0 = the model's context length, capped at 4096).
@@ -48,6 +54,12 @@ class InferenceSession {
   void forward(std::span<const int32_t> tokens, std::span<float> logits, bool all_logits = false);
   // Convenience: logits of the last token.
   std::vector<float> forward_last(std::span<const int32_t> tokens);
+  // Several sequences in one batch (packed scoring): token t sits at RoPE position
+  // layout.positions[t] and attends to the cache slots layout.visible[t]; the tokens take slots
+  // [position(), position() + n) all the same. Writes the logits of the batch rows `rows`
+  // ([rows.size(), vocab]).
+  void forward_packed(std::span<const int32_t> tokens, const PackedLayout& layout,
+                      std::span<const int64_t> rows, std::span<float> logits);
 
   int64_t position() const { return pos_; }
   int64_t max_context() const { return max_ctx_; }
@@ -62,6 +74,8 @@ class InferenceSession {
   void observe_linear_inputs(LinearInputObserver observer) { observer_ = std::move(observer); }
 
  private:
+  void run(std::span<const int32_t> tokens, const PackedLayout* layout,
+           std::span<const int64_t> rows, std::span<float> logits);
   void ensure_buffers(int64_t T);
   void linear(const Linear& l, const float* x, float* y, int64_t T);
   void linears(std::span<const LinearOutput> outputs, const float* x, int64_t T);

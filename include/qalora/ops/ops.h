@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 namespace qalora::ops {
 
@@ -25,6 +26,11 @@ void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0, cons
                   const float* sin_table);
 void rope_forward_ref(float* x, int64_t T, int64_t H, int64_t Hd, int64_t pos0,
                       const float* cos_table, const float* sin_table);
+// The same with token t at positions[t] (several sequences packed in one batch).
+void rope_forward_at(float* x, int64_t T, int64_t H, int64_t Hd, const int64_t* positions,
+                     const float* cos_table, const float* sin_table);
+void rope_forward_at_ref(float* x, int64_t T, int64_t H, int64_t Hd, const int64_t* positions,
+                         const float* cos_table, const float* sin_table);
 
 // y[n] = exp(x[n]), vectorized, within a few ulp of std::exp; x is clamped to [-87, 88] (below,
 // ~1.6e-38 instead of a smaller or subnormal value; above, ~1.7e38 instead of inf); NaN stays
@@ -43,15 +49,25 @@ void swiglu_forward_ref(float* out, const float* gate, const float* up, int64_t 
 void kv_cache_store(float* k_cache, float* v_cache, const float* k, const float* v, int64_t T,
                     int64_t pos0, int64_t KV, int64_t Hd, int64_t cache_stride);
 
-// Causal grouped-query attention of T new queries at positions pos0..pos0+T-1 against a cache
-// (kv_cache_store's layout) holding positions 0..pos0+T-1. q [T, H, Hd]; out [T, H, Hd]. H
-// must be a multiple of KV.
+// The cache slots one query attends to: [0, prefix_end), [context_begin, context_end) and
+// [own_begin, its own slot], ascending and disjoint; empty ranges are allowed. Packed scoring
+// runs several sequences in one batch: each sees a shared prefix, its context and itself.
+struct VisibleKeys {
+  int64_t prefix_end = 0;
+  int64_t context_begin = 0, context_end = 0;
+  int64_t own_begin = 0;
+};
+
+// Grouped-query attention of T new queries at cache slots pos0..pos0+T-1 against a cache
+// (kv_cache_store's layout) holding slots 0..pos0+T-1: causal (each query sees every slot up to
+// its own) when `visible` is empty, else query t sees visible[t]. q [T, H, Hd]; out [T, H, Hd].
+// H must be a multiple of KV.
 void attention_forward(float* out, const float* q, const float* k_cache, const float* v_cache,
                        int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
-                       int64_t cache_stride);
+                       int64_t cache_stride, std::span<const VisibleKeys> visible = {});
 void attention_forward_ref(float* out, const float* q, const float* k_cache, const float* v_cache,
                            int64_t T, int64_t pos0, int64_t H, int64_t KV, int64_t Hd,
-                           int64_t cache_stride);
+                           int64_t cache_stride, std::span<const VisibleKeys> visible = {});
 
 // ---- Training: whole sequences, no cache. Backwards take the forward's inputs (and what it
 // saved) and give input gradients only: the base weights are frozen.
