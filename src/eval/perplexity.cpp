@@ -134,30 +134,54 @@ PerplexityResult perplexity(InferenceSession& session, std::span<const int32_t> 
 }
 
 ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
-                         bool progress, Communicator* comm) {
+                         bool progress, Communicator* comm, int64_t batch_tokens) {
   const Share share(comm);
   std::optional<ProgressBar> bar;
   if (progress && share.rank == 0) bar.emplace("loss", share.count(std::ssize(examples)));
   const auto vocab = static_cast<size_t>(session.model().config.vocab_size);
   ExampleLoss result;
+  // Examples packed into one forward, each attending to itself only; the logits of the rows
+  // that predict a target token, with those tokens.
+  std::vector<int32_t> tokens, targets;
+  PackedLayout layout;
+  std::vector<int64_t> rows;
+  int64_t packed = 0;
   std::vector<float> logits;
+  const auto flush = [&] {
+    if (tokens.empty()) return;
+    logits.resize(rows.size() * vocab);
+    session.reset();
+    session.forward_packed(tokens, layout, rows, logits);
+    for (size_t i = 0; i < targets.size(); ++i)
+      result.nll_sum +=
+          token_nll(std::span<const float>(logits).subspan(i * vocab, vocab), targets[i]);
+    result.tokens += std::ssize(targets);
+    result.examples += packed;
+    if (bar) bar->advance(packed);
+    tokens.clear(), targets.clear(), rows.clear(), layout.positions.clear(), layout.visible.clear();
+    packed = 0;
+  };
   share.for_each(std::ssize(examples), [&](int64_t k) {
     const Example& e = examples[static_cast<size_t>(k)];
-    QL_CHECK(std::ssize(e.tokens) <= session.max_context(), "an example of ", e.tokens.size(),
+    const auto n = std::ssize(e.tokens);
+    QL_CHECK(n <= session.max_context(), "an example of ", n,
              " tokens exceeds the inference cache of ", session.max_context(), " positions");
-    logits.resize(e.tokens.size() * vocab);
-    session.reset();
-    session.forward(e.tokens, logits, /*all_logits=*/true);
-    // target[t] marks tokens[t] as predicted by the logits of position t - 1.
-    for (size_t t = 1; t < e.tokens.size(); ++t) {
-      if (!e.target[t]) continue;
-      result.nll_sum += token_nll(std::span<const float>(logits).subspan((t - 1) * vocab, vocab),
-                                  e.tokens[t]);
-      ++result.tokens;
+    if (!tokens.empty() && std::ssize(tokens) + n > std::min(batch_tokens, session.max_context()))
+      flush();
+    const auto begin = std::ssize(tokens);
+    for (int64_t t = 0; t < n; ++t) {
+      tokens.push_back(e.tokens[static_cast<size_t>(t)]);
+      layout.positions.push_back(t);
+      layout.visible.push_back({.own_begin = begin});
+      // target[t] marks tokens[t] as predicted by the logits of position t - 1.
+      if (t > 0 && e.target[static_cast<size_t>(t)]) {
+        rows.push_back(begin + t - 1);
+        targets.push_back(e.tokens[static_cast<size_t>(t)]);
+      }
     }
-    ++result.examples;
-    if (bar) bar->advance();
+    ++packed;
   });
+  flush();
   if (share.ranks > 1) {
     double sums[3] = {result.nll_sum, static_cast<double>(result.tokens),
                       static_cast<double>(result.examples)};

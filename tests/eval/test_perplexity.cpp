@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/data/dataset.h"
 #include "qalora/eval/perplexity.h"
+#include "qalora/model/runtime.h"
 #include "test_util.h"
 
 namespace qalora {
@@ -114,6 +116,46 @@ TEST(Perplexity, WritesOneJsonLinePerWindow) {
   EXPECT_EQ(lines[1]["window"], 1);
   EXPECT_EQ(lines[1]["scored"], 3);
   EXPECT_NEAR(lines[1]["mean_nll"].get<double>(), (kLog4 + 2 * kLog6) / 3, 1e-6);
+}
+
+// Examples packed into shared forwards score as each one alone does: stories260K (fp32), the
+// loss computed here from one whole forward per example against example_loss at budgets that
+// pack none, some and all of them.
+TEST(ExampleLoss, PackedExamplesScoreAsEachOneAlone) {
+  QL_REQUIRE_DATA("models/stories260K/stories260K.bin");
+  const std::filesystem::path dir = test::data_dir() / "models/stories260K";
+  const Model model = load_model(dir / "stories260K.bin", {.tokenizer = dir / "tok512.bin"});
+  const Tokenizer& tok = model.require_tokenizer();
+  std::vector<Example> examples;
+  for (const char* text : {"Once upon a time there was a little girl named Lily.",
+                           "The dog ran to the park and played with a ball all day long.",
+                           "Tom was sad.", "She looked at the sky and saw a big bird fly by."}) {
+    Example e;
+    e.tokens = tok.encode(text, true);
+    e.target.assign(e.tokens.size(), 0);
+    for (size_t t = e.tokens.size() / 3; t < e.tokens.size(); ++t) e.target[t] = 1;
+    examples.push_back(std::move(e));
+  }
+  InferenceSession session(model);
+  const auto V = static_cast<size_t>(model.config.vocab_size);
+  double nll = 0;
+  int64_t scored = 0;
+  for (const Example& e : examples) {
+    std::vector<float> logits(e.tokens.size() * V);
+    session.reset();
+    session.forward(e.tokens, logits, /*all_logits=*/true);
+    for (size_t t = 1; t < e.tokens.size(); ++t)
+      if (e.target[t]) {
+        nll += token_nll(std::span<const float>(logits).subspan((t - 1) * V, V), e.tokens[t]);
+        ++scored;
+      }
+  }
+  for (const int64_t budget : {1, 30, 512}) {
+    const ExampleLoss r = example_loss(session, examples, false, nullptr, budget);
+    EXPECT_EQ(r.examples, 4);
+    EXPECT_EQ(r.tokens, scored);
+    EXPECT_NEAR(r.nll_sum, nll, 1e-4 * nll) << budget;
+  }
 }
 
 }  // namespace

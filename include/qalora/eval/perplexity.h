@@ -67,8 +67,11 @@ struct ExampleLoss {
   double mean_nll = 0;
 };
 // The session's cache must hold the longest example. Throws Error when no example has a target.
-// With `comm`, its ranks share the examples as perplexity() shares windows.
+// With `comm`, its ranks share the examples as perplexity() shares windows. Examples are packed
+// into forwards of up to `batch_tokens` tokens (each attends to itself only; a longer example
+// runs alone), and only the rows that predict a target are projected to logits.
 ExampleLoss example_loss(InferenceSession& session, std::span<const Example> examples,
-                         bool progress = true, Communicator* comm = nullptr);
+                         bool progress = true, Communicator* comm = nullptr,
+                         int64_t batch_tokens = 512);
 
 }  // namespace qalora
