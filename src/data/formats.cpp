@@ -43,7 +43,7 @@ int64_t line_at(std::string_view text, size_t offset) {
 
 // nlohmann's message without its "[json.exception...] parse error at line L, column C: " head:
 // the caller reports the place itself.
-std::string parse_error_text(const json::parse_error& e) {
+std::string parse_error_text(const json::exception& e) {
   const std::string_view what = e.what();
   const size_t colon = what.find(": ");
   return std::string(colon == std::string_view::npos ? what : what.substr(colon + 2));
@@ -61,6 +61,9 @@ std::vector<Record> read_records(const fs::path& path, const std::string& text) 
       // `byte` counts the characters read, the offending one included.
       fail(name, ":", line_at(text, e.byte > 0 ? e.byte - 1 : 0),
            ": malformed JSON: ", parse_error_text(e));
+    } catch (const json::out_of_range& e) {
+      // A number beyond double's range (1e999), for which nlohmann gives no position.
+      fail(name, ": malformed JSON: ", parse_error_text(e));
     }
     records.reserve(doc.size());
     for (size_t i = 0; i < doc.size(); ++i)
@@ -78,7 +81,7 @@ std::vector<Record> read_records(const fs::path& path, const std::string& text) 
     if (row.find_first_not_of(" \t\r") == std::string_view::npos) continue;
     try {
       records.push_back({json::parse(row), cat(name, ":", line)});
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse_error, or out_of_range for 1e999
       fail(name, ":", line, ": malformed JSON: ", parse_error_text(e),
            " (expected a JSON array or one JSON object per line)");
     }

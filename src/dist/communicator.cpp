@@ -45,12 +45,14 @@ class SingleProcess final : public Communicator {
   const char* backend() const override { return "single"; }
 };
 
+#ifdef QALORA_WITH_MPI
 // Whether an MPI launcher (Open MPI's mpirun, MPICH/PMI, PMIx as under srun) started us.
 bool launched_by_mpi() {
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
     if (std::getenv(var) != nullptr) return true;
   return false;
 }
+#endif
 
 #ifdef QALORA_WITH_MPI
 // Seconds a collective operation may wait for the other ranks before this rank gives up

@@ -132,7 +132,7 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   try {
     header =
         nlohmann::ordered_json::parse(st.file_->data() + 8, st.file_->data() + st.data_offset_);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e999
     fail(name, ": header is not valid JSON: ", e.what());
   }
   QL_CHECK(header.is_object(), name, ": header must be a JSON object, got ", header.type_name());

@@ -2,8 +2,10 @@
 // quantized kernels, other types decoded per use, F32 in place), and the tokenizer from
 // tokenizer.ggml.*.
 #include <cctype>
+#include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 
 #include "qalora/core/error.h"
@@ -115,14 +117,20 @@ Model load_gguf_model(const std::filesystem::path& path) {
   ModelConfig& c = m.config;
   c.arch = arch;
   c.name = f.get_string_or("general.name", path.stem().string());
-  c.dim = f.get_int(arch + ".embedding_length");
-  c.hidden_dim = f.get_int(arch + ".feed_forward_length");
-  c.n_layers = f.get_int(arch + ".block_count");
-  c.n_heads = f.get_int(arch + ".attention.head_count");
-  c.n_kv_heads = f.get_int_or(arch + ".attention.head_count_kv", c.n_heads);
-  QL_CHECK(c.n_heads > 0, path.string(), ": ", arch, ".attention.head_count must be positive, got ",
-           c.n_heads);
-  c.head_dim = f.get_int_or(arch + ".attention.key_length", c.dim / c.n_heads);
+  // Sizes are positive and below 2^31 (no model's are larger), so that a corrupt header fails
+  // here, naming its key, not in a product that overflows or an allocation.
+  const auto size = [&](const std::string& key, std::optional<int64_t> fallback = {}) {
+    const int64_t v = fallback ? f.get_int_or(key, *fallback) : f.get_int(key);
+    QL_CHECK(v > 0 && v <= INT32_MAX, path.string(), ": ", key,
+             ": expected a positive size below 2^31, got ", v);
+    return v;
+  };
+  c.dim = size(arch + ".embedding_length");
+  c.hidden_dim = size(arch + ".feed_forward_length");
+  c.n_layers = size(arch + ".block_count");
+  c.n_heads = size(arch + ".attention.head_count");
+  c.n_kv_heads = size(arch + ".attention.head_count_kv", c.n_heads);
+  c.head_dim = size(arch + ".attention.key_length", c.dim / c.n_heads);
   c.context_length = f.get_int_or(arch + ".context_length", 2048);
   c.rope_theta = static_cast<float>(f.get_float_or(arch + ".rope.freq_base", 10000.0));
   c.norm_eps = static_cast<float>(f.get_float_or(arch + ".attention.layer_norm_rms_epsilon", 1e-5));
@@ -190,10 +198,10 @@ Model load_gguf_model(const std::filesystem::path& path) {
     const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});
     c.rope_freq_factors.assign(factors.data(), factors.data() + factors.numel());
   }
-  m.layers.resize(static_cast<size_t>(std::max<int64_t>(c.n_layers, 0)));
+  // Block by block, so that an absurd block_count fails at the first missing tensor.
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const std::string b = "blk." + std::to_string(i) + ".";
-    LayerWeights& l = m.layers[static_cast<size_t>(i)];
+    LayerWeights& l = m.layers.emplace_back();
     l.attn_norm = load(b + "attn_norm.weight", {D});
     l.q = linear(b + "attn_q.weight", {Q, D}, c.n_heads);
     l.k = linear(b + "attn_k.weight", {KV, D}, c.n_kv_heads);

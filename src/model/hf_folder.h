@@ -3,6 +3,7 @@
 // GPTQ checkpoints).
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -39,10 +40,12 @@ class ConfigJson {
              j_[key].dump());
     return j_[key].get<int64_t>();
   }
-  // Sizes and counts, all of which must be positive.
+  // Sizes and counts, all of which must be positive; below 2^31 (no model's are larger), so
+  // that products of them cannot overflow.
   int64_t positive(const char* key) const {
     const int64_t v = integer(key);
-    QL_CHECK(v > 0, file_, ": field '", key, "' must be a positive integer, got ", v);
+    QL_CHECK(v > 0 && v <= INT32_MAX, file_, ": field '", key,
+             "' must be a positive integer below 2^31, got ", v);
     return v;
   }
   int64_t positive_or(const char* key, int64_t fallback) const {

@@ -25,7 +25,7 @@ namespace hf {
 json parse_json_file(const fs::path& path) {
   try {
     return json::parse(read_file(path));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number like 1e999
     fail(path.string(), ": not valid JSON: ", e.what());
   }
 }

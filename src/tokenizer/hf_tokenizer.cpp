@@ -69,9 +69,11 @@ PreTokenizer infer_pre_tokenizer(const json& pre, const std::string& p) {
     }
     return PreTokenizer::Gpt2;
   }
-  const json& pattern = (*splits[0])["pattern"];
-  const std::string regex =
-      pattern.is_object() && pattern.contains("Regex") ? pattern["Regex"].get<std::string>() : "";
+  // contains/at, not operator[]: on a const json a missing key reads freed memory.
+  const json::json_pointer regex_at("/pattern/Regex");
+  const std::string regex = splits[0]->contains(regex_at) && splits[0]->at(regex_at).is_string()
+                                ? splits[0]->at(regex_at).get<std::string>()
+                                : "";
   for (PreTokenizer pt : {PreTokenizer::Gpt2, PreTokenizer::Llama3, PreTokenizer::Qwen2})
     if (regex == pre_tokenizer_regex(pt)) return pt;
   fail(p,
@@ -86,7 +88,13 @@ int32_t id_of(const TokenizerData& d, const std::string& piece) {
   return it == d.tokens.end() ? -1 : static_cast<int32_t>(it - d.tokens.begin());
 }
 
-void read_tokenizer_config(const std::filesystem::path& path, TokenizerData& d) {
+// A value of a type the reader does not check for (nlohmann's type_error from get or value)
+// still ends as one line naming the file: the readers below are function-try-blocks.
+[[noreturn]] void fail_json_type(const std::filesystem::path& path, const json::exception& e) {
+  fail(path.string(), ": a value has an unexpected JSON type: ", e.what());
+}
+
+void read_tokenizer_config(const std::filesystem::path& path, TokenizerData& d) try {
   const json cfg = parse_json(path);
   QL_CHECK(cfg.is_object(), path.string(), ": expected a JSON object, got ", cfg.type_name());
   const std::pair<const char*, int32_t*> ids[] = {{"bos_token", &d.bos_id},
@@ -116,6 +124,8 @@ void read_tokenizer_config(const std::filesystem::path& path, TokenizerData& d) 
           d.chat_template = named["template"].get<std::string>();
     }
   }
+} catch (const json::exception& e) {
+  fail_json_type(path, e);
 }
 
 void read_generation_config(const std::filesystem::path& path, TokenizerData& d) {
@@ -134,7 +144,7 @@ void read_generation_config(const std::filesystem::path& path, TokenizerData& d)
 
 }  // namespace
 
-TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
+TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) try {
   const std::string p = tokenizer_json.string();
   const json j = parse_json(tokenizer_json);
   QL_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), p,
@@ -276,6 +286,8 @@ TokenizerData read_hf_tokenizer(const std::filesystem::path& tokenizer_json) {
   if (d.bos_id < 0) d.add_bos = false;
   validate_tokenizer_data(d, p);
   return d;
+} catch (const json::exception& e) {
+  fail_json_type(tokenizer_json, e);
 }
 
 }  // namespace qalora

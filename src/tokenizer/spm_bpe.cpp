@@ -30,7 +30,8 @@ SpmEncoder::SpmEncoder(const TokenizerData& data) : data_(data) {
     const std::string_view p = piece;
     for (size_t pos = p.find(kSpmSpace, 1); pos != std::string_view::npos;
          pos = p.find(kSpmSpace, pos + 1))
-      if (p.substr(pos - kSpmSpace.size(), kSpmSpace.size()) != kSpmSpace) split_words_ = false;
+      if (pos < kSpmSpace.size() || p.substr(pos - kSpmSpace.size(), kSpmSpace.size()) != kSpmSpace)
+        split_words_ = false;
   }
 }
 

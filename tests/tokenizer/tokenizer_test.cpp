@@ -104,6 +104,16 @@ TEST(TokenizerSpm, EqualScoresMergeLeftmostFirst) {
   EXPECT_EQ(tok.encode("aaa", false), (Ids{kFirstPiece + 1, kFirstPiece}));
 }
 
+TEST(TokenizerSpm, SpaceSuffixPieceSpansWords) {
+  // treat_whitespace_as_suffix models have pieces like "a▁", whose U+2581 follows one byte: the
+  // look for a U+2581 before it threw std::out_of_range (found by fuzzing).
+  const Tokenizer tok(
+      spm_data({{"a", -10}, {"b", -10}, {"\xE2\x96\x81", -10}, {"a\xE2\x96\x81", -1}}));
+  const Ids ids = tok.encode("a b", false);
+  EXPECT_EQ(ids, (Ids{kFirstPiece + 2, kFirstPiece + 3, kFirstPiece + 1}));
+  EXPECT_EQ(tok.decode(ids), "a b");
+}
+
 TEST(TokenizerSpm, ByteFallbackAndUnknown) {
   TokenizerData d = spm_data({{"\xE2\x96\x81", -1}});
   const Tokenizer tok(d);
