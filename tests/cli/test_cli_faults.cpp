@@ -221,8 +221,11 @@ TEST(CliFaults, SecondRunIntoTheSameOutIsRefused) {
   // The kernel drops the lock of a killed run: its folder resumes.
   ASSERT_EQ(kill(first, SIGKILL), 0);
   waitpid(first, nullptr, 0);
-  const std::string last = checkpoints_of(run).back().filename().string();
-  const int at = std::stoi(last.substr(last.find('-') + 1));
+  int at = 0;  // the latest checkpoint's step (the folder lists them in no particular order)
+  for (const fs::path& c : checkpoints_of(run)) {
+    const std::string name = c.filename().string();
+    at = std::max(at, std::stoi(name.substr(name.find('-') + 1)));
+  }
   const auto r = run_cli(train_args(model, text, run, at + 1, {"--resume", run.string()}));
   EXPECT_EQ(r.exit_code, 0) << r.err;
 }
