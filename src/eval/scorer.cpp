@@ -239,6 +239,15 @@ bool same_prefix(const ScoreRequest& a, const ScoreRequest& b) {
          std::equal(a.context.begin(), a.context.begin() + a.prefix, b.context.begin());
 }
 
+// Where among a batch's contexts so far `r`'s context is (choices of one item share theirs).
+template <typename Placed, typename Ids>
+auto find_context(Placed& placed, const ScoreRequest& r, Ids ids_of) {
+  return std::find_if(placed.begin(), placed.end(), [&](const auto& p) {
+    const std::span<const int32_t> ids = ids_of(p);
+    return std::equal(ids.begin(), ids.end(), r.context.begin(), r.context.end());
+  });
+}
+
 }  // namespace
 
 PackedScorer::PackedScorer(CachedSession& cache, int64_t batch_tokens)
@@ -270,9 +279,8 @@ std::vector<ContinuationScore> PackedScorer::score_all(std::span<const ScoreRequ
     for (; j < requests.size(); ++j) {
       const ScoreRequest& r = requests[j];
       if (j > i && (!same_prefix(first, r) || fit_window(r, window).truncated)) break;
-      const bool new_context = std::none_of(contexts.begin(), contexts.end(), [&](auto c) {
-        return std::equal(c.begin(), c.end(), r.context.begin(), r.context.end());
-      });
+      const bool new_context =
+          find_context(contexts, r, [](std::span<const int32_t> c) { return c; }) == contexts.end();
       const int64_t add = packed_tokens(r, new_context);
       if (j > i && used + add > budget) break;
       used += add;
@@ -293,13 +301,11 @@ void PackedScorer::score_batch(std::span<const ScoreRequest> requests,
   std::vector<int32_t> tokens;
   PackedLayout layout;
   std::vector<int64_t> rows;
-  // Batch offsets of each distinct context's first and last token.
+  // Each distinct context with the batch offset of its first token after the prefix.
   std::vector<std::pair<std::span<const int32_t>, int64_t>> placed;
   for (const ScoreRequest& r : requests) {
     const auto n_ctx = static_cast<int64_t>(r.context.size());
-    auto at = std::find_if(placed.begin(), placed.end(), [&](const auto& p) {
-      return std::equal(p.first.begin(), p.first.end(), r.context.begin(), r.context.end());
-    });
+    auto at = find_context(placed, r, [](const auto& p) { return p.first; });
     if (at == placed.end()) {
       const auto begin = static_cast<int64_t>(tokens.size());
       for (int64_t k = P; k < n_ctx; ++k) {
