@@ -34,11 +34,11 @@ done
 BUILD_DIR=build-fuzz
 CORPUS=${FUZZ_CORPUS:-$BUILD_DIR/corpus}
 # -O1 with line tables, as the sanitizer test build; a unity build (a quarter less compile time,
-# which CI feels). MPI off: the targets run single-process.
+# which CI feels). MPI and oneDNN off: the targets run single-process and multiply no matrices.
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DQALORA_FUZZ=ON \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG" \
   -DCMAKE_UNITY_BUILD=ON \
-  -DQALORA_BUILD_TESTS=OFF -DQALORA_BUILD_BENCH=OFF -DQALORA_MPI=OFF >/dev/null
+  -DQALORA_BUILD_TESTS=OFF -DQALORA_BUILD_BENCH=OFF -DQALORA_MPI=OFF -DQALORA_DNNL=OFF >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)" --target fuzz
 rm -rf "$BUILD_DIR/seeds"
 "$BUILD_DIR/fuzz/qalora_fuzz_seeds" "$BUILD_DIR/seeds"

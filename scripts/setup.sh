@@ -9,6 +9,7 @@ SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
 PKGS=(build-essential cmake ninja-build pkg-config libopenblas-openmp-dev nlohmann-json3-dev
       libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev libopenmpi-dev openmpi-bin
+      libdnnl-dev
       python3 python3-pip unzip
       clang libclang-rt-dev libomp-dev)  # the fuzz build (scripts/fuzz.sh): libFuzzer, OpenMP
 missing=()

@@ -9,6 +9,7 @@
 
 #include "qalora/core/error.h"
 #include "qalora/core/hash.h"
+#include "qalora/ops/gemm.h"
 
 namespace qalora {
 
@@ -29,14 +30,6 @@ inline float pool_factor(AdapterPool pool, int64_t group_len) {
 void check_group(int64_t I, int64_t G) {
   QL_CHECK(G >= 1 && I >= 1, "adapter pooling: group size expected >= 1 and in features >= 1, ",
            "got group size ", G, ", in features ", I);
-}
-
-void gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t M, int64_t N, int64_t K, float alpha,
-          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-          int64_t ldc) {
-  const auto b = [](int64_t v) { return static_cast<blasint>(v); };
-  cblas_sgemm(CblasRowMajor, ta, tb, b(M), b(N), b(K), alpha, A, b(lda), B, b(ldb), beta, C,
-              b(ldc));
 }
 
 using PoolFn = void (*)(float*, const float*, int64_t, int64_t, int64_t, AdapterPool);
@@ -157,8 +150,8 @@ void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T, 
   if (T == 0) return;
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out;
   adapter_input(a, x, T, p, dropout_seed, scratch, pool_groups_forward);
-  gemm(CblasNoTrans, CblasTrans, T, r, C, 1.0f, scratch, C, a.A.data(), C, 0.0f, u, r);
-  gemm(CblasNoTrans, CblasTrans, T, O, r, scale, u, r, a.B.data(), r, 1.0f, y, O);
+  ops::gemm(false, true, T, r, C, 1.0f, scratch, C, a.A.data(), C, 0.0f, u, r);
+  ops::gemm(false, true, T, O, r, scale, u, r, a.B.data(), r, 1.0f, y, O);
 }
 
 void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
@@ -189,16 +182,16 @@ void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x,
   const float* A = a.A.data();
   float* xin = scratch;        // [T, C], then the gradient of xin
   float* g = scratch + T * C;  // [T, r] = scale * dy B
-  gemm(CblasNoTrans, CblasNoTrans, T, r, O, scale, dy, O, a.B.data(), r, 0.0f, g, r);
-  gemm(CblasTrans, CblasNoTrans, O, r, T, scale, dy, O, u, r, 1.0f, a.grad_B.data(), r);
+  ops::gemm(false, false, T, r, O, scale, dy, O, a.B.data(), r, 0.0f, g, r);
+  ops::gemm(true, false, O, r, T, scale, dy, O, u, r, 1.0f, a.grad_B.data(), r);
   adapter_input(a, x, T, p, dropout_seed, xin, pool_groups_forward);
-  gemm(CblasTrans, CblasNoTrans, r, C, T, 1.0f, g, r, xin, C, 1.0f, a.grad_A.data(), C);
+  ops::gemm(true, false, r, C, T, 1.0f, g, r, xin, C, 1.0f, a.grad_A.data(), C);
   if (!a.pooled() && p == 0.0f) {
     // Nothing between A and x: accumulate g A straight into dx.
-    gemm(CblasNoTrans, CblasNoTrans, T, I, r, 1.0f, g, r, A, C, 1.0f, dx, I);
+    ops::gemm(false, false, T, I, r, 1.0f, g, r, A, C, 1.0f, dx, I);
     return;
   }
-  gemm(CblasNoTrans, CblasNoTrans, T, C, r, 1.0f, g, r, A, C, 0.0f, xin, C);
+  ops::gemm(false, false, T, C, r, 1.0f, g, r, A, C, 0.0f, xin, C);
   // The mask scaled by 1 / (1 - p) is its own adjoint: apply it again.
   dropout_forward(xin, T, C, p, dropout_seed);
   if (a.pooled())

@@ -1,10 +1,9 @@
 #include "qalora/ops/matmul_stored.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <vector>
 
+#include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 
 namespace qalora::ops {
@@ -62,10 +61,7 @@ void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias
     gemv_encoded(y, x, W, T);
   } else {
     for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T),
-                  static_cast<blasint>(n), static_cast<blasint>(I), 1.0f, x,
-                  static_cast<blasint>(I), tile, static_cast<blasint>(I), 0.0f, y + r0,
-                  static_cast<blasint>(O));
+      gemm(false, true, T, n, I, 1.0f, x, I, tile, I, 0.0f, y + r0, O);
     });
   }
   if (bias != nullptr)
@@ -78,10 +74,7 @@ void matmul_backward_input(float* dx, const float* dy, const Tensor& W, int64_t 
   if (!W.encoded()) return matmul_backward_input(dx, dy, W.data(), T, I, O);
   for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
     // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :]
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
-                static_cast<blasint>(I), static_cast<blasint>(n), 1.0f, dy + r0,
-                static_cast<blasint>(O), tile, static_cast<blasint>(I), r0 == 0 ? 0.0f : 1.0f, dx,
-                static_cast<blasint>(I));
+    gemm(false, false, T, I, n, 1.0f, dy + r0, O, tile, I, r0 == 0 ? 0.0f : 1.0f, dx, I);
   });
 }
 

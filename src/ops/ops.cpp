@@ -12,6 +12,7 @@
 
 #include "ops/ops_internal.h"
 #include "qalora/core/error.h"
+#include "qalora/ops/gemm.h"
 
 namespace qalora::ops {
 
@@ -65,8 +66,7 @@ void matmul_forward(float* y, const float* x, const float* W, const float* bias,
   if (T == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, bo, bi, 1.0f, W, bi, x, 1, 0.0f, y, 1);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(T), bo, bi, 1.0f, x,
-                bi, W, bi, 0.0f, y, bo);
+    gemm(false, true, T, O, I, 1.0f, x, I, W, I, 0.0f, y, O);
   }
   if (bias != nullptr) {
     for (int64_t t = 0; t < T; ++t) axpy(y + t * O, 1.0f, bias, O);
@@ -301,11 +301,8 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
       const float* V = v_cache + (h / group) * cache_stride * Hd;
       const float* Q = q + h * Hd;
       float* O = out + h * Hd;
-      // S[T, P] = Q_h[T, Hd] Kt[Hd, P]; BLAS runs single-threaded inside this parallel loop.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
-                  static_cast<blasint>(P), static_cast<blasint>(Hd), scale, Q,
-                  static_cast<blasint>(qstride), Kt, static_cast<blasint>(cache_stride), 0.0f,
-                  scores.data(), static_cast<blasint>(P));
+      // S[T, P] = Q_h[T, Hd] Kt[Hd, P]; gemm runs single-threaded inside this parallel loop.
+      gemm(false, false, T, P, Hd, scale, Q, qstride, Kt, cache_stride, 0.0f, scores.data(), P);
       for (int64_t t = 0; t < T; ++t) {
         float* s = scores.data() + t * P;
         const KeyRanges r = key_ranges(visible, t, pos0);
@@ -326,10 +323,7 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
         std::fill(s + masked_from, s + P, 0.0f);
       }
       // O_h[T, Hd] = S[T, P] V[P, Hd]
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(T),
-                  static_cast<blasint>(Hd), static_cast<blasint>(P), 1.0f, scores.data(),
-                  static_cast<blasint>(P), V, static_cast<blasint>(Hd), 0.0f, O,
-                  static_cast<blasint>(qstride));
+      gemm(false, false, T, Hd, P, 1.0f, scores.data(), P, V, Hd, 0.0f, O, qstride);
     }
   }
 }

@@ -10,6 +10,7 @@
 
 #include "ops/ops_internal.h"
 #include "qalora/core/error.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 
 namespace qalora::ops {
@@ -81,8 +82,7 @@ void matmul_backward_input(float* dx, const float* dy, const float* W, int64_t T
   if (T == 1) {
     cblas_sgemv(CblasRowMajor, CblasTrans, bl(O), bl(I), 1.0f, W, bl(I), dy, 1, 0.0f, dx, 1);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bl(T), bl(I), bl(O), 1.0f, dy, bl(O), W,
-                bl(I), 0.0f, dx, bl(I));
+    gemm(false, false, T, I, O, 1.0f, dy, O, W, I, 0.0f, dx, I);
   }
 }
 
@@ -122,7 +122,7 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
   const int64_t qs = H * Hd, ks = KV * Hd;  // row strides of q/out and k/v
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   // Later blocks see more keys: they go first so that the dynamic schedule ends balanced.
-  // BLAS runs single-threaded inside the parallel loop.
+  // gemm runs single-threaded inside the parallel loop.
 #pragma omp parallel for collapse(2) schedule(dynamic) if (H * T * T * Hd > kParallelWork)
   for (int64_t b = blocks - 1; b >= 0; --b) {
     for (int64_t h = 0; h < H; ++h) {
@@ -131,8 +131,7 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
       const float* V = v + (h / group) * Hd;
       float* P = probs + (h * T + i0) * T;
       // S[rows, i1] = scale Q_h[i0:i1] K[0:i1]^T (the block's upper corner is masked below).
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, bl(rows), bl(i1), bl(Hd), scale,
-                  q + i0 * qs + h * Hd, bl(qs), K, bl(ks), 0.0f, P, bl(T));
+      gemm(false, true, rows, i1, Hd, scale, q + i0 * qs + h * Hd, qs, K, ks, 0.0f, P, T);
       for (int64_t i = i0; i < i1; ++i) {
         float* s = P + (i - i0) * T;
         const int64_t visible = i + 1;
@@ -143,8 +142,7 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
         std::fill(s + visible, s + T, 0.0f);
       }
       // O_h[i0:i1] = P[rows, 0:i1] V[0:i1]
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bl(rows), bl(Hd), bl(i1), 1.0f, P,
-                  bl(T), V, bl(ks), 0.0f, out + i0 * qs + h * Hd, bl(qs));
+      gemm(false, false, rows, Hd, i1, 1.0f, P, T, V, ks, 0.0f, out + i0 * qs + h * Hd, qs);
     }
   }
 }
@@ -203,8 +201,8 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
         const float* P = probs + (h * T + i0) * T;
         float* dS = scratch + (h * T + i0) * T;
         // dP[rows, i1] = dO_h[i0:i1] V[0:i1]^T, then turned into dS in place.
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, bl(rows), bl(i1), bl(Hd), 1.0f,
-                    dout + i0 * qs + h * Hd, bl(qs), v + g * Hd, bl(ks), 0.0f, dS, bl(T));
+        gemm(false, true, rows, i1, Hd, 1.0f, dout + i0 * qs + h * Hd, qs, v + g * Hd, ks, 0.0f, dS,
+             T);
         for (int64_t i = i0; i < i1; ++i) {
           const float* p = P + (i - i0) * T;
           float* d = dS + (i - i0) * T;
@@ -218,8 +216,8 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
           std::fill(d + visible, d + i1, 0.0f);
         }
         // dQ_h[i0:i1] = scale dS[rows, 0:i1] K[0:i1]
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, bl(rows), bl(Hd), bl(i1), scale, dS,
-                    bl(T), k + g * Hd, bl(ks), 0.0f, dq + i0 * qs + h * Hd, bl(qs));
+        gemm(false, false, rows, Hd, i1, scale, dS, T, k + g * Hd, ks, 0.0f, dq + i0 * qs + h * Hd,
+             qs);
       }
     }
     // dK and dV, per block of key rows: keys j0..j1 get gradients from queries j0..T only.
@@ -233,13 +231,11 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
           const int64_t h = g * group + r;
           const float beta = r == 0 ? 0.0f : 1.0f;
           // dK[j0:j1] (+)= scale dS[j0:T, j0:j1]^T Q_h[j0:T]
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, bl(cols), bl(Hd), bl(later), scale,
-                      scratch + (h * T + j0) * T + j0, bl(T), q + j0 * qs + h * Hd, bl(qs), beta,
-                      dk + j0 * ks + g * Hd, bl(ks));
+          gemm(true, false, cols, Hd, later, scale, scratch + (h * T + j0) * T + j0, T,
+               q + j0 * qs + h * Hd, qs, beta, dk + j0 * ks + g * Hd, ks);
           // dV[j0:j1] (+)= P[j0:T, j0:j1]^T dO_h[j0:T]
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, bl(cols), bl(Hd), bl(later), 1.0f,
-                      probs + (h * T + j0) * T + j0, bl(T), dout + j0 * qs + h * Hd, bl(qs), beta,
-                      dv + j0 * ks + g * Hd, bl(ks));
+          gemm(true, false, cols, Hd, later, 1.0f, probs + (h * T + j0) * T + j0, T,
+               dout + j0 * qs + h * Hd, qs, beta, dv + j0 * ks + g * Hd, ks);
         }
       }
     }

@@ -3,7 +3,6 @@
 // prefill and training dequantize the weight and hand it to BLAS, so the dequantization cost
 // is amortised over T tokens. The AVX2 and AVX-512 kernels live in qkernels_avx2.cpp and
 // qkernels_avx512.cpp; one is picked at run time from the CPU's features.
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -18,6 +17,7 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/quant/qmatrix.h"
 #include "quant/qkernels_internal.h"
 
@@ -192,12 +192,13 @@ void parallel_rows(int64_t n, int64_t work, F&& f) {
 }
 
 thread_local std::vector<float> tl_weights;   // dequantized weight (prefill, backward)
+thread_local std::vector<uint16_t> tl_weights_bf16;  // the same in bf16 (bf16 products)
 thread_local std::vector<float> tl_x;         // padded activations (GEMV)
 thread_local std::vector<float> tl_xsum;      // per-group activation sums (GEMV)
 thread_local std::vector<int8_t> tl_xq;       // int8 activations (int8 GEMV)
 thread_local std::vector<float> tl_xd;        // their per-lane chunk scales (int8 GEMV)
 thread_local std::vector<float> tl_xdc;       // the same per chunk
-thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV)
+thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV, bf16 decoding)
 thread_local std::vector<int32_t> tl_groups;  // group of each column (GEMV, odd layouts)
 thread_local std::vector<GemvArgs> tl_args;   // one per product (GEMV)
 
@@ -478,6 +479,27 @@ void qmatmul_forward_shared(std::span<const QProduct> products, const float* x, 
   qk::gemv(products, x, T, activations, qk::table());
 }
 
+namespace {
+
+// w as bf16, decoded a few rows at a time into a buffer that stays in cache and converted from
+// there: the fp32 copy of the whole weight is never written.
+const uint16_t* dequantize_bf16(const QMatrix& w) {
+  constexpr int64_t kRows = 8;
+  uint16_t* out = qk::scratch(qk::tl_weights_bf16, w.rows * w.cols);
+  const qk::KernelTable& k = qk::table();
+  qk::parallel_rows(w.rows, w.rows * w.cols, [&](int64_t a, int64_t b) {
+    float* rows = qk::scratch(qk::tl_rows, kRows * w.cols);
+    for (int64_t r = a; r < b; r += kRows) {
+      const int64_t n = std::min(kRows, b - r);
+      k.dequant_rows(w, r, r + n, rows);
+      ops::to_bf16(rows, n, w.cols, w.cols, out + r * w.cols);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
 void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bias, int64_t T,
                      DecodeActivations activations) {
   const int64_t O = w.rows, I = w.cols;
@@ -486,23 +508,24 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
     const QProduct p{&w, bias, y};
     return qk::gemv({&p, 1}, x, T, activations, qk::table());
   }
-  float* W = qk::scratch(qk::tl_weights, O * I);
-  dequantize_rows(w, 0, O, W);
   for (int64_t t = 0; t < T; ++t)
     if (bias) std::copy(bias, bias + O, y + t * O);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(O),
-              static_cast<int>(I), 1.0f, x, static_cast<int>(I), W, static_cast<int>(I),
-              bias ? 1.0f : 0.0f, y, static_cast<int>(O));
+  const float beta = bias ? 1.0f : 0.0f;
+  if (ops::use_bf16(T, O, I))
+    return ops::gemm_bf16_b(false, true, T, O, I, 1.0f, x, I, dequantize_bf16(w), I, beta, y, O);
+  float* W = qk::scratch(qk::tl_weights, O * I);
+  dequantize_rows(w, 0, O, W);
+  ops::gemm(false, true, T, O, I, 1.0f, x, I, W, I, beta, y, O);
 }
 
 void qmatmul_backward_input(float* dx, const float* dy, const QMatrix& w, int64_t T) {
   const int64_t O = w.rows, I = w.cols;
   if (T <= 0) return;
+  if (ops::use_bf16(T, I, O))
+    return ops::gemm_bf16_b(false, false, T, I, O, 1.0f, dy, O, dequantize_bf16(w), I, 0.0f, dx, I);
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T), static_cast<int>(I),
-              static_cast<int>(O), 1.0f, dy, static_cast<int>(O), W, static_cast<int>(I), 0.0f, dx,
-              static_cast<int>(I));
+  ops::gemm(false, false, T, I, O, 1.0f, dy, O, W, I, 0.0f, dx, I);
 }
 
 }  // namespace qalora

@@ -1,6 +1,6 @@
 // qalora train end to end, as a user runs it: QA-LoRA on GPTQ-quantized stories260K lowers the
 // held-out loss, an interrupted run resumes to a bit-identical adapter, and bad input fails with
-// one clear line.
+// one clear line; bf16 products follow the fp32 loss curve.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -11,11 +11,13 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "qalora/core/mapped_file.h"
+#include "qalora/ops/gemm.h"
 #include "test_util.h"
 
 namespace qalora {
@@ -55,6 +57,20 @@ int count_lines_with(const fs::path& file, const std::string& needle) {
   int n = 0;
   for (std::string line; std::getline(in, line);) n += line.find(needle) != std::string::npos;
   return n;
+}
+
+// SmolLM2 quantized to RTN INT4 g32 in dir/q4, as a user does before QA-LoRA.
+std::string quantize_smollm2(const fs::path& dir) {
+  const auto r = run_cli({"quantize", "-m", test::smollm2_path().string(), "--method", "rtn",
+                          "--bits", "4", "-g", "32", "-o", (dir / "q4").string()});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return (dir / "q4").string();
+}
+
+// `qalora train` of a QA-LoRA r 16 adapter on Alpaca over `q4`; the schedule and lengths follow.
+std::vector<std::string> smollm2_qalora(const std::string& q4) {
+  return {"train",  "-m",     q4,   "--data",          data(kAlpaca), "--adapter",
+          "qalora", "--rank", "16", "--learning-rate", "1e-3"};
 }
 
 TEST(CliTrain, QaLoraOnGptqStoriesLowersTheHeldOutLoss) {
@@ -252,35 +268,87 @@ TEST(CliTrain, SmolLm2QaLoraOnAlpacaLowersTheHeldOutLoss) {
   QL_REQUIRE_SMOLLM2();
   QL_REQUIRE_DATA(kAlpaca);
   const fs::path dir = test::temp_dir();
-  auto r = run_cli({"quantize", "-m", test::smollm2_path().string(), "--method", "rtn", "--bits",
-                    "4", "-g", "32", "-o", (dir / "q4").string()});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = run_cli({"train",
-               "-m",
-               (dir / "q4").string(),
-               "--data",
-               data(kAlpaca),
-               "--adapter",
-               "qalora",
-               "--rank",
-               "16",
-               "--learning-rate",
-               "1e-3",
-               "--max-steps",
-               "6",
-               "--grad-accum",
-               "4",
-               "--source-max-len",
-               "128",
-               "--target-max-len",
-               "64",
-               "--eval-fraction",
-               "0.015",
-               "--out",
-               (dir / "run").string()});
+  const std::string q4 = quantize_smollm2(dir);
+  ASSERT_FALSE(HasFailure());
+  const auto r = run_cli(concat(
+      smollm2_qalora(q4),
+      {"--max-steps", "6", "--grad-accum", "4", "--source-max-len", "128", "--target-max-len", "64",
+       "--eval-fraction", "0.015", "--out", (dir / "run").string()}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto [before, after] = heldout_losses(r.out);
   EXPECT_LT(after, before) << r.out;
+}
+
+// The training loss of every step, from a run's metrics.jsonl.
+std::vector<double> step_losses(const fs::path& run) {
+  std::vector<double> losses;
+  std::ifstream in(run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) losses.push_back(j["loss"].get<double>());
+  }
+  return losses;
+}
+
+// Runs `train_args` with --compute-dtype fp32 and bf16 into dir/fp32 and dir/bf16 (same data,
+// seed and order) and compares their loss curves step by step. bf16 rounds the products'
+// inputs only, so the paired difference must stay far below the curve's own noise (how much the
+// loss moves from one step to the next), and the held-out losses must agree.
+void expect_bf16_follows_fp32(const fs::path& dir, const std::vector<std::string>& train_args) {
+  std::vector<double> curve[2];
+  std::pair<double, double> heldout[2];
+  for (int i = 0; i < 2; ++i) {
+    const std::string type = i == 0 ? "fp32" : "bf16";
+    const auto r =
+        run_cli(concat(train_args, {"--compute-dtype", type, "--out", (dir / type).string()}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("compute:       " + type), std::string::npos) << r.out;
+    curve[i] = step_losses(dir / type);
+    heldout[i] = heldout_losses(r.out);
+  }
+  ASSERT_EQ(curve[0].size(), curve[1].size());
+  ASSERT_GE(curve[0].size(), 10u);
+  double diff2 = 0, noise2 = 0, differ = 0;
+  for (size_t s = 0; s < curve[0].size(); ++s) {
+    diff2 += std::pow(curve[1][s] - curve[0][s], 2);
+    differ += curve[1][s] != curve[0][s];
+    if (s > 0) noise2 += std::pow(curve[0][s] - curve[0][s - 1], 2);
+  }
+  const double n = static_cast<double>(curve[0].size());
+  const double rms_diff = std::sqrt(diff2 / n), rms_noise = std::sqrt(noise2 / (n - 1));
+  std::printf("bf16 vs fp32: rms step difference %.2e, rms step-to-step change %.2e\n", rms_diff,
+              rms_noise);
+  EXPECT_LT(rms_diff, 0.05 * rms_noise) << "bf16 strays from the fp32 curve";
+  EXPECT_GT(differ, n / 2) << "the bf16 run computed in fp32";
+  EXPECT_NEAR(heldout[1].second, heldout[0].second, 0.01 * heldout[0].second);
+  EXPECT_LT(heldout[1].second, heldout[1].first) << "the bf16 run did not learn";
+}
+
+TEST(CliTrain, Bf16LossCurveFollowsFp32OnStories) {
+  if (!ops::bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  QL_REQUIRE_DATA(kTinyStories);
+  const fs::path dir = test::temp_dir();
+  const std::string train_text = (dir / "train.txt").string();
+  std::ofstream(train_text) << read_file(test::data_dir() / kTinyStories).substr(0, 150000);
+  expect_bf16_follows_fp32(
+      dir, concat(concat({"train"}, stories_model()),
+                  {"--data", train_text, "--max-seq-len", "128", "--adapter", "lora", "--rank", "8",
+                   "--learning-rate", "2e-3", "--max-steps", "100", "--grad-accum", "2",
+                   "--eval-fraction", "0.02"}));
+}
+
+TEST(CliTrain, Bf16LossCurveFollowsFp32OnSmolLm2QaLora) {
+  QL_SKIP_UNDER_SANITIZERS("minutes of SmolLM2 training");
+  if (!ops::bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
+  QL_REQUIRE_SMOLLM2();
+  QL_REQUIRE_DATA(kAlpaca);
+  const fs::path dir = test::temp_dir();
+  const std::string q4 = quantize_smollm2(dir);
+  ASSERT_FALSE(HasFailure());
+  expect_bf16_follows_fp32(
+      dir, concat(smollm2_qalora(q4), {"--max-steps", "20", "--grad-accum", "1", "--source-max-len",
+                                       "96", "--target-max-len", "32", "--eval-fraction", "0.01"}));
 }
 
 }  // namespace

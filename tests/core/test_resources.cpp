@@ -1,9 +1,9 @@
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "qalora/core/atomic_file.h"
@@ -21,12 +21,16 @@ TEST(Resources, TouchedHeapCountsAsPrivateAndRaisesThePeak) {
   const ResidentSplit before = resident_now();
   ASSERT_GT(before.private_bytes, 0);
   ASSERT_GT(before.file_bytes, 0);  // the test binary itself is a mapped file
-  auto block = std::make_unique<char[]>(kBytes);
-  std::memset(block.get(), 1, kBytes);
+  // Fresh pages from the kernel: malloc may hand back memory an earlier test left resident.
+  void* mapped = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(mapped, MAP_FAILED);
+  auto* block = static_cast<char*>(mapped);
+  std::memset(block, 1, kBytes);
   const ResidentSplit after = resident_now();
   EXPECT_GE(after.private_bytes - before.private_bytes, kBytes * 9 / 10);
   EXPECT_GE(peak_rss_bytes(), after.private_bytes + after.file_bytes - (int64_t{4} << 20));
   EXPECT_EQ(block[kBytes - 1], 1);
+  munmap(mapped, kBytes);
 }
 
 // Streaming passes drop a block's mapped weights once done with it: they must leave this

@@ -9,6 +9,7 @@
 #include "qalora/core/error.h"
 #include "qalora/core/resources.h"
 #include "qalora/dist/communicator.h"
+#include "qalora/ops/gemm.h"
 
 namespace qalora::cli {
 
@@ -34,8 +35,29 @@ void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional) {
   cmd->add_option("-t,--threads", args.threads, "threads (0 = all cores)")->capture_default_str();
 }
 
+void add_compute_arg(CLI::App* cmd, ModelArgs& args) {
+  args.compute_dtype = "auto";
+  cmd->add_option("--compute-dtype", args.compute_dtype,
+                  "inputs of the matrix products: fp32, bf16 (fp32 accumulation; CPUs with "
+                  "AVX512-BF16 or AMX), or auto = bf16 where the CPU has it")
+      ->check(CLI::IsMember({"fp32", "bf16", "auto"}))
+      ->capture_default_str();
+}
+
+std::string compute_line() {
+  if (ops::compute_type() == ops::ComputeType::Bf16)
+    return cat("compute:       bf16 products, fp32 accumulation (", ops::bf16_isa_name(),
+               ", oneDNN; --compute-dtype fp32 for full precision)");
+  return cat("compute:       fp32",
+             ops::bf16_available()        ? " (--compute-dtype bf16 is faster on this CPU)"
+             : ops::cpu_has_native_bf16() ? " (this build has no oneDNN for bf16)"
+                                          : " (this CPU has no native bf16)");
+}
+
 Model load_model(const ModelArgs& args, bool describe_only) {
   QL_CHECK(args.threads >= 0, "--threads must be >= 0 (0 = all cores), got ", args.threads);
+  if (!args.compute_dtype.empty())
+    ops::set_compute_type(ops::parse_compute_type(args.compute_dtype));
   QL_CHECK(std::filesystem::exists(args.model), "model not found: ", args.model);
   QL_CHECK(args.tokenizer.empty() || std::filesystem::exists(args.tokenizer),
            "--tokenizer: file not found: ", args.tokenizer);

@@ -27,11 +27,18 @@ struct ModelArgs {
   std::string tokenizer;
   int threads = 0;
   std::string adapter;  // --adapter DIR (inference commands)
+  // --compute-dtype (commands that run the model's products); empty: fp32, not offered.
+  std::string compute_dtype;
 };
 // --model (or a positional MODEL), --tokenizer, --threads.
 void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional = false);
-// Sets the thread count and loads the model; a missing file is reported with its option.
-// `describe_only`: see LoadOptions (qalora info).
+// --compute-dtype fp32|bf16|auto for the commands whose time goes into matrix products.
+void add_compute_arg(CLI::App* cmd, ModelArgs& args);
+// "compute:       bf16 products, ..." or "compute:       fp32 ...": what the products run in,
+// for a command's report.
+std::string compute_line();
+// Sets the thread count and the compute type, and loads the model; a missing file is reported with
+// its option. `describe_only`: see LoadOptions (qalora info).
 Model load_model(const ModelArgs& args, bool describe_only = false);
 // --adapter DIR: a trained adapter (native or PEFT folder) run unmerged on the model.
 void add_adapter_arg(CLI::App* cmd, ModelArgs& args);

@@ -18,6 +18,7 @@
 #include "qalora/core/error.h"
 #include "qalora/core/resources.h"
 #include "qalora/ops/blas.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/quant/qmatrix.h"
 #include "qalora/train/optimizer.h"
 #include "qalora/train/train_step.h"
@@ -198,7 +199,8 @@ void run_train_bench(const BenchArgs& args) {
     opt_s += seconds_since(t0);
   };
   // The peak is measured around the steps: a shared machine's speed drifts.
-  const double gemm_before = sgemm_peak_gflops();
+  const ops::ComputeType type = ops::compute_type();
+  const double gemm_before = ops::gemm_peak_gflops(type);
   step();  // warm-up: buffers, page faults, BLAS threads
   session.stats().reset();
   data_s = opt_s = 0;
@@ -206,7 +208,7 @@ void run_train_bench(const BenchArgs& args) {
   for (int64_t i = 0; i < args.steps; ++i) step();
   const double total_s = seconds_since(start);
   const TrainStepStats& st = session.stats();
-  const double gemm = std::max(gemm_before, sgemm_peak_gflops());
+  const double gemm = std::max(gemm_before, ops::gemm_peak_gflops(type));
   const double tps = static_cast<double>(st.tokens) / total_s;
   const double gflops = st.flops / total_s / 1e9;
 
@@ -232,6 +234,8 @@ void run_train_bench(const BenchArgs& args) {
                               {"threads", num_threads()},
                               {"tokens_per_s", tps},
                               {"gflops", gflops},
+                              {"compute_type", ops::compute_type_name(type)},
+                              {"bf16_isa", ops::bf16_isa_name()},
                               {"gemm_peak_gflops", gemm},
                               {"gemm_efficiency", gflops / gemm},
                               {"seconds_forward", st.forward_seconds / total_s},
@@ -259,9 +263,12 @@ void run_train_bench(const BenchArgs& args) {
   std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n", tps,
               total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
   std::printf(
-      "  compute              %9.1f GFLOP/s  %5.1f%% of the fp32 GEMM peak (%.1f GFLOP/s, "
-      "OpenBLAS %s kernels; quantized: %s)\n",
-      gflops, 100 * gflops / gemm, gemm, blas_core_name(), qkernel_isa());
+      "  compute              %9.1f GFLOP/s  %5.1f%% of the %s GEMM peak (%.1f GFLOP/s, %s; "
+      "quantized: %s)\n",
+      gflops, 100 * gflops / gemm, ops::compute_type_name(type), gemm,
+      type == ops::ComputeType::Bf16 ? (std::string("oneDNN ") + ops::bf16_isa_name()).c_str()
+                                     : (std::string("OpenBLAS ") + blas_core_name()).c_str(),
+      qkernel_isa());
   std::printf(
       "  time                 %9.0f%% forward, %.0f%% backward, %.1f%% optimizer, %.1f%% data\n",
       100 * st.forward_seconds / total_s, 100 * st.backward_seconds / total_s,
@@ -298,6 +305,9 @@ void run_bench(const BenchArgs& args) {
   MemoryProbe probe;
   const Bandwidth bw = probe.measure();
   const double gemm = sgemm_peak_gflops();
+  const double gemm_bf16 = ops::gemm_peak_gflops(ops::ComputeType::Bf16);
+  const ops::ComputeType type = ops::compute_type();
+  const double peak = type == ops::ComputeType::Bf16 ? gemm_bf16 : gemm;
   // The model and the baseline alternate, and each keeps its fastest run: a shared machine's
   // passing load then slows both alike instead of skewing their ratio.
   Speed sp;
@@ -335,14 +345,16 @@ void run_bench(const BenchArgs& args) {
                               {"blas_core", blas_core_name()},
                               {"threads", num_threads()},
                               {"parameters", model.parameter_count()},
+                              {"compute_type", ops::compute_type_name(type)},
                               {"gemm_peak_gflops", gemm},
+                              {"bf16_gemm_peak_gflops", gemm_bf16},
                               {"memory_read_gbs", bw.read_gbs},
                               {"memory_copy_gbs", bw.copy_gbs},
                               {"prompt_tokens", args.prompt_tokens},
                               {"prefill_tokens_per_s", sp.prefill_tps},
                               {"prefill_linear_gflops", sp.linear_gflops},
                               {"prefill_linear_share_of_time", sp.linear_share},
-                              {"prefill_gemm_efficiency", sp.linear_gflops / gemm},
+                              {"prefill_gemm_efficiency", sp.linear_gflops / peak},
                               {"gen_tokens", args.gen_tokens},
                               {"reps", args.reps},
                               {"decode_tokens_per_s", sp.decode_tps},
@@ -365,13 +377,17 @@ void run_bench(const BenchArgs& args) {
   std::printf("machine (%d threads, quantized kernels: %s, OpenBLAS kernels: %s)\n", num_threads(),
               qkernel_isa(), blas_core_name());
   std::printf("  fp32 GEMM peak       %9.1f GFLOP/s  (cblas_sgemm 2048^3)\n", gemm);
+  if (gemm_bf16 > 0)
+    std::printf("  bf16 GEMM peak       %9.1f GFLOP/s  (oneDNN %s 2048^3, fp32 accumulation)\n",
+                gemm_bf16, ops::bf16_isa_name());
   std::printf("  memory read          %9.1f GB/s\n", bw.read_gbs);
   std::printf("  memory copy          %9.1f GB/s     (read + write)\n", bw.copy_gbs);
   std::printf("prefill (%lld random tokens)\n", static_cast<long long>(args.prompt_tokens));
   std::printf("  throughput           %9.1f tok/s\n", sp.prefill_tps);
   std::printf(
-      "  linear layers        %9.1f GFLOP/s  %5.1f%% of GEMM peak, %.0f%% of prefill time\n",
-      sp.linear_gflops, 100 * sp.linear_gflops / gemm, 100 * sp.linear_share);
+      "  linear layers        %9.1f GFLOP/s  %5.1f%% of the %s GEMM peak, %.0f%% of prefill time\n",
+      sp.linear_gflops, 100 * sp.linear_gflops / peak, ops::compute_type_name(type),
+      100 * sp.linear_share);
   std::printf("decode (%lld tokens)\n", static_cast<long long>(args.gen_tokens));
   std::printf("  throughput           %9.1f tok/s\n", sp.decode_tps);
   std::printf(
@@ -397,6 +413,7 @@ void register_bench(CLI::App& app) {
       app, "bench",
       "Measure prefill/decode speed against the machine's GEMM peak and memory bandwidth");
   add_model_args(cmd, args->model);
+  add_compute_arg(cmd, args->model);
   add_adapter_arg(cmd, args->model);
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "prefill length")->capture_default_str();
   cmd->add_option("--gen-tokens", args->gen_tokens, "decoded tokens")->capture_default_str();

@@ -152,6 +152,7 @@ void register_chat(CLI::App& app) {
   CLI::App* cmd = add_command(app, "chat",
                               "Chat with an instruction-tuned model (stdin, one message per line)");
   add_model_args(cmd, args->model);
+  add_compute_arg(cmd, args->model);
   add_adapter_arg(cmd, args->model);
   cmd->add_option("--system", args->system, "system prompt (default: the template's own, if any)");
   cmd->add_option("--chat-template", args->chat_template,

@@ -75,7 +75,7 @@ void run_eval(const EvalArgs& args) {
     // Written after every task, so a long run keeps what it finished.
     if (!args.out.empty() && root) write_file_atomic(args.out, out.dump(1) + "\n");
   }
-  if (root) print_now(format_table(reports));
+  if (root) print_now(compute_line() + "\n" + format_table(reports));
 }
 
 }  // namespace
@@ -84,6 +84,7 @@ void register_eval(CLI::App& app) {
   auto args = std::make_shared<EvalArgs>();
   CLI::App* cmd = add_command(app, "eval", "Benchmark tasks: MMLU, HellaSwag, ARC, GSM8K, ...");
   add_model_args(cmd, args->model);
+  add_compute_arg(cmd, args->model);
   add_adapter_arg(cmd, args->model);
   add_ctx_arg(cmd, args->ctx);
   cmd->add_option("--task", args->tasks,

@@ -5,6 +5,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/tokenizer/tokenizer.h"
 
 namespace qalora::cli {
@@ -47,10 +48,10 @@ void run_generate(const GenerateArgs& args) {
   print_now(decoder.flush() + "\n");
   const ModelConfig& c = model.config;
   const int64_t cache_mb = 2 * c.n_layers * c.kv_dim() * ctx * int64_t{sizeof(float)} >> 20;
-  std::fprintf(stderr, "%s (seed %llu), KV cache %lld positions (%lld MB)\n",
+  std::fprintf(stderr, "%s (seed %llu), KV cache %lld positions (%lld MB), %s prefill\n",
                format_generation_stats(stats).c_str(),
                static_cast<unsigned long long>(sampling.seed), static_cast<long long>(ctx),
-               static_cast<long long>(cache_mb));
+               static_cast<long long>(cache_mb), ops::compute_type_name(ops::compute_type()));
 }
 
 }  // namespace
@@ -59,6 +60,7 @@ void register_generate(CLI::App& app) {
   auto args = std::make_shared<GenerateArgs>();
   CLI::App* cmd = add_command(app, "generate", "Continue a prompt (streams tokens to stdout)");
   add_model_args(cmd, args->model);
+  add_compute_arg(cmd, args->model);
   add_adapter_arg(cmd, args->model);
   cmd->add_option("-p,--prompt", args->prompt, "text to continue")->required();
   add_sampling_args(cmd, args->sampling, 128);

@@ -58,6 +58,7 @@ void run_example_loss(const PerplexityArgs& args) {
   std::printf("examples:      %lld%s\n", static_cast<long long>(r.examples),
               args.eval_fraction > 0 ? " (held-out split)" : "");
   std::printf("tokens scored: %lld\n", static_cast<long long>(r.tokens));
+  std::printf("%s\n", compute_line().c_str());
   std::printf("loss:          %.6f\n", r.mean_nll);
   std::printf("ppl:           %.4f\n", std::exp(r.mean_nll));
 }
@@ -87,6 +88,7 @@ void run_perplexity(const PerplexityArgs& args) {
     std::printf("stride:        %lld\n", static_cast<long long>(options.stride));
   std::printf("windows:       %lld\n", static_cast<long long>(r.windows));
   std::printf("tokens scored: %lld\n", static_cast<long long>(r.tokens_scored));
+  std::printf("%s\n", compute_line().c_str());
   std::printf("mean NLL:      %.6f\n", r.mean_nll);
   std::printf("ppl:           %.4f\n", r.ppl);
 }
@@ -97,6 +99,7 @@ void register_perplexity(CLI::App& app) {
   auto args = std::make_shared<PerplexityArgs>();
   CLI::App* cmd = add_command(app, "perplexity", "Perplexity of a text file");
   add_model_args(cmd, args->model);
+  add_compute_arg(cmd, args->model);
   add_adapter_arg(cmd, args->model);
   cmd->add_option("--text", args->text, "text file to score");
   cmd->add_option("--data", args->data,

@@ -83,6 +83,7 @@ void run_train(TrainArgs& args) {
   }
 
   const Model model = load_model(args.model);
+  if (comm.is_root()) std::printf("%s\n", compute_line().c_str());
   g_stop.store(false);
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
@@ -124,6 +125,7 @@ void register_train(CLI::App& app) {
   TrainConfig& c = args->config;
   CLI::App* cmd = add_command(app, "train", "Fine-tune LoRA / QLoRA / QA-LoRA adapters");
   add_model_args(cmd, args->model);
+  add_compute_arg(cmd, args->model);
   cmd->add_option("--data", args->data, "training data (.json/.jsonl/.txt)")->required();
   cmd->add_option("--out", args->out, "output folder (adapter, checkpoints, metrics)")->required();
   cmd->add_option("--resume", args->resume, "continue from a checkpoint (or an output folder)");
