@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "qalora/ops/gemm.h"
+
 namespace qalora::test {
 
 // ../shared/data (or $QALORA_DATA_DIR); empty path when absent.
@@ -40,6 +42,14 @@ std::filesystem::path smollm2_path();
   do {                                \
   } while (0)
 #endif
+
+// Sets the process's compute type (ops::set_compute_type) for a scope, fp32 again after it.
+struct ComputeTypeScope {
+  explicit ComputeTypeScope(ops::ComputeType type) { ops::set_compute_type(type); }
+  ~ComputeTypeScope() { ops::set_compute_type(ops::ComputeType::Fp32); }
+  ComputeTypeScope(const ComputeTypeScope&) = delete;
+  ComputeTypeScope& operator=(const ComputeTypeScope&) = delete;
+};
 
 // n samples of N(0, sigma^2), reproducible from `seed`.
 std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f);

@@ -114,10 +114,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bf16_row
   }
 }
 
-// A [rows, cols] block of an operand, as packed bf16 in `buf`.
+// A [rows, cols] block of an operand, as packed bf16 in `buf`. The buffer only grows: sizes
+// alternate between calls (attention's blocks), and regrowing would clear memory each time.
 const uint16_t* packed_bf16(const float* x, int64_t rows, int64_t cols, int64_t ld,
                             std::vector<uint16_t>& buf) {
-  buf.resize(static_cast<size_t>(rows * cols));
+  if (buf.size() < static_cast<size_t>(rows * cols)) buf.resize(static_cast<size_t>(rows * cols));
   to_bf16(x, rows, cols, ld, buf.data());
   return buf.data();
 }

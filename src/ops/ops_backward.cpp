@@ -29,6 +29,38 @@ constexpr int64_t kParallelWork = int64_t{1} << 15;
 // across blocks.
 constexpr int64_t kSumBlock = 256;
 
+// An operand of attention's products: fp32, and in bf16 as well when the products run in bf16.
+// q, k, v and dO are converted once per call rather than once per (block, head) product that
+// reads them; probabilities and dS, made block by block, are converted by the product itself.
+struct Operand {
+  const float* f32;
+  const uint16_t* bf16 = nullptr;
+  Operand at(int64_t offset) const { return {f32 + offset, bf16 ? bf16 + offset : nullptr}; }
+};
+
+// Whether attention's products over T tokens run in bf16: decided once per call from the
+// largest block's product, so one call never mixes the two.
+bool attention_in_bf16(int64_t T, int64_t Hd) {
+  return use_bf16(std::min(T, kRowBlock), T, Hd);
+}
+
+// x [rows, cols] as an Operand, converted into `buf` when `bf16`.
+Operand operand(const float* x, int64_t rows, int64_t cols, bool bf16, std::vector<uint16_t>& buf) {
+  if (!bf16) return {x};
+  buf.resize(static_cast<size_t>(rows * cols));
+  to_bf16(x, rows, cols, cols, buf.data());
+  return {x, buf.data()};
+}
+
+// C = alpha op(A) op(B) + beta C with B (and A where it has one) in bf16 when B has a copy.
+void product(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, Operand A, int64_t lda,
+             Operand B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (B.bf16 == nullptr) return gemm(ta, tb, M, N, K, alpha, A.f32, lda, B.f32, ldb, beta, C, ldc);
+  if (A.bf16 != nullptr)
+    return gemm_bf16(ta, tb, M, N, K, alpha, A.bf16, lda, B.bf16, ldb, beta, C, ldc);
+  gemm_bf16_b(ta, tb, M, N, K, alpha, A.f32, lda, B.bf16, ldb, beta, C, ldc);
+}
+
 blasint bl(int64_t n) {
   return static_cast<blasint>(n);
 }
@@ -121,17 +153,20 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
   const int64_t group = H / KV, blocks = (T + kRowBlock - 1) / kRowBlock;
   const int64_t qs = H * Hd, ks = KV * Hd;  // row strides of q/out and k/v
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
+  const bool bf16 = attention_in_bf16(T, Hd);
+  thread_local std::vector<uint16_t> q_buf, k_buf, v_buf;
+  const Operand Q = operand(q, T, qs, bf16, q_buf), Kall = operand(k, T, ks, bf16, k_buf),
+                Vall = operand(v, T, ks, bf16, v_buf);
   // Later blocks see more keys: they go first so that the dynamic schedule ends balanced.
-  // gemm runs single-threaded inside the parallel loop.
+  // The products run single-threaded inside the parallel loop.
 #pragma omp parallel for collapse(2) schedule(dynamic) if (H * T * T * Hd > kParallelWork)
   for (int64_t b = blocks - 1; b >= 0; --b) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t i0 = b * kRowBlock, i1 = std::min(T, i0 + kRowBlock), rows = i1 - i0;
-      const float* K = k + (h / group) * Hd;
-      const float* V = v + (h / group) * Hd;
+      const Operand K = Kall.at((h / group) * Hd), V = Vall.at((h / group) * Hd);
       float* P = probs + (h * T + i0) * T;
       // S[rows, i1] = scale Q_h[i0:i1] K[0:i1]^T (the block's upper corner is masked below).
-      gemm(false, true, rows, i1, Hd, scale, q + i0 * qs + h * Hd, qs, K, ks, 0.0f, P, T);
+      product(false, true, rows, i1, Hd, scale, Q.at(i0 * qs + h * Hd), qs, K, ks, 0.0f, P, T);
       for (int64_t i = i0; i < i1; ++i) {
         float* s = P + (i - i0) * T;
         const int64_t visible = i + 1;
@@ -142,7 +177,7 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
         std::fill(s + visible, s + T, 0.0f);
       }
       // O_h[i0:i1] = P[rows, 0:i1] V[0:i1]
-      gemm(false, false, rows, Hd, i1, 1.0f, P, T, V, ks, 0.0f, out + i0 * qs + h * Hd, qs);
+      product(false, false, rows, Hd, i1, 1.0f, {P}, T, V, ks, 0.0f, out + i0 * qs + h * Hd, qs);
     }
   }
 }
@@ -190,6 +225,10 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
   const int64_t group = H / KV, blocks = (T + kRowBlock - 1) / kRowBlock;
   const int64_t qs = H * Hd, ks = KV * Hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
+  const bool bf16 = attention_in_bf16(T, Hd);
+  thread_local std::vector<uint16_t> q_buf, k_buf, v_buf, dout_buf;
+  const Operand Q = operand(q, T, qs, bf16, q_buf), K = operand(k, T, ks, bf16, k_buf),
+                V = operand(v, T, ks, bf16, v_buf), dO = operand(dout, T, qs, bf16, dout_buf);
 #pragma omp parallel if (H * T * T * Hd > kParallelWork)
   {
     // dS and dQ, per block of query rows: rows i0..i1 need columns 0..i1 only.
@@ -201,8 +240,8 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
         const float* P = probs + (h * T + i0) * T;
         float* dS = scratch + (h * T + i0) * T;
         // dP[rows, i1] = dO_h[i0:i1] V[0:i1]^T, then turned into dS in place.
-        gemm(false, true, rows, i1, Hd, 1.0f, dout + i0 * qs + h * Hd, qs, v + g * Hd, ks, 0.0f, dS,
-             T);
+        product(false, true, rows, i1, Hd, 1.0f, dO.at(i0 * qs + h * Hd), qs, V.at(g * Hd), ks,
+                0.0f, dS, T);
         for (int64_t i = i0; i < i1; ++i) {
           const float* p = P + (i - i0) * T;
           float* d = dS + (i - i0) * T;
@@ -216,8 +255,8 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
           std::fill(d + visible, d + i1, 0.0f);
         }
         // dQ_h[i0:i1] = scale dS[rows, 0:i1] K[0:i1]
-        gemm(false, false, rows, Hd, i1, scale, dS, T, k + g * Hd, ks, 0.0f, dq + i0 * qs + h * Hd,
-             qs);
+        product(false, false, rows, Hd, i1, scale, {dS}, T, K.at(g * Hd), ks, 0.0f,
+                dq + i0 * qs + h * Hd, qs);
       }
     }
     // dK and dV, per block of key rows: keys j0..j1 get gradients from queries j0..T only.
@@ -231,11 +270,11 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
           const int64_t h = g * group + r;
           const float beta = r == 0 ? 0.0f : 1.0f;
           // dK[j0:j1] (+)= scale dS[j0:T, j0:j1]^T Q_h[j0:T]
-          gemm(true, false, cols, Hd, later, scale, scratch + (h * T + j0) * T + j0, T,
-               q + j0 * qs + h * Hd, qs, beta, dk + j0 * ks + g * Hd, ks);
+          product(true, false, cols, Hd, later, scale, {scratch + (h * T + j0) * T + j0}, T,
+                  Q.at(j0 * qs + h * Hd), qs, beta, dk + j0 * ks + g * Hd, ks);
           // dV[j0:j1] (+)= P[j0:T, j0:j1]^T dO_h[j0:T]
-          gemm(true, false, cols, Hd, later, 1.0f, probs + (h * T + j0) * T + j0, T,
-               dout + j0 * qs + h * Hd, qs, beta, dv + j0 * ks + g * Hd, ks);
+          product(true, false, cols, Hd, later, 1.0f, {probs + (h * T + j0) * T + j0}, T,
+                  dO.at(j0 * qs + h * Hd), qs, beta, dv + j0 * ks + g * Hd, ks);
         }
       }
     }

@@ -15,11 +15,7 @@ namespace {
 
 using ops::ComputeType;
 
-// Sets the process's compute type for one test and restores fp32 after it.
-struct ComputeTypeScope {
-  explicit ComputeTypeScope(ComputeType type) { ops::set_compute_type(type); }
-  ~ComputeTypeScope() { ops::set_compute_type(ComputeType::Fp32); }
-};
+using test::ComputeTypeScope;
 
 #define REQUIRE_BF16()                                                                        \
   if (!ops::bf16_available())                                                                 \

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 #include "test_util.h"
 
@@ -225,6 +226,53 @@ TEST(OpsBackward, AttentionMatchesReference) {
         expect_close(dk_a, dk_b, 2e-5f, "dk " + what);
         expect_close(dv_a, dv_b, 2e-5f, "dv " + what);
       }
+}
+
+// max |a - b| over max |b|: the error of a bf16 result on the scale of the exact one.
+double scaled_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
+    scale = std::max(scale, std::fabs(static_cast<double>(b[i])));
+  }
+  return err / scale;
+}
+
+// In bf16 the products round q, k, v, dO, the probabilities and dS to 8 significant bits: every
+// output stays within a few bf16 ulps (2^-8) of the exact one on its own scale.
+TEST(OpsBackward, AttentionInBf16StaysNearTheReference) {
+  if (!bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
+  // T 257: four full row blocks and a one-row tail; Hd 64 makes the products large enough for
+  // bf16.
+  const int64_t H = 3, KV = 1, Hd = 64, T = 257;
+  const auto q = random_uniform(T * H * Hd, 18, -0.5f, 0.5f),
+             k = random_uniform(T * KV * Hd, 19, -0.5f, 0.5f), v = random_uniform(T * KV * Hd, 20),
+             dout = random_uniform(T * H * Hd, 21);
+  std::vector<float> out_a(q.size()), out_b(q.size());
+  std::vector<float> probs_a(static_cast<size_t>(H * T * T)), probs_b(probs_a.size());
+  std::vector<float> dq_a(q.size()), dk_a(k.size()), dv_a(v.size());
+  std::vector<float> dq_b(q.size()), dk_b(k.size()), dv_b(v.size());
+  std::vector<float> scratch(static_cast<size_t>(attention_backward_scratch(T, H)));
+  {
+    test::ComputeTypeScope bf16(ComputeType::Bf16);
+    attention_train_forward(out_a.data(), probs_a.data(), q.data(), k.data(), v.data(), T, H, KV,
+                            Hd);
+    attention_train_backward(dq_a.data(), dk_a.data(), dv_a.data(), dout.data(), probs_a.data(),
+                             q.data(), k.data(), v.data(), T, H, KV, Hd, scratch.data());
+  }
+  attention_train_forward_ref(out_b.data(), probs_b.data(), q.data(), k.data(), v.data(), T, H, KV,
+                              Hd);
+  attention_train_backward_ref(dq_b.data(), dk_b.data(), dv_b.data(), dout.data(), probs_b.data(),
+                               q.data(), k.data(), v.data(), T, H, KV, Hd, nullptr);
+  const std::pair<const char*, double> errors[] = {{"out", scaled_error(out_a, out_b)},
+                                                   {"probs", scaled_error(probs_a, probs_b)},
+                                                   {"dq", scaled_error(dq_a, dq_b)},
+                                                   {"dk", scaled_error(dk_a, dk_b)},
+                                                   {"dv", scaled_error(dv_a, dv_b)}};
+  for (const auto& [what, err] : errors) {
+    EXPECT_LT(err, 4 * std::ldexp(1.0, -8)) << what;
+    EXPECT_GT(err, 1e-6) << what << ": no bf16 rounding; did the products run in fp32?";
+  }
 }
 
 TEST(OpsBackward, SwigluMatchesReferenceAlsoInPlace) {
