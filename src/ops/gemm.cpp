@@ -89,14 +89,18 @@ void check_bf16_available() {
                : "this CPU has no native bf16 instructions (AVX512-BF16 or AMX-BF16); use fp32");
 }
 
-// One row of to_bf16 (subnormals flushed to signed zero, as the instruction below does).
+// One value as to_bf16 converts it: subnormals flushed to signed zero, as the instruction
+// below does.
+inline uint16_t to_bf16_flushed(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const bool subnormal = (bits & 0x7f800000u) == 0;
+  return fp32_to_bf16(std::bit_cast<float>(subnormal ? bits & 0x80000000u : bits));
+}
+
+// One row of to_bf16 on CPUs without AVX512-BF16 (where only tests call it).
 void to_bf16_row(const float* x, int64_t n, uint16_t* out) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = std::bit_cast<uint32_t>(x[i]);
-    const bool subnormal = (bits & 0x7f800000u) == 0;
-    out[i] = fp32_to_bf16(std::bit_cast<float>(subnormal ? bits & 0x80000000u : bits));
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = to_bf16_flushed(x[i]);
 }
 
 // VCVTNEPS2BF16: round to nearest even, NaN stays NaN (quieted), subnormals become zero.
@@ -184,7 +188,8 @@ double gemm_peak_gflops(ComputeType type) {
 }
 
 void to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ld, uint16_t* out) {
-  static const auto row_fn = cpu_has_native_bf16() ? to_bf16_row_avx512 : to_bf16_row;
+  static const auto row_fn =
+      __builtin_cpu_supports("avx512bf16") ? to_bf16_row_avx512 : to_bf16_row;
 #pragma omp parallel for if (rows * cols > kParallelElements && !omp_in_parallel())
   for (int64_t r = 0; r < rows; ++r) row_fn(x + r * ld, cols, out + r * cols);
 }
