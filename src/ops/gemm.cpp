@@ -1,6 +1,7 @@
 #include "qalora/ops/gemm.h"
 
 #include <cblas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -28,7 +29,7 @@ namespace {
 std::atomic<ComputeType> g_compute_type{ComputeType::Fp32};
 
 // Elements of a bf16 conversion before it is worth splitting across threads.
-constexpr int64_t kParallelElements = int64_t{1} << 15;
+constexpr int64_t kParallelConversion = int64_t{1} << 15;
 // Products of fewer multiply-adds stay in fp32: converting the operands and calling oneDNN
 // cost more than the product itself (stories260K's 64-wide layers ran 20% slower in bf16).
 constexpr int64_t kMinBf16Work = int64_t{1} << 20;
@@ -81,6 +82,13 @@ const Matmul& cached_matmul(const MatmulKey& key) {
   return cache.emplace(key, make_matmul(key)).first->second;
 }
 #endif
+
+// AMX-BF16: CPUID leaf 7, subleaf 0, EDX bit 22 (not every compiler's __builtin_cpu_supports
+// knows the name).
+bool cpu_has_amx_bf16() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && ((edx >> 22) & 1u) != 0;
+}
 
 void check_bf16_available() {
   QL_CHECK(bf16_available(), "compute type bf16: ",
@@ -142,7 +150,7 @@ ComputeType parse_compute_type(std::string_view text) {
 
 bool cpu_has_native_bf16() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  return __builtin_cpu_supports("avx512bf16") || cpu_has_amx_bf16();
 }
 
 bool bf16_available() {
@@ -169,7 +177,7 @@ void set_compute_type(ComputeType type) {
 const char* bf16_isa_name() {
   if (!bf16_available()) return "none";
   __builtin_cpu_init();
-  return __builtin_cpu_supports("amx-bf16") ? "AMX-BF16" : "AVX512-BF16";
+  return cpu_has_amx_bf16() ? "AMX-BF16" : "AVX512-BF16";
 }
 
 double gemm_peak_gflops(ComputeType type) {
@@ -190,7 +198,7 @@ double gemm_peak_gflops(ComputeType type) {
 void to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ld, uint16_t* out) {
   static const auto row_fn =
       __builtin_cpu_supports("avx512bf16") ? to_bf16_row_avx512 : to_bf16_row;
-#pragma omp parallel for if (rows * cols > kParallelElements && !omp_in_parallel())
+#pragma omp parallel for if (rows * cols > kParallelConversion && !omp_in_parallel())
   for (int64_t r = 0; r < rows; ++r) row_fn(x + r * ld, cols, out + r * cols);
 }
 
