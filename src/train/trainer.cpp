@@ -17,6 +17,7 @@
 #include "qalora/core/progress.h"
 #include "qalora/core/resources.h"
 #include "qalora/io/safetensors.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/train/loss_curve.h"
 #include "qalora/train/train_step.h"
 
@@ -432,6 +433,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   run_config["warmup_steps"] = warmup;
   run_config["grad_checkpoint"] = cfg.grad_checkpoint;
   run_config["ranks"] = ranks;
+  // Not part of the identity: a bf16 run may continue in fp32 (another machine) and back.
+  run_config["compute_type"] = ops::compute_type_name(ops::compute_type());
   // Only rank 0 writes: the run's files, metrics, checkpoints, the adapter.
   if (root) {
     fs::create_directories(cfg.out);

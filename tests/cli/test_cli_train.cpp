@@ -304,6 +304,8 @@ void expect_bf16_follows_fp32(const fs::path& dir, const std::vector<std::string
     ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("compute:       " + type), std::string::npos) << r.out;
     curve[i] = step_losses(dir / type);
+    EXPECT_NE(read_file(dir / type / "train_config.json").find("\"compute_type\": \"" + type),
+              std::string::npos);
     heldout[i] = heldout_losses(r.out);
   }
   ASSERT_EQ(curve[0].size(), curve[1].size());
