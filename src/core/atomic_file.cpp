@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "qalora/core/error.h"
 
@@ -28,16 +29,26 @@ bool left_by_dead_process(std::string_view name, std::string_view prefix) {
   return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
 }
 
+void for_each_left_by_dead_process(const std::filesystem::path& dir, std::string_view prefix,
+                                   const std::function<void(const std::filesystem::path&)>& found) {
+  std::error_code ec;
+  std::vector<std::filesystem::path> left;  // collected first: `found` may change the folder
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    if (left_by_dead_process(e.path().filename().string(), prefix)) left.push_back(e.path());
+  for (const auto& p : left) found(p);
+}
+
 void write_file_atomic(const std::filesystem::path& path,
                        const std::function<void(std::ostream&)>& write) {
-  const std::string stem = path.filename().string() + ".tmp.";
   const std::filesystem::path tmp =
       path.string() + ".tmp." + std::to_string(static_cast<long>(::getpid()));
+  for_each_left_by_dead_process(path.has_parent_path() ? path.parent_path() : ".",
+                                path.filename().string() + ".tmp.",
+                                [](const std::filesystem::path& p) {
+                                  std::error_code ignored;
+                                  std::filesystem::remove(p, ignored);
+                                });
   std::error_code ec;
-  const std::filesystem::path parent = path.has_parent_path() ? path.parent_path() : ".";
-  for (const auto& e : std::filesystem::directory_iterator(parent, ec))
-    if (left_by_dead_process(e.path().filename().string(), stem))
-      std::filesystem::remove(e.path(), ec);
   try {
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);

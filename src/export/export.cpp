@@ -92,17 +92,14 @@ namespace {
 void clean_up_after_dead_writers(const fs::path& parent, const fs::path& target) {
   const std::string stem = target.filename().string();
   std::error_code ec;
-  for (const auto& e : fs::directory_iterator(parent, ec)) {
-    const std::string name = e.path().filename().string();
-    if (left_by_dead_process(name, cat(".", stem, ".tmp."))) {
-      fs::remove_all(e.path(), ec);
-    } else if (left_by_dead_process(name, cat(".", stem, ".old."))) {
-      if (!fs::exists(target))
-        fs::rename(e.path(), target, ec);
-      else
-        fs::remove_all(e.path(), ec);
-    }
-  }
+  for_each_left_by_dead_process(parent, cat(".", stem, ".tmp."),
+                                [&](const fs::path& p) { fs::remove_all(p, ec); });
+  for_each_left_by_dead_process(parent, cat(".", stem, ".old."), [&](const fs::path& p) {
+    if (!fs::exists(target))
+      fs::rename(p, target, ec);
+    else
+      fs::remove_all(p, ec);
+  });
 }
 
 }  // namespace

@@ -21,5 +21,9 @@ const char* write_failure_reason();
 // Whether `name` is PREFIX followed by the pid of a process that no longer exists: a temporary
 // output (".tmp.PID") its writer left when it was killed, which a later writer may remove.
 bool left_by_dead_process(std::string_view name, std::string_view prefix);
+// Calls `found` with each entry of `dir` that left_by_dead_process(name, prefix) names (it may
+// remove or rename the entry). A folder that cannot be read has none.
+void for_each_left_by_dead_process(const std::filesystem::path& dir, std::string_view prefix,
+                                   const std::function<void(const std::filesystem::path&)>& found);
 
 }  // namespace qalora
