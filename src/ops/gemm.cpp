@@ -149,8 +149,12 @@ ComputeType parse_compute_type(std::string_view text) {
 }
 
 bool cpu_has_native_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") || cpu_has_amx_bf16();
+  // Once per process: every bf16 product checks it, and CPUID traps to the hypervisor on a VM.
+  static const bool native = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || cpu_has_amx_bf16();
+  }();
+  return native;
 }
 
 bool bf16_available() {
@@ -176,7 +180,6 @@ void set_compute_type(ComputeType type) {
 
 const char* bf16_isa_name() {
   if (!bf16_available()) return "none";
-  __builtin_cpu_init();
   return cpu_has_amx_bf16() ? "AMX-BF16" : "AVX512-BF16";
 }
 
