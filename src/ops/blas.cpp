@@ -18,13 +18,10 @@ namespace qalora {
 double sgemm_peak_gflops() {
   constexpr int n = 2048;
   std::vector<float> a(static_cast<size_t>(n) * n, 1.0f), b(a), c(a.size());
-  double best = 1e30;
-  for (int rep = 0; rep < 4; ++rep) {  // the first run warms up
-    const auto start = Clock::now();
+  const double best = best_seconds(3, [&] {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a.data(), n, b.data(), n,
                 0.0f, c.data(), n);
-    if (rep > 0) best = std::min(best, seconds_since(start));
-  }
+  });
   return 2.0 * n * n * static_cast<double>(n) / best / 1e9;
 }
 

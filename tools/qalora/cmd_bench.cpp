@@ -45,19 +45,6 @@ struct BenchArgs {
 
 constexpr int kReps = 3;
 
-// Best of kReps runs after one warm-up run, in seconds.
-template <typename F>
-double best_time(F&& run) {
-  run();
-  double best = 1e30;
-  for (int i = 0; i < kReps; ++i) {
-    const auto start = Clock::now();
-    run();
-    best = std::min(best, seconds_since(start));
-  }
-  return best;
-}
-
 struct Bandwidth {
   double read_gbs;
   double copy_gbs;  // bytes read + bytes written
@@ -70,7 +57,7 @@ class MemoryProbe {
   Bandwidth measure() {
     const auto len = static_cast<int64_t>(kFloats);
     constexpr int64_t chunk = 1 << 16;
-    const double copy_s = best_time([&] {
+    const double copy_s = best_seconds(kReps, [&] {
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < len; i += chunk) {
         const auto count = static_cast<size_t>(std::min(chunk, len - i));
@@ -82,7 +69,8 @@ class MemoryProbe {
   // OpenBLAS's sasum is a vectorised, threaded pure read of the array.
   double read_gbs() {
     const int n = static_cast<int>(kFloats);
-    return kBytes / best_time([&] { sink_ = sink_ + cblas_sasum(n, src_.data(), 1); }) / 1e9;
+    return kBytes / best_seconds(kReps, [&] { sink_ = sink_ + cblas_sasum(n, src_.data(), 1); }) /
+           1e9;
   }
 
  private:
