@@ -34,8 +34,9 @@ done
 BUILD_DIR=build-fuzz
 CORPUS=${FUZZ_CORPUS:-$BUILD_DIR/corpus}
 # -O1 with line tables, as the sanitizer test build; a unity build (a quarter less compile time,
-# which CI feels). MPI and oneDNN off: the targets run single-process and multiply no matrices.
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DQALORA_FUZZ=ON \
+# which CI feels). MPI, oneDNN and CUDA off: the targets run single-process and multiply no
+# matrices.
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DQALORA_FUZZ=ON -DQALORA_CUDA=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG" \
   -DCMAKE_UNITY_BUILD=ON \
   -DQALORA_BUILD_TESTS=OFF -DQALORA_BUILD_BENCH=OFF -DQALORA_MPI=OFF -DQALORA_DNNL=OFF >/dev/null

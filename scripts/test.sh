@@ -10,9 +10,9 @@ ARGS=(-DCMAKE_BUILD_TYPE=Release)
 if [[ "${1:-}" == "--sanitize" ]]; then
   BUILD_DIR=build-asan
   # -O1 with line tables only: the sanitizer build takes about half as long as at -O2 -g, and
-  # reports still name the file and line.
+  # reports still name the file and line. No CUDA backend: nvcc's objects are not instrumented.
   ARGS=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG"
-        -DQALORA_SANITIZE=ON -DQALORA_BUILD_BENCH=OFF)
+        -DQALORA_SANITIZE=ON -DQALORA_BUILD_BENCH=OFF -DQALORA_CUDA=OFF)
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 fi
 # CTest runs tests in parallel, each with its own OpenMP team: sleeping (not spinning) idle

@@ -7,8 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "qalora/adapters/dropout_mask.h"
 #include "qalora/core/error.h"
-#include "qalora/core/hash.h"
 #include "qalora/ops/gemm.h"
 
 namespace qalora {
@@ -122,25 +122,14 @@ void pool_groups_backward_ref(float* dx, const float* dout, int64_t T, int64_t I
 void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed) {
   if (p == 0.0f) return;
   QL_CHECK(p > 0.0f && p < 1.0f, "dropout probability expected in [0, 1), got ", p);
-  // Element (t, c) draws 16 bits, lane c % 4 of a counter-based hash of (seed, t, c / 4): any
-  // element is drawn without the ones before it, and one hash serves four elements.
-  const uint64_t key = splitmix64(seed);
-  const auto threshold = static_cast<uint32_t>(std::ceil(static_cast<double>(p) * 65536.0));
-  const float keep_scale = 1.0f / (1.0f - p);
-  const int64_t blocks = (C + 3) / 4;
+  const DropoutMask mask = dropout_mask(p, seed);
 #pragma omp parallel for if (T * C > kParallelElements)
   for (int64_t t = 0; t < T; ++t) {
     float* xt = x + t * C;
-    const auto base = static_cast<uint64_t>(t * blocks);
-    for (int64_t j = 0; j < blocks; ++j) {
-      const uint64_t h =
-          splitmix64(key + (base + static_cast<uint64_t>(j)) * 0x9E3779B97F4A7C15ULL);
-      const int64_t end = std::min<int64_t>(4, C - 4 * j);
-      for (int64_t k = 0; k < end; ++k) {
-        const auto lane = static_cast<uint32_t>((h >> (16 * k)) & 0xFFFF);
-        float& v = xt[4 * j + k];
-        v = lane >= threshold ? v * keep_scale : 0.0f;
-      }
+    for (int64_t c0 = 0; c0 < C; c0 += 4) {
+      const uint64_t h = mask.hash(t, c0, C);
+      for (int64_t c = c0; c < std::min(c0 + 4, C); ++c)
+        xt[c] = mask.keeps(h, c) ? xt[c] * mask.keep_scale : 0.0f;
     }
   }
 }

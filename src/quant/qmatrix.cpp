@@ -91,24 +91,9 @@ QMatrix make_codebook(QuantType type, int64_t rows, int64_t cols) {
   return w;
 }
 
-// Byte offset and bit shift of code k (0..31) inside a chunk, for 2/4/8 bits.
-namespace {
-struct Slot {
-  int byte;
-  int shift;
-};
-Slot slot(int bits, int k) {
-  switch (bits) {
-    case 8: return {k, 0};
-    case 4: return {k % 16, 4 * (k / 16)};
-    default: return {k % 8, 2 * (k / 8)};  // 2 bits, and the low plane of 3 bits
-  }
-}
-}  // namespace
-
 namespace {
 // pack_row for 2, 4 and 8 bits: code k of a chunk goes to byte k % CB at shift (k / CB) * B
-// (slot()), written with the widths known so that whole chunks pack in vectors.
+// (code_slot()), written with the widths known so that whole chunks pack in vectors.
 template <int B>
 void pack_row_pow2(const uint8_t* codes, int64_t cols, uint8_t* packed) {
   constexpr int64_t CB = chunk_bytes(B);
@@ -147,7 +132,7 @@ void pack_row(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed) {
     uint8_t* chunk = packed + (i / kQChunk) * chunk_bytes(bits);
     const int k = static_cast<int>(i % kQChunk);
     const uint8_t q = codes[i];
-    const Slot s = slot(bits, k);
+    const CodeSlot s = code_slot(bits, k);
     if (bits == 3) {
       chunk[s.byte] = static_cast<uint8_t>(chunk[s.byte] | ((q & 3) << s.shift));
       chunk[8 + k / 8] = static_cast<uint8_t>(chunk[8 + k / 8] | (((q >> 2) & 1) << (k % 8)));
@@ -157,23 +142,15 @@ void pack_row(const uint8_t* codes, int64_t cols, int bits, uint8_t* packed) {
   }
 }
 
-static uint8_t unpack_one(const uint8_t* chunk, int bits, int k) {
-  const Slot s = slot(bits, k);
-  const int mask = (1 << (bits == 3 ? 2 : bits)) - 1;
-  int q = (chunk[s.byte] >> s.shift) & mask;
-  if (bits == 3) q |= ((chunk[8 + k / 8] >> (k % 8)) & 1) << 2;
-  return static_cast<uint8_t>(q);
-}
-
 void unpack_row(const uint8_t* packed, int64_t cols, int bits, uint8_t* codes) {
   for (int64_t i = 0; i < cols; ++i)
-    codes[i] = unpack_one(packed + (i / kQChunk) * chunk_bytes(bits), bits,
-                          static_cast<int>(i % kQChunk));
+    codes[i] = unpack_code(packed + (i / kQChunk) * chunk_bytes(bits), bits,
+                           static_cast<int>(i % kQChunk));
 }
 
 uint8_t code_at(const QMatrix& w, int64_t row, int64_t col) {
-  return unpack_one(w.row_codes(row) + (col / kQChunk) * chunk_bytes(w.bits), w.bits,
-                    static_cast<int>(col % kQChunk));
+  return unpack_code(w.row_codes(row) + (col / kQChunk) * chunk_bytes(w.bits), w.bits,
+                     static_cast<int>(col % kQChunk));
 }
 
 // NF4: the QLoRA normal-float levels (bitsandbytes' table): quantiles of N(0, 1) normalised

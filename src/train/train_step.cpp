@@ -11,20 +11,11 @@
 #include "qalora/model/runtime.h"
 #include "qalora/ops/matmul_stored.h"
 #include "qalora/ops/ops.h"
+#include "train_backend.h"
 
 namespace qalora {
 
 namespace {
-
-// Each adapter draws its dropout mask from its own stream, so that one layer's mask does not
-// depend on which other targets carry adapters.
-uint64_t adapter_seed(uint64_t step_seed, int64_t layer, Target t) {
-  return derive_seed(step_seed, static_cast<uint64_t>(layer * kNumTargets + static_cast<int>(t)));
-}
-
-double matmul_flops(int64_t T, int64_t in, int64_t out) {
-  return 2.0 * static_cast<double>(T) * static_cast<double>(in) * static_cast<double>(out);
-}
 
 // dx[T, in] = dy[T, out] W for a frozen linear, dense or quantized.
 void linear_backward_input(const Linear& l, const float* dy, float* dx, int64_t T) {
@@ -54,12 +45,48 @@ struct BlockActs {
 
 }  // namespace
 
-struct TrainSession::Impl {
-  const Model& model;
-  AdapterSet& adapters;
-  int64_t max_tokens;
-  TrainStepOptions options;
-  int64_t D, H, KV, Hd, F, V, QD, KVD, R;
+uint64_t adapter_seed(uint64_t step_seed, int64_t layer, Target t) {
+  return derive_seed(step_seed, static_cast<uint64_t>(layer * kNumTargets + static_cast<int>(t)));
+}
+
+TrainSession::Impl::Impl(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o)
+    : model(m), adapters(a), max_tokens(T), options(o) {
+  const ModelConfig& c = m.config;
+  D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
+  V = c.vocab_size, QD = c.q_dim(), KVD = c.kv_dim(), R = a.config.rank;
+  QL_CHECK(T > 0, "training: the sequence length must be positive, got ", T);
+  QL_CHECK(options.loss_chunk > 0, "training: the loss chunk must be positive, got ",
+           options.loss_chunk);
+  check_adapters_match(a, m, "adapters");
+  next_ids.resize(static_cast<size_t>(T));
+}
+
+void TrainSession::Impl::check_input(std::span<const int32_t> tokens,
+                                     std::span<const uint8_t> target) const {
+  const auto T = static_cast<int64_t>(tokens.size());
+  QL_CHECK(T > 0 && T <= max_tokens, "training: a sequence of ", T,
+           " tokens does not fit the session's 1..", max_tokens, " tokens");
+  QL_CHECK(target.size() == tokens.size(), "training: ", target.size(), " target flags for ", T,
+           " tokens");
+  for (int32_t id : tokens)
+    QL_CHECK(id >= 0 && id < V, "training: token id ", id, " is out of range [0, ", V, ")");
+}
+
+int64_t TrainSession::Impl::set_next_ids(std::span<const int32_t> tokens,
+                                         std::span<const uint8_t> target) {
+  const auto T = static_cast<int64_t>(tokens.size());
+  int64_t n = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool scored = t + 1 < T && target[static_cast<size_t>(t + 1)];
+    next_ids[static_cast<size_t>(t)] = scored ? tokens[static_cast<size_t>(t + 1)] : -1;
+    n += scored;
+  }
+  return n;
+}
+
+namespace {
+
+struct CpuTrainStep final : TrainSession::Impl {
   std::vector<float> rope_cos, rope_sin;
   std::vector<Buf> x_in;        // [n_layers + 1][T, D]: block inputs, then the last block's output
   std::vector<BlockActs> acts;  // one per layer, or one shared with grad_checkpoint
@@ -67,21 +94,13 @@ struct TrainSession::Impl {
   // q/k/v or gate/up), silu(gate) * up [T, F] (input of down), the attention's softmax
   // probabilities [H, T, T] and output [T, H * Hd] (input of o).
   Buf xn, hidden, probs, att;
-  Buf xf, logits, losses;         // final norm output [T, D]; [chunk, V]; [chunk]
-  std::vector<int32_t> next_ids;  // [T] target id per position, -1 = not scored
+  Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
   // dgate first holds the gradient of down's input, then in place that of gate.
   Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup;
   Buf lora_scratch, attn_scratch;
 
-  Impl(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o)
-      : model(m), adapters(a), max_tokens(T), options(o) {
+  CpuTrainStep(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o) : Impl(m, a, T, o) {
     const ModelConfig& c = m.config;
-    D = c.dim, H = c.n_heads, KV = c.n_kv_heads, Hd = c.head_dim, F = c.hidden_dim;
-    V = c.vocab_size, QD = c.q_dim(), KVD = c.kv_dim(), R = a.config.rank;
-    QL_CHECK(T > 0, "training: the sequence length must be positive, got ", T);
-    QL_CHECK(options.loss_chunk > 0, "training: the loss chunk must be positive, got ",
-             options.loss_chunk);
-    check_adapters_match(a, m, "adapters");
     rope_tables(c, T, rope_cos, rope_sin);
     const auto n = [&](int64_t k) { return static_cast<size_t>(T * k); };
     x_in.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
@@ -95,7 +114,7 @@ struct TrainSession::Impl {
     att.resize(n(QD));
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
-    losses.resize(static_cast<size_t>(chunk)), next_ids.resize(static_cast<size_t>(T));
+    losses.resize(static_cast<size_t>(chunk));
     const int64_t widest = std::max({D, F, QD});
     dx.resize(n(D)), dxn.resize(n(D)), dtmp.resize(n(widest)), datt.resize(n(QD));
     dq.resize(n(QD)), dk.resize(n(KVD)), dv.resize(n(KVD));
@@ -150,7 +169,7 @@ struct TrainSession::Impl {
   }
 
   // x_in[layer] -> x_in[layer + 1], saving the block's activations.
-  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) {
+  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) override {
     const LayerWeights& L = model.layers[static_cast<size_t>(li)];
     const float eps = model.config.norm_eps;
     BlockActs& b = acts_of(li);
@@ -186,7 +205,7 @@ struct TrainSession::Impl {
   // dx: the gradient of the block's output on entry, of its input on return. `fresh`: the
   // block's forward has just run (recomputation), so `att` and `probs` still hold its values.
   void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
-                      TrainStepStats& st) {
+                      TrainStepStats& st) override {
     const LayerWeights& L = model.layers[static_cast<size_t>(li)];
     const float eps = model.config.norm_eps;
     BlockActs& b = acts_of(li);
@@ -219,7 +238,7 @@ struct TrainSession::Impl {
     if (streams_weights(T)) L.release_pages();
   }
 
-  void embed(std::span<const int32_t> tokens) {
+  void embed(std::span<const int32_t> tokens) override {
     const auto T = static_cast<int64_t>(tokens.size());
     float* x = x_in[0].data();
     for (int64_t t = 0; t < T; ++t) {
@@ -228,31 +247,9 @@ struct TrainSession::Impl {
     }
   }
 
-  void check_input(std::span<const int32_t> tokens, std::span<const uint8_t> target) const {
-    const auto T = static_cast<int64_t>(tokens.size());
-    QL_CHECK(T > 0 && T <= max_tokens, "training: a sequence of ", T,
-             " tokens does not fit the session's 1..", max_tokens, " tokens");
-    QL_CHECK(target.size() == tokens.size(), "training: ", target.size(), " target flags for ", T,
-             " tokens");
-    for (int32_t id : tokens)
-      QL_CHECK(id >= 0 && id < V, "training: token id ", id, " is out of range [0, ", V, ")");
-  }
-
-  // Scored positions: position t predicts tokens[t + 1] when that token is a target.
-  int64_t set_next_ids(std::span<const int32_t> tokens, std::span<const uint8_t> target) {
-    const auto T = static_cast<int64_t>(tokens.size());
-    int64_t n = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      const bool scored = t + 1 < T && target[static_cast<size_t>(t + 1)];
-      next_ids[static_cast<size_t>(t)] = scored ? tokens[static_cast<size_t>(t + 1)] : -1;
-      n += scored;
-    }
-    return n;
-  }
-
   // Final norm, head and cross-entropy in chunks of tokens; with `backward`, leaves the
   // gradient of the last block's output in dx.
-  double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) {
+  double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) override {
     const auto t0 = Clock::now();
     const float* x_last = x_in.back().data();
     ops::rmsnorm_forward(xf.data(), x_last, model.final_norm.data(), T, D, model.config.norm_eps);
@@ -287,11 +284,39 @@ struct TrainSession::Impl {
     st.head_seconds += seconds_since(t0);
     return loss;
   }
+
+  int64_t activation_bytes() const override {
+    size_t floats = xn.size() + hidden.size() + probs.size() + att.size() + xf.size() +
+                    logits.size() + losses.size() + dx.size() + dxn.size() + dtmp.size() +
+                    datt.size() + dq.size() + dk.size() + dv.size() + dgate.size() + dup.size() +
+                    lora_scratch.size() + attn_scratch.size();
+    for (const Buf& b : x_in) floats += b.size();
+    for (const BlockActs& b : acts) {
+      floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();
+      for (const Buf& u : b.u) floats += u.size();
+    }
+    return static_cast<int64_t>(floats * sizeof(float) + next_ids.size() * sizeof(int32_t));
+  }
 };
+
+std::unique_ptr<TrainSession::Impl> make_step(const Model& model, AdapterSet& adapters,
+                                              int64_t max_tokens, TrainStepOptions options) {
+#ifdef QALORA_WITH_CUDA
+  if (options.device.cuda()) {
+    require_device(options.device);
+    return make_cuda_train_step(model, adapters, max_tokens, options);
+  }
+#else
+  require_device(options.device);  // refuses a GPU: this build has no CUDA backend
+#endif
+  return std::make_unique<CpuTrainStep>(model, adapters, max_tokens, options);
+}
+
+}  // namespace
 
 TrainSession::TrainSession(const Model& model, AdapterSet& adapters, int64_t max_tokens,
                            TrainStepOptions options)
-    : impl_(std::make_unique<Impl>(model, adapters, max_tokens, options)) {}
+    : impl_(make_step(model, adapters, max_tokens, options)) {}
 
 TrainSession::~TrainSession() = default;
 
@@ -313,8 +338,10 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
     }
 
   const auto t0 = Clock::now();
+  m.begin(true);
   m.embed(tokens);
   for (int64_t li = 0; li < layers; ++li) m.block_forward(li, T, p, dropout_seed, stats_);
+  m.sync();
   stats_.forward_seconds += seconds_since(t0);
 
   const auto t1 = Clock::now();
@@ -325,11 +352,14 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
       // Reruns the block from its saved input with the same dropout masks.
       const auto tr = Clock::now();
       m.block_forward(li, T, p, dropout_seed, stats_);
+      m.sync();
       recompute_s += seconds_since(tr);
     }
     m.block_backward(li, T, p, dropout_seed, m.options.grad_checkpoint, stats_);
+    m.layer_done(li);
     if (on_layer_done) on_layer_done(li);
   }
+  m.sync();
   stats_.forward_seconds += recompute_s;
   stats_.backward_seconds += seconds_since(t1) - recompute_s;
   stats_.tokens += T;
@@ -344,23 +374,14 @@ double TrainSession::loss(std::span<const int32_t> tokens, std::span<const uint8
   targets = m.set_next_ids(tokens, target);
   if (targets == 0) return 0.0;
   TrainStepStats unused;
+  m.begin(false);
   m.embed(tokens);
   for (int64_t li = 0; li < m.model.config.n_layers; ++li) m.block_forward(li, T, 0.0f, 0, unused);
   return m.head_loss(T, 0.0f, false, unused);
 }
 
 int64_t TrainSession::activation_bytes() const {
-  const Impl& m = *impl_;
-  size_t floats = m.xn.size() + m.hidden.size() + m.probs.size() + m.att.size() + m.xf.size() +
-                  m.logits.size() + m.losses.size() + m.dx.size() + m.dxn.size() + m.dtmp.size() +
-                  m.datt.size() + m.dq.size() + m.dk.size() + m.dv.size() + m.dgate.size() +
-                  m.dup.size() + m.lora_scratch.size() + m.attn_scratch.size();
-  for (const Buf& b : m.x_in) floats += b.size();
-  for (const BlockActs& b : m.acts) {
-    floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();
-    for (const Buf& u : b.u) floats += u.size();
-  }
-  return static_cast<int64_t>(floats * sizeof(float) + m.next_ids.size() * sizeof(int32_t));
+  return impl_->activation_bytes();
 }
 
 void zero_adapter_grads(AdapterSet& adapters) {

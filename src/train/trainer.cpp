@@ -435,6 +435,7 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   run_config["ranks"] = ranks;
   // Not part of the identity: a bf16 run may continue in fp32 (another machine) and back.
   run_config["compute_type"] = ops::compute_type_name(ops::compute_type());
+  run_config["device"] = cfg.device.name();
   // Only rank 0 writes: the run's files, metrics, checkpoints, the adapter.
   if (root) {
     fs::create_directories(cfg.out);
@@ -444,7 +445,8 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   int64_t max_len = 1;
   for (const Dataset* d : {&train_set, &eval_set})
     for (const Example& e : d->examples) max_len = std::max<int64_t>(max_len, std::ssize(e.tokens));
-  TrainSession session(model, adapters, max_len, {.grad_checkpoint = cfg.grad_checkpoint});
+  TrainSession session(model, adapters, max_len,
+                       {.grad_checkpoint = cfg.grad_checkpoint, .device = cfg.device});
 
   const AdapterConfig& ac = adapters.config;
   if (root) {

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "qalora/core/device.h"
 #include "qalora/core/mapped_file.h"
 #include "qalora/ops/gemm.h"
 #include "test_util.h"
@@ -290,22 +291,34 @@ std::vector<double> step_losses(const fs::path& run) {
   return losses;
 }
 
-// Runs `train_args` with --compute-dtype fp32 and bf16 into dir/fp32 and dir/bf16 (same data,
-// seed and order) and compares their loss curves step by step. bf16 rounds the products'
-// inputs only, so the paired difference must stay far below the curve's own noise (how much the
-// loss moves from one step to the next), and the held-out losses must agree.
-void expect_bf16_follows_fp32(const fs::path& dir, const std::vector<std::string>& train_args) {
+// One way of running the same training: its extra arguments, and what its stdout and its
+// train_config.json must say about it.
+struct Variant {
+  std::string name;
+  std::vector<std::string> args;
+  std::string stdout_says, config_says;
+};
+const Variant kFp32 = {
+    "fp32", {"--compute-dtype", "fp32"}, "compute:       fp32", "\"compute_type\": \"fp32\""};
+const Variant kBf16 = {
+    "bf16", {"--compute-dtype", "bf16"}, "compute:       bf16", "\"compute_type\": \"bf16\""};
+
+// Runs `train_args` as `reference` and as `variant` into dir/<name> (same data, seed and
+// order) and compares their loss curves step by step. The variant rounds the products' inputs
+// to bf16 only, so the paired difference must stay far below the curve's own noise (how much
+// the loss moves from one step to the next), and the held-out losses must agree.
+void expect_curve_follows(const fs::path& dir, const std::vector<std::string>& train_args,
+                          const Variant& reference, const Variant& variant) {
   std::vector<double> curve[2];
   std::pair<double, double> heldout[2];
   for (int i = 0; i < 2; ++i) {
-    const std::string type = i == 0 ? "fp32" : "bf16";
-    const auto r =
-        run_cli(concat(train_args, {"--compute-dtype", type, "--out", (dir / type).string()}));
+    const Variant& v = i == 0 ? reference : variant;
+    const auto r = run_cli(concat(concat(train_args, v.args), {"--out", (dir / v.name).string()}));
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    EXPECT_NE(r.out.find("compute:       " + type), std::string::npos) << r.out;
-    curve[i] = step_losses(dir / type);
-    EXPECT_NE(read_file(dir / type / "train_config.json").find("\"compute_type\": \"" + type),
-              std::string::npos);
+    EXPECT_NE(r.out.find(v.stdout_says), std::string::npos) << r.out;
+    curve[i] = step_losses(dir / v.name);
+    EXPECT_NE(read_file(dir / v.name / "train_config.json").find(v.config_says), std::string::npos)
+        << v.config_says;
     heldout[i] = heldout_losses(r.out);
   }
   ASSERT_EQ(curve[0].size(), curve[1].size());
@@ -318,12 +331,12 @@ void expect_bf16_follows_fp32(const fs::path& dir, const std::vector<std::string
   }
   const double n = static_cast<double>(curve[0].size());
   const double rms_diff = std::sqrt(diff2 / n), rms_noise = std::sqrt(noise2 / (n - 1));
-  std::printf("bf16 vs fp32: rms step difference %.2e, rms step-to-step change %.2e\n", rms_diff,
-              rms_noise);
-  EXPECT_LT(rms_diff, 0.05 * rms_noise) << "bf16 strays from the fp32 curve";
-  EXPECT_GT(differ, n / 2) << "the bf16 run computed in fp32";
+  std::printf("%s vs %s: rms step difference %.2e, rms step-to-step change %.2e\n",
+              variant.name.c_str(), reference.name.c_str(), rms_diff, rms_noise);
+  EXPECT_LT(rms_diff, 0.05 * rms_noise) << variant.name << " strays from the reference curve";
+  EXPECT_GT(differ, n / 2) << "the " << variant.name << " run computed as the reference";
   EXPECT_NEAR(heldout[1].second, heldout[0].second, 0.01 * heldout[0].second);
-  EXPECT_LT(heldout[1].second, heldout[1].first) << "the bf16 run did not learn";
+  EXPECT_LT(heldout[1].second, heldout[1].first) << "the " << variant.name << " run did not learn";
 }
 
 TEST(CliTrain, Bf16LossCurveFollowsFp32OnStories) {
@@ -333,11 +346,12 @@ TEST(CliTrain, Bf16LossCurveFollowsFp32OnStories) {
   const fs::path dir = test::temp_dir();
   const std::string train_text = (dir / "train.txt").string();
   std::ofstream(train_text) << read_file(test::data_dir() / kTinyStories).substr(0, 150000);
-  expect_bf16_follows_fp32(
-      dir, concat(concat({"train"}, stories_model()),
-                  {"--data", train_text, "--max-seq-len", "128", "--adapter", "lora", "--rank", "8",
-                   "--learning-rate", "2e-3", "--max-steps", "100", "--grad-accum", "2",
-                   "--eval-fraction", "0.02"}));
+  expect_curve_follows(dir,
+                       concat(concat({"train"}, stories_model()),
+                              {"--data", train_text, "--max-seq-len", "128", "--adapter", "lora",
+                               "--rank", "8", "--learning-rate", "2e-3", "--max-steps", "100",
+                               "--grad-accum", "2", "--eval-fraction", "0.02"}),
+                       kFp32, kBf16);
 }
 
 TEST(CliTrain, Bf16LossCurveFollowsFp32OnSmolLm2QaLora) {
@@ -348,9 +362,41 @@ TEST(CliTrain, Bf16LossCurveFollowsFp32OnSmolLm2QaLora) {
   const fs::path dir = test::temp_dir();
   const std::string q4 = quantize_smollm2(dir);
   ASSERT_FALSE(HasFailure());
-  expect_bf16_follows_fp32(
-      dir, concat(smollm2_qalora(q4), {"--max-steps", "20", "--grad-accum", "1", "--source-max-len",
-                                       "96", "--target-max-len", "32", "--eval-fraction", "0.01"}));
+  expect_curve_follows(
+      dir,
+      concat(smollm2_qalora(q4), {"--max-steps", "20", "--grad-accum", "1", "--source-max-len",
+                                  "96", "--target-max-len", "32", "--eval-fraction", "0.01"}),
+      kFp32, kBf16);
+}
+
+// The GPU's step in a real run: QA-LoRA on INT4 stories260K for 50 steps follows the CPU's fp32
+// curve, and the adapter it trained merges losslessly with the host's merge.
+TEST(CliTrain, GpuLossCurveFollowsTheCpuAndItsAdapterMergesLosslessly) {
+  if (cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device" << (cuda_backend_built() ? "" : " (a build without CUDA)");
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  QL_REQUIRE_DATA(kTinyStories);
+  const fs::path dir = test::temp_dir();
+  const std::string train_text = (dir / "train.txt").string();
+  std::ofstream(train_text) << read_file(test::data_dir() / kTinyStories).substr(0, 150000);
+  const std::string q4 = (dir / "q4").string();
+  auto r = run_cli(concat(concat({"quantize"}, stories_model()),
+                          {"--method", "rtn", "--bits", "4", "-g", "32", "-o", q4}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const Variant cuda = {
+      "cuda", {"--device", "cuda"}, "device:        cuda:0", "\"device\": \"cuda:0\""};
+  expect_curve_follows(dir,
+                       {"train", "-m", q4, "--data", train_text, "--max-seq-len", "128",
+                        "--adapter", "qalora", "--rank", "8", "--learning-rate", "2e-3",
+                        "--max-steps", "50", "--grad-accum", "2", "--eval-fraction", "0.02"},
+                       kFp32, cuda);
+  ASSERT_FALSE(HasFailure());
+  r = run_cli({"merge", "-m", q4, "--adapter", (dir / "cuda").string(), "--fidelity-tokens", "32",
+               "--out", (dir / "merged").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto at = r.out.find("max |logit diff|: ");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  EXPECT_LT(std::stod(r.out.substr(at + 18)), 1e-4) << r.out;
 }
 
 }  // namespace

@@ -11,59 +11,24 @@
 
 #include "model/random_model.h"
 #include "qalora/adapters/adapter.h"
+#include "qalora/core/device.h"
 #include "qalora/core/error.h"
 #include "qalora/model/runtime.h"
 #include "qalora/quant/quantize_model.h"
 #include "qalora/train/train_step.h"
 #include "test_util.h"
+#include "train/train_test_util.h"
 
 namespace qalora {
 namespace {
 
-struct Case {
-  std::string name;
-  std::string method;  // "" = dense base
-  int bits;
-  AdapterKind kind;
-  AdapterPool pool;
-  bool tied;
-};
-
-std::ostream& operator<<(std::ostream& os, const Case& c) {
-  return os << c.name;
-}
-
-// dim 40 and hidden 24 with groups of 16: every layer has a ragged last group (8 inputs).
-Model make_base(const Case& c) {
-  test::RandomModelShape shape;
-  shape.vocab = 29, shape.dim = 40, shape.hidden = 24, shape.layers = 2;
-  shape.heads = 4, shape.kv_heads = 2, shape.head_dim = 10, shape.tied = c.tied;
-  Model m = test::make_random_model(shape, 7);
-  if (!c.method.empty()) {
-    QuantizeOptions q;
-    q.method = c.method;
-    q.bits = c.bits;
-    q.group_size = c.method == "nf4" ? kCodebookBlock : 16;
-    quantize_model(m, q, {});
-  }
-  return m;
-}
-
-AdapterSet make_adapters(const Model& m, const Case& c, float dropout) {
-  AdapterConfig cfg;
-  cfg.kind = c.kind;
-  cfg.pool = c.pool;
-  cfg.rank = 3;
-  cfg.alpha = 6.0f;
-  cfg.dropout = dropout;
-  cfg.seed = 11;
-  AdapterSet set = create_adapters(m, cfg);
-  test::randomize_adapter_b(set, 5);
-  return set;
-}
-
-const std::vector<int32_t> kTokens = {1, 5, 17, 3, 28, 9, 9, 0, 21, 14, 2};
-const std::vector<uint8_t> kTarget = {0, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1};
+using test::all_grads;
+using test::Case;
+using test::grads_with;
+using test::kTarget;
+using test::kTokens;
+using test::make_adapters;
+using test::make_base;
 
 double reference_loss(const Model& m, const AdapterSet& set) {
   const std::vector<double> logits = reference_forward(m, kTokens, &set);
@@ -121,33 +86,8 @@ TEST_P(TrainStepGradient, MatchesFiniteDifferencesOfTheDoubleReference) {
   EXPECT_GE(checked, 20);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Bases, TrainStepGradient,
-    ::testing::Values(
-        Case{"lora_dense", "", 0, AdapterKind::Lora, AdapterPool::Average, false},
-        Case{"lora_nf4", "nf4", 4, AdapterKind::Lora, AdapterPool::Average, true},
-        Case{"lora_int4", "rtn", 4, AdapterKind::Lora, AdapterPool::Average, false},
-        Case{"qalora_int4_avg", "rtn", 4, AdapterKind::QaLora, AdapterPool::Average, false},
-        Case{"qalora_int3_sum", "rtn", 3, AdapterKind::QaLora, AdapterPool::Sum, true},
-        Case{"qalora_int2_avg", "rtn", 2, AdapterKind::QaLora, AdapterPool::Average, false}),
-    [](const auto& param_info) { return param_info.param.name; });
-
-std::vector<float> all_grads(const AdapterSet& set) {
-  std::vector<float> g;
-  for (const LoraAdapter& a : set.adapters) {
-    g.insert(g.end(), a.grad_A.begin(), a.grad_A.end());
-    g.insert(g.end(), a.grad_B.begin(), a.grad_B.end());
-  }
-  return g;
-}
-
-std::vector<float> grads_with(const Model& m, AdapterSet& set, TrainStepOptions options) {
-  TrainSession session(m, set, 16, options);
-  zero_adapter_grads(set);
-  int64_t n = 0;
-  session.forward_backward(kTokens, kTarget, 0.5f, 1234, n);
-  return all_grads(set);
-}
+INSTANTIATE_TEST_SUITE_P(Bases, TrainStepGradient, ::testing::ValuesIn(test::kBaseCases),
+                         [](const auto& param_info) { return param_info.param.name; });
 
 TEST(TrainStep, CheckpointingAndLossChunksGiveTheSameGradients) {
   const Case c{"qalora", "rtn", 4, AdapterKind::QaLora, AdapterPool::Average, false};
@@ -189,6 +129,31 @@ TEST(TrainStep, HeldOutLossEqualsTheReferenceAndRejectsBadInput) {
   EXPECT_THROW(session.loss(too_long, std::vector<uint8_t>(17, 1), n), Error);
   const std::vector<int32_t> bad_id = {1, 29};
   EXPECT_THROW(session.loss(bad_id, std::vector<uint8_t>{0, 1}, n), Error);
+}
+
+// Where no GPU can be used, asking for one fails up front with the reason (tests/cuda covers
+// the GPU's step where there is one).
+TEST(TrainStep, AGpuThatCannotBeUsedIsRefusedWithTheReason) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a CUDA device is present";
+  const Case& c = test::kBaseCases[0];
+  const Model m = make_base(c);
+  AdapterSet set = make_adapters(m, c, 0.0f);
+  try {
+    TrainSession session(m, set, 16, {.device = parse_device("cuda:0")});
+    FAIL() << "a TrainSession on cuda:0 was created";
+  } catch (const Error& e) {
+    const std::string why =
+        cuda_backend_built() ? "no CUDA device" : "this build has no CUDA backend";
+    EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+  }
+}
+
+TEST(Device, ParsesCpuAndCudaOrdinalsAndRejectsTheRest) {
+  EXPECT_FALSE(parse_device("cpu").cuda());
+  EXPECT_EQ(parse_device("cuda").name(), "cuda:0");
+  EXPECT_EQ(parse_device("cuda:3").index, 3);
+  for (const char* bad : {"gpu", "cuda:", "cuda:-1", "cuda:1x", "CUDA", ""})
+    EXPECT_THROW(parse_device(bad), Error) << bad;
 }
 
 }  // namespace

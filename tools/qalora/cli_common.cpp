@@ -44,6 +44,18 @@ void add_compute_arg(CLI::App* cmd, ModelArgs& args) {
       ->capture_default_str();
 }
 
+void add_device_arg(CLI::App* cmd, ModelArgs& args) {
+  cmd->add_option("--device", args.device,
+                  "where to compute: cpu, or cuda / cuda:N (builds with the CUDA backend)")
+      ->capture_default_str();
+}
+
+Device resolve_device(const ModelArgs& args) {
+  const Device device = parse_device(args.device);
+  require_device(device);
+  return device;
+}
+
 std::string compute_line() {
   if (ops::compute_type() == ops::ComputeType::Bf16)
     return cat("compute:       bf16 products, fp32 accumulation (", ops::bf16_isa_name(),

@@ -12,6 +12,7 @@
 
 #include "qalora/adapters/adapter.h"
 #include "qalora/core/clock.h"
+#include "qalora/core/device.h"
 #include "qalora/model/model.h"
 #include "qalora/model/runtime.h"
 #include "qalora/model/sampler.h"
@@ -29,11 +30,16 @@ struct ModelArgs {
   std::string adapter;  // --adapter DIR (inference commands)
   // --compute-dtype (commands that run the model's products); empty: fp32, not offered.
   std::string compute_dtype;
+  std::string device = "cpu";  // --device (commands with a GPU path)
 };
 // --model (or a positional MODEL), --tokenizer, --threads.
 void add_model_args(CLI::App* cmd, ModelArgs& args, bool positional = false);
 // --compute-dtype fp32|bf16|auto for the commands whose time goes into matrix products.
 void add_compute_arg(CLI::App* cmd, ModelArgs& args);
+// --device cpu|cuda[:N] for the commands that can run on a GPU.
+void add_device_arg(CLI::App* cmd, ModelArgs& args);
+// The parsed --device, checked usable here (the build has the backend, the GPU exists).
+Device resolve_device(const ModelArgs& args);
 // "compute:       bf16 products, ..." or "compute:       fp32 ...": what the products run in,
 // for a command's report.
 std::string compute_line();

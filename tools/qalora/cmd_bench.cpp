@@ -157,6 +157,7 @@ Speed measure(const Model& model, const AdapterSet* adapters, const BenchArgs& a
 void run_train_bench(const BenchArgs& args) {
   QL_CHECK(args.seq_len >= 2, "--seq-len must be >= 2, got ", args.seq_len);
   QL_CHECK(args.steps >= 1, "--steps must be >= 1, got ", args.steps);
+  const Device device = resolve_device(args.model);
   const Model model = load_model(args.model);
   AdapterConfig cfg;
   const bool affine =
@@ -165,7 +166,8 @@ void run_train_bench(const BenchArgs& args) {
                                                            : args.train_adapter);
   cfg.rank = args.rank;
   AdapterSet adapters = create_adapters(model, cfg);
-  TrainSession session(model, adapters, args.seq_len, {.grad_checkpoint = args.grad_checkpoint});
+  TrainSession session(model, adapters, args.seq_len,
+                       {.grad_checkpoint = args.grad_checkpoint, .device = device});
   AdamW opt(adapters, {});
   std::mt19937_64 rng(1234);
   std::uniform_int_distribution<int32_t> any_token(
@@ -186,9 +188,13 @@ void run_train_bench(const BenchArgs& args) {
     opt.step(adapters, 2e-4);
     opt_s += seconds_since(t0);
   };
-  // The peak is measured around the steps: a shared machine's speed drifts.
-  const ops::ComputeType type = ops::compute_type();
-  const double gemm_before = ops::gemm_peak_gflops(type);
+  // The peak is measured around the steps: a shared machine's speed drifts. On a GPU: the
+  // bf16 tensor-core rate of cuBLAS, which the frozen linears run on.
+  const ops::ComputeType type = device.cuda() ? ops::ComputeType::Bf16 : ops::compute_type();
+  const auto peak = [&] {
+    return device.cuda() ? gpu_bf16_peak_gflops(device) : ops::gemm_peak_gflops(type);
+  };
+  const double gemm_before = peak();
   step();  // warm-up: buffers, page faults, BLAS threads
   session.stats().reset();
   data_s = opt_s = 0;
@@ -196,7 +202,11 @@ void run_train_bench(const BenchArgs& args) {
   for (int64_t i = 0; i < args.steps; ++i) step();
   const double total_s = seconds_since(start);
   const TrainStepStats& st = session.stats();
-  const double gemm = std::max(gemm_before, ops::gemm_peak_gflops(type));
+  const double gemm = std::max(gemm_before, peak());
+  const std::string gemm_kernel = device.cuda() ? "cuBLAS on " + describe_device(device)
+                                  : type == ops::ComputeType::Bf16
+                                      ? std::string("oneDNN ") + ops::bf16_isa_name()
+                                      : std::string("OpenBLAS ") + blas_core_name();
   const double tps = static_cast<double>(st.tokens) / total_s;
   const double gflops = st.flops / total_s / 1e9;
 
@@ -209,7 +219,9 @@ void run_train_bench(const BenchArgs& args) {
   const double adapter_bytes = 4.0 * 4.0 * static_cast<double>(adapters.parameter_count());
   const auto act_bytes = static_cast<double>(session.activation_bytes());
   const auto rss = static_cast<double>(peak_rss_bytes());
+  const double gpu_memory = device.cuda() ? static_cast<double>(gpu_memory_used_bytes(device)) : 0;
   nlohmann::ordered_json j = {{"model", args.model.model},
+                              {"device", describe_device(device)},
                               {"quantization", model.quant.empty() ? "none" : model.quant.method},
                               {"adapter", adapter_kind_name(cfg.kind)},
                               {"rank", cfg.rank},
@@ -235,6 +247,7 @@ void run_train_bench(const BenchArgs& args) {
                               {"share_attention", st.attention_seconds / total_s},
                               {"share_head", st.head_seconds / total_s},
                               {"peak_rss_bytes", rss},
+                              {"gpu_memory_bytes", gpu_memory},
                               {"weight_bytes", weights},
                               {"adapter_state_bytes", adapter_bytes},
                               {"activation_bytes", act_bytes}};
@@ -242,35 +255,39 @@ void run_train_bench(const BenchArgs& args) {
     std::printf("%s\n", j.dump(2).c_str());
     return;
   }
-  std::printf("training step: %s r %lld (%lld parameters) on %s, %lld tokens, %d threads%s\n",
+  const std::string where =
+      device.cuda() ? describe_device(device) : cat(num_threads(), " threads");
+  std::printf("training step: %s r %lld (%lld parameters) on %s, %lld tokens, %s%s\n",
               adapter_kind_name(cfg.kind), static_cast<long long>(cfg.rank),
               static_cast<long long>(adapters.parameter_count()),
               model.quant.empty() ? "an fp32 base" : (model.quant.method + " base").c_str(),
-              static_cast<long long>(args.seq_len), num_threads(),
+              static_cast<long long>(args.seq_len), where.c_str(),
               args.grad_checkpoint ? ", grad checkpointing" : "");
   std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n", tps,
               total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
   std::printf(
       "  compute              %9.1f GFLOP/s  %5.1f%% of the %s GEMM peak (%.1f GFLOP/s, %s; "
       "quantized: %s)\n",
-      gflops, 100 * gflops / gemm, ops::compute_type_name(type), gemm,
-      type == ops::ComputeType::Bf16 ? (std::string("oneDNN ") + ops::bf16_isa_name()).c_str()
-                                     : (std::string("OpenBLAS ") + blas_core_name()).c_str(),
-      qkernel_isa());
+      gflops, 100 * gflops / gemm, ops::compute_type_name(type), gemm, gemm_kernel.c_str(),
+      device.cuda() ? "dequantized to bf16 per use" : qkernel_isa());
   std::printf(
       "  time                 %9.0f%% forward, %.0f%% backward, %.1f%% optimizer, %.1f%% data\n",
       100 * st.forward_seconds / total_s, 100 * st.backward_seconds / total_s,
       100 * opt_s / total_s, 100 * data_s / total_s);
-  std::printf(
-      "  by op                %9.0f%% frozen linears, %.0f%% adapters, %.0f%% attention, %.0f%% "
-      "head and loss\n",
-      100 * st.base_seconds / total_s, 100 * st.adapter_seconds / total_s,
-      100 * st.attention_seconds / total_s, 100 * st.head_seconds / total_s);
+  if (!device.cuda())  // a GPU's ops run asynchronously: timed per phase only
+    std::printf(
+        "  by op                %9.0f%% frozen linears, %.0f%% adapters, %.0f%% attention, %.0f%% "
+        "head and loss\n",
+        100 * st.base_seconds / total_s, 100 * st.adapter_seconds / total_s,
+        100 * st.attention_seconds / total_s, 100 * st.head_seconds / total_s);
   std::printf(
       "  memory               %9.0f MB peak RSS; weights %.0f + adapter, grads, moments %.0f "
       "+ activations %.0f = %.0f MB\n",
       rss / 1e6, weights / 1e6, adapter_bytes / 1e6, act_bytes / 1e6,
       (weights + adapter_bytes + act_bytes) / 1e6);
+  if (device.cuda())
+    std::printf("  gpu memory           %9.0f MB in use on %s (all processes)\n", gpu_memory / 1e6,
+                device.name().c_str());
 }
 
 void run_bench(const BenchArgs& args) {
@@ -278,6 +295,8 @@ void run_bench(const BenchArgs& args) {
     run_train_bench(args);
     return;
   }
+  QL_CHECK(!parse_device(args.model.device).cuda(),
+           "--device: inference runs on the CPU for now; --train measures a GPU's training step");
   QL_CHECK(args.prompt_tokens >= 1, "--prompt-tokens must be >= 1, got ", args.prompt_tokens);
   QL_CHECK(args.gen_tokens >= 1, "--gen-tokens must be >= 1, got ", args.gen_tokens);
   const Model model = load_model(args.model);
@@ -402,6 +421,7 @@ void register_bench(CLI::App& app) {
       "Measure prefill/decode speed against the machine's GEMM peak and memory bandwidth");
   add_model_args(cmd, args->model);
   add_compute_arg(cmd, args->model);
+  add_device_arg(cmd, args->model);
   add_adapter_arg(cmd, args->model);
   cmd->add_option("--prompt-tokens", args->prompt_tokens, "prefill length")->capture_default_str();
   cmd->add_option("--gen-tokens", args->gen_tokens, "decoded tokens")->capture_default_str();

@@ -70,6 +70,7 @@ void run_train(TrainArgs& args) {
   c.adapter.seed = c.seed;
   c.lr_schedule = parse_lr_schedule(args.scheduler);
   c.on_non_finite = parse_non_finite(args.on_non_finite);
+  c.device = resolve_device(args.model);
   Communicator& comm = world();
   // Held until the run ends: a second run into the same folder is refused, not interleaved.
   std::optional<OutputLock> lock;
@@ -83,7 +84,13 @@ void run_train(TrainArgs& args) {
   }
 
   const Model model = load_model(args.model);
-  if (comm.is_root()) std::printf("%s\n", compute_line().c_str());
+  if (comm.is_root()) {
+    if (c.device.cuda())
+      std::printf("device:        %s, bf16 tensor-core products (fp32 accumulation)\n",
+                  describe_device(c.device).c_str());
+    else
+      std::printf("%s\n", compute_line().c_str());
+  }
   g_stop.store(false);
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
@@ -126,6 +133,7 @@ void register_train(CLI::App& app) {
   CLI::App* cmd = add_command(app, "train", "Fine-tune LoRA / QLoRA / QA-LoRA adapters");
   add_model_args(cmd, args->model);
   add_compute_arg(cmd, args->model);
+  add_device_arg(cmd, args->model);
   cmd->add_option("--data", args->data, "training data (.json/.jsonl/.txt)")->required();
   cmd->add_option("--out", args->out, "output folder (adapter, checkpoints, metrics)")->required();
   cmd->add_option("--resume", args->resume, "continue from a checkpoint (or an output folder)");

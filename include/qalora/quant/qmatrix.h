@@ -31,21 +31,14 @@
 
 #include "qalora/core/byte_buffer.h"
 #include "qalora/core/tensor.h"
+#include "qalora/quant/qcode.h"
 
 namespace qalora {
 
 enum class QuantType : uint8_t { Affine, NF4, FP4 };
 const char* quant_type_name(QuantType type);  // "affine", "nf4", "fp4"
 
-inline constexpr int64_t kQChunk = 32;         // columns per packed chunk
 inline constexpr int64_t kCodebookBlock = 64;  // NF4/FP4 absmax block (flattened elements)
-
-// Bytes of one packed 32-column chunk of `bits`-bit codes.
-constexpr int64_t chunk_bytes(int bits) {
-  return 4 * bits;
-}
-static_assert(chunk_bytes(4) * 8 == kQChunk * 4, "a 4-bit chunk holds 32 codes");
-static_assert(chunk_bytes(3) == 8 + 4, "a 3-bit chunk is a 2-bit plane plus a 1-bit plane");
 
 // bitsandbytes-style double quantization of the NF4/FP4 absmax constants: subtract their mean,
 // then 8-bit symmetric codes (stored + 128) with one fp32 scale per 256 constants.

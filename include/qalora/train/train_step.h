@@ -15,6 +15,7 @@
 #include <span>
 
 #include "qalora/adapters/adapter.h"
+#include "qalora/core/device.h"
 #include "qalora/model/model.h"
 
 namespace qalora {
@@ -38,6 +39,9 @@ struct TrainStepOptions {
   // memory drops from n_layers blocks to one, for one more forward.
   bool grad_checkpoint = false;
   int64_t loss_chunk = 256;  // tokens per cross-entropy chunk ([chunk, V] logits at a time)
+  // Where the step computes. On a GPU the weights are uploaded once (quantized ones stay
+  // quantized there); the adapters' parameters go up and their gradients come back each step.
+  Device device = {};
 };
 
 class TrainSession {
@@ -65,8 +69,10 @@ class TrainSession {
   int64_t activation_bytes() const;
   TrainStepStats& stats() { return stats_; }
 
- private:
+  // The device's compute behind the session (src/train/train_backend.h), opaque here.
   struct Impl;
+
+ private:
   std::unique_ptr<Impl> impl_;
   TrainStepStats stats_;
 };

@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "qalora/adapters/adapter.h"
+#include "qalora/core/device.h"
 #include "qalora/data/dataset.h"
 #include "qalora/dist/communicator.h"
 #include "qalora/model/model.h"
@@ -42,6 +43,7 @@ struct TrainConfig {
   bool group_by_length = false;
   uint64_t seed = 42;
   bool grad_checkpoint = false;
+  Device device;  // where the steps compute (not part of the identity: a run may move)
   NonFinite on_non_finite = NonFinite::Stop;
 
   int64_t eval_steps = 0;        // held-out loss every N steps (0: at the start and end only)

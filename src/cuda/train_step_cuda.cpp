@@ -1,0 +1,362 @@
+// The training step on a CUDA GPU: the CPU step's schedule (TrainSession in train_step.cpp)
+// over the ops of kernels.h. Weights are uploaded once; frozen linears run as bf16 tensor-core
+// products with fp32 accumulation, dequantizing quantized weights into one reused buffer;
+// adapters, norms, softmax and the loss stay fp32. The adapters' parameters go up at the start
+// of each forward and their gradients come back layer by layer, so the host's optimizer,
+// checkpoints and data-parallel reduction are the CPU run's.
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "device_weights.h"
+#include "kernels.h"
+#include "qalora/model/model.h"
+#include "runtime.h"
+#include "train/train_backend.h"
+
+namespace qalora {
+
+namespace {
+
+using Floats = cuda::DeviceBuffer<float>;
+
+struct DeviceLinear {
+  int64_t in = 0, out = 0;
+  std::unique_ptr<cuda::DeviceQMatrix> q;  // quantized, or else:
+  cuda::DeviceBuffer<uint16_t> dense;      // [out, in] bf16
+  Floats bias;                             // [out] or empty
+
+  DeviceLinear(const Tensor& weight, const QMatrix& qweight, const Tensor& b) {
+    if (!qweight.codes.empty()) {
+      q = std::make_unique<cuda::DeviceQMatrix>(qweight);
+      in = qweight.cols, out = qweight.rows;
+    } else {
+      dense = cuda::upload_bf16(weight);
+      in = weight.dim(1), out = weight.dim(0);
+    }
+    if (!b.empty()) bias.upload(b.span());
+  }
+};
+
+struct DeviceLayer {
+  Floats attn_norm, ffn_norm;
+  std::vector<DeviceLinear> linears;  // by Target
+};
+
+struct DeviceAdapter {
+  Floats A, B, grad_A, grad_B;
+};
+
+// What one block's backward needs from its forward (as the CPU step's BlockActs).
+struct BlockActs {
+  Floats q, k, v, x_mid, gate, up;
+  std::array<Floats, kNumTargets> u;
+};
+
+struct CudaTrainStep final : TrainSession::Impl {
+  cuda::Blas blas;
+  std::vector<DeviceLayer> layers;
+  Floats final_norm;
+  std::unique_ptr<DeviceLinear> head;
+  std::vector<DeviceAdapter> dev_adapters;  // parallel to adapters.adapters
+  Floats rope_cos, rope_sin;
+  std::vector<Floats> x_in;  // [n_layers + 1][T, D]
+  std::vector<BlockActs> acts;
+  Floats xn, hidden, att, lse, delta, xf, logits, losses;
+  Floats dx, dxn, datt, dq, dk, dv, dgate, dup, lora_scratch;
+  cuda::DeviceBuffer<uint16_t> act_bf16, weight_bf16;
+  cuda::DeviceBuffer<int32_t> d_next_ids;
+  std::vector<float> host_x, host_losses, host_grad;
+
+  CudaTrainStep(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o) : Impl(m, a, T, o) {
+    QL_CUDA(cudaSetDevice(options.device.index));
+    const ModelConfig& c = m.config;
+    int64_t widest_weight = 0;
+    for (const LayerWeights& L : m.layers) {
+      DeviceLayer& d = layers.emplace_back();
+      d.attn_norm.upload(L.attn_norm.span());
+      d.ffn_norm.upload(L.ffn_norm.span());
+      for (int t = 0; t < kNumTargets; ++t) {
+        const Linear& l = target_linear(L, static_cast<Target>(t));
+        const DeviceLinear& dl = d.linears.emplace_back(l.weight, l.qweight, l.bias);
+        if (dl.q) widest_weight = std::max(widest_weight, dl.in * dl.out);
+      }
+      L.release_pages();  // the host copy is not read again
+    }
+    final_norm.upload(m.final_norm.span());
+    const Tensor& h = m.head();
+    head = h.empty() ? std::make_unique<DeviceLinear>(Tensor(), m.head_q, Tensor())
+                     : std::make_unique<DeviceLinear>(h, QMatrix(), Tensor());
+    if (head->q) widest_weight = std::max(widest_weight, head->in * head->out);
+    weight_bf16.resize(widest_weight);
+    for (const LoraAdapter& ad : a.adapters) {
+      DeviceAdapter& d = dev_adapters.emplace_back();
+      d.A.resize(ad.A.numel()), d.B.resize(ad.B.numel());
+      d.grad_A.resize(ad.A.numel()), d.grad_B.resize(ad.B.numel());
+    }
+
+    std::vector<float> cos, sin;
+    rope_tables(c, T, cos, sin);
+    rope_cos.upload(cos), rope_sin.upload(sin);
+    x_in.resize(static_cast<size_t>(c.n_layers + 1));
+    for (Floats& b : x_in) b.resize(T * D);
+    acts.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
+    for (BlockActs& b : acts) {
+      b.q.resize(T * QD), b.k.resize(T * KVD), b.v.resize(T * KVD);
+      b.x_mid.resize(T * D), b.gate.resize(T * F), b.up.resize(T * F);
+      for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(T * R);
+    }
+    const int64_t chunk = std::min(options.loss_chunk, T), widest = std::max({D, F, QD});
+    xn.resize(T * D), hidden.resize(T * F), att.resize(T * QD);
+    lse.resize(H * T), delta.resize(H * T);
+    xf.resize(T * D), logits.resize(chunk * V), losses.resize(chunk);
+    dx.resize(T * D), dxn.resize(T * D), datt.resize(T * QD);
+    dq.resize(T * QD), dk.resize(T * KVD), dv.resize(T * KVD);
+    dgate.resize(T * F), dup.resize(T * F);
+    lora_scratch.resize(T * (widest + R));
+    act_bf16.resize(std::max(T * widest, chunk * V));
+    d_next_ids.resize(T);
+    host_x.resize(static_cast<size_t>(T * D));
+    host_losses.resize(static_cast<size_t>(chunk));
+  }
+
+  BlockActs& acts_of(int64_t layer) {
+    return acts[options.grad_checkpoint ? 0 : static_cast<size_t>(layer)];
+  }
+  DeviceAdapter& dev_adapter(const LoraAdapter& a) {
+    return dev_adapters[static_cast<size_t>(&a - adapters.adapters.data())];
+  }
+
+  const uint16_t* weight_of(const DeviceLinear& l) {
+    if (!l.q) return l.dense.data();
+    cuda::dequantize_bf16(l.q->view, weight_bf16.data());
+    return weight_bf16.data();
+  }
+
+  // y[T, out] = x W^T (+ bias), or with beta = 1 added to y.
+  void base_forward(const DeviceLinear& l, const float* x, float* y, int64_t T) {
+    cuda::to_bf16(x, act_bf16.data(), T * l.in);
+    blas.gemm_bf16(false, true, T, l.out, l.in, 1.0f, act_bf16.data(), l.in, weight_of(l), l.in,
+                   0.0f, y, l.out);
+    if (l.bias.size() > 0) cuda::add_bias(y, l.bias.data(), T, l.out);
+  }
+
+  // dx[T, in] = dy W (beta 0) or dx += dy W (beta 1).
+  void base_backward(const DeviceLinear& l, const float* dy, float* dx_out, int64_t T, float beta) {
+    cuda::to_bf16(dy, act_bf16.data(), T * l.out);
+    blas.gemm_bf16(false, false, T, l.in, l.out, 1.0f, act_bf16.data(), l.out, weight_of(l), l.in,
+                   beta, dx_out, l.in);
+  }
+
+  // The adapter's input dropout(x) or dropout(P(x)) [T, C]: x itself when neither applies.
+  const float* adapter_input(const LoraAdapter& a, const float* x, int64_t T, float p,
+                             uint64_t seed) {
+    if (!a.pooled() && p == 0.0f) return x;
+    float* xin = lora_scratch.data();
+    if (a.pooled())
+      cuda::pool_groups_forward(xin, x, T, a.in, a.group_size, a.pool == AdapterPool::Average);
+    else
+      QL_CUDA(cudaMemcpy(xin, x, static_cast<size_t>(T * a.in) * sizeof(float),
+                         cudaMemcpyDeviceToDevice));
+    cuda::dropout_forward(xin, T, a.a_cols(), p, seed);
+    return xin;
+  }
+
+  void linear(int64_t li, Target t, const float* x, float* y, BlockActs& b, int64_t T, float p,
+              uint64_t seed, TrainStepStats& st) {
+    const DeviceLinear& l = layers[static_cast<size_t>(li)].linears[static_cast<size_t>(t)];
+    base_forward(l, x, y, T);
+    st.flops += matmul_flops(T, l.in, l.out);
+    const LoraAdapter* a = adapters.find(li, t);
+    if (a == nullptr) return;
+    const DeviceAdapter& d = dev_adapter(*a);
+    const int64_t C = a->a_cols(), O = a->out;
+    float* u = b.u[static_cast<int>(t)].data();
+    const float* xin = adapter_input(*a, x, T, p, adapter_seed(seed, li, t));
+    blas.sgemm(false, true, T, R, C, 1.0f, xin, C, d.A.data(), C, 0.0f, u, R);
+    blas.sgemm(false, true, T, O, R, adapters.config.scale(), u, R, d.B.data(), R, 1.0f, y, O);
+    st.flops += matmul_flops(T, C + O, R);
+  }
+
+  // As lora_backward on the CPU: gradients of B and A, then the input gradient.
+  void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx_out,
+                       bool accumulate, BlockActs& b, int64_t T, float p, uint64_t seed,
+                       TrainStepStats& st) {
+    const DeviceLinear& l = layers[static_cast<size_t>(li)].linears[static_cast<size_t>(t)];
+    base_backward(l, dy, dx_out, T, accumulate ? 1.0f : 0.0f);
+    st.flops += matmul_flops(T, l.in, l.out);
+    const LoraAdapter* a = adapters.find(li, t);
+    if (a == nullptr) return;
+    DeviceAdapter& d = dev_adapter(*a);
+    const int64_t C = a->a_cols(), O = a->out, I = a->in;
+    const float scale = adapters.config.scale();
+    const uint64_t aseed = adapter_seed(seed, li, t);
+    float* g = lora_scratch.data() + T * C;  // [T, r] = scale * dy B
+    blas.sgemm(false, false, T, R, O, scale, dy, O, d.B.data(), R, 0.0f, g, R);
+    blas.sgemm(true, false, O, R, T, scale, dy, O, b.u[static_cast<int>(t)].data(), R, 1.0f,
+               d.grad_B.data(), R);
+    const float* xin = adapter_input(*a, x, T, p, aseed);
+    blas.sgemm(true, false, R, C, T, 1.0f, g, R, xin, C, 1.0f, d.grad_A.data(), C);
+    st.flops += 2.0 * matmul_flops(T, C + O, R);
+    if (!a->pooled() && p == 0.0f) {
+      blas.sgemm(false, false, T, I, R, 1.0f, g, R, d.A.data(), C, 1.0f, dx_out, I);
+      return;
+    }
+    float* dxin = lora_scratch.data();
+    blas.sgemm(false, false, T, C, R, 1.0f, g, R, d.A.data(), C, 0.0f, dxin, C);
+    cuda::dropout_forward(dxin, T, C, p, aseed);  // the scaled mask is its own adjoint
+    if (a->pooled())
+      cuda::pool_groups_backward(dx_out, dxin, T, I, a->group_size,
+                                 a->pool == AdapterPool::Average);
+    else
+      cuda::add_into(dx_out, dxin, T * I);
+  }
+
+  void attention(const BlockActs& b, int64_t T, TrainStepStats& st) {
+    cuda::attention_forward(att.data(), lse.data(), b.q.data(), b.k.data(), b.v.data(), T, H, KV,
+                            Hd);
+    st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+  }
+
+  void embed(std::span<const int32_t> tokens) override {
+    const auto T = static_cast<int64_t>(tokens.size());
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t id = tokens[static_cast<size_t>(t)];
+      model.tok_embeddings.decode_rows(id, id + 1, host_x.data() + t * D);
+    }
+    QL_CUDA(cudaMemcpy(x_in[0].data(), host_x.data(), static_cast<size_t>(T * D) * sizeof(float),
+                       cudaMemcpyHostToDevice));
+    QL_CUDA(cudaMemcpy(d_next_ids.data(), next_ids.data(), static_cast<size_t>(T) * sizeof(int32_t),
+                       cudaMemcpyHostToDevice));
+  }
+
+  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) override {
+    const DeviceLayer& L = layers[static_cast<size_t>(li)];
+    const float eps = model.config.norm_eps;
+    BlockActs& b = acts_of(li);
+    const float* x = x_in[static_cast<size_t>(li)].data();
+    float* x_out = x_in[static_cast<size_t>(li + 1)].data();
+    cuda::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
+    linear(li, Target::Q, xn.data(), b.q.data(), b, T, p, seed, st);
+    linear(li, Target::K, xn.data(), b.k.data(), b, T, p, seed, st);
+    linear(li, Target::V, xn.data(), b.v.data(), b, T, p, seed, st);
+    cuda::rope_forward(b.q.data(), T, H, Hd, rope_cos.data(), rope_sin.data());
+    cuda::rope_forward(b.k.data(), T, KV, Hd, rope_cos.data(), rope_sin.data());
+    attention(b, T, st);
+    linear(li, Target::O, att.data(), b.x_mid.data(), b, T, p, seed, st);
+    cuda::add_into(b.x_mid.data(), x, T * D);
+    cuda::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
+    linear(li, Target::Gate, xn.data(), b.gate.data(), b, T, p, seed, st);
+    linear(li, Target::Up, xn.data(), b.up.data(), b, T, p, seed, st);
+    cuda::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
+    linear(li, Target::Down, hidden.data(), x_out, b, T, p, seed, st);
+    cuda::add_into(x_out, b.x_mid.data(), T * D);
+  }
+
+  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
+                      TrainStepStats& st) override {
+    const DeviceLayer& L = layers[static_cast<size_t>(li)];
+    const float eps = model.config.norm_eps;
+    BlockActs& b = acts_of(li);
+    cuda::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
+    linear_backward(li, Target::Down, dx.data(), hidden.data(), dgate.data(), false, b, T, p, seed,
+                    st);
+    cuda::swiglu_backward(dgate.data(), dup.data(), dgate.data(), b.gate.data(), b.up.data(),
+                          T * F);
+    cuda::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
+    linear_backward(li, Target::Gate, dgate.data(), xn.data(), dxn.data(), false, b, T, p, seed,
+                    st);
+    linear_backward(li, Target::Up, dup.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
+    cuda::rmsnorm_backward(dx.data(), dxn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
+
+    if (!fresh) attention(b, T, st);
+    linear_backward(li, Target::O, dx.data(), att.data(), datt.data(), false, b, T, p, seed, st);
+    cuda::attention_backward(dq.data(), dk.data(), dv.data(), delta.data(), datt.data(), att.data(),
+                             lse.data(), b.q.data(), b.k.data(), b.v.data(), T, H, KV, Hd);
+    st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+    cuda::rope_backward(dq.data(), T, H, Hd, rope_cos.data(), rope_sin.data());
+    cuda::rope_backward(dk.data(), T, KV, Hd, rope_cos.data(), rope_sin.data());
+    const float* x = x_in[static_cast<size_t>(li)].data();
+    cuda::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
+    linear_backward(li, Target::Q, dq.data(), xn.data(), dxn.data(), false, b, T, p, seed, st);
+    linear_backward(li, Target::K, dk.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
+    linear_backward(li, Target::V, dv.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
+    cuda::rmsnorm_backward(dx.data(), dxn.data(), x, L.attn_norm.data(), T, D, eps);
+  }
+
+  double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) override {
+    const float* x_last = x_in.back().data();
+    cuda::rmsnorm_forward(xf.data(), x_last, final_norm.data(), T, D, model.config.norm_eps);
+    if (backward) QL_CUDA(cudaMemset(dxn.data(), 0, static_cast<size_t>(T * D) * sizeof(float)));
+    double loss = 0;
+    const int64_t chunk = losses.size();
+    for (int64_t c0 = 0; c0 < T; c0 += chunk) {
+      const int64_t n = std::min(chunk, T - c0);
+      const int32_t* ids = next_ids.data() + c0;
+      if (std::all_of(ids, ids + n, [](int32_t id) { return id < 0; })) continue;
+      base_forward(*head, xf.data() + c0 * D, logits.data(), n);
+      cuda::cross_entropy(logits.data(), losses.data(), d_next_ids.data() + c0, n, V, grad_scale);
+      losses.download({host_losses.data(), static_cast<size_t>(n)});
+      for (int64_t i = 0; i < n; ++i) loss += host_losses[static_cast<size_t>(i)];
+      st.flops += matmul_flops(n, D, V);
+      if (!backward) continue;
+      base_backward(*head, logits.data(), dxn.data() + c0 * D, n, 0.0f);
+      st.flops += matmul_flops(n, D, V);
+    }
+    if (backward) {
+      QL_CUDA(cudaMemset(dx.data(), 0, static_cast<size_t>(T * D) * sizeof(float)));
+      cuda::rmsnorm_backward(dx.data(), dxn.data(), x_last, final_norm.data(), T, D,
+                             model.config.norm_eps);
+    }
+    return loss;
+  }
+
+  void begin(bool gradients) override {
+    for (const LoraAdapter& a : adapters.adapters) {
+      DeviceAdapter& d = dev_adapter(a);
+      d.A.upload(a.A.span());
+      d.B.upload(a.B.span());
+      if (gradients) d.grad_A.zero(), d.grad_B.zero();
+    }
+  }
+
+  void layer_done(int64_t li) override {
+    for (LoraAdapter& a : adapters.adapters) {
+      if (a.layer != li) continue;
+      const DeviceAdapter& d = dev_adapter(a);
+      add_download(d.grad_A, a.grad_A);
+      add_download(d.grad_B, a.grad_B);
+    }
+  }
+
+  void add_download(const Floats& device, std::vector<float>& host) {
+    host_grad.resize(host.size());
+    device.download(host_grad);
+    for (size_t i = 0; i < host.size(); ++i) host[i] += host_grad[i];
+  }
+
+  void sync() override { QL_CUDA(cudaDeviceSynchronize()); }
+
+  int64_t activation_bytes() const override {
+    int64_t bytes = 0;
+    for (const Floats* b : {&xn, &hidden, &att, &lse, &delta, &xf, &logits, &losses, &dx, &dxn,
+                            &datt, &dq, &dk, &dv, &dgate, &dup, &lora_scratch})
+      bytes += b->bytes();
+    for (const Floats& b : x_in) bytes += b.bytes();
+    for (const BlockActs& b : acts) {
+      for (const Floats* f : {&b.q, &b.k, &b.v, &b.x_mid, &b.gate, &b.up}) bytes += f->bytes();
+      for (const Floats& u : b.u) bytes += u.bytes();
+    }
+    return bytes + act_bf16.bytes() + weight_bf16.bytes() + d_next_ids.bytes();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<TrainSession::Impl> make_cuda_train_step(const Model& model, AdapterSet& adapters,
+                                                         int64_t max_tokens,
+                                                         TrainStepOptions options) {
+  return std::make_unique<CudaTrainStep>(model, adapters, max_tokens, options);
+}
+
+}  // namespace qalora
