@@ -47,8 +47,8 @@ struct DeviceAdapter {
   Floats A, B, grad_A, grad_B;
 };
 
-// What one block's backward needs from its forward (as the CPU step's BlockActs).
-struct BlockActs {
+// A block's saved activations (TrainSession::Impl::BlockActs) in GPU memory.
+struct BlockStore {
   Floats q, k, v, x_mid, gate, up;
   std::array<Floats, kNumTargets> u;
 };
@@ -60,10 +60,11 @@ struct CudaTrainStep final : TrainSession::Impl {
   std::unique_ptr<DeviceLinear> head;
   std::vector<DeviceAdapter> dev_adapters;  // parallel to adapters.adapters
   Floats rope_cos, rope_sin;
-  std::vector<Floats> x_in;  // [n_layers + 1][T, D]
-  std::vector<BlockActs> acts;
-  Floats xn, hidden, att, lse, delta, xf, logits, losses;
-  Floats dx, dxn, datt, dq, dk, dv, dgate, dup, lora_scratch;
+  std::vector<Floats> x_store;  // [n_layers + 1][T, D]
+  std::vector<BlockStore> store;
+  // The base's shared buffers; lse and delta [H, T] for the attention's backward.
+  Floats xn_b, hidden_b, att_b, lse, delta, xf, logits, losses;
+  Floats dx_b, dxn_b, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b, lora_scratch;
   cuda::DeviceBuffer<uint16_t> act_bf16, weight_bf16;
   cuda::DeviceBuffer<int32_t> d_next_ids;
   std::vector<float> host_x, host_losses, host_grad;
@@ -98,30 +99,38 @@ struct CudaTrainStep final : TrainSession::Impl {
     std::vector<float> cos, sin;
     rope_tables(c, T, cos, sin);
     rope_cos.upload(cos), rope_sin.upload(sin);
-    x_in.resize(static_cast<size_t>(c.n_layers + 1));
-    for (Floats& b : x_in) b.resize(T * D);
-    acts.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
-    for (BlockActs& b : acts) {
+    x_store.resize(static_cast<size_t>(c.n_layers + 1));
+    for (Floats& b : x_store) b.resize(T * D), x_in.push_back(b.data());
+    store.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
+    for (BlockStore& b : store) {
       b.q.resize(T * QD), b.k.resize(T * KVD), b.v.resize(T * KVD);
       b.x_mid.resize(T * D), b.gate.resize(T * F), b.up.resize(T * F);
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(T * R);
     }
     const int64_t chunk = std::min(options.loss_chunk, T), widest = std::max({D, F, QD});
-    xn.resize(T * D), hidden.resize(T * F), att.resize(T * QD);
+    xn_b.resize(T * D), hidden_b.resize(T * F), att_b.resize(T * QD);
     lse.resize(H * T), delta.resize(H * T);
     xf.resize(T * D), logits.resize(chunk * V), losses.resize(chunk);
-    dx.resize(T * D), dxn.resize(T * D), datt.resize(T * QD);
-    dq.resize(T * QD), dk.resize(T * KVD), dv.resize(T * KVD);
-    dgate.resize(T * F), dup.resize(T * F);
+    dx_b.resize(T * D), dxn_b.resize(T * D), datt_b.resize(T * QD);
+    dq_b.resize(T * QD), dk_b.resize(T * KVD), dv_b.resize(T * KVD);
+    dgate_b.resize(T * F), dup_b.resize(T * F);
     lora_scratch.resize(T * (widest + R));
+    xn = xn_b.data(), hidden = hidden_b.data(), att = att_b.data();
+    dx = dx_b.data(), dxn = dxn_b.data(), datt = datt_b.data();
+    dq = dq_b.data(), dk = dk_b.data(), dv = dv_b.data(), dgate = dgate_b.data(),
+    dup = dup_b.data();
     act_bf16.resize(std::max(T * widest, chunk * V));
     d_next_ids.resize(T);
     host_x.resize(static_cast<size_t>(T * D));
     host_losses.resize(static_cast<size_t>(chunk));
   }
 
-  BlockActs& acts_of(int64_t layer) {
-    return acts[options.grad_checkpoint ? 0 : static_cast<size_t>(layer)];
+  BlockActs acts_of(int64_t li) override {
+    BlockStore& b = store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)];
+    BlockActs acts{b.q.data(),    b.k.data(),  b.v.data(), b.x_mid.data(),
+                   b.gate.data(), b.up.data(), {}};
+    for (size_t t = 0; t < b.u.size(); ++t) acts.u[t] = b.u[t].data();
+    return acts;
   }
   DeviceAdapter& dev_adapter(const LoraAdapter& a) {
     return dev_adapters[static_cast<size_t>(&a - adapters.adapters.data())];
@@ -162,8 +171,8 @@ struct CudaTrainStep final : TrainSession::Impl {
     return xin;
   }
 
-  void linear(int64_t li, Target t, const float* x, float* y, BlockActs& b, int64_t T, float p,
-              uint64_t seed, TrainStepStats& st) {
+  void linear(int64_t li, Target t, const float* x, float* y, const BlockActs& b, int64_t T,
+              float p, uint64_t seed, TrainStepStats& st) override {
     const DeviceLinear& l = layers[static_cast<size_t>(li)].linears[static_cast<size_t>(t)];
     base_forward(l, x, y, T);
     st.flops += matmul_flops(T, l.in, l.out);
@@ -171,7 +180,7 @@ struct CudaTrainStep final : TrainSession::Impl {
     if (a == nullptr) return;
     const DeviceAdapter& d = dev_adapter(*a);
     const int64_t C = a->a_cols(), O = a->out;
-    float* u = b.u[static_cast<int>(t)].data();
+    float* u = b.u[static_cast<size_t>(t)];
     const float* xin = adapter_input(*a, x, T, p, adapter_seed(seed, li, t));
     blas.sgemm(false, true, T, R, C, 1.0f, xin, C, d.A.data(), C, 0.0f, u, R);
     blas.sgemm(false, true, T, O, R, adapters.config.scale(), u, R, d.B.data(), R, 1.0f, y, O);
@@ -180,8 +189,8 @@ struct CudaTrainStep final : TrainSession::Impl {
 
   // As lora_backward on the CPU: gradients of B and A, then the input gradient.
   void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx_out,
-                       bool accumulate, BlockActs& b, int64_t T, float p, uint64_t seed,
-                       TrainStepStats& st) {
+                       bool accumulate, const BlockActs& b, int64_t T, float p, uint64_t seed,
+                       TrainStepStats& st) override {
     const DeviceLinear& l = layers[static_cast<size_t>(li)].linears[static_cast<size_t>(t)];
     base_backward(l, dy, dx_out, T, accumulate ? 1.0f : 0.0f);
     st.flops += matmul_flops(T, l.in, l.out);
@@ -193,7 +202,7 @@ struct CudaTrainStep final : TrainSession::Impl {
     const uint64_t aseed = adapter_seed(seed, li, t);
     float* g = lora_scratch.data() + T * C;  // [T, r] = scale * dy B
     blas.sgemm(false, false, T, R, O, scale, dy, O, d.B.data(), R, 0.0f, g, R);
-    blas.sgemm(true, false, O, R, T, scale, dy, O, b.u[static_cast<int>(t)].data(), R, 1.0f,
+    blas.sgemm(true, false, O, R, T, scale, dy, O, b.u[static_cast<size_t>(t)], R, 1.0f,
                d.grad_B.data(), R);
     const float* xin = adapter_input(*a, x, T, p, aseed);
     blas.sgemm(true, false, R, C, T, 1.0f, g, R, xin, C, 1.0f, d.grad_A.data(), C);
@@ -212,82 +221,53 @@ struct CudaTrainStep final : TrainSession::Impl {
       cuda::add_into(dx_out, dxin, T * I);
   }
 
-  void attention(const BlockActs& b, int64_t T, TrainStepStats& st) {
-    cuda::attention_forward(att.data(), lse.data(), b.q.data(), b.k.data(), b.v.data(), T, H, KV,
-                            Hd);
-    st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
-  }
-
   void embed(std::span<const int32_t> tokens) override {
     const auto T = static_cast<int64_t>(tokens.size());
     for (int64_t t = 0; t < T; ++t) {
       const int32_t id = tokens[static_cast<size_t>(t)];
       model.tok_embeddings.decode_rows(id, id + 1, host_x.data() + t * D);
     }
-    QL_CUDA(cudaMemcpy(x_in[0].data(), host_x.data(), static_cast<size_t>(T * D) * sizeof(float),
+    QL_CUDA(cudaMemcpy(x_in[0], host_x.data(), static_cast<size_t>(T * D) * sizeof(float),
                        cudaMemcpyHostToDevice));
     QL_CUDA(cudaMemcpy(d_next_ids.data(), next_ids.data(), static_cast<size_t>(T) * sizeof(int32_t),
                        cudaMemcpyHostToDevice));
   }
 
-  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) override {
+  const float* norm_weight(int64_t li, Norm n) const {
     const DeviceLayer& L = layers[static_cast<size_t>(li)];
-    const float eps = model.config.norm_eps;
-    BlockActs& b = acts_of(li);
-    const float* x = x_in[static_cast<size_t>(li)].data();
-    float* x_out = x_in[static_cast<size_t>(li + 1)].data();
-    cuda::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
-    linear(li, Target::Q, xn.data(), b.q.data(), b, T, p, seed, st);
-    linear(li, Target::K, xn.data(), b.k.data(), b, T, p, seed, st);
-    linear(li, Target::V, xn.data(), b.v.data(), b, T, p, seed, st);
-    cuda::rope_forward(b.q.data(), T, H, Hd, rope_cos.data(), rope_sin.data());
-    cuda::rope_forward(b.k.data(), T, KV, Hd, rope_cos.data(), rope_sin.data());
-    attention(b, T, st);
-    linear(li, Target::O, att.data(), b.x_mid.data(), b, T, p, seed, st);
-    cuda::add_into(b.x_mid.data(), x, T * D);
-    cuda::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-    linear(li, Target::Gate, xn.data(), b.gate.data(), b, T, p, seed, st);
-    linear(li, Target::Up, xn.data(), b.up.data(), b, T, p, seed, st);
-    cuda::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
-    linear(li, Target::Down, hidden.data(), x_out, b, T, p, seed, st);
-    cuda::add_into(x_out, b.x_mid.data(), T * D);
+    return (n == Norm::Attention ? L.attn_norm : L.ffn_norm).data();
   }
-
-  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
-                      TrainStepStats& st) override {
-    const DeviceLayer& L = layers[static_cast<size_t>(li)];
-    const float eps = model.config.norm_eps;
-    BlockActs& b = acts_of(li);
-    cuda::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
-    linear_backward(li, Target::Down, dx.data(), hidden.data(), dgate.data(), false, b, T, p, seed,
-                    st);
-    cuda::swiglu_backward(dgate.data(), dup.data(), dgate.data(), b.gate.data(), b.up.data(),
-                          T * F);
-    cuda::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-    linear_backward(li, Target::Gate, dgate.data(), xn.data(), dxn.data(), false, b, T, p, seed,
-                    st);
-    linear_backward(li, Target::Up, dup.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
-    cuda::rmsnorm_backward(dx.data(), dxn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-
-    if (!fresh) attention(b, T, st);
-    linear_backward(li, Target::O, dx.data(), att.data(), datt.data(), false, b, T, p, seed, st);
-    cuda::attention_backward(dq.data(), dk.data(), dv.data(), delta.data(), datt.data(), att.data(),
-                             lse.data(), b.q.data(), b.k.data(), b.v.data(), T, H, KV, Hd);
-    st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
-    cuda::rope_backward(dq.data(), T, H, Hd, rope_cos.data(), rope_sin.data());
-    cuda::rope_backward(dk.data(), T, KV, Hd, rope_cos.data(), rope_sin.data());
-    const float* x = x_in[static_cast<size_t>(li)].data();
-    cuda::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
-    linear_backward(li, Target::Q, dq.data(), xn.data(), dxn.data(), false, b, T, p, seed, st);
-    linear_backward(li, Target::K, dk.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
-    linear_backward(li, Target::V, dv.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
-    cuda::rmsnorm_backward(dx.data(), dxn.data(), x, L.attn_norm.data(), T, D, eps);
+  void norm_forward(float* out, const float* x, int64_t li, Norm n, int64_t T) override {
+    cuda::rmsnorm_forward(out, x, norm_weight(li, n), T, D, model.config.norm_eps);
+  }
+  void norm_backward(float* dx_out, const float* dout, const float* x, int64_t li, Norm n,
+                     int64_t T) override {
+    cuda::rmsnorm_backward(dx_out, dout, x, norm_weight(li, n), T, D, model.config.norm_eps);
+  }
+  void rope(float* x, int64_t heads, int64_t T, bool backward) override {
+    (backward ? cuda::rope_backward : cuda::rope_forward)(x, T, heads, Hd, rope_cos.data(),
+                                                          rope_sin.data());
+  }
+  void attention_forward(const BlockActs& b, int64_t T, TrainStepStats&) override {
+    cuda::attention_forward(att, lse.data(), b.q, b.k, b.v, T, H, KV, Hd);
+  }
+  void attention_backward(const BlockActs& b, int64_t T, TrainStepStats&) override {
+    cuda::attention_backward(dq, dk, dv, delta.data(), datt, att, lse.data(), b.q, b.k, b.v, T, H,
+                             KV, Hd);
+  }
+  void add(float* y, const float* x, int64_t n) override { cuda::add_into(y, x, n); }
+  void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) override {
+    cuda::swiglu_forward(out, gate, up, n);
+  }
+  void swiglu_backward(float* dg, float* du, const float* dout, const float* gate, const float* up,
+                       int64_t n) override {
+    cuda::swiglu_backward(dg, du, dout, gate, up, n);
   }
 
   double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) override {
-    const float* x_last = x_in.back().data();
+    const float* x_last = x_in.back();
     cuda::rmsnorm_forward(xf.data(), x_last, final_norm.data(), T, D, model.config.norm_eps);
-    if (backward) QL_CUDA(cudaMemset(dxn.data(), 0, static_cast<size_t>(T * D) * sizeof(float)));
+    if (backward) QL_CUDA(cudaMemset(dxn, 0, static_cast<size_t>(T * D) * sizeof(float)));
     double loss = 0;
     const int64_t chunk = losses.size();
     for (int64_t c0 = 0; c0 < T; c0 += chunk) {
@@ -300,13 +280,12 @@ struct CudaTrainStep final : TrainSession::Impl {
       for (int64_t i = 0; i < n; ++i) loss += host_losses[static_cast<size_t>(i)];
       st.flops += matmul_flops(n, D, V);
       if (!backward) continue;
-      base_backward(*head, logits.data(), dxn.data() + c0 * D, n, 0.0f);
+      base_backward(*head, logits.data(), dxn + c0 * D, n, 0.0f);
       st.flops += matmul_flops(n, D, V);
     }
     if (backward) {
-      QL_CUDA(cudaMemset(dx.data(), 0, static_cast<size_t>(T * D) * sizeof(float)));
-      cuda::rmsnorm_backward(dx.data(), dxn.data(), x_last, final_norm.data(), T, D,
-                             model.config.norm_eps);
+      QL_CUDA(cudaMemset(dx, 0, static_cast<size_t>(T * D) * sizeof(float)));
+      cuda::rmsnorm_backward(dx, dxn, x_last, final_norm.data(), T, D, model.config.norm_eps);
     }
     return loss;
   }
@@ -339,11 +318,11 @@ struct CudaTrainStep final : TrainSession::Impl {
 
   int64_t activation_bytes() const override {
     int64_t bytes = 0;
-    for (const Floats* b : {&xn, &hidden, &att, &lse, &delta, &xf, &logits, &losses, &dx, &dxn,
-                            &datt, &dq, &dk, &dv, &dgate, &dup, &lora_scratch})
+    for (const Floats* b : {&xn_b, &hidden_b, &att_b, &lse, &delta, &xf, &logits, &losses, &dx_b,
+                            &dxn_b, &datt_b, &dq_b, &dk_b, &dv_b, &dgate_b, &dup_b, &lora_scratch})
       bytes += b->bytes();
-    for (const Floats& b : x_in) bytes += b.bytes();
-    for (const BlockActs& b : acts) {
+    for (const Floats& b : x_store) bytes += b.bytes();
+    for (const BlockStore& b : store) {
       for (const Floats* f : {&b.q, &b.k, &b.v, &b.x_mid, &b.gate, &b.up}) bytes += f->bytes();
       for (const Floats& u : b.u) bytes += u.bytes();
     }

@@ -3,6 +3,7 @@
 // lives here, so that a step means the same on either device.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -17,19 +18,65 @@ struct TrainSession::Impl {
   Impl(const Model& m, AdapterSet& a, int64_t max_tokens, TrainStepOptions o);
   virtual ~Impl() = default;
 
-  // The pieces of a step, which TrainSession runs in order (the schedule, checkpointing
-  // included, is the same on every device). The activations of the last forward stay in the
-  // backend's buffers.
-  virtual void embed(std::span<const int32_t> tokens) = 0;  // -> the first block's input
+  // A block's saved activations, in the backend's memory (one set per layer, or one shared
+  // with grad_checkpoint). Norm outputs, SwiGLU's output and attention are recomputed in the
+  // backward instead (a few percent of the work): kept for every layer they would be most of
+  // the activation memory.
+  struct BlockActs {
+    float *q, *k, *v;                   // [T, QD], [T, KVD] x2, q and k after RoPE
+    float* x_mid;                       // [T, D] residual stream after attention
+    float *gate, *up;                   // [T, F] before the activation
+    std::array<float*, kNumTargets> u;  // [T, r] per adapted target (null otherwise)
+  };
+  // Buffers shared by all layers, in the backend's memory, set by its constructor: the block
+  // inputs x_in[0..n_layers] (the last is the last block's output) [T, D]; a norm's output xn
+  // [T, D]; silu(gate) * up [T, F]; the attention's output att [T, QD]; the gradients dx (of
+  // the block output, then input) and dxn [T, D], datt, dq [T, QD], dk, dv [T, KVD], and
+  // dgate, dup [T, F] (dgate first holds the gradient of down's input).
+  std::vector<float*> x_in;
+  float *xn = nullptr, *hidden = nullptr, *att = nullptr;
+  float *dx = nullptr, *dxn = nullptr, *datt = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
+        *dgate = nullptr, *dup = nullptr;
+
   // Block li's input -> its output, saving what its backward needs; p = dropout probability.
-  virtual void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) = 0;
+  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st);
+  // dx: the gradient of block li's output on entry, of its input on return; adds the adapters'
+  // gradients. `fresh`: block_forward(li) has just run (recomputation), so `att` and what the
+  // attention's backward needs are still current.
+  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
+                      TrainStepStats& st);
+
+  // ---- What a backend implements, in its own memory.
+  virtual void embed(std::span<const int32_t> tokens) = 0;  // -> x_in[0]
   // Final norm, head and chunked cross-entropy over next_ids; with `backward`, leaves the
-  // gradient of the last block's output for block_backward. Returns the loss sum.
+  // gradient of the last block's output in dx. Returns the loss sum.
   virtual double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) = 0;
-  // Block li's output gradient -> its input gradient, adding the adapters' gradients. `fresh`:
-  // block_forward(li) has just run (recomputation), so its attention output is still current.
-  virtual void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
-                              TrainStepStats& st) = 0;
+  virtual BlockActs acts_of(int64_t li) = 0;
+  enum class Norm { Attention, Ffn };
+  // out[T, D] = the layer's norm of x; dx[T, D] += its input gradient given dout.
+  virtual void norm_forward(float* out, const float* x, int64_t li, Norm n, int64_t T) = 0;
+  virtual void norm_backward(float* dx, const float* dout, const float* x, int64_t li, Norm n,
+                             int64_t T) = 0;
+  // y[T, out] = x W^T (+ bias) + the target's adapter, saving the adapter's u in b.
+  virtual void linear(int64_t li, Target t, const float* x, float* y, const BlockActs& b, int64_t T,
+                      float p, uint64_t seed, TrainStepStats& st) = 0;
+  // dx[T, in] (= or, with `accumulate`, +=) the input gradient of `linear` given dy, with the
+  // adapter's gradients added to its sums.
+  virtual void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx,
+                               bool accumulate, const BlockActs& b, int64_t T, float p,
+                               uint64_t seed, TrainStepStats& st) = 0;
+  // In place on x [T, heads, Hd]: RoPE at positions 0..T-1, or its adjoint.
+  virtual void rope(float* x, int64_t heads, int64_t T, bool backward) = 0;
+  // att from b's q, k, v (and whatever the backward needs); then dq, dk, dv from datt.
+  virtual void attention_forward(const BlockActs& b, int64_t T, TrainStepStats& st) = 0;
+  virtual void attention_backward(const BlockActs& b, int64_t T, TrainStepStats& st) = 0;
+  virtual void add(float* y, const float* x, int64_t n) = 0;  // y += x
+  virtual void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) = 0;
+  // dgate may alias dout.
+  virtual void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                               const float* up, int64_t n) = 0;
+  // After block li's forward or backward (the CPU drops the layer's mapped pages there).
+  virtual void block_done(int64_t li, int64_t T) { (void)li, (void)T; }
   // Before a forward: a device backend brings the adapters' current parameters over (and,
   // with `gradients`, clears its gradient sums).
   virtual void begin(bool gradients) { (void)gradients; }

@@ -32,15 +32,10 @@ void add_into(float* y, const float* x, int64_t n) {
 
 using Buf = std::vector<float>;
 
-// What one block's backward needs from its forward. The norms' outputs, the MLP activation,
-// the attention probabilities and output are recomputed in the backward instead (a few percent
-// of the step's work): kept for every layer they would be most of the activation memory.
-struct BlockActs {
-  Buf q;               // [T, H * Hd] after RoPE
-  Buf k, v;            // [T, KV * Hd] (k after RoPE)
-  Buf x_mid;           // [T, D] residual stream after attention
-  Buf gate, up;        // [T, F] before the activation
-  Buf u[kNumTargets];  // [T, r] per adapted target
+// A block's saved activations (TrainSession::Impl::BlockActs) in host memory.
+struct BlockStore {
+  Buf q, k, v, x_mid, gate, up;
+  Buf u[kNumTargets];
 };
 
 }  // namespace
@@ -84,72 +79,143 @@ int64_t TrainSession::Impl::set_next_ids(std::span<const int32_t> tokens,
   return n;
 }
 
+void TrainSession::Impl::block_forward(int64_t li, int64_t T, float p, uint64_t seed,
+                                       TrainStepStats& st) {
+  const BlockActs b = acts_of(li);
+  const float* x = x_in[static_cast<size_t>(li)];
+  float* x_out = x_in[static_cast<size_t>(li + 1)];
+  norm_forward(xn, x, li, Norm::Attention, T);
+  linear(li, Target::Q, xn, b.q, b, T, p, seed, st);
+  linear(li, Target::K, xn, b.k, b, T, p, seed, st);
+  linear(li, Target::V, xn, b.v, b, T, p, seed, st);
+  rope(b.q, H, T, false);
+  rope(b.k, KV, T, false);
+  attention_forward(b, T, st);
+  st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+  linear(li, Target::O, att, b.x_mid, b, T, p, seed, st);
+  add(b.x_mid, x, T * D);
+  norm_forward(xn, b.x_mid, li, Norm::Ffn, T);
+  linear(li, Target::Gate, xn, b.gate, b, T, p, seed, st);
+  linear(li, Target::Up, xn, b.up, b, T, p, seed, st);
+  swiglu_forward(hidden, b.gate, b.up, T * F);
+  linear(li, Target::Down, hidden, x_out, b, T, p, seed, st);
+  add(x_out, b.x_mid, T * D);
+  block_done(li, T);
+}
+
+void TrainSession::Impl::block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
+                                        TrainStepStats& st) {
+  const BlockActs b = acts_of(li);
+  swiglu_forward(hidden, b.gate, b.up, T * F);
+  linear_backward(li, Target::Down, dx, hidden, dgate, false, b, T, p, seed, st);
+  swiglu_backward(dgate, dup, dgate, b.gate, b.up, T * F);
+  norm_forward(xn, b.x_mid, li, Norm::Ffn, T);
+  linear_backward(li, Target::Gate, dgate, xn, dxn, false, b, T, p, seed, st);
+  linear_backward(li, Target::Up, dup, xn, dxn, true, b, T, p, seed, st);
+  norm_backward(dx, dxn, b.x_mid, li, Norm::Ffn, T);
+
+  if (!fresh) {
+    attention_forward(b, T, st);
+    st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+  }
+  linear_backward(li, Target::O, dx, att, datt, false, b, T, p, seed, st);
+  attention_backward(b, T, st);
+  st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+  rope(dq, H, T, true);
+  rope(dk, KV, T, true);
+  const float* x = x_in[static_cast<size_t>(li)];
+  norm_forward(xn, x, li, Norm::Attention, T);
+  linear_backward(li, Target::Q, dq, xn, dxn, false, b, T, p, seed, st);
+  linear_backward(li, Target::K, dk, xn, dxn, true, b, T, p, seed, st);
+  linear_backward(li, Target::V, dv, xn, dxn, true, b, T, p, seed, st);
+  norm_backward(dx, dxn, x, li, Norm::Attention, T);
+  block_done(li, T);
+}
+
 namespace {
 
 struct CpuTrainStep final : TrainSession::Impl {
   std::vector<float> rope_cos, rope_sin;
-  std::vector<Buf> x_in;        // [n_layers + 1][T, D]: block inputs, then the last block's output
-  std::vector<BlockActs> acts;  // one per layer, or one shared with grad_checkpoint
-  // Shared by all layers, valid for the block being run: a norm's output [T, D] (input of
-  // q/k/v or gate/up), silu(gate) * up [T, F] (input of down), the attention's softmax
-  // probabilities [H, T, T] and output [T, H * Hd] (input of o).
-  Buf xn, hidden, probs, att;
+  std::vector<Buf> x_store;       // [n_layers + 1][T, D]
+  std::vector<BlockStore> store;  // one per layer, or one shared with grad_checkpoint
+  // The shared buffers of the base; probs [H, T, T] holds the softmax probabilities for the
+  // attention's backward.
+  Buf xn_b, hidden_b, probs, att_b;
   Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
-  // dgate first holds the gradient of down's input, then in place that of gate.
-  Buf dx, dxn, dtmp, datt, dq, dk, dv, dgate, dup;
+  Buf dx_b, dxn_b, dtmp, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
   Buf lora_scratch, attn_scratch;
 
   CpuTrainStep(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o) : Impl(m, a, T, o) {
     const ModelConfig& c = m.config;
     rope_tables(c, T, rope_cos, rope_sin);
     const auto n = [&](int64_t k) { return static_cast<size_t>(T * k); };
-    x_in.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
-    acts.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
-    for (BlockActs& b : acts) {
+    x_store.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
+    for (Buf& b : x_store) x_in.push_back(b.data());
+    store.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
+    for (BlockStore& b : store) {
       b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
       b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(n(R));
     }
-    xn.resize(n(D)), hidden.resize(n(F)), probs.resize(static_cast<size_t>(H * T * T));
-    att.resize(n(QD));
+    xn_b.resize(n(D)), hidden_b.resize(n(F)), probs.resize(static_cast<size_t>(H * T * T));
+    att_b.resize(n(QD));
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk));
     const int64_t widest = std::max({D, F, QD});
-    dx.resize(n(D)), dxn.resize(n(D)), dtmp.resize(n(widest)), datt.resize(n(QD));
-    dq.resize(n(QD)), dk.resize(n(KVD)), dv.resize(n(KVD));
-    dgate.resize(n(F)), dup.resize(n(F));
+    dx_b.resize(n(D)), dxn_b.resize(n(D)), dtmp.resize(n(widest)), datt_b.resize(n(QD));
+    dq_b.resize(n(QD)), dk_b.resize(n(KVD)), dv_b.resize(n(KVD));
+    dgate_b.resize(n(F)), dup_b.resize(n(F));
     lora_scratch.resize(n(widest + R));
     attn_scratch.resize(static_cast<size_t>(ops::attention_backward_scratch(T, H)));
+    xn = xn_b.data(), hidden = hidden_b.data(), att = att_b.data();
+    dx = dx_b.data(), dxn = dxn_b.data(), datt = datt_b.data();
+    dq = dq_b.data(), dk = dk_b.data(), dv = dv_b.data(), dgate = dgate_b.data(),
+    dup = dup_b.data();
   }
 
-  BlockActs& acts_of(int64_t layer) {
-    return acts[options.grad_checkpoint ? 0 : static_cast<size_t>(layer)];
+  BlockActs acts_of(int64_t li) override {
+    BlockStore& b = store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)];
+    BlockActs acts{b.q.data(),    b.k.data(),  b.v.data(), b.x_mid.data(),
+                   b.gate.data(), b.up.data(), {}};
+    for (int t = 0; t < kNumTargets; ++t)
+      acts.u[static_cast<size_t>(t)] = b.u[t].empty() ? nullptr : b.u[t].data();
+    return acts;
   }
 
-  // y[T, out] = x W^T (+ bias) + the target's adapter, saving the adapter's u.
-  void linear(int64_t layer, Target t, const float* x, float* y, BlockActs& b, int64_t T, float p,
-              uint64_t seed, TrainStepStats& st) {
-    const Linear& l = target_linear(model.layers[static_cast<size_t>(layer)], t);
+  const float* norm_weight(int64_t li, Norm n) const {
+    const LayerWeights& L = model.layers[static_cast<size_t>(li)];
+    return (n == Norm::Attention ? L.attn_norm : L.ffn_norm).data();
+  }
+  void norm_forward(float* out, const float* x, int64_t li, Norm n, int64_t T) override {
+    ops::rmsnorm_forward(out, x, norm_weight(li, n), T, D, model.config.norm_eps);
+  }
+  void norm_backward(float* dx_out, const float* dout, const float* x, int64_t li, Norm n,
+                     int64_t T) override {
+    ops::rmsnorm_backward(dx_out, dout, x, norm_weight(li, n), T, D, model.config.norm_eps);
+  }
+
+  void linear(int64_t li, Target t, const float* x, float* y, const BlockActs& b, int64_t T,
+              float p, uint64_t seed, TrainStepStats& st) override {
+    const Linear& l = target_linear(model.layers[static_cast<size_t>(li)], t);
     // Exact activations: a short sequence would otherwise take the int8 decode GEMV.
     auto t0 = Clock::now();
     linear_forward(l.weight, l.qweight, l.bias, x, y, T, DecodeActivations::Exact);
     st.flops += matmul_flops(T, l.in_features(), l.out_features());
     st.base_seconds += seconds_since(t0);
-    if (const LoraAdapter* a = adapters.find(layer, t)) {
+    if (const LoraAdapter* a = adapters.find(li, t)) {
       t0 = Clock::now();
-      lora_forward(*a, adapters.config.scale(), x, T, p, adapter_seed(seed, layer, t), y,
-                   b.u[static_cast<int>(t)].data(), lora_scratch.data());
+      lora_forward(*a, adapters.config.scale(), x, T, p, adapter_seed(seed, li, t), y,
+                   b.u[static_cast<size_t>(t)], lora_scratch.data());
       st.flops += matmul_flops(T, a->a_cols() + a->out, R);
       st.adapter_seconds += seconds_since(t0);
     }
   }
 
-  // dx[T, in] (= or +=) the input gradient of `linear` given dy, adapter gradients added.
-  void linear_backward(int64_t layer, Target t, const float* dy, const float* x, float* dx_out,
-                       bool accumulate, BlockActs& b, int64_t T, float p, uint64_t seed,
-                       TrainStepStats& st) {
-    const Linear& l = target_linear(model.layers[static_cast<size_t>(layer)], t);
+  void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx_out,
+                       bool accumulate, const BlockActs& b, int64_t T, float p, uint64_t seed,
+                       TrainStepStats& st) override {
+    const Linear& l = target_linear(model.layers[static_cast<size_t>(li)], t);
     auto t0 = Clock::now();
     if (accumulate) {
       linear_backward_input(l, dy, dtmp.data(), T);
@@ -159,88 +225,48 @@ struct CpuTrainStep final : TrainSession::Impl {
     }
     st.flops += matmul_flops(T, l.in_features(), l.out_features());
     st.base_seconds += seconds_since(t0);
-    if (LoraAdapter* a = adapters.find(layer, t)) {
+    if (LoraAdapter* a = adapters.find(li, t)) {
       t0 = Clock::now();
-      lora_backward(*a, adapters.config.scale(), dy, x, b.u[static_cast<int>(t)].data(), T, p,
-                    adapter_seed(seed, layer, t), dx_out, lora_scratch.data());
+      lora_backward(*a, adapters.config.scale(), dy, x, b.u[static_cast<size_t>(t)], T, p,
+                    adapter_seed(seed, li, t), dx_out, lora_scratch.data());
       st.flops += 2.0 * matmul_flops(T, a->a_cols() + a->out, R);
       st.adapter_seconds += seconds_since(t0);
     }
   }
 
-  // x_in[layer] -> x_in[layer + 1], saving the block's activations.
-  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st) override {
-    const LayerWeights& L = model.layers[static_cast<size_t>(li)];
-    const float eps = model.config.norm_eps;
-    BlockActs& b = acts_of(li);
-    const float* x = x_in[static_cast<size_t>(li)].data();
-    float* x_out = x_in[static_cast<size_t>(li + 1)].data();
-    ops::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
-    linear(li, Target::Q, xn.data(), b.q.data(), b, T, p, seed, st);
-    linear(li, Target::K, xn.data(), b.k.data(), b, T, p, seed, st);
-    linear(li, Target::V, xn.data(), b.v.data(), b, T, p, seed, st);
-    ops::rope_forward(b.q.data(), T, H, Hd, 0, rope_cos.data(), rope_sin.data());
-    ops::rope_forward(b.k.data(), T, KV, Hd, 0, rope_cos.data(), rope_sin.data());
-    attention(b, T, st);
-    linear(li, Target::O, att.data(), b.x_mid.data(), b, T, p, seed, st);
-    add_into(b.x_mid.data(), x, T * D);
-    ops::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-    linear(li, Target::Gate, xn.data(), b.gate.data(), b, T, p, seed, st);
-    linear(li, Target::Up, xn.data(), b.up.data(), b, T, p, seed, st);
-    ops::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
-    linear(li, Target::Down, hidden.data(), x_out, b, T, p, seed, st);
-    add_into(x_out, b.x_mid.data(), T * D);
-    if (streams_weights(T)) L.release_pages();
+  void rope(float* x, int64_t heads, int64_t T, bool backward) override {
+    (backward ? ops::rope_backward : ops::rope_forward)(x, T, heads, Hd, 0, rope_cos.data(),
+                                                        rope_sin.data());
   }
 
-  // `att` and `probs` from the block's q, k, v.
-  void attention(const BlockActs& b, int64_t T, TrainStepStats& st) {
+  void attention_forward(const BlockActs& b, int64_t T, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    ops::attention_train_forward(att.data(), probs.data(), b.q.data(), b.k.data(), b.v.data(), T, H,
-                                 KV, Hd);
-    st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
+    ops::attention_train_forward(att, probs.data(), b.q, b.k, b.v, T, H, KV, Hd);
     st.attention_seconds += seconds_since(t0);
   }
 
-  // dx: the gradient of the block's output on entry, of its input on return. `fresh`: the
-  // block's forward has just run (recomputation), so `att` and `probs` still hold its values.
-  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
-                      TrainStepStats& st) override {
-    const LayerWeights& L = model.layers[static_cast<size_t>(li)];
-    const float eps = model.config.norm_eps;
-    BlockActs& b = acts_of(li);
-    ops::swiglu_forward(hidden.data(), b.gate.data(), b.up.data(), T * F);
-    linear_backward(li, Target::Down, dx.data(), hidden.data(), dgate.data(), false, b, T, p, seed,
-                    st);
-    ops::swiglu_backward(dgate.data(), dup.data(), dgate.data(), b.gate.data(), b.up.data(), T * F);
-    ops::rmsnorm_forward(xn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-    linear_backward(li, Target::Gate, dgate.data(), xn.data(), dxn.data(), false, b, T, p, seed,
-                    st);
-    linear_backward(li, Target::Up, dup.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
-    ops::rmsnorm_backward(dx.data(), dxn.data(), b.x_mid.data(), L.ffn_norm.data(), T, D, eps);
-
-    if (!fresh) attention(b, T, st);
-    linear_backward(li, Target::O, dx.data(), att.data(), datt.data(), false, b, T, p, seed, st);
-    const auto t_att = Clock::now();
-    ops::attention_train_backward(dq.data(), dk.data(), dv.data(), datt.data(), probs.data(),
-                                  b.q.data(), b.k.data(), b.v.data(), T, H, KV, Hd,
+  void attention_backward(const BlockActs& b, int64_t T, TrainStepStats& st) override {
+    const auto t0 = Clock::now();
+    ops::attention_train_backward(dq, dk, dv, datt, probs.data(), b.q, b.k, b.v, T, H, KV, Hd,
                                   attn_scratch.data());
-    st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
-    st.attention_seconds += seconds_since(t_att);
-    ops::rope_backward(dq.data(), T, H, Hd, 0, rope_cos.data(), rope_sin.data());
-    ops::rope_backward(dk.data(), T, KV, Hd, 0, rope_cos.data(), rope_sin.data());
-    const float* x = x_in[static_cast<size_t>(li)].data();
-    ops::rmsnorm_forward(xn.data(), x, L.attn_norm.data(), T, D, eps);
-    linear_backward(li, Target::Q, dq.data(), xn.data(), dxn.data(), false, b, T, p, seed, st);
-    linear_backward(li, Target::K, dk.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
-    linear_backward(li, Target::V, dv.data(), xn.data(), dxn.data(), true, b, T, p, seed, st);
-    ops::rmsnorm_backward(dx.data(), dxn.data(), x, L.attn_norm.data(), T, D, eps);
-    if (streams_weights(T)) L.release_pages();
+    st.attention_seconds += seconds_since(t0);
+  }
+
+  void add(float* y, const float* x, int64_t n) override { add_into(y, x, n); }
+  void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) override {
+    ops::swiglu_forward(out, gate, up, n);
+  }
+  void swiglu_backward(float* dg, float* du, const float* dout, const float* gate, const float* up,
+                       int64_t n) override {
+    ops::swiglu_backward(dg, du, dout, gate, up, n);
+  }
+  void block_done(int64_t li, int64_t T) override {
+    if (streams_weights(T)) model.layers[static_cast<size_t>(li)].release_pages();
   }
 
   void embed(std::span<const int32_t> tokens) override {
     const auto T = static_cast<int64_t>(tokens.size());
-    float* x = x_in[0].data();
+    float* x = x_in[0];
     for (int64_t t = 0; t < T; ++t) {
       const int32_t id = tokens[static_cast<size_t>(t)];
       model.tok_embeddings.decode_rows(id, id + 1, x + t * D);
@@ -251,11 +277,11 @@ struct CpuTrainStep final : TrainSession::Impl {
   // gradient of the last block's output in dx.
   double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    const float* x_last = x_in.back().data();
+    const float* x_last = x_in.back();
     ops::rmsnorm_forward(xf.data(), x_last, model.final_norm.data(), T, D, model.config.norm_eps);
     const Tensor& head = model.head();
     const bool dense_head = !head.empty();
-    if (backward) std::fill(dxn.begin(), dxn.begin() + T * D, 0.0f);
+    if (backward) std::fill(dxn, dxn + T * D, 0.0f);
     double loss = 0;
     const int64_t chunk = static_cast<int64_t>(losses.size());
     for (int64_t c0 = 0; c0 < T; c0 += chunk) {
@@ -270,15 +296,14 @@ struct CpuTrainStep final : TrainSession::Impl {
       st.flops += matmul_flops(n, D, V);
       if (!backward) continue;
       if (dense_head)
-        ops::matmul_backward_input(dxn.data() + c0 * D, logits.data(), head, n);
+        ops::matmul_backward_input(dxn + c0 * D, logits.data(), head, n);
       else
-        qmatmul_backward_input(dxn.data() + c0 * D, logits.data(), model.head_q, n);
+        qmatmul_backward_input(dxn + c0 * D, logits.data(), model.head_q, n);
       st.flops += matmul_flops(n, D, V);
     }
     if (backward) {
-      std::fill(dx.begin(), dx.begin() + T * D, 0.0f);
-      ops::rmsnorm_backward(dx.data(), dxn.data(), x_last, model.final_norm.data(), T, D,
-                            model.config.norm_eps);
+      std::fill(dx, dx + T * D, 0.0f);
+      ops::rmsnorm_backward(dx, dxn, x_last, model.final_norm.data(), T, D, model.config.norm_eps);
     }
     if (streams_weights(T)) head.release_pages();
     st.head_seconds += seconds_since(t0);
@@ -286,12 +311,13 @@ struct CpuTrainStep final : TrainSession::Impl {
   }
 
   int64_t activation_bytes() const override {
-    size_t floats = xn.size() + hidden.size() + probs.size() + att.size() + xf.size() +
-                    logits.size() + losses.size() + dx.size() + dxn.size() + dtmp.size() +
-                    datt.size() + dq.size() + dk.size() + dv.size() + dgate.size() + dup.size() +
-                    lora_scratch.size() + attn_scratch.size();
-    for (const Buf& b : x_in) floats += b.size();
-    for (const BlockActs& b : acts) {
+    size_t floats = 0;
+    for (const Buf* b :
+         {&xn_b, &hidden_b, &probs, &att_b, &xf, &logits, &losses, &dx_b, &dxn_b, &dtmp, &datt_b,
+          &dq_b, &dk_b, &dv_b, &dgate_b, &dup_b, &lora_scratch, &attn_scratch})
+      floats += b->size();
+    for (const Buf& b : x_store) floats += b.size();
+    for (const BlockStore& b : store) {
       floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();
       for (const Buf& u : b.u) floats += u.size();
     }

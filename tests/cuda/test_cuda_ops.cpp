@@ -3,13 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <string>
 #include <vector>
 
 #include "cuda/device_weights.h"
 #include "cuda/kernels.h"
 #include "cuda_test_util.h"
 #include "qalora/adapters/lora.h"
+#include "qalora/core/error.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 #include "qalora/quant/qmatrix.h"
@@ -106,10 +106,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttention,
                          ::testing::Values(AttentionShape{1, 2, 1, 8}, AttentionShape{37, 6, 2, 40},
                                            AttentionShape{70, 4, 4, 64},
                                            AttentionShape{33, 8, 2, 130}),
-                         [](const auto& info) {
-                           const AttentionShape& a = info.param;
-                           return "T" + std::to_string(a.T) + "_H" + std::to_string(a.H) + "_KV" +
-                                  std::to_string(a.KV) + "_Hd" + std::to_string(a.Hd);
+                         [](const auto& param_info) {
+                           const AttentionShape& a = param_info.param;
+                           return cat("T", a.T, "_H", a.H, "_KV", a.KV, "_Hd", a.Hd);
                          });
 
 TEST(CudaOps, CrossEntropyWithIgnoredTokens) {
