@@ -399,5 +399,48 @@ TEST(CliTrain, GpuLossCurveFollowsTheCpuAndItsAdapterMergesLosslessly) {
   EXPECT_LT(std::stod(r.out.substr(at + 18)), 1e-4) << r.out;
 }
 
+// A GPU run resumes bit-exactly on the GPU, and a CPU checkpoint continues on the GPU (and back)
+// to the same held-out loss within bf16 noise. A finished run continues to more steps, so the
+// runs split at step 20 of 40 (constant rate, no warm-up: the schedule does not depend on the
+// length then).
+TEST(CliTrain, GpuRunsResumeBitExactlyAndAcrossDevices) {
+  if (cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device" << (cuda_backend_built() ? "" : " (a build without CUDA)");
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  QL_REQUIRE_DATA(kTinyStories);
+  const fs::path dir = test::temp_dir();
+  const auto args = [&](const fs::path& out, const char* device, const char* steps) {
+    return concat(concat({"train"}, stories_model()), {"--data",          data(kTinyStories),
+                                                       "--max-seq-len",   "64",
+                                                       "--rank",          "4",
+                                                       "--dropout",       "0.1",
+                                                       "--learning-rate", "1e-3",
+                                                       "--warmup-ratio",  "0",
+                                                       "--max-steps",     steps,
+                                                       "--grad-accum",    "2",
+                                                       "--eval-fraction", "0.01",
+                                                       "--device",        device,
+                                                       "--out",           out.string()});
+  };
+  const fs::path whole = dir / "whole";
+  auto r = run_cli(args(whole, "cuda", "40"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const double whole_loss = heldout_losses(r.out).second;
+  for (const char* first : {"cuda", "cpu"}) {
+    const fs::path parts = dir / (std::string("from_") + first);
+    r = run_cli(args(parts, first, "20"));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    r = run_cli(concat(args(parts, "cuda", "40"), {"--resume", parts.string()}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("resumed from"), std::string::npos) << r.out;
+    if (std::string(first) == "cuda")
+      EXPECT_EQ(read_file(whole / "qalora_adapter.safetensors"),
+                read_file(parts / "qalora_adapter.safetensors"))
+          << "a GPU run resumed on the GPU differs from the uninterrupted one";
+    else
+      EXPECT_NEAR(heldout_losses(r.out).second, whole_loss, 0.01 * whole_loss);
+  }
+}
+
 }  // namespace
 }  // namespace qalora
