@@ -51,6 +51,7 @@ struct DeviceAdapter {
 struct BlockStore {
   Floats q, k, v, x_mid, gate, up;
   std::array<Floats, kNumTargets> u;
+  Floats att, lse;  // the attention's output [T, QD] and log-sum-exp per row [H, T]
 };
 
 struct CudaTrainStep final : TrainSession::Impl {
@@ -62,8 +63,8 @@ struct CudaTrainStep final : TrainSession::Impl {
   Floats rope_cos, rope_sin;
   std::vector<Floats> x_store;  // [n_layers + 1][T, D]
   std::vector<BlockStore> store;
-  // The base's shared buffers; lse and delta [H, T] for the attention's backward.
-  Floats xn_b, hidden_b, att_b, lse, delta, xf, logits, losses;
+  // The base's shared buffers; delta [H, T] for the attention's backward.
+  Floats xn_b, hidden_b, delta, xf, logits, losses;
   Floats dx_b, dxn_b, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b, lora_scratch;
   cuda::DeviceBuffer<uint16_t> act_bf16, weight_bf16;
   cuda::DeviceBuffer<int32_t> d_next_ids;
@@ -106,16 +107,16 @@ struct CudaTrainStep final : TrainSession::Impl {
       b.q.resize(T * QD), b.k.resize(T * KVD), b.v.resize(T * KVD);
       b.x_mid.resize(T * D), b.gate.resize(T * F), b.up.resize(T * F);
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(T * R);
+      b.att.resize(T * QD), b.lse.resize(H * T);  // small: every block keeps its attention
     }
     const int64_t chunk = std::min(options.loss_chunk, T), widest = std::max({D, F, QD});
-    xn_b.resize(T * D), hidden_b.resize(T * F), att_b.resize(T * QD);
-    lse.resize(H * T), delta.resize(H * T);
+    xn_b.resize(T * D), hidden_b.resize(T * F), delta.resize(H * T);
     xf.resize(T * D), logits.resize(chunk * V), losses.resize(chunk);
     dx_b.resize(T * D), dxn_b.resize(T * D), datt_b.resize(T * QD);
     dq_b.resize(T * QD), dk_b.resize(T * KVD), dv_b.resize(T * KVD);
     dgate_b.resize(T * F), dup_b.resize(T * F);
     lora_scratch.resize(T * (widest + R));
-    xn = xn_b.data(), hidden = hidden_b.data(), att = att_b.data();
+    xn = xn_b.data(), hidden = hidden_b.data();
     dx = dx_b.data(), dxn = dxn_b.data(), datt = datt_b.data();
     dq = dq_b.data(), dk = dk_b.data(), dv = dv_b.data(), dgate = dgate_b.data(),
     dup = dup_b.data();
@@ -248,11 +249,15 @@ struct CudaTrainStep final : TrainSession::Impl {
     (backward ? cuda::rope_backward : cuda::rope_forward)(x, T, heads, Hd, rope_cos.data(),
                                                           rope_sin.data());
   }
-  void attention_forward(const BlockActs& b, int64_t T, TrainStepStats&) override {
-    cuda::attention_forward(att, lse.data(), b.q, b.k, b.v, T, H, KV, Hd);
+  bool keeps_attention() const override { return !options.grad_checkpoint; }
+  float* lse_of(int64_t li) {
+    return store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)].lse.data();
   }
-  void attention_backward(const BlockActs& b, int64_t T, TrainStepStats&) override {
-    cuda::attention_backward(dq, dk, dv, delta.data(), datt, att, lse.data(), b.q, b.k, b.v, T, H,
+  void attention_forward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats&) override {
+    cuda::attention_forward(b.att, lse_of(li), b.q, b.k, b.v, T, H, KV, Hd);
+  }
+  void attention_backward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats&) override {
+    cuda::attention_backward(dq, dk, dv, delta.data(), datt, b.att, lse_of(li), b.q, b.k, b.v, T, H,
                              KV, Hd);
   }
   void add(float* y, const float* x, int64_t n) override { cuda::add_into(y, x, n); }
@@ -318,12 +323,13 @@ struct CudaTrainStep final : TrainSession::Impl {
 
   int64_t activation_bytes() const override {
     int64_t bytes = 0;
-    for (const Floats* b : {&xn_b, &hidden_b, &att_b, &lse, &delta, &xf, &logits, &losses, &dx_b,
-                            &dxn_b, &datt_b, &dq_b, &dk_b, &dv_b, &dgate_b, &dup_b, &lora_scratch})
+    for (const Floats* b : {&xn_b, &hidden_b, &delta, &xf, &logits, &losses, &dx_b, &dxn_b, &datt_b,
+                            &dq_b, &dk_b, &dv_b, &dgate_b, &dup_b, &lora_scratch})
       bytes += b->bytes();
     for (const Floats& b : x_store) bytes += b.bytes();
     for (const BlockStore& b : store) {
-      for (const Floats* f : {&b.q, &b.k, &b.v, &b.x_mid, &b.gate, &b.up}) bytes += f->bytes();
+      for (const Floats* f : {&b.q, &b.k, &b.v, &b.x_mid, &b.gate, &b.up, &b.att, &b.lse})
+        bytes += f->bytes();
       for (const Floats& u : b.u) bytes += u.bytes();
     }
     return bytes + act_bf16.bytes() + weight_bf16.bytes() + d_next_ids.bytes();

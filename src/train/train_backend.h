@@ -27,22 +27,25 @@ struct TrainSession::Impl {
     float* x_mid;                       // [T, D] residual stream after attention
     float *gate, *up;                   // [T, F] before the activation
     std::array<float*, kNumTargets> u;  // [T, r] per adapted target (null otherwise)
+    // [T, QD] the attention's output (the input of o): the block's own when the backend
+    // keeps_attention(), else one buffer all blocks share.
+    float* att;
   };
   // Buffers shared by all layers, in the backend's memory, set by its constructor: the block
   // inputs x_in[0..n_layers] (the last is the last block's output) [T, D]; a norm's output xn
-  // [T, D]; silu(gate) * up [T, F]; the attention's output att [T, QD]; the gradients dx (of
+  // [T, D]; silu(gate) * up [T, F]; the gradients dx (of
   // the block output, then input) and dxn [T, D], datt, dq [T, QD], dk, dv [T, KVD], and
   // dgate, dup [T, F] (dgate first holds the gradient of down's input).
   std::vector<float*> x_in;
-  float *xn = nullptr, *hidden = nullptr, *att = nullptr;
+  float *xn = nullptr, *hidden = nullptr;
   float *dx = nullptr, *dxn = nullptr, *datt = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
         *dgate = nullptr, *dup = nullptr;
 
   // Block li's input -> its output, saving what its backward needs; p = dropout probability.
   void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st);
   // dx: the gradient of block li's output on entry, of its input on return; adds the adapters'
-  // gradients. `fresh`: block_forward(li) has just run (recomputation), so `att` and what the
-  // attention's backward needs are still current.
+  // gradients. `fresh`: block_forward(li) has just run (recomputation), so the attention's
+  // output and what its backward needs are still current.
   void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
                       TrainStepStats& st);
 
@@ -67,9 +70,13 @@ struct TrainSession::Impl {
                                uint64_t seed, TrainStepStats& st) = 0;
   // In place on x [T, heads, Hd]: RoPE at positions 0..T-1, or its adjoint.
   virtual void rope(float* x, int64_t heads, int64_t T, bool backward) = 0;
-  // att from b's q, k, v (and whatever the backward needs); then dq, dk, dv from datt.
-  virtual void attention_forward(const BlockActs& b, int64_t T, TrainStepStats& st) = 0;
-  virtual void attention_backward(const BlockActs& b, int64_t T, TrainStepStats& st) = 0;
+  // b.att from b's q, k, v (and whatever the backward needs); then dq, dk, dv from datt.
+  virtual void attention_forward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats& st) = 0;
+  virtual void attention_backward(int64_t li, const BlockActs& b, int64_t T,
+                                  TrainStepStats& st) = 0;
+  // True when every block keeps its attention's output and what its backward needs, so the
+  // backward does not recompute them.
+  virtual bool keeps_attention() const = 0;
   virtual void add(float* y, const float* x, int64_t n) = 0;  // y += x
   virtual void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) = 0;
   // dgate may alias dout.

@@ -36,6 +36,7 @@ using Buf = std::vector<float>;
 struct BlockStore {
   Buf q, k, v, x_mid, gate, up;
   Buf u[kNumTargets];
+  Buf att, probs;  // [T, QD] and [H, T, T] when the step keeps the attention per block
 };
 
 }  // namespace
@@ -90,9 +91,9 @@ void TrainSession::Impl::block_forward(int64_t li, int64_t T, float p, uint64_t 
   linear(li, Target::V, xn, b.v, b, T, p, seed, st);
   rope(b.q, H, T, false);
   rope(b.k, KV, T, false);
-  attention_forward(b, T, st);
+  attention_forward(li, b, T, st);
   st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
-  linear(li, Target::O, att, b.x_mid, b, T, p, seed, st);
+  linear(li, Target::O, b.att, b.x_mid, b, T, p, seed, st);
   add(b.x_mid, x, T * D);
   norm_forward(xn, b.x_mid, li, Norm::Ffn, T);
   linear(li, Target::Gate, xn, b.gate, b, T, p, seed, st);
@@ -114,12 +115,12 @@ void TrainSession::Impl::block_backward(int64_t li, int64_t T, float p, uint64_t
   linear_backward(li, Target::Up, dup, xn, dxn, true, b, T, p, seed, st);
   norm_backward(dx, dxn, b.x_mid, li, Norm::Ffn, T);
 
-  if (!fresh) {
-    attention_forward(b, T, st);
+  if (!fresh && !keeps_attention()) {
+    attention_forward(li, b, T, st);
     st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
   }
-  linear_backward(li, Target::O, dx, att, datt, false, b, T, p, seed, st);
-  attention_backward(b, T, st);
+  linear_backward(li, Target::O, dx, b.att, datt, false, b, T, p, seed, st);
+  attention_backward(li, b, T, st);
   st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
   rope(dq, H, T, true);
   rope(dk, KV, T, true);
@@ -138,9 +139,10 @@ struct CpuTrainStep final : TrainSession::Impl {
   std::vector<float> rope_cos, rope_sin;
   std::vector<Buf> x_store;       // [n_layers + 1][T, D]
   std::vector<BlockStore> store;  // one per layer, or one shared with grad_checkpoint
-  // The shared buffers of the base; probs [H, T, T] holds the softmax probabilities for the
-  // attention's backward.
+  // The shared buffers of the base; att and the softmax probabilities probs [H, T, T] for the
+  // attention's backward are shared too unless keep_attention.
   Buf xn_b, hidden_b, probs, att_b;
+  bool keep_attention = false;
   Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
   Buf dx_b, dxn_b, dtmp, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
   Buf lora_scratch, attn_scratch;
@@ -152,13 +154,19 @@ struct CpuTrainStep final : TrainSession::Impl {
     x_store.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
     for (Buf& b : x_store) x_in.push_back(b.data());
     store.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
+    // Each block keeps its attention probabilities (the backward then skips recomputing the
+    // attention, about a quarter of its work) when they take no more memory than what the
+    // block saves anyway: short sequences. With checkpointing the block reruns regardless.
+    const int64_t saved = QD + 2 * KVD + D + 2 * F + R * std::ssize(a.config.targets);
+    keep_attention = !options.grad_checkpoint && H * T <= saved;
     for (BlockStore& b : store) {
       b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
       b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(n(R));
+      if (keep_attention) b.att.resize(n(QD)), b.probs.resize(static_cast<size_t>(H * T * T));
     }
-    xn_b.resize(n(D)), hidden_b.resize(n(F)), probs.resize(static_cast<size_t>(H * T * T));
-    att_b.resize(n(QD));
+    xn_b.resize(n(D)), hidden_b.resize(n(F));
+    if (!keep_attention) att_b.resize(n(QD)), probs.resize(static_cast<size_t>(H * T * T));
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk));
@@ -168,16 +176,22 @@ struct CpuTrainStep final : TrainSession::Impl {
     dgate_b.resize(n(F)), dup_b.resize(n(F));
     lora_scratch.resize(n(widest + R));
     attn_scratch.resize(static_cast<size_t>(ops::attention_backward_scratch(T, H)));
-    xn = xn_b.data(), hidden = hidden_b.data(), att = att_b.data();
+    xn = xn_b.data(), hidden = hidden_b.data();
     dx = dx_b.data(), dxn = dxn_b.data(), datt = datt_b.data();
     dq = dq_b.data(), dk = dk_b.data(), dv = dv_b.data(), dgate = dgate_b.data(),
     dup = dup_b.data();
   }
 
+  bool keeps_attention() const override { return keep_attention; }
+  float* probs_of(int64_t li) {
+    return keep_attention ? store[static_cast<size_t>(li)].probs.data() : probs.data();
+  }
+
   BlockActs acts_of(int64_t li) override {
     BlockStore& b = store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)];
-    BlockActs acts{b.q.data(),    b.k.data(),  b.v.data(), b.x_mid.data(),
-                   b.gate.data(), b.up.data(), {}};
+    BlockActs acts{
+        b.q.data(),    b.k.data(),  b.v.data(), b.x_mid.data(),
+        b.gate.data(), b.up.data(), {},         keep_attention ? b.att.data() : att_b.data()};
     for (int t = 0; t < kNumTargets; ++t)
       acts.u[static_cast<size_t>(t)] = b.u[t].empty() ? nullptr : b.u[t].data();
     return acts;
@@ -239,15 +253,15 @@ struct CpuTrainStep final : TrainSession::Impl {
                                                         rope_sin.data());
   }
 
-  void attention_forward(const BlockActs& b, int64_t T, TrainStepStats& st) override {
+  void attention_forward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    ops::attention_train_forward(att, probs.data(), b.q, b.k, b.v, T, H, KV, Hd);
+    ops::attention_train_forward(b.att, probs_of(li), b.q, b.k, b.v, T, H, KV, Hd);
     st.attention_seconds += seconds_since(t0);
   }
 
-  void attention_backward(const BlockActs& b, int64_t T, TrainStepStats& st) override {
+  void attention_backward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    ops::attention_train_backward(dq, dk, dv, datt, probs.data(), b.q, b.k, b.v, T, H, KV, Hd,
+    ops::attention_train_backward(dq, dk, dv, datt, probs_of(li), b.q, b.k, b.v, T, H, KV, Hd,
                                   attn_scratch.data());
     st.attention_seconds += seconds_since(t0);
   }
@@ -318,7 +332,8 @@ struct CpuTrainStep final : TrainSession::Impl {
       floats += b->size();
     for (const Buf& b : x_store) floats += b.size();
     for (const BlockStore& b : store) {
-      floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() + b.up.size();
+      floats += b.q.size() + b.k.size() + b.v.size() + b.x_mid.size() + b.gate.size() +
+                b.up.size() + b.att.size() + b.probs.size();
       for (const Buf& u : b.u) floats += u.size();
     }
     return static_cast<int64_t>(floats * sizeof(float) + next_ids.size() * sizeof(int32_t));
