@@ -52,10 +52,12 @@ for shape in "${shapes[@]}"; do
   [[ -d $hf ]] || python3 "$writer" "$hf" "$tok" --shape "$shape" >/dev/null
   [[ -d $q4 ]] || build-cuda/qalora quantize -m "$hf" --method rtn --bits 4 -g 32 -o "$q4" \
     >"$report/quantize-$shape.log"
-  build-cuda/qalora bench --train -m "$q4" --device cuda --seq-len 512 --rank 64 --steps 5 --json \
-    >"$report/qalora-$shape.json"
-  python3 bench/peft_gpu_train.py "$hf" --batch 1 --steps 5 >"$report/peft-$shape.json" 2>"$report/peft-$shape.log" ||
-    echo '{}' >"$report/peft-$shape.json"
+  for batch in 1 8; do
+    build-cuda/qalora bench --train -m "$q4" --device cuda --batch $batch --seq-len 512 --rank 64 \
+      --steps 5 --json >"$report/qalora-$shape-b$batch.json"
+    python3 bench/peft_gpu_train.py "$hf" --batch $batch --steps 5 >"$report/peft-$shape-b$batch.json" \
+      2>"$report/peft-$shape-b$batch.log" || echo '{}' >"$report/peft-$shape-b$batch.json"
+  done
   rm -rf "$hf"  # the 7B folder is 13 GB
 done
 
@@ -64,14 +66,15 @@ python3 - "$report" "${shapes[@]}" <<'PY' | tee "$report/table.md"
 import json, sys, os
 report, shapes = sys.argv[1], sys.argv[2:]
 print(f"GPU: {open(os.path.join(report, 'gpu.txt')).read().strip()}")
-print("| shape | qalora QA-LoRA INT4 g32 tok/s | % of bf16 peak | GPU memory | PEFT LoRA bf16 tok/s | PEFT GPU peak | speed ratio | memory ratio |")
-print("|---|---|---|---|---|---|---|---|")
+print("| shape | batch | qalora QA-LoRA INT4 g32 tok/s | % of bf16 peak | GPU memory | PEFT LoRA bf16 tok/s | PEFT GPU peak | speed ratio | memory ratio |")
+print("|---|---|---|---|---|---|---|---|---|")
 for s in shapes:
-    q = json.load(open(os.path.join(report, f"qalora-{s}.json")))
-    p = json.load(open(os.path.join(report, f"peft-{s}.json")))
-    pt, pm = p.get("tokens_per_s"), p.get("gpu_peak_bytes")
-    print(f"| {s} | {q['tokens_per_s']:.0f} | {100 * q['gemm_efficiency']:.1f}% of {q['gemm_peak_gflops'] / 1e3:.0f} TFLOP/s "
-          f"| {q['gpu_memory_bytes'] / 1e9:.1f} GB | {pt or 'n/a'} | {pm / 1e9 if pm else 0:.1f} GB "
-          f"| {q['tokens_per_s'] / pt if pt else 0:.2f}x | {q['gpu_memory_bytes'] / pm if pm else 0:.2f} |")
+    for b in (1, 8):
+        q = json.load(open(os.path.join(report, f"qalora-{s}-b{b}.json")))
+        p = json.load(open(os.path.join(report, f"peft-{s}-b{b}.json")))
+        pt, pm = p.get("tokens_per_s"), p.get("gpu_peak_bytes")
+        print(f"| {s} | {b} | {q['tokens_per_s']:.0f} | {100 * q['gemm_efficiency']:.1f}% of {q['gemm_peak_gflops'] / 1e3:.0f} TFLOP/s "
+              f"| {q['gpu_memory_bytes'] / 1e9:.1f} GB | {pt or 'n/a'} | {pm / 1e9 if pm else 0:.1f} GB "
+              f"| {q['tokens_per_s'] / pt if pt else 0:.2f}x | {q['gpu_memory_bytes'] / pm if pm else 0:.2f} |")
 PY
 exit "$tests_rc"

@@ -36,13 +36,13 @@ using PoolFn = void (*)(float*, const float*, int64_t, int64_t, int64_t, Adapter
 
 // xin [T, C] = dropout(x) or dropout(P(x)): what A multiplies, in the forward and (recomputed)
 // in the backward.
-void adapter_input(const LoraAdapter& a, const float* x, int64_t T, float p, uint64_t seed,
+void adapter_input(const LoraAdapter& a, const float* x, int64_t T, const AdapterDropout& dropout,
                    float* xin, PoolFn pool_fn) {
   if (a.pooled())
     pool_fn(xin, x, T, a.in, a.group_size, a.pool);
   else
     std::memcpy(xin, x, static_cast<size_t>(T * a.in) * sizeof(float));
-  dropout_forward(xin, T, a.a_cols(), p, seed);
+  dropout_forward(xin, T, a.a_cols(), dropout);
 }
 
 void check_grads(const LoraAdapter& a) {
@@ -134,21 +134,31 @@ void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed) {
   }
 }
 
-void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
-                  uint64_t dropout_seed, float* y, float* u, float* scratch) {
+void dropout_forward(float* x, int64_t T, int64_t C, const AdapterDropout& dropout) {
+  if (dropout.p == 0.0f) return;
+  int64_t row = 0;
+  for (const DropoutRun& run : dropout.runs) {
+    dropout_forward(x + row * C, run.rows, C, dropout.p, run.seed);
+    row += run.rows;
+  }
+  QL_CHECK(row == T, "dropout: runs of ", row, " rows for ", T, " rows");
+}
+
+void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T,
+                  const AdapterDropout& dropout, float* y, float* u, float* scratch) {
   if (T == 0) return;
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out;
-  adapter_input(a, x, T, p, dropout_seed, scratch, pool_groups_forward);
+  adapter_input(a, x, T, dropout, scratch, pool_groups_forward);
   ops::gemm(false, true, T, r, C, 1.0f, scratch, C, a.A.data(), C, 0.0f, u, r);
   ops::gemm(false, true, T, O, r, scale, u, r, a.B.data(), r, 1.0f, y, O);
 }
 
-void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
-                      uint64_t dropout_seed, float* y, float* u, float* scratch) {
+void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t T,
+                      const AdapterDropout& dropout, float* y, float* u, float* scratch) {
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out;
   const float* A = a.A.data();
   const float* B = a.B.data();
-  adapter_input(a, x, T, p, dropout_seed, scratch, pool_groups_forward_ref);
+  adapter_input(a, x, T, dropout, scratch, pool_groups_forward_ref);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < r; ++k) {
       double acc = 0.0;
@@ -164,7 +174,7 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
 }
 
 void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
-                   int64_t T, float p, uint64_t dropout_seed, float* dx, float* scratch) {
+                   int64_t T, const AdapterDropout& dropout, float* dx, float* scratch) {
   check_grads(a);
   if (T == 0) return;
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out, I = a.in;
@@ -173,16 +183,16 @@ void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x,
   float* g = scratch + T * C;  // [T, r] = scale * dy B
   ops::gemm(false, false, T, r, O, scale, dy, O, a.B.data(), r, 0.0f, g, r);
   ops::gemm(true, false, O, r, T, scale, dy, O, u, r, 1.0f, a.grad_B.data(), r);
-  adapter_input(a, x, T, p, dropout_seed, xin, pool_groups_forward);
+  adapter_input(a, x, T, dropout, xin, pool_groups_forward);
   ops::gemm(true, false, r, C, T, 1.0f, g, r, xin, C, 1.0f, a.grad_A.data(), C);
-  if (!a.pooled() && p == 0.0f) {
+  if (!a.pooled() && dropout.p == 0.0f) {
     // Nothing between A and x: accumulate g A straight into dx.
     ops::gemm(false, false, T, I, r, 1.0f, g, r, A, C, 1.0f, dx, I);
     return;
   }
   ops::gemm(false, false, T, C, r, 1.0f, g, r, A, C, 0.0f, xin, C);
   // The mask scaled by 1 / (1 - p) is its own adjoint: apply it again.
-  dropout_forward(xin, T, C, p, dropout_seed);
+  dropout_forward(xin, T, C, dropout);
   if (a.pooled())
     pool_groups_backward(dx, xin, T, I, a.group_size, a.pool);
   else
@@ -190,7 +200,7 @@ void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x,
 }
 
 void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
-                       int64_t T, float p, uint64_t dropout_seed, float* dx, float* scratch) {
+                       int64_t T, const AdapterDropout& dropout, float* dx, float* scratch) {
   check_grads(a);
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out, I = a.in;
   const float* A = a.A.data();
@@ -210,7 +220,7 @@ void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float
       float& gb = a.grad_B[static_cast<size_t>(o * r + k)];
       gb = static_cast<float>(gb + scale * acc);
     }
-  adapter_input(a, x, T, p, dropout_seed, xin, pool_groups_forward_ref);
+  adapter_input(a, x, T, dropout, xin, pool_groups_forward_ref);
   for (int64_t k = 0; k < r; ++k)
     for (int64_t c = 0; c < C; ++c) {
       double acc = 0.0;
@@ -224,7 +234,7 @@ void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float
       for (int64_t k = 0; k < r; ++k) acc += g[static_cast<size_t>(t * r + k)] * A[k * C + c];
       xin[t * C + c] = static_cast<float>(acc);
     }
-  dropout_forward(xin, T, C, p, dropout_seed);
+  dropout_forward(xin, T, C, dropout);
   if (a.pooled()) {
     pool_groups_backward_ref(dx, xin, T, I, a.group_size, a.pool);
   } else {

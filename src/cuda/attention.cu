@@ -1,8 +1,8 @@
-// Causal grouped-query attention for training, one warp per query row (forward, dq) or key row
-// (dk, dv), with an online softmax: no [T, T] matrix is stored, the backward recomputes the
-// probabilities from the forward's log-sum-exp (as FlashAttention does). Each lane holds
-// Hd / 32 elements of its row; sums over rows run in a fixed order, so results do not depend
-// on scheduling.
+// Causal grouped-query attention for training over packed sequences, one warp per query row
+// (forward, dq) or key row (dk, dv), with an online softmax: no [T, T] matrix is stored, the
+// backward recomputes the probabilities from the forward's log-sum-exp (as FlashAttention does).
+// Each lane holds Hd / 32 elements of its row; sums over rows run in a fixed order, so results do
+// not depend on scheduling.
 #include <cmath>
 
 #include "kernels.h"
@@ -65,9 +65,9 @@ __device__ __forceinline__ int64_t warp_index() {
   return (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
 }
 
-// Warp (t, h): out[t, h] and lse[h, t] over keys 0..t.
+// Warp (t, h): out[t, h] and lse[h, t] over keys seq_begin[t]..t.
 __global__ void forward_kernel(float* out, float* lse, const float* q, const float* k,
-                               const float* v, Shape s) {
+                               const float* v, const int32_t* seq_begin, Shape s) {
   const int64_t w = warp_index();
   if (w >= s.T * s.H) return;
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -75,7 +75,7 @@ __global__ void forward_kernel(float* out, float* lse, const float* q, const flo
   float qr[kMaxPerLane], acc[kMaxPerLane] = {};
   load_row(qr, q + s.q_row(t, h), s.Hd, lane, s.scale);
   float m = -INFINITY, l = 0.0f;
-  for (int64_t j = 0; j <= t; ++j) {
+  for (int64_t j = seq_begin[t]; j <= t; ++j) {
     const float score = dot_row(qr, k + s.kv_row(j, kvh), s.Hd, lane);
     const float m_new = fmaxf(m, score);
     const float correction = expf(m - m_new), p = expf(score - m_new);
@@ -101,9 +101,10 @@ __global__ void delta_kernel(float* delta, const float* dout, const float* out, 
   if (lane == 0) delta[h * s.T + t] = d;
 }
 
-// Warp (t, h): dq[t, h] = scale * sum over j <= t of p (dp - delta) k[j].
+// Warp (t, h): dq[t, h] = scale * sum over keys seq_begin[t]..t of p (dp - delta) k[j].
 __global__ void dq_kernel(float* dq, const float* dout, const float* lse, const float* delta,
-                          const float* q, const float* k, const float* v, Shape s) {
+                          const float* q, const float* k, const float* v, const int32_t* seq_begin,
+                          Shape s) {
   const int64_t w = warp_index();
   if (w >= s.T * s.H) return;
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -112,7 +113,7 @@ __global__ void dq_kernel(float* dq, const float* dout, const float* lse, const 
   load_row(qr, q + s.q_row(t, h), s.Hd, lane, s.scale);
   load_row(g, dout + s.q_row(t, h), s.Hd, lane, 1.0f);
   const float row_lse = lse[h * s.T + t], row_delta = delta[h * s.T + t];
-  for (int64_t j = 0; j <= t; ++j) {
+  for (int64_t j = seq_begin[t]; j <= t; ++j) {
     const float p = expf(dot_row(qr, k + s.kv_row(j, kvh), s.Hd, lane) - row_lse);
     const float dp = dot_row(g, v + s.kv_row(j, kvh), s.Hd, lane);
     axpy_row(acc, p * (dp - row_delta), k + s.kv_row(j, kvh), s.Hd, lane);
@@ -121,10 +122,10 @@ __global__ void dq_kernel(float* dq, const float* dout, const float* lse, const 
 }
 
 // Warp (j, kv head): dv[j] = sum of p dout[t], dk[j] = scale * sum of p (dp - delta) q[t], over
-// the group's query heads and the queries t >= j that see key j.
+// the group's query heads and the queries j..seq_end[j]-1 that see key j.
 __global__ void dkdv_kernel(float* dk, float* dv, const float* dout, const float* lse,
                             const float* delta, const float* q, const float* k, const float* v,
-                            Shape s) {
+                            const int32_t* seq_end, Shape s) {
   const int64_t w = warp_index();
   if (w >= s.T * s.KV) return;
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -133,7 +134,7 @@ __global__ void dkdv_kernel(float* dk, float* dv, const float* dout, const float
   load_row(kr, k + s.kv_row(j, kvh), s.Hd, lane, s.scale);
   load_row(vr, v + s.kv_row(j, kvh), s.Hd, lane, 1.0f);
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
-    for (int64_t t = j; t < s.T; ++t) {
+    for (int64_t t = j; t < seq_end[j]; ++t) {
       const float* qt = q + s.q_row(t, h);
       const float* gt = dout + s.q_row(t, h);
       const float p = expf(dot_row(kr, qt, s.Hd, lane) - lse[h * s.T + t]);
@@ -160,23 +161,26 @@ unsigned warp_blocks(int64_t warps) {
 }  // namespace
 
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                       int64_t T, int64_t H, int64_t KV, int64_t Hd) {
+                       const int32_t* seq_begin, int64_t T, int64_t H, int64_t KV, int64_t Hd) {
   const Shape s = shape_of(T, H, KV, Hd);
   if (T == 0) return;
-  forward_kernel<<<warp_blocks(T * H), 32 * kWarpsPerBlock>>>(out, lse, q, k, v, s);
+  forward_kernel<<<warp_blocks(T * H), 32 * kWarpsPerBlock>>>(out, lse, q, k, v, seq_begin, s);
   check_launch("attention_forward");
 }
 
 void attention_backward(float* dq, float* dk, float* dv, float* delta, const float* dout,
                         const float* out, const float* lse, const float* q, const float* k,
-                        const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd) {
+                        const float* v, const int32_t* seq_begin, const int32_t* seq_end, int64_t T,
+                        int64_t H, int64_t KV, int64_t Hd) {
   const Shape s = shape_of(T, H, KV, Hd);
   if (T == 0) return;
   delta_kernel<<<warp_blocks(T * H), 32 * kWarpsPerBlock>>>(delta, dout, out, s);
   check_launch("attention_backward (delta)");
-  dq_kernel<<<warp_blocks(T * H), 32 * kWarpsPerBlock>>>(dq, dout, lse, delta, q, k, v, s);
+  dq_kernel<<<warp_blocks(T * H), 32 * kWarpsPerBlock>>>(dq, dout, lse, delta, q, k, v, seq_begin,
+                                                         s);
   check_launch("attention_backward (dq)");
-  dkdv_kernel<<<warp_blocks(T * KV), 32 * kWarpsPerBlock>>>(dk, dv, dout, lse, delta, q, k, v, s);
+  dkdv_kernel<<<warp_blocks(T * KV), 32 * kWarpsPerBlock>>>(dk, dv, dout, lse, delta, q, k, v,
+                                                            seq_end, s);
   check_launch("attention_backward (dk, dv)");
 }
 

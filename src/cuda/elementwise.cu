@@ -39,12 +39,12 @@ __global__ void rmsnorm_backward_kernel(float* dx, const float* dout, const floa
 }
 
 // One thread per rotated pair; `sign` = +1 rotates forward, -1 back (the adjoint).
-__global__ void rope_kernel(float* x, int64_t T, int64_t H, int64_t half, const float* cos_table,
-                            const float* sin_table, float sign) {
+__global__ void rope_kernel(float* x, int64_t T, int64_t H, int64_t half, const int32_t* positions,
+                            const float* cos_table, const float* sin_table, float sign) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= T * H * half) return;
-  const int64_t i = n % half, t = n / (H * half);
-  const float c = cos_table[t * half + i], s = sign * sin_table[t * half + i];
+  const int64_t i = n % half, pos = positions[n / (H * half)];
+  const float c = cos_table[pos * half + i], s = sign * sin_table[pos * half + i];
   float* v = x + 2 * n;  // pair i of head (t, h) sits at ((t * H + h) * half + i) * 2 = 2n
   const float a = v[0], b = v[1];
   v[0] = a * c - b * s;
@@ -99,22 +99,27 @@ void rmsnorm_backward(float* dx, const float* dout, const float* x, const float*
   check_launch("rmsnorm_backward");
 }
 
-void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, const float* cos_table,
-                  const float* sin_table) {
+namespace {
+
+void rope(float* x, int64_t T, int64_t H, int64_t Hd, const int32_t* positions,
+          const float* cos_table, const float* sin_table, float sign) {
   const int64_t pairs = T * H * (Hd / 2);
   if (pairs == 0) return;
-  rope_kernel<<<blocks_for(pairs, kThreads), kThreads>>>(x, T, H, Hd / 2, cos_table, sin_table,
-                                                         1.0f);
-  check_launch("rope_forward");
+  rope_kernel<<<blocks_for(pairs, kThreads), kThreads>>>(x, T, H, Hd / 2, positions, cos_table,
+                                                         sin_table, sign);
+  check_launch(sign > 0 ? "rope_forward" : "rope_backward");
 }
 
-void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, const float* cos_table,
-                   const float* sin_table) {
-  const int64_t pairs = T * H * (Hd / 2);
-  if (pairs == 0) return;
-  rope_kernel<<<blocks_for(pairs, kThreads), kThreads>>>(dx, T, H, Hd / 2, cos_table, sin_table,
-                                                         -1.0f);
-  check_launch("rope_backward");
+}  // namespace
+
+void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, const int32_t* positions,
+                  const float* cos_table, const float* sin_table) {
+  rope(x, T, H, Hd, positions, cos_table, sin_table, 1.0f);
+}
+
+void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, const int32_t* positions,
+                   const float* cos_table, const float* sin_table) {
+  rope(dx, T, H, Hd, positions, cos_table, sin_table, -1.0f);
 }
 
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t N) {

@@ -14,11 +14,11 @@ void rmsnorm_forward(float* out, const float* x, const float* w, int64_t T, int6
 // dx[T, D] += the input gradient (accumulates, as the CPU op).
 void rmsnorm_backward(float* dx, const float* dout, const float* x, const float* w, int64_t T,
                       int64_t D, float eps);
-// In place on x [T, H, Hd], token t at position t; tables [positions, Hd / 2].
-void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, const float* cos_table,
-                  const float* sin_table);
-void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, const float* cos_table,
-                   const float* sin_table);
+// In place on x [T, H, Hd], token t at positions[t]; tables [positions, Hd / 2].
+void rope_forward(float* x, int64_t T, int64_t H, int64_t Hd, const int32_t* positions,
+                  const float* cos_table, const float* sin_table);
+void rope_backward(float* dx, int64_t T, int64_t H, int64_t Hd, const int32_t* positions,
+                   const float* cos_table, const float* sin_table);
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t N);
 // dgate may alias dout.
 void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
@@ -27,15 +27,18 @@ void add_into(float* y, const float* x, int64_t n);                // y += x
 void add_bias(float* y, const float* bias, int64_t T, int64_t O);  // y[t, o] += bias[o]
 void to_bf16(const float* x, uint16_t* out, int64_t n);            // round to nearest even
 
-// ---- attention.cu: causal GQA over one sequence without a [T, T] matrix in memory. The
-// forward keeps each row's log-sum-exp lse [H, T] instead of the probabilities; the backward
-// recomputes them. q, out, dq, dout [T, H, Hd]; k, v, dk, dv [T, KV, Hd]; Hd <= 256.
+// ---- attention.cu: causal GQA over packed sequences without a [T, T] matrix in memory: token
+// t belongs to the sequence of rows [seq_begin[t], seq_end[t]) and attends to rows
+// seq_begin[t]..t. The forward keeps each row's log-sum-exp lse [H, T] instead of the
+// probabilities; the backward recomputes them. q, out, dq, dout [T, H, Hd]; k, v, dk, dv
+// [T, KV, Hd]; Hd <= 256.
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                       int64_t T, int64_t H, int64_t KV, int64_t Hd);
+                       const int32_t* seq_begin, int64_t T, int64_t H, int64_t KV, int64_t Hd);
 // `delta` [H, T] is scratch. dq, dk, dv are overwritten.
 void attention_backward(float* dq, float* dk, float* dv, float* delta, const float* dout,
                         const float* out, const float* lse, const float* q, const float* k,
-                        const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd);
+                        const float* v, const int32_t* seq_begin, const int32_t* seq_end, int64_t T,
+                        int64_t H, int64_t KV, int64_t Hd);
 
 // ---- cross_entropy.cu: as ops::cross_entropy_forward_backward; targets (all < V) in GPU
 // memory, losses [T] written (0 where the target is < 0).

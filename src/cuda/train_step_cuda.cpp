@@ -67,8 +67,12 @@ struct CudaTrainStep final : TrainSession::Impl {
   Floats xn_b, hidden_b, delta, xf, logits, losses;
   Floats dx_b, dxn_b, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b, lora_scratch;
   cuda::DeviceBuffer<uint16_t> act_bf16, weight_bf16;
-  cuda::DeviceBuffer<int32_t> d_next_ids;
+  cuda::DeviceBuffer<int32_t> d_next_ids, d_rows;
+  // The batch's rows, per token, in d_rows: position in its sequence, its sequence's first row
+  // and end (set by embed).
+  const int32_t *positions = nullptr, *seq_begin = nullptr, *seq_end = nullptr;
   std::vector<float> host_x, host_losses, host_grad;
+  std::vector<int32_t> host_rows;
 
   CudaTrainStep(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o) : Impl(m, a, T, o) {
     QL_CUDA(cudaSetDevice(options.device.index));
@@ -121,7 +125,7 @@ struct CudaTrainStep final : TrainSession::Impl {
     dq = dq_b.data(), dk = dk_b.data(), dv = dv_b.data(), dgate = dgate_b.data(),
     dup = dup_b.data();
     act_bf16.resize(std::max(T * widest, chunk * V));
-    d_next_ids.resize(T);
+    d_next_ids.resize(T), d_rows.resize(3 * T);
     host_x.resize(static_cast<size_t>(T * D));
     host_losses.resize(static_cast<size_t>(chunk));
   }
@@ -129,7 +133,7 @@ struct CudaTrainStep final : TrainSession::Impl {
   BlockActs acts_of(int64_t li) override {
     BlockStore& b = store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)];
     BlockActs acts{b.q.data(),    b.k.data(),  b.v.data(), b.x_mid.data(),
-                   b.gate.data(), b.up.data(), {}};
+                   b.gate.data(), b.up.data(), {},         b.att.data()};
     for (size_t t = 0; t < b.u.size(); ++t) acts.u[t] = b.u[t].data();
     return acts;
   }
@@ -158,22 +162,31 @@ struct CudaTrainStep final : TrainSession::Impl {
                    beta, dx_out, l.in);
   }
 
+  // Each sequence's rows of x [T, C] with its own mask (as dropout_forward over runs).
+  static void dropout(float* x, int64_t C, const AdapterDropout& d) {
+    int64_t row = 0;
+    for (const DropoutRun& run : d.runs) {
+      cuda::dropout_forward(x + row * C, run.rows, C, d.p, run.seed);
+      row += run.rows;
+    }
+  }
+
   // The adapter's input dropout(x) or dropout(P(x)) [T, C]: x itself when neither applies.
-  const float* adapter_input(const LoraAdapter& a, const float* x, int64_t T, float p,
-                             uint64_t seed) {
-    if (!a.pooled() && p == 0.0f) return x;
+  const float* adapter_input(const LoraAdapter& a, const float* x, int64_t T,
+                             const AdapterDropout& d) {
+    if (!a.pooled() && d.p == 0.0f) return x;
     float* xin = lora_scratch.data();
     if (a.pooled())
       cuda::pool_groups_forward(xin, x, T, a.in, a.group_size, a.pool == AdapterPool::Average);
     else
       QL_CUDA(cudaMemcpy(xin, x, static_cast<size_t>(T * a.in) * sizeof(float),
                          cudaMemcpyDeviceToDevice));
-    cuda::dropout_forward(xin, T, a.a_cols(), p, seed);
+    dropout(xin, a.a_cols(), d);
     return xin;
   }
 
   void linear(int64_t li, Target t, const float* x, float* y, const BlockActs& b, int64_t T,
-              float p, uint64_t seed, TrainStepStats& st) override {
+              float p, TrainStepStats& st) override {
     const DeviceLinear& l = layers[static_cast<size_t>(li)].linears[static_cast<size_t>(t)];
     base_forward(l, x, y, T);
     st.flops += matmul_flops(T, l.in, l.out);
@@ -182,7 +195,7 @@ struct CudaTrainStep final : TrainSession::Impl {
     const DeviceAdapter& d = dev_adapter(*a);
     const int64_t C = a->a_cols(), O = a->out;
     float* u = b.u[static_cast<size_t>(t)];
-    const float* xin = adapter_input(*a, x, T, p, adapter_seed(seed, li, t));
+    const float* xin = adapter_input(*a, x, T, adapter_dropout(li, t, p));
     blas.sgemm(false, true, T, R, C, 1.0f, xin, C, d.A.data(), C, 0.0f, u, R);
     blas.sgemm(false, true, T, O, R, adapters.config.scale(), u, R, d.B.data(), R, 1.0f, y, O);
     st.flops += matmul_flops(T, C + O, R);
@@ -190,7 +203,7 @@ struct CudaTrainStep final : TrainSession::Impl {
 
   // As lora_backward on the CPU: gradients of B and A, then the input gradient.
   void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx_out,
-                       bool accumulate, const BlockActs& b, int64_t T, float p, uint64_t seed,
+                       bool accumulate, const BlockActs& b, int64_t T, float p,
                        TrainStepStats& st) override {
     const DeviceLinear& l = layers[static_cast<size_t>(li)].linears[static_cast<size_t>(t)];
     base_backward(l, dy, dx_out, T, accumulate ? 1.0f : 0.0f);
@@ -200,12 +213,12 @@ struct CudaTrainStep final : TrainSession::Impl {
     DeviceAdapter& d = dev_adapter(*a);
     const int64_t C = a->a_cols(), O = a->out, I = a->in;
     const float scale = adapters.config.scale();
-    const uint64_t aseed = adapter_seed(seed, li, t);
+    const AdapterDropout& drop = adapter_dropout(li, t, p);
     float* g = lora_scratch.data() + T * C;  // [T, r] = scale * dy B
     blas.sgemm(false, false, T, R, O, scale, dy, O, d.B.data(), R, 0.0f, g, R);
     blas.sgemm(true, false, O, R, T, scale, dy, O, b.u[static_cast<size_t>(t)], R, 1.0f,
                d.grad_B.data(), R);
-    const float* xin = adapter_input(*a, x, T, p, aseed);
+    const float* xin = adapter_input(*a, x, T, drop);
     blas.sgemm(true, false, R, C, T, 1.0f, g, R, xin, C, 1.0f, d.grad_A.data(), C);
     st.flops += 2.0 * matmul_flops(T, C + O, R);
     if (!a->pooled() && p == 0.0f) {
@@ -214,7 +227,7 @@ struct CudaTrainStep final : TrainSession::Impl {
     }
     float* dxin = lora_scratch.data();
     blas.sgemm(false, false, T, C, R, 1.0f, g, R, d.A.data(), C, 0.0f, dxin, C);
-    cuda::dropout_forward(dxin, T, C, p, aseed);  // the scaled mask is its own adjoint
+    dropout(dxin, C, drop);  // the scaled mask is its own adjoint
     if (a->pooled())
       cuda::pool_groups_backward(dx_out, dxin, T, I, a->group_size,
                                  a->pool == AdapterPool::Average);
@@ -222,7 +235,7 @@ struct CudaTrainStep final : TrainSession::Impl {
       cuda::add_into(dx_out, dxin, T * I);
   }
 
-  void embed(std::span<const int32_t> tokens) override {
+  void embed() override {
     const auto T = static_cast<int64_t>(tokens.size());
     for (int64_t t = 0; t < T; ++t) {
       const int32_t id = tokens[static_cast<size_t>(t)];
@@ -230,8 +243,19 @@ struct CudaTrainStep final : TrainSession::Impl {
     }
     QL_CUDA(cudaMemcpy(x_in[0], host_x.data(), static_cast<size_t>(T * D) * sizeof(float),
                        cudaMemcpyHostToDevice));
+    // Per token: its position in its sequence, and the rows of that sequence.
+    host_rows.resize(static_cast<size_t>(3 * T));
+    for (const Segment& s : segments)
+      for (int64_t t = s.begin; t < s.begin + s.length; ++t) {
+        host_rows[static_cast<size_t>(t)] = static_cast<int32_t>(t - s.begin);
+        host_rows[static_cast<size_t>(T + t)] = static_cast<int32_t>(s.begin);
+        host_rows[static_cast<size_t>(2 * T + t)] = static_cast<int32_t>(s.begin + s.length);
+      }
     QL_CUDA(cudaMemcpy(d_next_ids.data(), next_ids.data(), static_cast<size_t>(T) * sizeof(int32_t),
                        cudaMemcpyHostToDevice));
+    QL_CUDA(cudaMemcpy(d_rows.data(), host_rows.data(), host_rows.size() * sizeof(int32_t),
+                       cudaMemcpyHostToDevice));
+    positions = d_rows.data(), seq_begin = positions + T, seq_end = positions + 2 * T;
   }
 
   const float* norm_weight(int64_t li, Norm n) const {
@@ -246,19 +270,19 @@ struct CudaTrainStep final : TrainSession::Impl {
     cuda::rmsnorm_backward(dx_out, dout, x, norm_weight(li, n), T, D, model.config.norm_eps);
   }
   void rope(float* x, int64_t heads, int64_t T, bool backward) override {
-    (backward ? cuda::rope_backward : cuda::rope_forward)(x, T, heads, Hd, rope_cos.data(),
-                                                          rope_sin.data());
+    (backward ? cuda::rope_backward : cuda::rope_forward)(x, T, heads, Hd, positions,
+                                                          rope_cos.data(), rope_sin.data());
   }
   bool keeps_attention() const override { return !options.grad_checkpoint; }
   float* lse_of(int64_t li) {
     return store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)].lse.data();
   }
   void attention_forward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats&) override {
-    cuda::attention_forward(b.att, lse_of(li), b.q, b.k, b.v, T, H, KV, Hd);
+    cuda::attention_forward(b.att, lse_of(li), b.q, b.k, b.v, seq_begin, T, H, KV, Hd);
   }
   void attention_backward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats&) override {
-    cuda::attention_backward(dq, dk, dv, delta.data(), datt, b.att, lse_of(li), b.q, b.k, b.v, T, H,
-                             KV, Hd);
+    cuda::attention_backward(dq, dk, dv, delta.data(), datt, b.att, lse_of(li), b.q, b.k, b.v,
+                             seq_begin, seq_end, T, H, KV, Hd);
   }
   void add(float* y, const float* x, int64_t n) override { cuda::add_into(y, x, n); }
   void swiglu_forward(float* out, const float* gate, const float* up, int64_t n) override {
@@ -332,7 +356,7 @@ struct CudaTrainStep final : TrainSession::Impl {
         bytes += f->bytes();
       for (const Floats& u : b.u) bytes += u.bytes();
     }
-    return bytes + act_bf16.bytes() + weight_bf16.bytes() + d_next_ids.bytes();
+    return bytes + act_bf16.bytes() + weight_bf16.bytes() + d_next_ids.bytes() + d_rows.bytes();
   }
 };
 

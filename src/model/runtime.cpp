@@ -108,8 +108,7 @@ void InferenceSession::adapt(int64_t layer, Target target, const float* x, float
   };
   need(adapter_u_, T * a->rank());
   need(adapter_in_, T * a->a_cols());
-  lora_forward(*a, adapters_->config.scale(), x, T, 0.0f, 0, y, adapter_u_.data(),
-               adapter_in_.data());
+  lora_forward(*a, adapters_->config.scale(), x, T, {}, y, adapter_u_.data(), adapter_in_.data());
   stats_.linear_seconds += seconds_since(t0);
   stats_.linear_flops +=
       2.0 * static_cast<double>(T * a->rank()) * static_cast<double>(a->a_cols() + a->out);

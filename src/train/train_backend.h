@@ -10,6 +10,7 @@
 #include <span>
 #include <vector>
 
+#include "qalora/adapters/lora.h"
 #include "qalora/train/train_step.h"
 
 namespace qalora {
@@ -41,16 +42,26 @@ struct TrainSession::Impl {
   float *dx = nullptr, *dxn = nullptr, *datt = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
         *dgate = nullptr, *dup = nullptr;
 
+  // The sequences of the pass: rows [begin, begin + length) of every activation, each with its
+  // dropout seed (set_batch).
+  struct Segment {
+    int64_t begin, length;
+    uint64_t seed;
+  };
+  std::vector<Segment> segments;
+  int64_t max_sequence;  // the longest segment a batch may hold
+
   // Block li's input -> its output, saving what its backward needs; p = dropout probability.
-  void block_forward(int64_t li, int64_t T, float p, uint64_t seed, TrainStepStats& st);
+  void block_forward(int64_t li, int64_t T, float p, TrainStepStats& st);
   // dx: the gradient of block li's output on entry, of its input on return; adds the adapters'
   // gradients. `fresh`: block_forward(li) has just run (recomputation), so the attention's
   // output and what its backward needs are still current.
-  void block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
-                      TrainStepStats& st);
+  void block_backward(int64_t li, int64_t T, float p, bool fresh, TrainStepStats& st);
+  // The dropout of target t's adapter in layer li: each segment's seed derived for it.
+  const AdapterDropout& adapter_dropout(int64_t li, Target t, float p);
 
   // ---- What a backend implements, in its own memory.
-  virtual void embed(std::span<const int32_t> tokens) = 0;  // -> x_in[0]
+  virtual void embed() = 0;  // tokens -> x_in[0]
   // Final norm, head and chunked cross-entropy over next_ids; with `backward`, leaves the
   // gradient of the last block's output in dx. Returns the loss sum.
   virtual double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) = 0;
@@ -61,16 +72,18 @@ struct TrainSession::Impl {
   virtual void norm_backward(float* dx, const float* dout, const float* x, int64_t li, Norm n,
                              int64_t T) = 0;
   // y[T, out] = x W^T (+ bias) + the target's adapter, saving the adapter's u in b.
+  // p = dropout probability (adapter_dropout gives the masks).
   virtual void linear(int64_t li, Target t, const float* x, float* y, const BlockActs& b, int64_t T,
-                      float p, uint64_t seed, TrainStepStats& st) = 0;
+                      float p, TrainStepStats& st) = 0;
   // dx[T, in] (= or, with `accumulate`, +=) the input gradient of `linear` given dy, with the
   // adapter's gradients added to its sums.
   virtual void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx,
                                bool accumulate, const BlockActs& b, int64_t T, float p,
-                               uint64_t seed, TrainStepStats& st) = 0;
-  // In place on x [T, heads, Hd]: RoPE at positions 0..T-1, or its adjoint.
+                               TrainStepStats& st) = 0;
+  // In place on x [T, heads, Hd]: RoPE at each segment's positions 0, 1, ..., or its adjoint.
   virtual void rope(float* x, int64_t heads, int64_t T, bool backward) = 0;
   // b.att from b's q, k, v (and whatever the backward needs); then dq, dk, dv from datt.
+  // Causal within each segment.
   virtual void attention_forward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats& st) = 0;
   virtual void attention_backward(int64_t li, const BlockActs& b, int64_t T,
                                   TrainStepStats& st) = 0;
@@ -93,17 +106,18 @@ struct TrainSession::Impl {
   virtual void sync() {}
   virtual int64_t activation_bytes() const = 0;
 
-  void check_input(std::span<const int32_t> tokens, std::span<const uint8_t> target) const;
-  // Position t predicts tokens[t + 1] when that token is a target (else next_ids[t] = -1);
-  // returns the number of scored positions.
-  int64_t set_next_ids(std::span<const int32_t> tokens, std::span<const uint8_t> target);
+  // Checks the batch and sets tokens, segments and next_ids (position t predicts the next
+  // token of its sequence when that token is a target, else -1); returns the scored count.
+  int64_t set_batch(std::span<const TrainSequence> batch);
 
   const Model& model;
   AdapterSet& adapters;
   int64_t max_tokens;
   TrainStepOptions options;
   int64_t D, H, KV, Hd, F, V, QD, KVD, R;
+  std::vector<int32_t> tokens;    // the batch's tokens, concatenated
   std::vector<int32_t> next_ids;  // [max_tokens] target id per position, -1 = not scored
+  AdapterDropout dropout_runs;    // adapter_dropout's result
 };
 
 // Each adapter draws its dropout mask from its own stream, so that one layer's mask does not

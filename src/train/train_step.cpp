@@ -8,6 +8,7 @@
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/core/hash.h"
+#include "qalora/core/uninit_vector.h"
 #include "qalora/model/runtime.h"
 #include "qalora/ops/matmul_stored.h"
 #include "qalora/ops/ops.h"
@@ -30,7 +31,8 @@ void add_into(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
-using Buf = std::vector<float>;
+// Sized for a full packed batch, paid for by the rows a batch writes.
+using Buf = UninitVector<float>;
 
 // A block's saved activations (TrainSession::Impl::BlockActs) in host memory.
 struct BlockStore {
@@ -53,82 +55,97 @@ TrainSession::Impl::Impl(const Model& m, AdapterSet& a, int64_t T, TrainStepOpti
   QL_CHECK(T > 0, "training: the sequence length must be positive, got ", T);
   QL_CHECK(options.loss_chunk > 0, "training: the loss chunk must be positive, got ",
            options.loss_chunk);
+  QL_CHECK(options.max_sequence >= 0 && options.max_sequence <= T,
+           "training: the longest sequence ", options.max_sequence, " is outside 0..", T);
+  max_sequence = options.max_sequence > 0 ? options.max_sequence : T;
   check_adapters_match(a, m, "adapters");
   next_ids.resize(static_cast<size_t>(T));
 }
 
-void TrainSession::Impl::check_input(std::span<const int32_t> tokens,
-                                     std::span<const uint8_t> target) const {
-  const auto T = static_cast<int64_t>(tokens.size());
-  QL_CHECK(T > 0 && T <= max_tokens, "training: a sequence of ", T,
-           " tokens does not fit the session's 1..", max_tokens, " tokens");
-  QL_CHECK(target.size() == tokens.size(), "training: ", target.size(), " target flags for ", T,
-           " tokens");
-  for (int32_t id : tokens)
-    QL_CHECK(id >= 0 && id < V, "training: token id ", id, " is out of range [0, ", V, ")");
-}
-
-int64_t TrainSession::Impl::set_next_ids(std::span<const int32_t> tokens,
-                                         std::span<const uint8_t> target) {
-  const auto T = static_cast<int64_t>(tokens.size());
-  int64_t n = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const bool scored = t + 1 < T && target[static_cast<size_t>(t + 1)];
-    next_ids[static_cast<size_t>(t)] = scored ? tokens[static_cast<size_t>(t + 1)] : -1;
-    n += scored;
+int64_t TrainSession::Impl::set_batch(std::span<const TrainSequence> batch) {
+  QL_CHECK(!batch.empty(), "training: an empty batch");
+  tokens.clear(), segments.clear();
+  int64_t scored = 0;
+  for (const TrainSequence& s : batch) {
+    const auto n = static_cast<int64_t>(s.tokens.size());
+    QL_CHECK(n > 0 && n <= max_sequence, "training: a sequence of ", n,
+             " tokens does not fit the session's 1..", max_sequence, " tokens");
+    QL_CHECK(static_cast<int64_t>(tokens.size()) + n <= max_tokens, "training: a batch of ",
+             tokens.size() + s.tokens.size(), "+ tokens exceeds the session's ", max_tokens);
+    QL_CHECK(s.target.size() == s.tokens.size(), "training: ", s.target.size(),
+             " target flags for ", n, " tokens");
+    for (int32_t id : s.tokens)
+      QL_CHECK(id >= 0 && id < V, "training: token id ", id, " is out of range [0, ", V, ")");
+    const auto begin = static_cast<int64_t>(tokens.size());
+    segments.push_back({begin, n, s.dropout_seed});
+    tokens.insert(tokens.end(), s.tokens.begin(), s.tokens.end());
+    for (int64_t t = 0; t < n; ++t) {
+      const bool is_scored = t + 1 < n && s.target[static_cast<size_t>(t + 1)];
+      next_ids[static_cast<size_t>(begin + t)] =
+          is_scored ? s.tokens[static_cast<size_t>(t + 1)] : -1;
+      scored += is_scored;
+    }
   }
-  return n;
+  return scored;
 }
 
-void TrainSession::Impl::block_forward(int64_t li, int64_t T, float p, uint64_t seed,
-                                       TrainStepStats& st) {
+const AdapterDropout& TrainSession::Impl::adapter_dropout(int64_t li, Target t, float p) {
+  dropout_runs.p = p;
+  dropout_runs.runs.clear();
+  if (p > 0.0f)
+    for (const Segment& s : segments)
+      dropout_runs.runs.push_back({s.length, adapter_seed(s.seed, li, t)});
+  return dropout_runs;
+}
+
+void TrainSession::Impl::block_forward(int64_t li, int64_t T, float p, TrainStepStats& st) {
   const BlockActs b = acts_of(li);
   const float* x = x_in[static_cast<size_t>(li)];
   float* x_out = x_in[static_cast<size_t>(li + 1)];
   norm_forward(xn, x, li, Norm::Attention, T);
-  linear(li, Target::Q, xn, b.q, b, T, p, seed, st);
-  linear(li, Target::K, xn, b.k, b, T, p, seed, st);
-  linear(li, Target::V, xn, b.v, b, T, p, seed, st);
+  linear(li, Target::Q, xn, b.q, b, T, p, st);
+  linear(li, Target::K, xn, b.k, b, T, p, st);
+  linear(li, Target::V, xn, b.v, b, T, p, st);
   rope(b.q, H, T, false);
   rope(b.k, KV, T, false);
   attention_forward(li, b, T, st);
   st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
-  linear(li, Target::O, b.att, b.x_mid, b, T, p, seed, st);
+  linear(li, Target::O, b.att, b.x_mid, b, T, p, st);
   add(b.x_mid, x, T * D);
   norm_forward(xn, b.x_mid, li, Norm::Ffn, T);
-  linear(li, Target::Gate, xn, b.gate, b, T, p, seed, st);
-  linear(li, Target::Up, xn, b.up, b, T, p, seed, st);
+  linear(li, Target::Gate, xn, b.gate, b, T, p, st);
+  linear(li, Target::Up, xn, b.up, b, T, p, st);
   swiglu_forward(hidden, b.gate, b.up, T * F);
-  linear(li, Target::Down, hidden, x_out, b, T, p, seed, st);
+  linear(li, Target::Down, hidden, x_out, b, T, p, st);
   add(x_out, b.x_mid, T * D);
   block_done(li, T);
 }
 
-void TrainSession::Impl::block_backward(int64_t li, int64_t T, float p, uint64_t seed, bool fresh,
+void TrainSession::Impl::block_backward(int64_t li, int64_t T, float p, bool fresh,
                                         TrainStepStats& st) {
   const BlockActs b = acts_of(li);
   swiglu_forward(hidden, b.gate, b.up, T * F);
-  linear_backward(li, Target::Down, dx, hidden, dgate, false, b, T, p, seed, st);
+  linear_backward(li, Target::Down, dx, hidden, dgate, false, b, T, p, st);
   swiglu_backward(dgate, dup, dgate, b.gate, b.up, T * F);
   norm_forward(xn, b.x_mid, li, Norm::Ffn, T);
-  linear_backward(li, Target::Gate, dgate, xn, dxn, false, b, T, p, seed, st);
-  linear_backward(li, Target::Up, dup, xn, dxn, true, b, T, p, seed, st);
+  linear_backward(li, Target::Gate, dgate, xn, dxn, false, b, T, p, st);
+  linear_backward(li, Target::Up, dup, xn, dxn, true, b, T, p, st);
   norm_backward(dx, dxn, b.x_mid, li, Norm::Ffn, T);
 
   if (!fresh && !keeps_attention()) {
     attention_forward(li, b, T, st);
     st.flops += 2.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
   }
-  linear_backward(li, Target::O, dx, b.att, datt, false, b, T, p, seed, st);
+  linear_backward(li, Target::O, dx, b.att, datt, false, b, T, p, st);
   attention_backward(li, b, T, st);
   st.flops += 4.0 * static_cast<double>(H * Hd) * static_cast<double>(T * (T + 1));
   rope(dq, H, T, true);
   rope(dk, KV, T, true);
   const float* x = x_in[static_cast<size_t>(li)];
   norm_forward(xn, x, li, Norm::Attention, T);
-  linear_backward(li, Target::Q, dq, xn, dxn, false, b, T, p, seed, st);
-  linear_backward(li, Target::K, dk, xn, dxn, true, b, T, p, seed, st);
-  linear_backward(li, Target::V, dv, xn, dxn, true, b, T, p, seed, st);
+  linear_backward(li, Target::Q, dq, xn, dxn, false, b, T, p, st);
+  linear_backward(li, Target::K, dk, xn, dxn, true, b, T, p, st);
+  linear_backward(li, Target::V, dv, xn, dxn, true, b, T, p, st);
   norm_backward(dx, dxn, x, li, Norm::Attention, T);
   block_done(li, T);
 }
@@ -151,22 +168,25 @@ struct CpuTrainStep final : TrainSession::Impl {
     const ModelConfig& c = m.config;
     rope_tables(c, T, rope_cos, rope_sin);
     const auto n = [&](int64_t k) { return static_cast<size_t>(T * k); };
-    x_store.assign(static_cast<size_t>(c.n_layers + 1), Buf(n(D)));
-    for (Buf& b : x_store) x_in.push_back(b.data());
+    x_store.resize(static_cast<size_t>(c.n_layers + 1));
+    for (Buf& b : x_store) b.resize(n(D)), x_in.push_back(b.data());
     store.resize(options.grad_checkpoint ? 1 : static_cast<size_t>(c.n_layers));
     // Each block keeps its attention probabilities (the backward then skips recomputing the
     // attention, about a quarter of its work) when they take no more memory than what the
     // block saves anyway: short sequences. With checkpointing the block reruns regardless.
     const int64_t saved = QD + 2 * KVD + D + 2 * F + R * std::ssize(a.config.targets);
-    keep_attention = !options.grad_checkpoint && H * T <= saved;
+    keep_attention = !options.grad_checkpoint && H * max_sequence <= saved;
+    // Segment i's probabilities [H, T_i, T_i] follow the ones before it: the sum of T_i^2 is at
+    // most max_sequence * T.
+    const int64_t probs_size = H * max_sequence * T;
     for (BlockStore& b : store) {
       b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
       b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
       for (Target t : a.config.targets) b.u[static_cast<int>(t)].resize(n(R));
-      if (keep_attention) b.att.resize(n(QD)), b.probs.resize(static_cast<size_t>(H * T * T));
+      if (keep_attention) b.att.resize(n(QD)), b.probs.resize(static_cast<size_t>(probs_size));
     }
     xn_b.resize(n(D)), hidden_b.resize(n(F));
-    if (!keep_attention) att_b.resize(n(QD)), probs.resize(static_cast<size_t>(H * T * T));
+    if (!keep_attention) att_b.resize(n(QD)), probs.resize(static_cast<size_t>(probs_size));
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk));
@@ -175,7 +195,7 @@ struct CpuTrainStep final : TrainSession::Impl {
     dq_b.resize(n(QD)), dk_b.resize(n(KVD)), dv_b.resize(n(KVD));
     dgate_b.resize(n(F)), dup_b.resize(n(F));
     lora_scratch.resize(n(widest + R));
-    attn_scratch.resize(static_cast<size_t>(ops::attention_backward_scratch(T, H)));
+    attn_scratch.resize(static_cast<size_t>(ops::attention_backward_scratch(max_sequence, H)));
     xn = xn_b.data(), hidden = hidden_b.data();
     dx = dx_b.data(), dxn = dxn_b.data(), datt = datt_b.data();
     dq = dq_b.data(), dk = dk_b.data(), dv = dv_b.data(), dgate = dgate_b.data(),
@@ -210,7 +230,7 @@ struct CpuTrainStep final : TrainSession::Impl {
   }
 
   void linear(int64_t li, Target t, const float* x, float* y, const BlockActs& b, int64_t T,
-              float p, uint64_t seed, TrainStepStats& st) override {
+              float p, TrainStepStats& st) override {
     const Linear& l = target_linear(model.layers[static_cast<size_t>(li)], t);
     // Exact activations: a short sequence would otherwise take the int8 decode GEMV.
     auto t0 = Clock::now();
@@ -219,7 +239,7 @@ struct CpuTrainStep final : TrainSession::Impl {
     st.base_seconds += seconds_since(t0);
     if (const LoraAdapter* a = adapters.find(li, t)) {
       t0 = Clock::now();
-      lora_forward(*a, adapters.config.scale(), x, T, p, adapter_seed(seed, li, t), y,
+      lora_forward(*a, adapters.config.scale(), x, T, adapter_dropout(li, t, p), y,
                    b.u[static_cast<size_t>(t)], lora_scratch.data());
       st.flops += matmul_flops(T, a->a_cols() + a->out, R);
       st.adapter_seconds += seconds_since(t0);
@@ -227,7 +247,7 @@ struct CpuTrainStep final : TrainSession::Impl {
   }
 
   void linear_backward(int64_t li, Target t, const float* dy, const float* x, float* dx_out,
-                       bool accumulate, const BlockActs& b, int64_t T, float p, uint64_t seed,
+                       bool accumulate, const BlockActs& b, int64_t T, float p,
                        TrainStepStats& st) override {
     const Linear& l = target_linear(model.layers[static_cast<size_t>(li)], t);
     auto t0 = Clock::now();
@@ -241,28 +261,42 @@ struct CpuTrainStep final : TrainSession::Impl {
     st.base_seconds += seconds_since(t0);
     if (LoraAdapter* a = adapters.find(li, t)) {
       t0 = Clock::now();
-      lora_backward(*a, adapters.config.scale(), dy, x, b.u[static_cast<size_t>(t)], T, p,
-                    adapter_seed(seed, li, t), dx_out, lora_scratch.data());
+      lora_backward(*a, adapters.config.scale(), dy, x, b.u[static_cast<size_t>(t)], T,
+                    adapter_dropout(li, t, p), dx_out, lora_scratch.data());
       st.flops += 2.0 * matmul_flops(T, a->a_cols() + a->out, R);
       st.adapter_seconds += seconds_since(t0);
     }
   }
 
-  void rope(float* x, int64_t heads, int64_t T, bool backward) override {
-    (backward ? ops::rope_backward : ops::rope_forward)(x, T, heads, Hd, 0, rope_cos.data(),
-                                                        rope_sin.data());
+  void rope(float* x, int64_t heads, int64_t, bool backward) override {
+    for (const Segment& s : segments)
+      (backward ? ops::rope_backward : ops::rope_forward)(x + s.begin * heads * Hd, s.length, heads,
+                                                          Hd, 0, rope_cos.data(), rope_sin.data());
   }
 
-  void attention_forward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats& st) override {
+  // Each segment attends to itself: the ops on its rows, its probabilities after the previous
+  // segments'.
+  void attention_forward(int64_t li, const BlockActs& b, int64_t, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    ops::attention_train_forward(b.att, probs_of(li), b.q, b.k, b.v, T, H, KV, Hd);
+    float* probs_at = probs_of(li);
+    for (const Segment& s : segments) {
+      ops::attention_train_forward(b.att + s.begin * QD, probs_at, b.q + s.begin * QD,
+                                   b.k + s.begin * KVD, b.v + s.begin * KVD, s.length, H, KV, Hd);
+      probs_at += H * s.length * s.length;
+    }
     st.attention_seconds += seconds_since(t0);
   }
 
-  void attention_backward(int64_t li, const BlockActs& b, int64_t T, TrainStepStats& st) override {
+  void attention_backward(int64_t li, const BlockActs& b, int64_t, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    ops::attention_train_backward(dq, dk, dv, datt, probs_of(li), b.q, b.k, b.v, T, H, KV, Hd,
-                                  attn_scratch.data());
+    const float* probs_at = probs_of(li);
+    for (const Segment& s : segments) {
+      ops::attention_train_backward(dq + s.begin * QD, dk + s.begin * KVD, dv + s.begin * KVD,
+                                    datt + s.begin * QD, probs_at, b.q + s.begin * QD,
+                                    b.k + s.begin * KVD, b.v + s.begin * KVD, s.length, H, KV, Hd,
+                                    attn_scratch.data());
+      probs_at += H * s.length * s.length;
+    }
     st.attention_seconds += seconds_since(t0);
   }
 
@@ -278,7 +312,7 @@ struct CpuTrainStep final : TrainSession::Impl {
     if (streams_weights(T)) model.layers[static_cast<size_t>(li)].release_pages();
   }
 
-  void embed(std::span<const int32_t> tokens) override {
+  void embed() override {
     const auto T = static_cast<int64_t>(tokens.size());
     float* x = x_in[0];
     for (int64_t t = 0; t < T; ++t) {
@@ -365,13 +399,19 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
                                       std::span<const uint8_t> target, float grad_scale,
                                       uint64_t dropout_seed, int64_t& targets,
                                       const std::function<void(int64_t layer)>& on_layer_done) {
+  const TrainSequence one{tokens, target, dropout_seed};
+  return forward_backward({&one, 1}, grad_scale, targets, on_layer_done);
+}
+
+double TrainSession::forward_backward(std::span<const TrainSequence> batch, float grad_scale,
+                                      int64_t& targets,
+                                      const std::function<void(int64_t layer)>& on_layer_done) {
   Impl& m = *impl_;
-  m.check_input(tokens, target);
-  const auto T = static_cast<int64_t>(tokens.size());
+  targets = m.set_batch(batch);
+  if (targets == 0) return 0.0;
+  const auto T = static_cast<int64_t>(m.tokens.size());
   const int64_t layers = m.model.config.n_layers;
   const float p = m.adapters.config.dropout;
-  targets = m.set_next_ids(tokens, target);
-  if (targets == 0) return 0.0;
   for (LoraAdapter& a : m.adapters.adapters)
     if (a.grad_A.empty()) {
       a.grad_A.assign(static_cast<size_t>(a.A.numel()), 0.0f);
@@ -380,8 +420,8 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
 
   const auto t0 = Clock::now();
   m.begin(true);
-  m.embed(tokens);
-  for (int64_t li = 0; li < layers; ++li) m.block_forward(li, T, p, dropout_seed, stats_);
+  m.embed();
+  for (int64_t li = 0; li < layers; ++li) m.block_forward(li, T, p, stats_);
   m.sync();
   stats_.forward_seconds += seconds_since(t0);
 
@@ -392,11 +432,11 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
     if (m.options.grad_checkpoint) {
       // Reruns the block from its saved input with the same dropout masks.
       const auto tr = Clock::now();
-      m.block_forward(li, T, p, dropout_seed, stats_);
+      m.block_forward(li, T, p, stats_);
       m.sync();
       recompute_s += seconds_since(tr);
     }
-    m.block_backward(li, T, p, dropout_seed, m.options.grad_checkpoint, stats_);
+    m.block_backward(li, T, p, m.options.grad_checkpoint, stats_);
     m.layer_done(li);
     if (on_layer_done) on_layer_done(li);
   }
@@ -410,14 +450,14 @@ double TrainSession::forward_backward(std::span<const int32_t> tokens,
 double TrainSession::loss(std::span<const int32_t> tokens, std::span<const uint8_t> target,
                           int64_t& targets) {
   Impl& m = *impl_;
-  m.check_input(tokens, target);
-  const auto T = static_cast<int64_t>(tokens.size());
-  targets = m.set_next_ids(tokens, target);
+  const TrainSequence one{tokens, target, 0};
+  targets = m.set_batch({&one, 1});
   if (targets == 0) return 0.0;
+  const auto T = static_cast<int64_t>(m.tokens.size());
   TrainStepStats unused;
   m.begin(false);
-  m.embed(tokens);
-  for (int64_t li = 0; li < m.model.config.n_layers; ++li) m.block_forward(li, T, 0.0f, 0, unused);
+  m.embed();
+  for (int64_t li = 0; li < m.model.config.n_layers; ++li) m.block_forward(li, T, 0.0f, unused);
   return m.head_loss(T, 0.0f, false, unused);
 }
 

@@ -445,8 +445,10 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   int64_t max_len = 1;
   for (const Dataset* d : {&train_set, &eval_set})
     for (const Example& e : d->examples) max_len = std::max<int64_t>(max_len, std::ssize(e.tokens));
-  TrainSession session(model, adapters, max_len,
-                       {.grad_checkpoint = cfg.grad_checkpoint, .device = cfg.device});
+  // A batch's sequences run packed into one pass: buffers for batch_size of the longest.
+  TrainSession session(
+      model, adapters, cfg.batch_size * max_len,
+      {.grad_checkpoint = cfg.grad_checkpoint, .max_sequence = max_len, .device = cfg.device});
 
   const AdapterConfig& ac = adapters.config;
   if (root) {
@@ -533,19 +535,21 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     bar->resume_from(rs.step);
   }
   std::vector<const Example*> step_examples;
-  std::vector<bool> mine;  // whether this rank runs step_examples[i]
-  size_t last_mine = 0;    // the last of them
+  std::vector<int64_t> batch_of;  // the batch of step_examples[i] within the step
+  std::vector<TrainSequence> packed;
   GradientSum gradient_sum(comm, adapters, model.config.n_layers);
   while (rs.step < total) {
     const auto t_data = Clock::now();
     step_examples.clear();
-    mine.clear();
-    for (int64_t m = 0; m < step_batches; ++m)
+    batch_of.clear();
+    int64_t last_mine = -1;  // this rank's last batch
+    for (int64_t m = 0; m < step_batches; ++m) {
       for (int64_t i : batcher.next()) {
         step_examples.push_back(&train_set.examples[static_cast<size_t>(i)]);
-        mine.push_back(share.owns(m));
-        if (mine.back()) last_mine = step_examples.size() - 1;
+        batch_of.push_back(m);
       }
+      if (share.owns(m)) last_mine = m;
+    }
     int64_t step_targets = 0, step_tokens = 0;
     for (const Example* e : step_examples) {
       step_targets += e->target_count();
@@ -561,16 +565,20 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
     // The ranks' gradients (each divided by the global scored-token count) are summed, each
     // layer's from when the backward of this rank's last sequence is done with it.
     gradient_sum.begin_step();
-    for (size_t i = 0; i < step_examples.size(); ++i) {
-      if (!mine[i]) continue;
+    for (int64_t m = 0; m < step_batches; ++m) {
+      if (!share.owns(m)) continue;
+      // The seed of each example's place in the global step: any split gives the same dropout.
+      packed.clear();
+      for (size_t i = 0; i < step_examples.size(); ++i)
+        if (batch_of[i] == m)
+          packed.push_back(
+              {step_examples[i]->tokens, step_examples[i]->target, derive_seed(step_seed, i)});
       int64_t n = 0;
       std::function<void(int64_t)> on_layer_done;
-      if (ranks > 1 && i == last_mine)
+      if (ranks > 1 && m == last_mine)
         on_layer_done = [&](int64_t li) { gradient_sum.layer_done(li); };
-      // The seed of the example's place in the global step: any split gives the same dropout.
-      loss_sum += session.forward_backward(step_examples[i]->tokens, step_examples[i]->target,
-                                           1.0f / static_cast<float>(step_targets),
-                                           derive_seed(step_seed, i), n, on_layer_done);
+      loss_sum += session.forward_backward(packed, 1.0f / static_cast<float>(step_targets), n,
+                                           on_layer_done);
     }
     const double fb_s = seconds_since(t_fb);
 

@@ -176,15 +176,17 @@ TEST(LoraOps, ForwardBackwardMatchReferenceOnOddShapes) {
       auto ya = random_uniform(s.T * s.O, 14), yb = ya;  // the forward adds to y
       std::vector<float> ua(sz(s.T * s.r)), ub(ua.size());
       std::vector<float> scratch(sz(s.T * (C + s.r)));
-      lora_forward(a, scale, x.data(), s.T, p, seed, ya.data(), ua.data(), scratch.data());
-      lora_forward_ref(b, scale, x.data(), s.T, p, seed, yb.data(), ub.data(), scratch.data());
+      lora_forward(a, scale, x.data(), s.T, AdapterDropout::single(p, seed, s.T), ya.data(),
+                   ua.data(), scratch.data());
+      lora_forward_ref(b, scale, x.data(), s.T, AdapterDropout::single(p, seed, s.T), yb.data(),
+                       ub.data(), scratch.data());
       expect_close(ua, ub, 1e-5f);
       expect_close(ya, yb, 1e-5f);
       auto dxa = random_uniform(s.T * s.I, 15), dxb = dxa;  // the backward adds to dx
-      lora_backward(a, scale, dy.data(), x.data(), ua.data(), s.T, p, seed, dxa.data(),
-                    scratch.data());
-      lora_backward_ref(b, scale, dy.data(), x.data(), ua.data(), s.T, p, seed, dxb.data(),
-                        scratch.data());
+      lora_backward(a, scale, dy.data(), x.data(), ua.data(), s.T,
+                    AdapterDropout::single(p, seed, s.T), dxa.data(), scratch.data());
+      lora_backward_ref(b, scale, dy.data(), x.data(), ua.data(), s.T,
+                        AdapterDropout::single(p, seed, s.T), dxb.data(), scratch.data());
       expect_close(a.grad_A, b.grad_A, 1e-5f);
       expect_close(a.grad_B, b.grad_B, 1e-5f);
       expect_close(dxa, dxb, 1e-5f);
@@ -240,9 +242,10 @@ TEST(LoraOps, GradientsMatchFiniteDifferences) {
       const auto x = random_uniform(s.T * s.I, 22), dy = random_uniform(s.T * s.O, 23);
       std::vector<float> y(sz(s.T * s.O), 0.0f), u(sz(s.T * s.r)), dx(sz(s.T * s.I), 0.0f);
       std::vector<float> scratch(sz(s.T * (C + s.r)));
-      lora_forward(a, scale, x.data(), s.T, p, seed, y.data(), u.data(), scratch.data());
-      lora_backward(a, scale, dy.data(), x.data(), u.data(), s.T, p, seed, dx.data(),
-                    scratch.data());
+      lora_forward(a, scale, x.data(), s.T, AdapterDropout::single(p, seed, s.T), y.data(),
+                   u.data(), scratch.data());
+      lora_backward(a, scale, dy.data(), x.data(), u.data(), s.T,
+                    AdapterDropout::single(p, seed, s.T), dx.data(), scratch.data());
 
       std::vector<float> mask_f(sz(s.T * C), 1.0f);
       dropout_forward(mask_f.data(), s.T, C, p, seed);
@@ -282,7 +285,7 @@ TEST(LoraOps, BackwardRequiresAllocatedGradients) {
   a.grad_A.clear();
   std::vector<float> x(16), dy(8), u(4), dx(16), scratch(20);
   try {
-    lora_backward(a, 1.0f, dy.data(), x.data(), u.data(), s.T, 0.0f, 0, dx.data(), scratch.data());
+    lora_backward(a, 1.0f, dy.data(), x.data(), u.data(), s.T, {}, dx.data(), scratch.data());
     FAIL() << "expected an Error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("layer 1 up_proj: gradients expected 16 + 8 floats"),

@@ -39,17 +39,23 @@ TEST(CudaOps, RmsNormForwardAndBackward) {
   expect_close(to_host(dDx), dx, 1e-5f, 1e-4f, "rmsnorm dx");
 }
 
-TEST(CudaOps, RopeForwardAndBackward) {
+// Two packed sequences: positions restart at 0 for the second.
+TEST(CudaOps, RopeForwardAndBackwardAtPackedPositions) {
   QL_REQUIRE_GPU();
   const int64_t T = 9, H = 3, Hd = 14;
+  const std::vector<int32_t> positions = {0, 1, 2, 3, 4, 0, 1, 2, 3};
+  const std::vector<int64_t> positions64(positions.begin(), positions.end());
   const auto x = random_uniform(T * H * Hd, 5), cs = random_uniform(T * Hd / 2, 6),
              sn = random_uniform(T * Hd / 2, 7);
   std::vector<float> fwd = x, bwd = x;
-  ops::rope_forward_ref(fwd.data(), T, H, Hd, 0, cs.data(), sn.data());
-  ops::rope_backward_ref(bwd.data(), T, H, Hd, 0, cs.data(), sn.data());
-  auto dF = to_device(x), dB = to_device(x), dC = to_device(cs), dS = to_device(sn);
-  cuda::rope_forward(dF.data(), T, H, Hd, dC.data(), dS.data());
-  cuda::rope_backward(dB.data(), T, H, Hd, dC.data(), dS.data());
+  ops::rope_forward_at_ref(fwd.data(), T, H, Hd, positions64.data(), cs.data(), sn.data());
+  ops::rope_backward_ref(bwd.data(), 5, H, Hd, 0, cs.data(), sn.data());
+  ops::rope_backward_ref(bwd.data() + 5 * H * Hd, 4, H, Hd, 0, cs.data(), sn.data());
+  auto dF = to_device(x), dB = to_device(x);
+  const auto dC = to_device(cs), dS = to_device(sn);
+  const auto dP = to_device(positions);
+  cuda::rope_forward(dF.data(), T, H, Hd, dP.data(), dC.data(), dS.data());
+  cuda::rope_backward(dB.data(), T, H, Hd, dP.data(), dC.data(), dS.data());
   expect_close(to_host(dF), fwd, 1e-6f, 1e-6f, "rope forward");
   expect_close(to_host(dB), bwd, 1e-6f, 1e-6f, "rope backward");
 }
@@ -73,42 +79,58 @@ TEST(CudaOps, SwigluForwardAndBackwardWithAliasedGradient) {
 
 struct AttentionShape {
   int64_t T, H, KV, Hd;
+  int64_t split;  // a second packed sequence starts at this row (0: one sequence)
 };
 
 class CudaAttention : public ::testing::TestWithParam<AttentionShape> {};
 
 TEST_P(CudaAttention, ForwardAndBackwardMatchTheReference) {
   QL_REQUIRE_GPU();
-  const auto [T, H, KV, Hd] = GetParam();
+  const auto [T, H, KV, Hd, split] = GetParam();
   const auto q = random_uniform(T * H * Hd, 11, -2, 2), k = random_uniform(T * KV * Hd, 12, -2, 2),
              v = random_uniform(T * KV * Hd, 13), dout = random_uniform(T * H * Hd, 14);
   std::vector<float> out(q.size()), probs(static_cast<size_t>(H * T * T));
   std::vector<float> dq(q.size()), dk(k.size()), dv(v.size()), scratch(probs.size());
-  ops::attention_train_forward_ref(out.data(), probs.data(), q.data(), k.data(), v.data(), T, H, KV,
-                                   Hd);
-  ops::attention_train_backward_ref(dq.data(), dk.data(), dv.data(), dout.data(), probs.data(),
-                                    q.data(), k.data(), v.data(), T, H, KV, Hd, scratch.data());
-  auto dQ = to_device(q), dK = to_device(k), dV = to_device(v), dDout = to_device(dout);
+  std::vector<int32_t> rows(static_cast<size_t>(2 * T));  // each row's sequence begin, end
+  using Rows = std::vector<std::pair<int64_t, int64_t>>;
+  for (const auto& [b, e] : split > 0 ? Rows{{0, split}, {split, T}} : Rows{{0, T}}) {
+    const int64_t n = e - b, qo = b * H * Hd, ko = b * KV * Hd;
+    ops::attention_train_forward_ref(out.data() + qo, probs.data(), q.data() + qo, k.data() + ko,
+                                     v.data() + ko, n, H, KV, Hd);
+    ops::attention_train_backward_ref(dq.data() + qo, dk.data() + ko, dv.data() + ko,
+                                      dout.data() + qo, probs.data(), q.data() + qo, k.data() + ko,
+                                      v.data() + ko, n, H, KV, Hd, scratch.data());
+    for (int64_t t = b; t < e; ++t)
+      rows[static_cast<size_t>(t)] = static_cast<int32_t>(b),
+      rows[static_cast<size_t>(T + t)] = static_cast<int32_t>(e);
+  }
+  const auto dQ = to_device(q), dK = to_device(k), dV = to_device(v), dDout = to_device(dout);
+  const auto dRows = to_device(rows);
   cuda::DeviceBuffer<float> dOut(T * H * Hd), lse(H * T), delta(H * T);
   cuda::DeviceBuffer<float> gq(T * H * Hd), gk(T * KV * Hd), gv(T * KV * Hd);
-  cuda::attention_forward(dOut.data(), lse.data(), dQ.data(), dK.data(), dV.data(), T, H, KV, Hd);
+  cuda::attention_forward(dOut.data(), lse.data(), dQ.data(), dK.data(), dV.data(), dRows.data(), T,
+                          H, KV, Hd);
   cuda::attention_backward(gq.data(), gk.data(), gv.data(), delta.data(), dDout.data(), dOut.data(),
-                           lse.data(), dQ.data(), dK.data(), dV.data(), T, H, KV, Hd);
+                           lse.data(), dQ.data(), dK.data(), dV.data(), dRows.data(),
+                           dRows.data() + T, T, H, KV, Hd);
   expect_close(to_host(dOut), out, 1e-5f, 1e-4f, "attention out");
   expect_close(to_host(gq), dq, 1e-4f, 1e-3f, "attention dq");
   expect_close(to_host(gk), dk, 1e-4f, 1e-3f, "attention dk");
   expect_close(to_host(gv), dv, 1e-4f, 1e-3f, "attention dv");
 }
 
-// Head dims below, at and above a warp (lanes holding 1 to 5 elements, with tails), and
-// sequences that are not a multiple of the block's warps.
+// Head dims below, at and above a warp (lanes holding 1 to 5 elements, with tails),
+// sequences that are not a multiple of the block's warps, and two sequences packed (17 + 28).
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttention,
-                         ::testing::Values(AttentionShape{1, 2, 1, 8}, AttentionShape{37, 6, 2, 40},
-                                           AttentionShape{70, 4, 4, 64},
-                                           AttentionShape{33, 8, 2, 130}),
+                         ::testing::Values(AttentionShape{1, 2, 1, 8, 0},
+                                           AttentionShape{37, 6, 2, 40, 0},
+                                           AttentionShape{70, 4, 4, 64, 0},
+                                           AttentionShape{33, 8, 2, 130, 0},
+                                           AttentionShape{45, 6, 3, 40, 17}),
                          [](const auto& param_info) {
                            const AttentionShape& a = param_info.param;
-                           return cat("T", a.T, "_H", a.H, "_KV", a.KV, "_Hd", a.Hd);
+                           return cat("T", a.T, "_H", a.H, "_KV", a.KV, "_Hd", a.Hd,
+                                      a.split > 0 ? cat("_split", a.split) : "");
                          });
 
 TEST(CudaOps, CrossEntropyWithIgnoredTokens) {

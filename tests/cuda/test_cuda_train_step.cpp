@@ -54,5 +54,31 @@ TEST_P(CudaTrainStep, FollowsTheCpuStep) {
 INSTANTIATE_TEST_SUITE_P(Bases, CudaTrainStep, ::testing::ValuesIn(test::kBaseCases),
                          [](const auto& param_info) { return param_info.param.name; });
 
+// Three sequences packed into one pass on the GPU against the same pass on the CPU.
+TEST(CudaPackedTrainStep, FollowsTheCpu) {
+  QL_REQUIRE_GPU();
+  const Case& c = test::kBaseCases[3];  // QA-LoRA on INT4
+  const Model m = test::make_base(c);
+  const std::vector<int32_t> a(test::kTokens.begin(), test::kTokens.begin() + 5);
+  const std::vector<uint8_t> ta(test::kTarget.begin(), test::kTarget.begin() + 5);
+  const std::vector<TrainSequence> batch = {
+      {a, ta, 11}, {test::kTokens, test::kTarget, 22}, {a, ta, 33}};
+  std::vector<float> grads[2];
+  double loss[2];
+  for (int i = 0; i < 2; ++i) {
+    AdapterSet set = test::make_adapters(m, c, 0.2f);
+    TrainStepOptions options{.loss_chunk = 4, .max_sequence = 11};
+    if (i == 1) options.device = parse_device("cuda:0");
+    TrainSession session(m, set, 21, options);
+    zero_adapter_grads(set);
+    int64_t n = 0;
+    loss[i] = session.forward_backward(batch, 0.5f, n);
+    EXPECT_EQ(n, 11);
+    grads[i] = test::all_grads(set);
+  }
+  EXPECT_NEAR(loss[1], loss[0], 1e-2 * loss[0]);
+  EXPECT_LT(relative_error(grads[1], grads[0]), 2e-2);
+}
+
 }  // namespace
 }  // namespace qalora

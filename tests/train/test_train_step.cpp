@@ -131,6 +131,45 @@ TEST(TrainStep, HeldOutLossEqualsTheReferenceAndRejectsBadInput) {
   EXPECT_THROW(session.loss(bad_id, std::vector<uint8_t>{0, 1}, n), Error);
 }
 
+// Three sequences packed into one pass give what the three give one by one: the loss sum and
+// every adapter gradient (each sequence attends to itself, restarts its positions and draws its
+// own dropout masks), with and without checkpointing, and when the attention is kept per block.
+TEST(TrainStep, PackedSequencesEqualTheirSeparatePasses) {
+  const Case& c = test::kBaseCases[3];  // QA-LoRA on INT4
+  const Model m = make_base(c);
+  const std::vector<int32_t> a(kTokens.begin(), kTokens.begin() + 5),
+      b(kTokens.begin() + 3, kTokens.end());
+  const std::vector<uint8_t> ta(kTarget.begin(), kTarget.begin() + 5),
+      tb(kTarget.begin() + 3, kTarget.end());
+  const std::vector<TrainSequence> batch = {{a, ta, 11}, {kTokens, kTarget, 22}, {b, tb, 33}};
+  for (const bool checkpoint : {false, true}) {
+    AdapterSet set = make_adapters(m, c, 0.2f);
+    const TrainStepOptions options{
+        .grad_checkpoint = checkpoint, .loss_chunk = 5, .max_sequence = 11};
+    TrainSession session(m, set, 40, options);
+    zero_adapter_grads(set);
+    double separate = 0;
+    int64_t n = 0, total = 0;
+    for (const TrainSequence& s : batch) {
+      separate += session.forward_backward(s.tokens, s.target, 0.5f, s.dropout_seed, n);
+      total += n;
+    }
+    const std::vector<float> expected = all_grads(set);
+    zero_adapter_grads(set);
+    const double packed = session.forward_backward(batch, 0.5f, n);
+    EXPECT_EQ(n, total);
+    EXPECT_NEAR(packed, separate, 1e-5 * separate);
+    const std::vector<float> got = all_grads(set);
+    ASSERT_EQ(got.size(), expected.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_NEAR(got[i], expected[i], 1e-6f + 1e-4f * std::abs(expected[i])) << i;
+  }
+  AdapterSet set = make_adapters(m, c, 0.0f);
+  TrainSession session(m, set, 20, {.max_sequence = 11});
+  int64_t n = 0;
+  EXPECT_THROW(session.forward_backward(batch, 1.0f, n), Error);  // 27 tokens > 20
+}
+
 // Where no GPU can be used, asking for one fails up front with the reason (tests/cuda covers
 // the GPU's step where there is one).
 TEST(TrainStep, AGpuThatCannotBeUsedIsRefusedWithTheReason) {

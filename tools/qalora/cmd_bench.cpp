@@ -38,6 +38,7 @@ struct BenchArgs {
   bool train = false;
   std::string train_adapter;  // lora or qalora; default: qalora on an affine integer base
   int64_t seq_len = 512;
+  int64_t batch = 1;  // --train: sequences packed into one pass
   int64_t rank = 64;
   int64_t steps = 3;
   bool grad_checkpoint = false;
@@ -157,6 +158,7 @@ Speed measure(const Model& model, const AdapterSet* adapters, const BenchArgs& a
 void run_train_bench(const BenchArgs& args) {
   QL_CHECK(args.seq_len >= 2, "--seq-len must be >= 2, got ", args.seq_len);
   QL_CHECK(args.steps >= 1, "--steps must be >= 1, got ", args.steps);
+  QL_CHECK(args.batch >= 1, "--batch must be >= 1, got ", args.batch);
   const Device device = resolve_device(args.model);
   const Model model = load_model(args.model);
   AdapterConfig cfg;
@@ -166,14 +168,21 @@ void run_train_bench(const BenchArgs& args) {
                                                            : args.train_adapter);
   cfg.rank = args.rank;
   AdapterSet adapters = create_adapters(model, cfg);
-  TrainSession session(model, adapters, args.seq_len,
-                       {.grad_checkpoint = args.grad_checkpoint, .device = device});
+  TrainSession session(
+      model, adapters, args.batch * args.seq_len,
+      {.grad_checkpoint = args.grad_checkpoint, .max_sequence = args.seq_len, .device = device});
   AdamW opt(adapters, {});
   std::mt19937_64 rng(1234);
   std::uniform_int_distribution<int32_t> any_token(
       0, static_cast<int32_t>(model.config.vocab_size - 1));
-  std::vector<int32_t> tokens(static_cast<size_t>(args.seq_len));
+  std::vector<int32_t> tokens(static_cast<size_t>(args.batch * args.seq_len));
   const std::vector<uint8_t> target(tokens.size(), 1);
+  std::vector<TrainSequence> batch;
+  for (int64_t b = 0; b < args.batch; ++b)
+    batch.push_back({std::span(tokens).subspan(static_cast<size_t>(b * args.seq_len),
+                                               static_cast<size_t>(args.seq_len)),
+                     std::span(target).subspan(0, static_cast<size_t>(args.seq_len)),
+                     static_cast<uint64_t>(b)});
   double data_s = 0, opt_s = 0;
   auto step = [&] {
     auto t0 = Clock::now();
@@ -181,7 +190,7 @@ void run_train_bench(const BenchArgs& args) {
     data_s += seconds_since(t0);
     zero_adapter_grads(adapters);
     int64_t n = 0;
-    session.forward_backward(tokens, target, 1.0f / static_cast<float>(args.seq_len - 1), 7, n);
+    session.forward_backward(batch, 1.0f / static_cast<float>(args.batch * (args.seq_len - 1)), n);
     t0 = Clock::now();
     const double norm = grad_norm(adapters);
     if (norm > 0.3) scale_grads(adapters, static_cast<float>(0.3 / norm));
@@ -227,6 +236,7 @@ void run_train_bench(const BenchArgs& args) {
                               {"rank", cfg.rank},
                               {"adapter_parameters", adapters.parameter_count()},
                               {"seq_len", args.seq_len},
+                              {"batch", args.batch},
                               {"steps", args.steps},
                               {"grad_checkpoint", args.grad_checkpoint},
                               {"kernel_isa", qkernel_isa()},
@@ -257,12 +267,12 @@ void run_train_bench(const BenchArgs& args) {
   }
   const std::string where =
       device.cuda() ? describe_device(device) : cat(num_threads(), " threads");
-  std::printf("training step: %s r %lld (%lld parameters) on %s, %lld tokens, %s%s\n",
+  std::printf("training step: %s r %lld (%lld parameters) on %s, %s tokens, %s%s\n",
               adapter_kind_name(cfg.kind), static_cast<long long>(cfg.rank),
               static_cast<long long>(adapters.parameter_count()),
               model.quant.empty() ? "an fp32 base" : (model.quant.method + " base").c_str(),
-              static_cast<long long>(args.seq_len), where.c_str(),
-              args.grad_checkpoint ? ", grad checkpointing" : "");
+              (args.batch > 1 ? cat(args.batch, " x ", args.seq_len) : cat(args.seq_len)).c_str(),
+              where.c_str(), args.grad_checkpoint ? ", grad checkpointing" : "");
   std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n", tps,
               total_s / static_cast<double>(args.steps), static_cast<long long>(args.steps));
   std::printf(
@@ -434,6 +444,8 @@ void register_bench(CLI::App& app) {
   cmd->add_flag("--train", args->train, "measure a training step instead of inference");
   cmd->add_option("--train-adapter", args->train_adapter,
                   "--train: lora or qalora (default: qalora on an integer-quantized base)");
+  cmd->add_option("--batch", args->batch, "--train: sequences packed into one pass")
+      ->capture_default_str();
   cmd->add_option("--seq-len", args->seq_len, "--train: tokens per sequence")
       ->capture_default_str();
   cmd->add_option("--rank", args->rank, "--train: adapter rank (all-linear)")

@@ -161,7 +161,10 @@ void register_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--num-epochs", c.num_epochs, "epochs when --max-steps is 0")
       ->capture_default_str();
-  cmd->add_option("--batch-size", c.batch_size, "sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--batch-size", c.batch_size,
+                  "sequences packed into one pass (no padding; bigger products, more activation "
+                  "memory)")
+      ->capture_default_str();
   cmd->add_option("--grad-accum", c.grad_accum, "micro-batches per optimizer step")
       ->capture_default_str();
   cmd->add_option("--max-grad-norm", c.max_grad_norm, "clip the gradient norm (0 = off)")

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "qalora/adapters/adapter.h"
 
@@ -26,14 +27,29 @@ void pool_groups_backward_ref(float* dx, const float* dout, int64_t T, int64_t I
 // no-op.
 void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed);
 
+// The dropout of an adapter's input rows. The rows are runs, one per sequence packed into the
+// pass, each drawing its mask from its own seed with its rows numbered from 0: a sequence's
+// mask does not depend on what it is packed with.
+struct DropoutRun {
+  int64_t rows;
+  uint64_t seed;
+};
+struct AdapterDropout {
+  float p = 0.0f;
+  std::vector<DropoutRun> runs;  // covering the T rows in order; may be empty when p = 0
+  static AdapterDropout single(float p, uint64_t seed, int64_t T) { return {p, {{T, seed}}}; }
+};
+// dropout_forward over each run of x[T, C].
+void dropout_forward(float* x, int64_t T, int64_t C, const AdapterDropout& dropout);
+
 // Saved by lora_forward for lora_backward.
 //   u [T, r] = xin A^T, where xin [T, C] = dropout(x) (LoRA) or dropout(P(x)) (QA-LoRA).
 // y[T, O] += scale * u B^T. `u` must hold T * r floats. `scratch` must hold T * C floats (it
-// receives xin). p = dropout probability (0 at inference).
-void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
-                  uint64_t dropout_seed, float* y, float* u, float* scratch);
-void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t T, float p,
-                      uint64_t dropout_seed, float* y, float* u, float* scratch);
+// receives xin). No dropout at inference ({}).
+void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T,
+                  const AdapterDropout& dropout, float* y, float* u, float* scratch);
+void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t T,
+                      const AdapterDropout& dropout, float* y, float* u, float* scratch);
 
 // Given dy [T, O], the forward's input x [T, I] and its saved u [T, r], with
 // g = scale * dy B [T, r] and xin regenerated from x:
@@ -43,8 +59,8 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
 // Accumulates into a.grad_A and a.grad_B (which must be allocated) and into dx. `scratch`
 // must hold T * C + T * r floats.
 void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
-                   int64_t T, float p, uint64_t dropout_seed, float* dx, float* scratch);
+                   int64_t T, const AdapterDropout& dropout, float* dx, float* scratch);
 void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
-                       int64_t T, float p, uint64_t dropout_seed, float* dx, float* scratch);
+                       int64_t T, const AdapterDropout& dropout, float* dx, float* scratch);
 
 }  // namespace qalora
