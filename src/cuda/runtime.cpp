@@ -31,9 +31,12 @@ struct CublasApi {
 
 const CublasApi& cublas() {
   static const CublasApi api = [] {
+    // The loader's path first, then the toolkit the build used (often not on that path).
     const std::string versioned = cat("libcublas.so.", CUBLAS_VER_MAJOR);
     void* lib = dlopen(versioned.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (lib == nullptr) lib = dlopen("libcublas.so", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr)
+      lib = dlopen((std::string(QALORA_CUDA_LIBRARY_DIR) + "/" + versioned).c_str(),
+                   RTLD_NOW | RTLD_LOCAL);
     QL_CHECK(lib != nullptr, "cuda: cannot open ", versioned, " (cuBLAS, for the GPU's matrix ",
              "products): ", dlerror(), "; add its folder to LD_LIBRARY_PATH");
     const auto symbol = [&](const char* name) {
@@ -140,8 +143,16 @@ Blas::~Blas() {
 // computed as C^T = op(B)^T op(A)^T with the operands swapped and the flags kept.
 void Blas::sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc) {
+                 int64_t ldc, Fp32Math math) {
   if (M == 0 || N == 0) return;
+  if (math == Fp32Math::Tf32) {
+    QL_CUDA(cublas().gemm_ex(handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                             trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, dim(N, "N"), dim(M, "M"),
+                             dim(K, "K"), &alpha, B, CUDA_R_32F, dim(ldb, "ldb"), A, CUDA_R_32F,
+                             dim(lda, "lda"), &beta, C, CUDA_R_32F, dim(ldc, "ldc"),
+                             CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
   QL_CUDA(cublas().sgemm(handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                          trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, dim(N, "N"), dim(M, "M"), dim(K, "K"),
                          &alpha, B, dim(ldb, "ldb"), A, dim(lda, "lda"), &beta, C,

@@ -94,10 +94,13 @@ class Blas {
   ~Blas();
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
-  // fp32 in, fp32 out, fp32 arithmetic (the adapters' small products).
+  // fp32 in, fp32 out (the adapters' products): in fp32 arithmetic, or with Tf32 on the tensor
+  // cores (inputs rounded to 10-bit mantissas, fp32 accumulation; about 8x the fp32 rate, and
+  // still finer than the bf16 the frozen linears use).
+  enum class Fp32Math { Exact, Tf32 };
   void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
              const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-             int64_t ldc);
+             int64_t ldc, Fp32Math math = Fp32Math::Exact);
   // bf16 in (raw uint16 bits), fp32 out, fp32 accumulation on the tensor cores (the frozen
   // linears and the head).
   void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,

@@ -20,6 +20,10 @@ namespace {
 
 using Floats = cuda::DeviceBuffer<float>;
 
+// The adapters' products on the tensor cores: with r = 64 against 4096-wide layers they would
+// otherwise take, in fp32, about as long as the frozen layers' bf16 products.
+constexpr auto kAdapterMath = cuda::Blas::Fp32Math::Tf32;
+
 struct DeviceLinear {
   int64_t in = 0, out = 0;
   std::unique_ptr<cuda::DeviceQMatrix> q;  // quantized, or else:
@@ -55,7 +59,7 @@ struct BlockStore {
 };
 
 struct CudaTrainStep final : TrainSession::Impl {
-  cuda::Blas blas;
+  std::unique_ptr<cuda::Blas> blas_handle;  // made once the session's device is current
   std::vector<DeviceLayer> layers;
   Floats final_norm;
   std::unique_ptr<DeviceLinear> head;
@@ -76,6 +80,7 @@ struct CudaTrainStep final : TrainSession::Impl {
 
   CudaTrainStep(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o) : Impl(m, a, T, o) {
     QL_CUDA(cudaSetDevice(options.device.index));
+    blas_handle = std::make_unique<cuda::Blas>();
     const ModelConfig& c = m.config;
     int64_t widest_weight = 0;
     for (const LayerWeights& L : m.layers) {
@@ -130,6 +135,8 @@ struct CudaTrainStep final : TrainSession::Impl {
     host_losses.resize(static_cast<size_t>(chunk));
   }
 
+  cuda::Blas& blas() { return *blas_handle; }
+
   BlockActs acts_of(int64_t li) override {
     BlockStore& b = store[options.grad_checkpoint ? 0 : static_cast<size_t>(li)];
     BlockActs acts{b.q.data(),    b.k.data(),  b.v.data(), b.x_mid.data(),
@@ -150,16 +157,16 @@ struct CudaTrainStep final : TrainSession::Impl {
   // y[T, out] = x W^T (+ bias), or with beta = 1 added to y.
   void base_forward(const DeviceLinear& l, const float* x, float* y, int64_t T) {
     cuda::to_bf16(x, act_bf16.data(), T * l.in);
-    blas.gemm_bf16(false, true, T, l.out, l.in, 1.0f, act_bf16.data(), l.in, weight_of(l), l.in,
-                   0.0f, y, l.out);
+    blas().gemm_bf16(false, true, T, l.out, l.in, 1.0f, act_bf16.data(), l.in, weight_of(l), l.in,
+                     0.0f, y, l.out);
     if (l.bias.size() > 0) cuda::add_bias(y, l.bias.data(), T, l.out);
   }
 
   // dx[T, in] = dy W (beta 0) or dx += dy W (beta 1).
   void base_backward(const DeviceLinear& l, const float* dy, float* dx_out, int64_t T, float beta) {
     cuda::to_bf16(dy, act_bf16.data(), T * l.out);
-    blas.gemm_bf16(false, false, T, l.in, l.out, 1.0f, act_bf16.data(), l.out, weight_of(l), l.in,
-                   beta, dx_out, l.in);
+    blas().gemm_bf16(false, false, T, l.in, l.out, 1.0f, act_bf16.data(), l.out, weight_of(l), l.in,
+                     beta, dx_out, l.in);
   }
 
   // Each sequence's rows of x [T, C] with its own mask (as dropout_forward over runs).
@@ -196,8 +203,9 @@ struct CudaTrainStep final : TrainSession::Impl {
     const int64_t C = a->a_cols(), O = a->out;
     float* u = b.u[static_cast<size_t>(t)];
     const float* xin = adapter_input(*a, x, T, adapter_dropout(li, t, p));
-    blas.sgemm(false, true, T, R, C, 1.0f, xin, C, d.A.data(), C, 0.0f, u, R);
-    blas.sgemm(false, true, T, O, R, adapters.config.scale(), u, R, d.B.data(), R, 1.0f, y, O);
+    blas().sgemm(false, true, T, R, C, 1.0f, xin, C, d.A.data(), C, 0.0f, u, R, kAdapterMath);
+    blas().sgemm(false, true, T, O, R, adapters.config.scale(), u, R, d.B.data(), R, 1.0f, y, O,
+                 kAdapterMath);
     st.flops += matmul_flops(T, C + O, R);
   }
 
@@ -215,18 +223,18 @@ struct CudaTrainStep final : TrainSession::Impl {
     const float scale = adapters.config.scale();
     const AdapterDropout& drop = adapter_dropout(li, t, p);
     float* g = lora_scratch.data() + T * C;  // [T, r] = scale * dy B
-    blas.sgemm(false, false, T, R, O, scale, dy, O, d.B.data(), R, 0.0f, g, R);
-    blas.sgemm(true, false, O, R, T, scale, dy, O, b.u[static_cast<size_t>(t)], R, 1.0f,
-               d.grad_B.data(), R);
+    blas().sgemm(false, false, T, R, O, scale, dy, O, d.B.data(), R, 0.0f, g, R, kAdapterMath);
+    blas().sgemm(true, false, O, R, T, scale, dy, O, b.u[static_cast<size_t>(t)], R, 1.0f,
+                 d.grad_B.data(), R, kAdapterMath);
     const float* xin = adapter_input(*a, x, T, drop);
-    blas.sgemm(true, false, R, C, T, 1.0f, g, R, xin, C, 1.0f, d.grad_A.data(), C);
+    blas().sgemm(true, false, R, C, T, 1.0f, g, R, xin, C, 1.0f, d.grad_A.data(), C, kAdapterMath);
     st.flops += 2.0 * matmul_flops(T, C + O, R);
     if (!a->pooled() && p == 0.0f) {
-      blas.sgemm(false, false, T, I, R, 1.0f, g, R, d.A.data(), C, 1.0f, dx_out, I);
+      blas().sgemm(false, false, T, I, R, 1.0f, g, R, d.A.data(), C, 1.0f, dx_out, I, kAdapterMath);
       return;
     }
     float* dxin = lora_scratch.data();
-    blas.sgemm(false, false, T, C, R, 1.0f, g, R, d.A.data(), C, 0.0f, dxin, C);
+    blas().sgemm(false, false, T, C, R, 1.0f, g, R, d.A.data(), C, 0.0f, dxin, C, kAdapterMath);
     dropout(dxin, C, drop);  // the scaled mask is its own adjoint
     if (a->pooled())
       cuda::pool_groups_backward(dx_out, dxin, T, I, a->group_size,

@@ -270,6 +270,11 @@ TEST(CudaOps, GemmsMatchTheReferenceForEveryTranspose) {
       auto fA = to_device(a), fB = to_device(b), fC = to_device(c0);
       blas.sgemm(ta, tb, M, N, K, 0.5f, fA.data(), lda, fB.data(), ldb, 1.0f, fC.data(), ldc);
       expect_close(to_host(fC), sref, 1e-4f, 1e-4f, "sgemm");
+      // TF32: 10-bit mantissas, so about 2^-11 of each |a b|, summed over K = 129 terms.
+      auto tC = to_device(c0);
+      blas.sgemm(ta, tb, M, N, K, 0.5f, fA.data(), lda, fB.data(), ldb, 1.0f, tC.data(), ldc,
+                 cuda::Blas::Fp32Math::Tf32);
+      expect_close(to_host(tC), sref, 2e-2f, 1e-3f, "sgemm tf32");
     }
 }
 
