@@ -20,9 +20,8 @@ struct TrainSession::Impl {
   virtual ~Impl() = default;
 
   // A block's saved activations, in the backend's memory (one set per layer, or one shared
-  // with grad_checkpoint). Norm outputs, SwiGLU's output and attention are recomputed in the
-  // backward instead (a few percent of the work): kept for every layer they would be most of
-  // the activation memory.
+  // with grad_checkpoint). Norm outputs and SwiGLU's output are recomputed in the backward
+  // instead (a few percent of the work), and so is the attention unless keeps_attention().
   struct BlockActs {
     float *q, *k, *v;                   // [T, QD], [T, KVD] x2, q and k after RoPE
     float* x_mid;                       // [T, D] residual stream after attention
@@ -34,9 +33,9 @@ struct TrainSession::Impl {
   };
   // Buffers shared by all layers, in the backend's memory, set by its constructor: the block
   // inputs x_in[0..n_layers] (the last is the last block's output) [T, D]; a norm's output xn
-  // [T, D]; silu(gate) * up [T, F]; the gradients dx (of
-  // the block output, then input) and dxn [T, D], datt, dq [T, QD], dk, dv [T, KVD], and
-  // dgate, dup [T, F] (dgate first holds the gradient of down's input).
+  // [T, D]; silu(gate) * up [T, F]; the gradients dx (of the block output, then input) and dxn
+  // [T, D], datt, dq [T, QD], dk, dv [T, KVD], and dgate, dup [T, F] (dgate first holds the
+  // gradient of down's input).
   std::vector<float*> x_in;
   float *xn = nullptr, *hidden = nullptr;
   float *dx = nullptr, *dxn = nullptr, *datt = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr,
