@@ -14,6 +14,7 @@
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/core/hash.h"
+#include "qalora/core/mapped_file.h"
 #include "qalora/core/progress.h"
 #include "qalora/core/resources.h"
 #include "qalora/io/safetensors.h"
@@ -293,6 +294,33 @@ json TrainConfig::identity(int ranks) const {
   };
 }
 
+namespace {
+
+// A run stopped before its first checkpoint left only its train_config.json: `--resume` then
+// starts it over from step 0 in its folder, when that file holds this run's configuration
+// (anything else in the folder is rewritten by the new start).
+bool started_without_checkpoint(const fs::path& dir, const json& identity) {
+  const fs::path config_path = dir / "train_config.json";
+  if (!fs::is_directory(dir) || fs::exists(dir / kStateFile) || !list_checkpoints(dir).empty() ||
+      !fs::exists(config_path))
+    return false;
+  json saved;
+  try {
+    saved = json::parse(read_file(config_path));
+  } catch (const json::exception& e) {
+    fail(config_path.string(), ": malformed run configuration: ", e.what());
+  }
+  json same_fields = json::object();  // train_config.json adds fields outside the identity
+  for (const auto& [k, v] : identity.items())
+    if (saved.contains(k)) same_fields[k] = saved[k];
+  if (const std::string d = first_difference(same_fields, identity); !d.empty())
+    fail("--resume: ", dir.string(), " is from another run configuration: ", d, " was ",
+         field_at(same_fields, d).dump(), ", this run has ", field_at(identity, d).dump());
+  return true;
+}
+
+}  // namespace
+
 fs::path find_checkpoint(const fs::path& dir) {
   QL_CHECK(fs::is_directory(dir), "--resume: ", dir.string(), " is not a folder");
   if (fs::exists(dir / kStateFile)) return dir;
@@ -414,7 +442,11 @@ TrainResult train(const Model& model, const TrainConfig& cfg, const std::atomic<
   RunState rs;
   AdamW opt(adapters, cfg.adamw);
   fs::path resumed_from;
-  if (!cfg.resume.empty()) {
+  const bool start_over = !cfg.resume.empty() && started_without_checkpoint(cfg.resume, identity);
+  if (start_over && root)
+    std::printf("--resume: %s has no checkpoint yet: the run starts over from step 0\n",
+                cfg.resume.string().c_str());
+  if (!cfg.resume.empty() && !start_over) {
     resumed_from = find_checkpoint(cfg.resume);
     rs = load_checkpoint(resumed_from, model, identity, adapters, opt);
     QL_CHECK(rs.step <= total, "train: ", resumed_from.string(), " is at step ", rs.step,

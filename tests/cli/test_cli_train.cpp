@@ -218,6 +218,38 @@ TEST(CliTrain, InterruptedBySignalAndResumedGivesTheSameAdapter) {
   expect_one_line_error(r, "adapter.rank");
 }
 
+// A run killed before its first checkpoint leaves its train_config.json and perhaps metrics:
+// --resume starts it over in place (the run is deterministic, so it ends as a fresh one does),
+// and refuses another configuration by the field that differs.
+TEST(CliTrain, ARunStoppedBeforeItsFirstCheckpointStartsOverOnResume) {
+  QL_REQUIRE_DATA(kStories / "stories260K.bin");
+  QL_REQUIRE_DATA(kTinyStories);
+  const fs::path dir = test::temp_dir();
+  const auto args = [&](const fs::path& out, const char* rank) {
+    return concat(concat({"train"}, stories_model()),
+                  {"--data", data(kTinyStories), "--max-seq-len", "64", "--rank", rank, "--dropout",
+                   "0.1", "--max-steps", "12", "--grad-accum", "2", "--eval-fraction", "0.01",
+                   "--out", out.string()});
+  };
+  const fs::path whole = dir / "whole", cut = dir / "cut";
+  ASSERT_EQ(run_cli(args(whole, "4")).exit_code, 0);
+  ASSERT_EQ(run_cli(args(cut, "4")).exit_code, 0);
+  // What a kill before the first save leaves: no checkpoint, no adapter.
+  for (const auto& e : fs::directory_iterator(cut))
+    if (e.path().filename() != "train_config.json" && e.path().filename() != "metrics.jsonl")
+      fs::remove_all(e.path());
+  auto r = run_cli(args(cut, "8"));  // without --resume: the folder is not empty
+  expect_one_line_error(r, "--resume");
+  r = run_cli(concat(args(cut, "8"), {"--resume", cut.string()}));
+  expect_one_line_error(r, "adapter.rank was 4, this run has 8");
+  r = run_cli(concat(args(cut, "4"), {"--resume", cut.string()}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("starts over from step 0"), std::string::npos) << r.out;
+  EXPECT_EQ(read_file(whole / "qalora_adapter.safetensors"),
+            read_file(cut / "qalora_adapter.safetensors"));
+  EXPECT_EQ(count_lines_with(cut / "metrics.jsonl", "\"loss\""), 12);
+}
+
 TEST(CliTrain, BadInputIsOneClearLine) {
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
   const fs::path dir = test::temp_dir();
