@@ -5,10 +5,12 @@
 # benchmark beside PyTorch + PEFT on random-weight 1B and 7B Llama shapes, and prints one table.
 # Where the Debian dev packages are missing, it builds against .gpu-bundle/ (made here by
 # scripts/gpu-bundle.sh). About 8 minutes on a 16-core H100/H200 machine; --no-7b skips the 7B
-# benchmark (about half of that). Logs and the table go to $OUT (or build-cuda/report).
+# benchmark (about half of that). Logs and the table go to build-cuda/report; where $OUT is set
+# (the device tool), the table, the test log and all of it as a .tar.gz are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-report=${OUT:-$PWD/build-cuda/report}
+report=$PWD/build-cuda/report
+rm -rf "$report"
 mkdir -p "$report"
 bundle=$PWD/.gpu-bundle
 args=(-DCMAKE_BUILD_TYPE=Release -DQALORA_CUDA=ON -DQALORA_MPI=OFF -DQALORA_DNNL=OFF
@@ -54,7 +56,8 @@ for shape in "${shapes[@]}"; do
     >"$report/quantize-$shape.log"
   for batch in 1 8; do
     build-cuda/qalora bench --train -m "$q4" --device cuda --batch $batch --seq-len 512 --rank 64 \
-      --steps 5 --json >"$report/qalora-$shape-b$batch.json"
+      --steps 5 --json >"$report/qalora-$shape-b$batch.json" 2>"$report/qalora-$shape-b$batch.log" ||
+      { tail -3 "$report/qalora-$shape-b$batch.log"; echo '{}' >"$report/qalora-$shape-b$batch.json"; }
     python3 bench/peft_gpu_train.py "$hf" --batch $batch --steps 5 >"$report/peft-$shape-b$batch.json" \
       2>"$report/peft-$shape-b$batch.log" || echo '{}' >"$report/peft-$shape-b$batch.json"
   done
@@ -73,8 +76,15 @@ for s in shapes:
         q = json.load(open(os.path.join(report, f"qalora-{s}-b{b}.json")))
         p = json.load(open(os.path.join(report, f"peft-{s}-b{b}.json")))
         pt, pm = p.get("tokens_per_s"), p.get("gpu_peak_bytes")
+        if "tokens_per_s" not in q:
+            print(f"| {s} | {b} | failed (build-cuda/report/qalora-{s}-b{b}.log) | | | {pt or 'n/a'} | | | |")
+            continue
         print(f"| {s} | {b} | {q['tokens_per_s']:.0f} | {100 * q['gemm_efficiency']:.1f}% of {q['gemm_peak_gflops'] / 1e3:.0f} TFLOP/s "
               f"| {q['gpu_memory_bytes'] / 1e9:.1f} GB | {pt or 'n/a'} | {pm / 1e9 if pm else 0:.1f} GB "
               f"| {q['tokens_per_s'] / pt if pt else 0:.2f}x | {q['gpu_memory_bytes'] / pm if pm else 0:.2f} |")
 PY
+if [[ -n ${OUT:-} ]]; then
+  cp "$report/table.md" "$report/tests.log" "$OUT/"
+  tar -czf "$OUT/report.tar.gz" -C "$report" .
+fi
 exit "$tests_rc"
