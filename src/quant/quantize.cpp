@@ -25,9 +25,26 @@ namespace qalora {
 
 AffineParams affine_params(const float* w, int64_t n, int64_t stride, int bits, bool sym) {
   float lo = 0.0f, hi = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, w[i * stride]);
-    hi = std::max(hi, w[i * stride]);
+#if defined(__AVX512F__)
+  if (stride == 1) {  // RTN's groups: 16 lanes at a time (GCC leaves the loop below scalar)
+    __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      // The tail's missing lanes read as 0, which the range includes anyway.
+      const __m512 x = _mm512_maskz_loadu_ps(
+          static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1), w + i);
+      vlo = _mm512_min_ps(vlo, x);
+      vhi = _mm512_max_ps(vhi, x);
+    }
+    // A zero bound is +0, as the scalar loop keeps it whatever the signs of w's zeros.
+    lo = _mm512_reduce_min_ps(vlo) + 0.0f;
+    hi = _mm512_reduce_max_ps(vhi) + 0.0f;
+  } else
+#endif
+  {
+    for (int64_t i = 0; i < n; ++i) {
+      lo = std::min(lo, w[i * stride]);
+      hi = std::max(hi, w[i * stride]);
+    }
   }
   const float maxq = static_cast<float>((1 << bits) - 1);
   AffineParams p;
@@ -75,33 +92,52 @@ int64_t resolve_group_size(int64_t group_size, int64_t cols) {
   return std::min(group_size, cols);
 }
 
-void check_finite(const float* w, int64_t rows, int64_t cols, std::string_view name) {
-  bool finite = true;
-#pragma omp parallel for schedule(static) reduction(&& : finite)
-  for (int64_t j = 0; j < rows; ++j) {
-    float sum = 0.0f;  // nan or inf anywhere in the row makes the sum nan
+int64_t first_non_finite(const float* row, int64_t cols) {
+  float sum = 0.0f;  // nan or inf anywhere in the row makes the sum nan
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < cols; ++i) sum += w[j * cols + i] * 0.0f;
-    finite = finite && sum == 0.0f;
-  }
-  if (finite) return;
-  for (int64_t j = 0; j < rows; ++j)  // the first bad element, for the message
-    for (int64_t i = 0; i < cols; ++i)
-      if (!std::isfinite(w[j * cols + i]))
-        fail(name, ": weight [", j, ", ", i, "] is ", w[j * cols + i],
-             ", expected a finite value");
+  for (int64_t i = 0; i < cols; ++i) sum += row[i] * 0.0f;
+  if (sum == 0.0f) return -1;
+  for (int64_t i = 0; i < cols; ++i)
+    if (!std::isfinite(row[i])) return i;
+  return -1;
 }
+
+void check_finite(const float* w, int64_t rows, int64_t cols, std::string_view name) {
+  int64_t bad_row = rows;
+#pragma omp parallel for schedule(static) reduction(min : bad_row)
+  for (int64_t j = 0; j < rows; ++j)
+    if (first_non_finite(w + j * cols, cols) >= 0) bad_row = std::min(bad_row, j);
+  if (bad_row == rows) return;
+  const int64_t i = first_non_finite(w + bad_row * cols, cols);
+  fail(name, ": weight [", bad_row, ", ", i, "] is ", w[bad_row * cols + i],
+       ", expected a finite value");
+}
+
+namespace {
+
+// Row j of an fp32 matrix.
+WeightRows fp32_rows(const float* w, int64_t cols) {
+  return [w, cols](int64_t j, float*) { return w + j * cols; };
+}
+
+}  // namespace
 
 QMatrix quantize_rtn(const float* w, int64_t rows, int64_t cols, int bits, int64_t group_size,
                      bool sym) {
+  return quantize_rtn(fp32_rows(w, cols), rows, cols, bits, group_size, sym);
+}
+
+QMatrix quantize_rtn(const WeightRows& row_of, int64_t rows, int64_t cols, int bits,
+                     int64_t group_size, bool sym) {
   QMatrix q = make_affine(rows, cols, bits, resolve_group_size(group_size, cols));
   const int64_t G = q.group_size, L = q.n_groups();
 #pragma omp parallel
   {
     std::vector<uint8_t> codes(static_cast<size_t>(cols));
+    std::vector<float> scratch(static_cast<size_t>(cols));
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < rows; ++j) {
-      const float* row = w + j * cols;
+      const float* row = row_of(j, scratch.data());
       for (int64_t g = 0; g < L; ++g) {
         const int64_t i0 = g * G, i1 = std::min(cols, i0 + G);
         const AffineParams p = affine_params(row + i0, i1 - i0, 1, bits, sym);
@@ -116,13 +152,18 @@ QMatrix quantize_rtn(const float* w, int64_t rows, int64_t cols, int bits, int64
 }
 
 QMatrix quantize_int8(const float* w, int64_t rows, int64_t cols) {
+  return quantize_int8(fp32_rows(w, cols), rows, cols);
+}
+
+QMatrix quantize_int8(const WeightRows& row_of, int64_t rows, int64_t cols) {
   QMatrix q = make_affine(rows, cols, 8, cols);
 #pragma omp parallel
   {
     std::vector<uint8_t> codes(static_cast<size_t>(cols));
+    std::vector<float> scratch(static_cast<size_t>(cols));
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < rows; ++j) {
-      const float* row = w + j * cols;
+      const float* row = row_of(j, scratch.data());
       float amax = 0.0f;
       for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(row[i]));
       AffineParams p;

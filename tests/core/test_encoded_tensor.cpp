@@ -42,6 +42,23 @@ Tensor encoded_of(const Halves& h, int64_t rows, int64_t cols, bool bf16) {
                          h.bytes, /*file_backed=*/false);
 }
 
+// The row conversion (F16C where the build has it) against the scalar one, element for element,
+// on a length with a tail: normal values, the rounding ties, subnormal results, overflow to
+// infinity, infinities and signed zeros.
+TEST(EncodedTensor, Fp32ToFp16RowMatchesTheScalarConversion) {
+  std::vector<float> x = test::random_uniform(1000, 3, -70000.0f, 70000.0f);
+  const auto small = test::random_uniform(1000, 4, -1e-4f, 1e-4f);
+  x.insert(x.end(), small.begin(), small.end());
+  for (const float v : {0.0f, -0.0f, 1.0f + 1.0f / 2048, 1.0f + 3.0f / 2048, 65504.0f, 65520.0f,
+                        -65520.0f, 6e-8f, 3e-8f, 2.98e-8f, -5.96e-8f, INFINITY, -INFINITY, 1e-30f})
+    x.push_back(v);
+  std::vector<uint16_t> got(x.size() + 1, 0xABCD);
+  fp32_to_fp16_row(x.data(), got.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i)
+    ASSERT_EQ(got[i], fp32_to_fp16(x[i])) << "value " << x[i] << " at " << i;
+  EXPECT_EQ(got.back(), 0xABCD) << "wrote past the end";
+}
+
 TEST(EncodedTensor, DecodesF16AndBf16RowsAndRefusesPlainAccess) {
   for (bool bf16 : {false, true}) {
     const int64_t rows = 7, cols = 13;  // 13: a tail after the 8-wide F16C conversion

@@ -74,6 +74,8 @@ inline uint16_t fp32_to_bf16(float f) {
 
 // n half / bfloat16 values (any alignment) to fp32; F16C where the build has it.
 void fp16_to_fp32_row(const uint8_t* src, float* dst, int64_t n);
+// dst[i] = fp32_to_fp16(src[i]) (F16C where the CPU has it; NaN payloads may differ, both quiet).
+void fp32_to_fp16_row(const float* src, uint16_t* dst, int64_t n);
 void bf16_to_fp32_row(const uint8_t* src, float* dst, int64_t n);
 // sum_i row[i] x[i] over n half / bfloat16 values, converted in registers: the decode GEMV on
 // an fp16 head reads each weight once instead of writing and re-reading an fp32 copy.
