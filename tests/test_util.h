@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "qalora/core/device.h"
 #include "qalora/ops/gemm.h"
 
 namespace qalora::test {
@@ -22,6 +23,14 @@ std::filesystem::path data_dir();
     if (!std::filesystem::exists(::qalora::test::data_dir() / (relpath)))                        \
       GTEST_SKIP() << "shared test data not found: " << (::qalora::test::data_dir() / (relpath)) \
                    << " (set QALORA_DATA_DIR or place ../shared/data beside the checkout)";      \
+  } while (0)
+
+// Skips a test that needs a CUDA GPU where the build has no CUDA backend or the machine no GPU.
+#define QL_REQUIRE_CUDA_DEVICE()                                                         \
+  do {                                                                                   \
+    if (::qalora::cuda_device_count() == 0)                                              \
+      GTEST_SKIP() << "no CUDA device"                                                   \
+                   << (::qalora::cuda_backend_built() ? "" : " (a build without CUDA)"); \
   } while (0)
 
 // The default SmolLM2-135M-Instruct GGUF fetched by scripts/setup.sh ($QALORA_SMOLLM2 overrides).

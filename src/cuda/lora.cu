@@ -43,12 +43,17 @@ __global__ void dropout_kernel(float* x, int64_t T, int64_t C, DropoutMask mask)
     xt[c] = mask.keeps(h, c) ? xt[c] * mask.keep_scale : 0.0f;
 }
 
+// The number of groups of G columns (the last may be shorter) in I.
+int64_t group_count(int64_t I, int64_t G) {
+  QL_CHECK(G > 0 && G <= I, "cuda pooling: group size ", G, " outside 1..", I);
+  return (I + G - 1) / G;
+}
+
 }  // namespace
 
 void pool_groups_forward(float* out, const float* x, int64_t T, int64_t I, int64_t G,
                          bool average) {
-  QL_CHECK(G > 0 && G <= I, "cuda pooling: group size ", G, " outside 1..", I);
-  const int64_t L = (I + G - 1) / G;
+  const int64_t L = group_count(I, G);
   if (T == 0) return;
   pool_forward_kernel<<<blocks_for(T * L, kThreads), kThreads>>>(out, x, T, I, G, L, average);
   check_launch("pool_groups_forward");
@@ -56,8 +61,7 @@ void pool_groups_forward(float* out, const float* x, int64_t T, int64_t I, int64
 
 void pool_groups_backward(float* dx, const float* dout, int64_t T, int64_t I, int64_t G,
                           bool average) {
-  QL_CHECK(G > 0 && G <= I, "cuda pooling: group size ", G, " outside 1..", I);
-  const int64_t L = (I + G - 1) / G;
+  const int64_t L = group_count(I, G);
   if (T == 0) return;
   pool_backward_kernel<<<blocks_for(T * I, kThreads), kThreads>>>(dx, dout, T, I, G, L, average);
   check_launch("pool_groups_backward");

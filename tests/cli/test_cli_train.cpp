@@ -404,8 +404,7 @@ TEST(CliTrain, Bf16LossCurveFollowsFp32OnSmolLm2QaLora) {
 // The GPU's step in a real run: QA-LoRA on INT4 stories260K for 50 steps follows the CPU's fp32
 // curve, and the adapter it trained merges losslessly with the host's merge.
 TEST(CliTrain, GpuLossCurveFollowsTheCpuAndItsAdapterMergesLosslessly) {
-  if (cuda_device_count() == 0)
-    GTEST_SKIP() << "no CUDA device" << (cuda_backend_built() ? "" : " (a build without CUDA)");
+  QL_REQUIRE_CUDA_DEVICE();
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
   QL_REQUIRE_DATA(kTinyStories);
   const fs::path dir = test::temp_dir();
@@ -436,8 +435,7 @@ TEST(CliTrain, GpuLossCurveFollowsTheCpuAndItsAdapterMergesLosslessly) {
 // runs split at step 20 of 40 (constant rate, no warm-up: the schedule does not depend on the
 // length then).
 TEST(CliTrain, GpuRunsResumeBitExactlyAndAcrossDevices) {
-  if (cuda_device_count() == 0)
-    GTEST_SKIP() << "no CUDA device" << (cuda_backend_built() ? "" : " (a build without CUDA)");
+  QL_REQUIRE_CUDA_DEVICE();
   QL_REQUIRE_DATA(kStories / "stories260K.bin");
   QL_REQUIRE_DATA(kTinyStories);
   const fs::path dir = test::temp_dir();
