@@ -68,12 +68,13 @@ void merge_qalora(Model& model, const AdapterSet& set) {
     QMatrix& w = adapted_linear(model, a).qweight;
     const int64_t G = a.group_size, L = a.n_groups;
     const std::vector<double> d = scaled_product(a, scale);
+    float* offsets = w.offsets.writable();  // fp32 from here on: the sums are not fp16 numbers
     for (int64_t l = 0; l < L; ++l) {
       // The last group may be smaller; average pooling divides by its true size.
       const double len = static_cast<double>(std::min(G, a.in - l * G));
       const double factor = a.pool == AdapterPool::Average ? 1.0 / len : 1.0;
       for (int64_t j = 0; j < a.out; ++j) {
-        float& m = w.offsets[static_cast<size_t>(j * L + l)];
+        float& m = offsets[j * L + l];
         m = static_cast<float>(static_cast<double>(m) + d[static_cast<size_t>(j * L + l)] * factor);
       }
     }

@@ -15,8 +15,8 @@ DeviceQMatrix::DeviceQMatrix(const QMatrix& w) {
   view.group_size = w.group_size;
   view.affine = w.type == QuantType::Affine;
   if (view.affine) {
-    scales.upload(w.scales);
-    offsets.upload(w.offsets);
+    scales.upload(w.scales.to_vector());
+    offsets.upload(w.offsets.to_vector());
     g_idx.upload(w.g_idx);
     view.n_groups = w.n_groups();
     view.scales = scales.data(), view.offsets = offsets.data();

@@ -61,11 +61,14 @@ std::optional<Encoding> encode_codes(const QMatrix& q, GgmlType type) {
   e.bytes.resize(static_cast<size_t>(q.rows * nb) * block_bytes);
   e.offsets_rounded_only = type == GgmlType::Q4_1;
   std::vector<uint8_t> codes(static_cast<size_t>(q.cols));
+  std::vector<float> scale_row(static_cast<size_t>(L)), offset_row(scale_row.size());
   for (int64_t j = 0; j < q.rows; ++j) {
     unpack_row(q.row_codes(j), q.cols, q.bits, codes.data());
+    const float* scales = q.scales.read(j * L, L, scale_row.data());
+    const float* offsets = q.offsets.read(j * L, L, offset_row.data());
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t g = j * L + b * kBlock / q.group_size;
-      const float s = q.scales[g], m = q.offsets[g];
+      const int64_t g = b * kBlock / q.group_size;
+      const float s = scales[g], m = offsets[g];
       uint8_t* blk = e.bytes.data() + static_cast<size_t>(j * nb + b) * block_bytes;
       const uint8_t* c = codes.data() + b * kBlock;
       put_fp16(blk, s);

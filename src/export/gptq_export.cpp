@@ -49,6 +49,8 @@ void add_gptq_linear(std::vector<StWriteTensor>& out, const std::string& prefix,
   QMatrix read = q;                             // what the reader will build
   std::vector<uint16_t> scales(static_cast<size_t>(L * rows));
   std::vector<uint32_t> zeros(static_cast<size_t>(L * rows * b / 32), 0u);
+  float* const read_scales = read.scales.writable();
+  float* const read_offsets = read.offsets.writable();
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t l = 0; l < L; ++l) {
       const float s = q.scales[j * L + l], m = q.offsets[j * L + l];
@@ -57,8 +59,8 @@ void add_gptq_linear(std::vector<StWriteTensor>& out, const std::string& prefix,
                "): scale [", j, ", ", l, "] = ", s,
                " is not an fp16 value, which GPTQ stores; pass --allow-lossy to round it");
       const auto z = static_cast<float>(zero_point(m, s16, b, zmin));
-      read.scales[j * L + l] = s16;
-      read.offsets[j * L + l] = -s16 * z;
+      read_scales[j * L + l] = s16;
+      read_offsets[j * L + l] = -s16 * z;
       t.max_abs_dm = std::max(t.max_abs_dm, std::abs(static_cast<double>(-s16 * z) - m));
       scales[l * rows + j] = fp32_to_fp16(s16);
       const auto stored = static_cast<uint32_t>(z) - (options.v2 ? 0u : 1u);

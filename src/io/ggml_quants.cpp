@@ -469,6 +469,8 @@ std::optional<QMatrix> q4k_to_qmatrix(const uint8_t* data, int64_t rows, int64_t
   if (cols % kQKK != 0) return std::nullopt;
   QMatrix q = make_affine(rows, cols, 4, kQK);
   const int64_t super = cols / kQKK, L = cols / kQK;
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t sb = 0; sb < super; ++sb) {
       const auto& b = reinterpret_cast<const BlockQ4_K*>(data)[j * super + sb];
@@ -477,8 +479,8 @@ std::optional<QMatrix> q4k_to_qmatrix(const uint8_t* data, int64_t rows, int64_t
         const int64_t g = sb * (kQKK / kQK) + k;
         int sc = 0, mn = 0;
         k4_scale_min(b.scales, k, sc, mn);
-        q.scales[j * L + g] = d * static_cast<float>(sc);
-        q.offsets[j * L + g] = -(dmin * static_cast<float>(mn));
+        scales[j * L + g] = d * static_cast<float>(sc);
+        offsets[j * L + g] = -(dmin * static_cast<float>(mn));
         const uint8_t* src = b.qs + (k / 2) * 32;
         const int shift = 4 * (k % 2);
         uint8_t* chunk = q.row_codes(j) + g * chunk_bytes(4);
@@ -487,6 +489,7 @@ std::optional<QMatrix> q4k_to_qmatrix(const uint8_t* data, int64_t rows, int64_t
                                           ((src[l + 16] >> shift) & 0xf) << 4);
       }
     }
+  q.compact_params();
   return q;
 }
 
@@ -501,13 +504,15 @@ std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64
   const int bits = type == GgmlType::Q8_0 ? 8 : 4;
   QMatrix q = make_affine(rows, cols, bits, kQK);
   const int64_t L = cols / kQK;
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
   // A 32-element block is one group and one packed chunk. ggml's 4-bit nibble order (low
   // nibbles = elements 0..15, high = 16..31) is the QMatrix 4-bit chunk layout byte for byte.
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t g = 0; g < L; ++g) {
       uint8_t* chunk = q.row_codes(j) + g * chunk_bytes(bits);
-      float& s = q.scales[j * L + g];
-      float& m = q.offsets[j * L + g];
+      float& s = scales[j * L + g];
+      float& m = offsets[j * L + g];
       if (type == GgmlType::Q8_0) {
         const auto& b = reinterpret_cast<const BlockQ8_0*>(data)[j * L + g];
         s = h2f(b.d);
@@ -525,6 +530,7 @@ std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64
         std::memcpy(chunk, b.qs, sizeof(b.qs));
       }
     }
+  q.compact_params();
   return q;
 }
 

@@ -143,6 +143,17 @@ std::vector<float> floats_releasing(const Tensor& stored) {
   return v;
 }
 
+// Stored group parameters: F16 ones stay a view of the mapped file (no copy, and their pages
+// are dropped with the block's codes when a pass is done with it); others become fp32.
+GroupParams group_params(const HfWeights& w, const std::string& name, const Shape& shape,
+                         const std::string& ctx) {
+  const Tensor stored = w.stored(name, shape, ctx);
+  if (stored.stored_type() != "F16") return floats_releasing(stored);
+  const uint8_t* bytes = w.raw(name, StDtype::F16, shape, ctx);
+  return GroupParams::half(
+      ByteBuffer::view(bytes, static_cast<size_t>(2 * stored.numel()), w.owner(name)));
+}
+
 template <typename T>
 std::vector<T> copy_of(const uint8_t* bytes, int64_t n) {
   std::vector<T> v(static_cast<size_t>(n));
@@ -194,8 +205,8 @@ QMatrix load_native(const HfWeights& w, const FolderQuant& q, const std::string&
       m.offsets = std::vector<float>();
       return m;
     }
-    m.scales = floats_releasing(w.stored(prefix + ".scales", groups, ctx));
-    m.offsets = floats_releasing(w.stored(prefix + ".offsets", groups, ctx));
+    m.scales = group_params(w, prefix + ".scales", groups, ctx);
+    m.offsets = group_params(w, prefix + ".offsets", groups, ctx);
   } else if (w.has(prefix + ".absmax_codes")) {
     const int64_t n = m.n_blocks(), n_scales = (n + DoubleQuant::kBlock - 1) / DoubleQuant::kBlock;
     m.absmax_dq.codes = copy_of<uint8_t>(w.raw(prefix + ".absmax_codes", StDtype::U8, {n}, ctx), n);
@@ -392,14 +403,28 @@ json native_quant_json(const Model& model, const NativeLayout& layout) {
   return j;
 }
 
+namespace {
+
+// Group parameters as F16 (their bytes as they are when held in fp16), or F32 where a value
+// is not an fp16 number.
+StWriteTensor st_params(std::string name, const GroupParams& p, Shape shape) {
+  if (!p.is_half())
+    return st_float(std::move(name), p.read(0, p.size(), nullptr), std::move(shape), StDtype::F16);
+  std::vector<uint16_t> half(static_cast<size_t>(p.size()));
+  std::memcpy(half.data(), p.bytes(), static_cast<size_t>(p.byte_size()));
+  return st_raw(std::move(name), StDtype::F16, std::move(shape), half);
+}
+
+}  // namespace
+
 void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& prefix,
                           const QMatrix& w) {
   out.push_back(st_raw(prefix + ".qweight", StDtype::U8, {w.rows, w.row_bytes()},
                        std::vector<uint8_t>(w.codes.begin(), w.codes.end())));
   if (w.type == QuantType::Affine) {
     const int64_t L = w.n_groups();
-    out.push_back(st_float(prefix + ".scales", w.scales.data(), {w.rows, L}, StDtype::F16));
-    out.push_back(st_float(prefix + ".offsets", w.offsets.data(), {w.rows, L}, StDtype::F16));
+    out.push_back(st_params(prefix + ".scales", w.scales, {w.rows, L}));
+    out.push_back(st_params(prefix + ".offsets", w.offsets, {w.rows, L}));
     out.push_back(st_raw(prefix + ".g_idx", StDtype::I32, {w.cols},
                          w.g_idx.empty() ? contiguous_groups(w.cols, w.group_size) : w.g_idx));
   } else if (!w.absmax_dq.empty()) {

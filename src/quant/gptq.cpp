@@ -180,13 +180,15 @@ GptqResult gptq_quantize(const float* W, int64_t rows, const GptqFactor& f,
 
   QMatrix q = make_affine(rows, cols, bits, G);
   const int64_t L = q.n_groups();
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
   if (opt.static_groups) {
     for (int64_t j = 0; j < rows; ++j)
       for (int64_t g = 0; g < L; ++g) {
         const int64_t i0 = g * G, n = std::min(cols, i0 + G) - i0;
         const AffineParams p = affine_params(Wk.data() + j * cols + i0, n, 1, bits, opt.sym);
-        q.scales[j * L + g] = p.scale;
-        q.offsets[j * L + g] = p.offset;
+        scales[j * L + g] = p.scale;
+        offsets[j * L + g] = p.offset;
       }
   }
   const bool dynamic_groups_permuted = opt.act_order && !opt.static_groups;
@@ -234,12 +236,12 @@ GptqResult gptq_quantize(const float* W, int64_t rows, const GptqFactor& f,
           for (int64_t r = 0; r < R; ++r) {
             const int64_t j = r0 + r;
             if (opt.static_groups) {
-              params[r] = {q.scales[j * L + g], q.offsets[j * L + g]};
+              params[r] = {scales[j * L + g], offsets[j * L + g]};
             } else if (c % G == 0) {
               params[r] = affine_params(Wp.data() + j * cols + c, std::min(G, cols - c), 1, bits,
                                         opt.sym);
-              q.scales[j * L + g] = params[r].scale;
-              q.offsets[j * L + g] = params[r].offset;
+              scales[j * L + g] = params[r].scale;
+              offsets[j * L + g] = params[r].offset;
             }
             float* wrow = Wp.data() + j * cols;
             const uint8_t code = affine_code(wrow[c], params[r], bits);
@@ -262,6 +264,7 @@ GptqResult gptq_quantize(const float* W, int64_t rows, const GptqFactor& f,
     }
   }
   for (int64_t j = 0; j < rows; ++j) pack_row(codes.data() + j * cols, cols, bits, q.row_codes(j));
+  q.compact_params();
   return {std::move(q), signal > 0.0 ? std::sqrt(std::max(0.0, noise) / signal) : 0.0};
 }
 

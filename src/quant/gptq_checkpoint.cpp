@@ -50,8 +50,10 @@ QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
     if (!contiguous) q.g_idx = std::move(g);
   }
   const int64_t Lq = q.n_groups();  // groups act-order never uses beyond the last are dropped
-  q.scales.assign(static_cast<size_t>(out * Lq), 0.0f);
-  q.offsets.assign(q.scales.size(), 0.0f);
+  q.scales.assign(out * Lq, 0.0f);
+  q.offsets.assign(out * Lq, 0.0f);
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
 
   const uint32_t maxq = (1u << b) - 1;
   const std::vector<uint32_t> zeros = words_of(t.qzeros, L * out * b / 32);
@@ -66,8 +68,8 @@ QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
       QL_CHECK(std::isfinite(s), t.scales_name, ": scale [", l, ", ", j, "] is ", s,
                ", expected a finite value");
       if (l >= Lq) continue;
-      q.scales[j * Lq + l] = s;
-      q.offsets[j * Lq + l] = -s * static_cast<float>(z);  // exact: fp16 s times z < 2^8
+      scales[j * Lq + l] = s;
+      offsets[j * Lq + l] = -s * static_cast<float>(z);  // exact in fp32: fp16 s times z < 2^8
     }
 
   const std::vector<uint32_t> qweight = words_of(t.qweight, in * b / 32 * out);
@@ -85,6 +87,7 @@ QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
       for (int64_t j = 0; j < n; ++j) pack_row(codes.data() + j * in, in, b, q.row_codes(j0 + j));
     }
   }
+  q.compact_params();
   return q;
 }
 

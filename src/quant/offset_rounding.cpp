@@ -92,9 +92,11 @@ void round_offsets(QMatrix& q, const OffsetGrid& grid, const std::vector<double>
            H ? H->size() : 0, " entries, expected ", L * L);
   const std::vector<double> U = H ? damped_inverse_cholesky(*H, L, damp) : std::vector<double>{};
   std::vector<double> w(static_cast<size_t>(L)), d(w.size()), d_nearest(w.size());
+  float* const offsets = q.offsets.writable();
+  std::vector<float> scale_row(static_cast<size_t>(L));
   for (int64_t j = 0; j < q.rows; ++j) {
-    float* m = q.offsets.data() + j * L;
-    const float* s = q.scales.data() + j * L;
+    float* m = offsets + j * L;
+    const float* s = q.scales.read(j * L, L, scale_row.data());
     std::copy(m, m + L, w.begin());
     for (int64_t l = 0; l < L; ++l) {
       const float original = m[l];
@@ -123,8 +125,9 @@ int64_t offsets_off_grid(const Model& model, const OffsetGrid& grid,
     for (const Target t : all_targets()) {
       const QMatrix& q = target_linear(layer, t).qweight;
       if (!pooled(q) || !stored(q)) continue;
-      for (size_t g = 0; g < q.offsets.size(); ++g)
-        if (grid.nearest(q.offsets[g], q.scales[g], q.bits) != q.offsets[g]) {
+      const std::vector<float> m = q.offsets.to_vector(), s = q.scales.to_vector();
+      for (size_t g = 0; g < m.size(); ++g)
+        if (grid.nearest(m[g], s[g], q.bits) != m[g]) {
           ++n;
           break;
         }

@@ -135,8 +135,7 @@ void portable_dequant(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
   uint8_t q[kQChunk];
   for (int64_t j = r0; j < r1; ++j) {
     float* o = out + (j - r0) * I;
-    const float* s = w.scales.data() + j * L;
-    const float* m = w.offsets.data() + j * L;
+    const auto [s, m] = affine ? row_params(w, j, 1, L) : RowParams{};
     for (int64_t c = 0; c < nc; ++c) {
       decode_chunk<B>(w.row_codes(j) + c * chunk_bytes(B), q);
       const int64_t i0 = c * kQChunk, n = std::min(kQChunk, I - i0);

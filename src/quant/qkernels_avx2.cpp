@@ -150,8 +150,7 @@ QL_AVX2 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
-    const float* s = w.scales.data() + j * L;
-    const float* m = w.offsets.data() + j * L;
+    const auto [s, m] = row_params(w, j, 1, L);
     __m256 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
     int64_t g = 0, k = 0, c = 0;
@@ -221,6 +220,7 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
   const int64_t ds = a.xq_stride / 4;
   constexpr int64_t VB = 2 * chunk_bytes(B);
   prefetch_rows(w, j0, R);
+  const RowParams rp = row_params(w, j0, R, L);
   __m256 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm256_setzero_ps();
@@ -232,7 +232,7 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
       for (int r = 0; r < R; ++r) {
         const int64_t j = j0 + r;
         const __m256i q = codes_half_u8<B>(w.codes.data() + j * rb + v * VB, h, v == half);
-        const float* s = w.scales.data() + j * L;
+        const float* s = rp.s + r * L;
         for (int t = 0; t < NT; ++t) {
           const __m256 d = int8_dot(q, a.xq + t * a.xq_stride + v * 64 + 32 * h);
           if constexpr (kPerVector) {
@@ -250,7 +250,7 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
     } else if (++in_group == vpg || v + 1 == nv) {  // the group ends with this vector
       in_group = 0;
       for (int r = 0; r < R; ++r) {
-        const __m256 sg = _mm256_set1_ps(w.scales[(j0 + r) * L + g]);
+        const __m256 sg = _mm256_set1_ps(rp.s[r * L + g]);
         for (int t = 0; t < NT; ++t) {
           acc[r][t] = _mm256_fmadd_ps(grp[r][t], sg, acc[r][t]);
           grp[r][t] = _mm256_setzero_ps();
@@ -262,8 +262,8 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
   for (int r = 0; r < R; ++r) {
     const int64_t j = j0 + r;
     for (int t = 0; t < NT; ++t)
-      a.y[t * w.rows + j] = hsum(fma_tail(w.offsets.data() + j * L, a.xsum + t * L, L, acc[r][t])) +
-                            (a.bias ? a.bias[j] : 0.0f);
+      a.y[t * w.rows + j] =
+          hsum(fma_tail(rp.m + r * L, a.xsum + t * L, L, acc[r][t])) + (a.bias ? a.bias[j] : 0.0f);
   }
 }
 
@@ -338,7 +338,8 @@ QL_AVX2 void gemv_affine_indexed(const GemvArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
-    const GroupLookup<Tables> s(w.scales.data() + j * L, L), m(w.offsets.data() + j * L, L);
+    const RowParams rp = row_params(w, j, 1, L);
+    const GroupLookup<Tables> s(rp.s, L), m(rp.m, L);
     __m256 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
     for (int64_t c = 0; c < nc; ++c) {
@@ -458,8 +459,7 @@ QL_AVX2 void dequant_affine(const QMatrix& w, int64_t r0, int64_t r1, float* out
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
     float* o = out + (j - r0) * I;
-    const float* s = w.scales.data() + j * L;
-    const float* m = w.offsets.data() + j * L;
+    const auto [s, m] = row_params(w, j, 1, L);
     int64_t g = 0, k = 0;
     for (int64_t c = 0; c < nc; ++c) {
       __m256 q[4];
@@ -483,7 +483,8 @@ QL_AVX2 void dequant_affine_indexed(const QMatrix& w, int64_t L, const int32_t* 
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
-    const GroupLookup<Tables> s(w.scales.data() + j * L, L), m(w.offsets.data() + j * L, L);
+    const RowParams rp = row_params(w, j, 1, L);
+    const GroupLookup<Tables> s(rp.s, L), m(rp.m, L);
     for (int64_t c = 0; c < nc; ++c) {
       __m256 q[4];
       codes_f32<B>(p + c * CB, q);

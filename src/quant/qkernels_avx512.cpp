@@ -125,8 +125,7 @@ QL_AVX512 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
   for (int64_t j = r0; j < r1; ++j) {
     prefetch_rows(w, j, 1);
     const uint8_t* p = w.codes.data() + j * rb;
-    const float* s = w.scales.data() + j * L;
-    const float* m = w.offsets.data() + j * L;
+    const auto [s, m] = row_params(w, j, 1, L);
     // Two accumulator sets (even / odd chunks) halve the FMA dependency chains.
     __m512 acc0[2][NT], acc1[2][NT];
     for (int t = 0; t < NT; ++t)
@@ -187,7 +186,8 @@ QL_AVX512 void gemv_affine_indexed(const GemvArgs& a, int64_t r0, int64_t r1) {
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
-    const GroupLookup<Lanes> s(w.scales.data() + j * L, L), m(w.offsets.data() + j * L, L);
+    const RowParams rp = row_params(w, j, 1, L);
+    const GroupLookup<Lanes> s(rp.s, L), m(rp.m, L);
     __m512 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nc; ++c) {
@@ -318,8 +318,7 @@ QL_AVX512 void dequant_affine(const QMatrix& w, int64_t r0, int64_t r1, float* o
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
     float* o = out + (j - r0) * I;
-    const float* s = w.scales.data() + j * L;
-    const float* m = w.offsets.data() + j * L;
+    const auto [s, m] = row_params(w, j, 1, L);
     int64_t g = 0, k = 0;
     for (int64_t c = 0; c < nc; ++c) {
       __m512 q0, q1;
@@ -345,7 +344,8 @@ QL_AVX512 void dequant_affine_indexed(const QMatrix& w, int64_t L, const int32_t
   for (int64_t j = r0; j < r1; ++j) {
     const uint8_t* p = w.codes.data() + j * rb;
     float* o = out + (j - r0) * I;
-    const GroupLookup<Lanes> s(w.scales.data() + j * L, L), m(w.offsets.data() + j * L, L);
+    const RowParams rp = row_params(w, j, 1, L);
+    const GroupLookup<Lanes> s(rp.s, L), m(rp.m, L);
     for (int64_t c = 0; c < nc; ++c) {
       __m512 q0, q1;
       codes_f32<B>(p + c * CB, q0, q1);

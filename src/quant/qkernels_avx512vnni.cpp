@@ -62,9 +62,10 @@ QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 sec
   constexpr int64_t VB = 2 * chunk_bytes(B);
   const uint8_t* p[R];
   const float* s[R];
+  const RowParams rp = row_params(w, j0, R, L);
   for (int r = 0; r < R; ++r) {
     p[r] = w.codes.data() + (j0 + r) * rb;
-    s[r] = w.scales.data() + (j0 + r) * L;
+    s[r] = rp.s + r * L;
   }
   prefetch_rows(w, j0, R);
   __m512 acc[R][NT], grp[R][NT];
@@ -116,7 +117,7 @@ QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 sec
     for (int t = 0; t < NT; ++t)
       // The offsets' share, m . sum(x_g), folded into the vector before the one reduction.
       a.y[t * w.rows + j] =
-          _mm512_reduce_add_ps(fma_masked(w.offsets.data() + j * L, a.xsum + t * L, L, acc[r][t])) +
+          _mm512_reduce_add_ps(fma_masked(rp.m + r * L, a.xsum + t * L, L, acc[r][t])) +
           (a.bias ? a.bias[j] : 0.0f);
   }
 }
@@ -155,6 +156,12 @@ QL_VNNI_INLINE __m512i chunk_sums(__m512i u0, __m512i u1) {
 // Row j of y for NT tokens, G = 32. One row at a time: on a 7B layer streamed from memory,
 // one stream of codes reached 85% of the read bandwidth where four rows at a time (four
 // streams) reached 65%.
+// 16 group parameters from i on (lanes outside `live` zero), converted in registers from fp16.
+QL_VNNI_INLINE __m512 load_params(const GroupParams& p, int64_t i, __mmask16 live) {
+  if (p.is_half()) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, p.bytes() + 2 * i));
+  return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(p.bytes()) + i);
+}
+
 template <int B, int NT>
 QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
   const QMatrix& w = *a.w;
@@ -162,8 +169,6 @@ QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
   const int64_t nv = (nc + 1) / 2, half = nc % 2 ? nc / 2 : -1;  // vector `half` has one chunk
   constexpr int64_t VB = 2 * chunk_bytes(B);
   const uint8_t* p = w.codes.data() + j * w.row_bytes();
-  const float* s = w.scales.data() + j * nc;
-  const float* m = w.offsets.data() + j * nc;
   prefetch_rows(w, j, 1);
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -190,8 +195,8 @@ QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
     }
     const int64_t c0 = 2 * v0;
     const auto live = static_cast<__mmask16>(nc - c0 >= 16 ? 0xFFFFu : (1u << (nc - c0)) - 1);
-    const __m512 sv = _mm512_maskz_loadu_ps(live, s + c0);
-    const __m512 mv = _mm512_maskz_loadu_ps(live, m + c0);
+    const __m512 sv = load_params(w.scales, j * nc + c0, live);
+    const __m512 mv = load_params(w.offsets, j * nc + c0, live);
     for (int t = 0; t < NT; ++t) {
       const __m512 dc = _mm512_maskz_loadu_ps(live, a.xdc + t * dcs + c0);
       const __m512 xs = _mm512_maskz_loadu_ps(live, a.xsum + t * nc + c0);

@@ -116,11 +116,28 @@ inline void prefetch_rows(const QMatrix& w, int64_t row, int64_t n) {
   const int64_t rb = w.row_bytes();
   row += std::max<int64_t>(1, kPrefetchBytes / rb);
   prefetch_range(w.codes.data(), row * rb, (row + n) * rb, static_cast<int64_t>(w.codes.size()));
-  if (w.scales.empty()) return;
-  const int64_t pb = static_cast<int64_t>(w.scales.size() / w.rows * sizeof(float));
-  const int64_t size = static_cast<int64_t>(w.scales.size() * sizeof(float));
-  prefetch_range(w.scales.data(), row * pb, (row + n) * pb, size);
-  prefetch_range(w.offsets.data(), row * pb, (row + n) * pb, size);
+  for (const GroupParams* p : {&w.scales, &w.offsets}) {
+    if (p->empty()) continue;
+    const int64_t pb = p->byte_size() / w.rows;
+    prefetch_range(p->bytes(), row * pb, (row + n) * pb, p->byte_size());
+  }
+}
+
+// The scales and offsets of rows [row, row + n) as fp32, [n, L] each: pointers into fp32
+// storage, or this thread's buffers filled from fp16 (a few hundred values a row, beside the
+// row's codes: the conversion costs far less than reading fp32 parameters would).
+struct RowParams {
+  const float* s;
+  const float* m;
+};
+inline RowParams row_params(const QMatrix& w, int64_t row, int64_t n, int64_t L) {
+  thread_local std::vector<float> buf;
+  float* b = nullptr;
+  if (w.scales.is_half() || w.offsets.is_half()) {
+    if (std::ssize(buf) < 2 * n * L) buf.resize(static_cast<size_t>(2 * n * L));
+    b = buf.data();
+  }
+  return {w.scales.read(row * L, n * L, b), w.offsets.read(row * L, n * L, b ? b + n * L : b)};
 }
 
 struct KernelTable {

@@ -34,6 +34,11 @@ int64_t QMatrix::storage_bytes() const {
   return static_cast<int64_t>(codes.size()) + params;
 }
 
+void QMatrix::compact_params() {
+  scales.to_half_if_exact();
+  offsets.to_half_if_exact();
+}
+
 void QMatrix::validate(std::string_view context) const {
   auto expect = [&](std::string_view field, int64_t actual, int64_t expected) {
     if (actual != expected)

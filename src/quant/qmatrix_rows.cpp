@@ -50,16 +50,25 @@ QMatrix permute_rows(const QMatrix& w, std::span<const int64_t> src_row, std::st
   if (!problem.empty()) fail(context, ": ", problem);
   QMatrix out = w;
   const int64_t L = w.n_groups(), per_row = w.cols / kCodebookBlock;
+  // Group parameters move in fp32 and return to fp16 when they came as fp16.
+  const std::vector<float> scales = w.scales.to_vector(), offsets = w.offsets.to_vector();
+  std::vector<float> out_scales(scales.size()), out_offsets(offsets.size());
   for (int64_t r = 0; r < w.rows; ++r) {
     const int64_t from = src_row[r];
     copy_row(w.codes, out.codes, w.row_bytes(), from, r);
     if (w.type == QuantType::Affine) {
-      copy_row(w.scales, out.scales, L, from, r);
-      copy_row(w.offsets, out.offsets, L, from, r);
+      copy_row(scales, out_scales, L, from, r);
+      copy_row(offsets, out_offsets, L, from, r);
     } else {
       copy_row(w.absmax, out.absmax, per_row, from, r);
       if (!w.absmax_dq.empty()) copy_row(w.absmax_dq.codes, out.absmax_dq.codes, per_row, from, r);
     }
+  }
+  if (w.type == QuantType::Affine) {
+    out.scales = std::move(out_scales);
+    out.offsets = std::move(out_offsets);
+    if (w.scales.is_half()) out.scales.to_half_if_exact();
+    if (w.offsets.is_half()) out.offsets.to_half_if_exact();
   }
   return out;
 }

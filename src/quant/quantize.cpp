@@ -131,6 +131,8 @@ QMatrix quantize_rtn(const WeightRows& row_of, int64_t rows, int64_t cols, int b
                      int64_t group_size, bool sym) {
   QMatrix q = make_affine(rows, cols, bits, resolve_group_size(group_size, cols));
   const int64_t G = q.group_size, L = q.n_groups();
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
 #pragma omp parallel
   {
     std::vector<uint8_t> codes(static_cast<size_t>(cols));
@@ -141,13 +143,14 @@ QMatrix quantize_rtn(const WeightRows& row_of, int64_t rows, int64_t cols, int b
       for (int64_t g = 0; g < L; ++g) {
         const int64_t i0 = g * G, i1 = std::min(cols, i0 + G);
         const AffineParams p = affine_params(row + i0, i1 - i0, 1, bits, sym);
-        q.scales[j * L + g] = p.scale;
-        q.offsets[j * L + g] = p.offset;
+        scales[j * L + g] = p.scale;
+        offsets[j * L + g] = p.offset;
         affine_codes(row + i0, i1 - i0, p, bits, codes.data() + i0);
       }
       pack_row(codes.data(), cols, bits, q.row_codes(j));
     }
   }
+  q.compact_params();
   return q;
 }
 
@@ -157,6 +160,8 @@ QMatrix quantize_int8(const float* w, int64_t rows, int64_t cols) {
 
 QMatrix quantize_int8(const WeightRows& row_of, int64_t rows, int64_t cols) {
   QMatrix q = make_affine(rows, cols, 8, cols);
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
 #pragma omp parallel
   {
     std::vector<uint8_t> codes(static_cast<size_t>(cols));
@@ -169,12 +174,13 @@ QMatrix quantize_int8(const WeightRows& row_of, int64_t rows, int64_t cols) {
       AffineParams p;
       p.scale = amax > 0.0f ? round_to_fp16(amax / 127.0f) : 1.0f;
       p.offset = -128.0f * p.scale;  // exact: a power-of-two multiple of an fp16 value
-      q.scales[j] = p.scale;
-      q.offsets[j] = p.offset;
+      scales[j] = p.scale;
+      offsets[j] = p.offset;
       affine_codes(row, cols, p, 8, codes.data());
       pack_row(codes.data(), cols, 8, q.row_codes(j));
     }
   }
+  q.compact_params();
   return q;
 }
 

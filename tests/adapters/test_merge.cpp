@@ -39,8 +39,10 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return d;
 }
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+bool same_bits(const GroupParams& a, const GroupParams& b) {
+  const std::vector<float> va = a.to_vector(), vb = b.to_vector();
+  return va.size() == vb.size() &&
+         std::memcmp(va.data(), vb.data(), va.size() * sizeof(float)) == 0;
 }
 
 TEST(MergeQaLora, OffsetMergeReproducesTheUnmergedModel) {

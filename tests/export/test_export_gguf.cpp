@@ -33,7 +33,8 @@ Model with_fp16_offsets(Model m) {
     for (const Target t : all_targets()) {
       QMatrix& q = target_linear(L, t).qweight;
       if (q.codes.empty() || q.cols % 32 != 0) continue;
-      for (float& o : q.offsets) o = fp16_to_fp32(fp32_to_fp16(o));
+      float* o = q.offsets.writable();
+      for (int64_t g = 0; g < q.offsets.size(); ++g) o[g] = fp16_to_fp32(fp32_to_fp16(o[g]));
     }
   return m;
 }
@@ -134,8 +135,8 @@ TEST(ExportGguf, MergedQaLoraRoundsOnlyTheOffsetsAndReportsIt) {
     for (const Target t : all_targets()) {
       const QMatrix& q = target_linear(src.layers[l], t).qweight;
       const QMatrix& r = target_linear(want.layers[l], t).qweight;
-      dm = std::max(dm, test::max_abs_diff(q.offsets.data(), r.offsets.data(),
-                                           static_cast<int64_t>(q.offsets.size())));
+      dm = std::max(dm, test::max_abs_diff(q.offsets.to_vector().data(),
+                                           r.offsets.to_vector().data(), q.offsets.size()));
     }
   }
   EXPECT_GT(dm, 0) << "merged offsets are fp32";

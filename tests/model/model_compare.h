@@ -26,6 +26,10 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
+inline bool same_bits(const GroupParams& a, const GroupParams& b) {
+  return same_bits(a.to_vector(), b.to_vector());
+}
+
 void expect_same_tensor(const Tensor& a, const Tensor& b, const std::string& what);
 void expect_same_qmatrix(const QMatrix& a, const QMatrix& b, const std::string& what);
 void expect_same_model(const Model& a, const Model& b);

@@ -298,7 +298,7 @@ TEST(QuantizedFolder, DenseLinearsAndSourcePrecisionAreKept) {
 TEST(QuantizedFolder, OffsetsThatFp16CannotHoldAreStoredAsF32) {
   Model m = test::make_random_model({}, 4);
   quantize_rtn_all(m, 4, 32);
-  m.layers[0].v.qweight.offsets[3] = 1.0f / 3.0f;  // as GPTQ's m = -s * z can be
+  m.layers[0].v.qweight.offsets.writable()[3] = 1.0f / 3.0f;  // as GPTQ's m = -s * z can be
   const fs::path dir = test::temp_dir();
   const Model r = round_trip(m, dir);
   expect_same_model(m, r);

@@ -128,7 +128,10 @@ TEST_P(GptqCheckpoint, DequantizesToTheWritersWeightsAndRuns) {
       const QMatrix &a = (m.layers[l].*member).qweight, &b = (r.layers[l].*member).qweight;
       EXPECT_EQ(a.codes, b.codes) << name;
       EXPECT_EQ(a.g_idx, b.g_idx) << name;
-      EXPECT_EQ(std::memcmp(a.offsets.data(), b.offsets.data(), a.offsets.size() * 4), 0) << name;
+      EXPECT_EQ(std::memcmp(a.offsets.to_vector().data(), b.offsets.to_vector().data(),
+                            static_cast<size_t>(a.offsets.size()) * 4),
+                0)
+          << name;
     }
 }
 

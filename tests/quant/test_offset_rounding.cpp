@@ -40,9 +40,11 @@ QMatrix merged_matrix(int64_t rows, int64_t cols, int64_t group, uint64_t seed) 
   QMatrix q = make_affine(rows, cols, 4, group);
   const std::vector<float> s = test::random_uniform(std::ssize(q.scales), seed, 0.01f, 0.05f);
   const std::vector<float> shift = test::random_normal(std::ssize(q.offsets), seed + 1, 0.01f);
-  for (size_t g = 0; g < q.scales.size(); ++g) {
-    q.scales[g] = round_to_fp16(s[g]);
-    q.offsets[g] = -q.scales[g] * static_cast<float>(3 + g % 9) + shift[g];
+  float* const scales = q.scales.writable();
+  float* const offsets = q.offsets.writable();
+  for (size_t g = 0; g < s.size(); ++g) {
+    scales[g] = round_to_fp16(s[g]);
+    offsets[g] = -scales[g] * static_cast<float>(3 + g % 9) + shift[g];
   }
   return q;
 }
@@ -81,9 +83,10 @@ std::vector<float> reference_rounding(const QMatrix& q, const OffsetGrid& grid,
   const int64_t L = q.n_groups();
   double mean_diag = 0;
   for (int64_t a = 0; a < L; ++a) mean_diag += H[a * L + a] / static_cast<double>(L);
-  std::vector<float> out(q.offsets.size());
+  const std::vector<float> offsets = q.offsets.to_vector();
+  std::vector<float> out(offsets.size());
   for (int64_t j = 0; j < q.rows; ++j) {
-    std::vector<double> w(q.offsets.begin() + j * L, q.offsets.begin() + (j + 1) * L);
+    std::vector<double> w(offsets.begin() + j * L, offsets.begin() + (j + 1) * L);
     for (int64_t l = 0; l < L; ++l) {
       const int64_t n = L - l;  // F = {l, ..., L-1}
       std::vector<double> A(static_cast<size_t>(n * 2 * n), 0.0);
@@ -118,7 +121,7 @@ TEST(RoundOffsets, WithoutHessianEachGoesToItsNearestValue) {
     OffsetRounding report;
     round_offsets(q, grid, nullptr, report);
     double max_dm = 0;
-    for (size_t g = 0; g < q.offsets.size(); ++g) {
+    for (int64_t g = 0; g < q.offsets.size(); ++g) {
       EXPECT_EQ(q.offsets[g], grid.nearest(before.offsets[g], before.scales[g], 4));
       max_dm = std::max(max_dm, std::abs(static_cast<double>(q.offsets[g]) - before.offsets[g]));
     }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 #include "qalora/quant/qmatrix.h"
 #include "qalora/quant/quantize.h"
 #include "quant/qkernels_internal.h"
@@ -115,9 +116,8 @@ void for_each_isa(const std::function<void(Isa)>& f) {
 // Forward for the given token counts, backward_input and dequantize_rows (whole and a row
 // sub-range) of w against the references; the reference results are computed once and every
 // ISA is compared with them. Bias alternates with the token count so both paths see both.
-void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
-                       const std::vector<int64_t>& backward_tokens, uint64_t seed,
-                       float x_lo = -1.0f) {
+void check_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
+                   const std::vector<int64_t>& backward_tokens, uint64_t seed, float x_lo) {
   const int64_t O = w.rows, I = w.cols;
   const auto bias = random_uniform(O, seed + 7);
   struct Case {
@@ -194,6 +194,26 @@ void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
     for (size_t i = 0; i < deq.size(); ++i)
       ASSERT_NEAR(deq[i], deq_ref[i], 1e-6f * (1.0f + std::abs(deq_ref[i]))) << "element " << i;
   });
+}
+
+// check_kernels on w, and for affine w on its group parameters rounded to fp16 and held as
+// fp16 too (each kernel reads either storage).
+void check_all_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
+                       const std::vector<int64_t>& backward_tokens, uint64_t seed,
+                       float x_lo = -1.0f) {
+  {
+    SCOPED_TRACE(w.scales.is_half() ? "fp16 parameters" : "fp32 parameters");
+    check_kernels(w, tokens, backward_tokens, seed, x_lo);
+  }
+  if (w.type != QuantType::Affine || w.scales.is_half()) return;
+  QMatrix h = w;
+  for (GroupParams* p : {&h.scales, &h.offsets}) {
+    float* v = p->writable();
+    for (int64_t i = 0; i < p->size(); ++i) v[i] = round_to_fp16(v[i]);
+    ASSERT_TRUE(p->to_half_if_exact());
+  }
+  SCOPED_TRACE("fp16 parameters");
+  check_kernels(h, tokens, backward_tokens, seed, x_lo);
 }
 
 const std::vector<int64_t> kTokens = {1, 2, 3, 5, 17, 64};

@@ -108,7 +108,7 @@ TEST(QMatrix, ShapesAndStorage) {
   EXPECT_EQ(c.storage_bytes(), 3 * 32 + 2 * 4);
   c.validate("test");
   QMatrix bad = make_affine(2, 10, 4, 5);
-  bad.scales.pop_back();
+  bad.scales.assign(bad.scales.size() - 1, 0.0f);
   EXPECT_THROW(bad.validate("w"), Error);
 }
 
@@ -202,7 +202,7 @@ TEST(Quantize, RtnMinMaxProperties) {
         q.validate("rtn");
         EXPECT_EQ(q.group_size, G == -1 ? cols : G);
         const int64_t L = q.n_groups();
-        for (size_t k = 0; k < q.scales.size(); ++k) {
+        for (int64_t k = 0; k < q.scales.size(); ++k) {
           EXPECT_GT(q.scales[k], 0.0f);
           EXPECT_TRUE(fp16_exact(q.scales[k])) << q.scales[k];
           EXPECT_TRUE(fp16_exact(q.offsets[k])) << q.offsets[k];

@@ -82,12 +82,11 @@ class MemoryProbe {
 };
 
 // Bytes of weights one decoded token reads: every weight once as it is held (quantized codes
-// with their fp32 group parameters, F16/BF16/ggml rows as stored, fp32 arrays), except that an
-// untied embedding table contributes a single row (the head is read in full either way).
+// with their group parameters as held, F16/BF16/ggml rows as stored, fp32 arrays), except that
+// an untied embedding table contributes a single row (the head is read in full either way).
 double quantized_bytes(const QMatrix& q) {
-  return static_cast<double>(q.codes.size()) +
-         4.0 * static_cast<double>(q.scales.size() + q.offsets.size() + q.g_idx.size() +
-                                   q.absmax.size());
+  return static_cast<double>(q.codes.size() + q.scales.byte_size() + q.offsets.byte_size()) +
+         4.0 * static_cast<double>(q.g_idx.size() + q.absmax.size());
 }
 
 double weight_bytes_per_token(const Model& model) {

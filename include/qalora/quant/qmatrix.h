@@ -19,9 +19,10 @@
 // These layouts let SIMD kernels unpack a chunk with a few shifts and masks. The same bytes
 // are stored in the native model folder, so a loaded folder's codes are its mapped file.
 //
-// Scales and offsets are fp32 in memory. Quantizers round them to fp16 (the default storage
-// precision) before computing codes, so what is evaluated is what is saved; GPTQ checkpoints
-// give m = -s * z, which is exact in fp32 but not always in fp16.
+// Scales and offsets are GroupParams: fp16 as folders store them (a view of the mapped file),
+// fp32 where a value needs it. Quantizers round them to fp16 (the default storage precision)
+// before computing codes, so what is evaluated is what is saved; GPTQ checkpoints give
+// m = -s * z and merged QA-LoRA offsets are arbitrary, both kept in fp32.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,7 @@
 
 #include "qalora/core/byte_buffer.h"
 #include "qalora/core/tensor.h"
+#include "qalora/quant/group_params.h"
 #include "qalora/quant/qcode.h"
 
 namespace qalora {
@@ -60,8 +62,8 @@ struct QMatrix {
   // Affine: group size G (1..cols; cols = per channel). NF4/FP4: absmax block length.
   int64_t group_size = 0;
   ByteBuffer codes;            // [rows, row_bytes()]; a view of the file for loaded folders
-  std::vector<float> scales;   // Affine: [rows, n_groups()]
-  std::vector<float> offsets;  // Affine: [rows, n_groups()]
+  GroupParams scales;          // Affine: [rows, n_groups()]
+  GroupParams offsets;         // Affine: [rows, n_groups()]
   std::vector<int32_t> g_idx;  // Affine: [cols] group of each column; empty = contiguous
   std::vector<float> absmax;   // NF4/FP4: [n_blocks()], decoded from absmax_dq when present
   DoubleQuant absmax_dq;       // NF4/FP4 with double quantization: what is stored
@@ -79,6 +81,8 @@ struct QMatrix {
   uint8_t* row_codes(int64_t row) { return codes.data() + row * row_bytes(); }
   // Bytes of codes + group parameters, as stored (fp16 scales/offsets, fp32 absmax).
   int64_t storage_bytes() const;
+  // Affine: holds each of scales and offsets in fp16 when all of its values are fp16 numbers.
+  void compact_params();
   // Throws Error "<context>: <field> ... expected .., got .." on any inconsistency.
   void validate(std::string_view context) const;
 };
