@@ -36,10 +36,6 @@ std::vector<float> GroupParams::to_vector() const {
   return v;
 }
 
-const uint8_t* GroupParams::bytes() const {
-  return half_ ? f16_.data() : reinterpret_cast<const uint8_t*>(f32_.data());
-}
-
 float* GroupParams::writable() {
   if (half_) {
     f32_ = to_vector();

@@ -219,7 +219,7 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
   const int64_t vpg = L == 1 ? nv : cpg / 2;
   const int64_t ds = a.xq_stride / 4;
   constexpr int64_t VB = 2 * chunk_bytes(B);
-  prefetch_rows(w, j0, R);
+  prefetch_rows(w, L, j0, R);
   const RowParams rp = row_params(w, j0, R, L);
   __m256 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)

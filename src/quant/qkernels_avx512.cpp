@@ -123,7 +123,7 @@ QL_AVX512 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;  // chunks per group
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
-    prefetch_rows(w, j, 1);
+    prefetch_rows(w, L, j, 1);
     const uint8_t* p = w.codes.data() + j * rb;
     const auto [s, m] = row_params(w, j, 1, L);
     // Two accumulator sets (even / odd chunks) halve the FMA dependency chains.

@@ -67,7 +67,7 @@ QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 sec
     p[r] = w.codes.data() + (j0 + r) * rb;
     s[r] = rp.s + r * L;
   }
-  prefetch_rows(w, j0, R);
+  prefetch_rows(w, L, j0, R);
   __m512 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm512_setzero_ps();
@@ -169,7 +169,7 @@ QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
   const int64_t nv = (nc + 1) / 2, half = nc % 2 ? nc / 2 : -1;  // vector `half` has one chunk
   constexpr int64_t VB = 2 * chunk_bytes(B);
   const uint8_t* p = w.codes.data() + j * w.row_bytes();
-  prefetch_rows(w, j, 1);
+  prefetch_rows(w, nc, j, 1);
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t v0 = 0; v0 < nv; v0 += 8) {

@@ -112,15 +112,14 @@ inline void prefetch_range(const void* data, int64_t begin, int64_t end, int64_t
   for (uintptr_t b = first; b < last; b += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
 }
-inline void prefetch_rows(const QMatrix& w, int64_t row, int64_t n) {
+// Rows [row, row + n) ahead of an affine matrix with L groups per row.
+inline void prefetch_rows(const QMatrix& w, int64_t L, int64_t row, int64_t n) {
   const int64_t rb = w.row_bytes();
   row += std::max<int64_t>(1, kPrefetchBytes / rb);
   prefetch_range(w.codes.data(), row * rb, (row + n) * rb, static_cast<int64_t>(w.codes.size()));
-  for (const GroupParams* p : {&w.scales, &w.offsets}) {
-    if (p->empty()) continue;
-    const int64_t pb = p->byte_size() / w.rows;
-    prefetch_range(p->bytes(), row * pb, (row + n) * pb, p->byte_size());
-  }
+  const int64_t sb = L * (w.scales.is_half() ? 2 : 4), ob = L * (w.offsets.is_half() ? 2 : 4);
+  prefetch_range(w.scales.bytes(), row * sb, (row + n) * sb, w.rows * sb);
+  prefetch_range(w.offsets.bytes(), row * ob, (row + n) * ob, w.rows * ob);
 }
 
 // The scales and offsets of rows [row, row + n) as fp32, [n, L] each: pointers into fp32

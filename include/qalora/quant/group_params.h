@@ -28,7 +28,9 @@ class GroupParams {
   const float* read(int64_t i, int64_t n, float* buf) const;
   std::vector<float> to_vector() const;
   // The stored bytes (fp16 or fp32), for prefetching and for writing files as they are.
-  const uint8_t* bytes() const;
+  const uint8_t* bytes() const {
+    return half_ ? f16_.data() : reinterpret_cast<const uint8_t*>(f32_.data());
+  }
   int64_t byte_size() const { return size() * (half_ ? 2 : 4); }
 
   // fp32 values to write: fp16 storage becomes fp32 first (the values are unchanged).
