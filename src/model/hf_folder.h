@@ -163,5 +163,10 @@ StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape, const std::ve
   if (!bytes.empty()) std::memcpy(bytes.data(), v.data(), bytes.size());
   return {std::move(name), dtype, std::move(shape), std::move(bytes)};
 }
+// The same for bytes already laid out as stored, taken over without a copy.
+inline StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape,
+                            std::vector<uint8_t>&& bytes) {
+  return {std::move(name), dtype, std::move(shape), std::move(bytes)};
+}
 
 }  // namespace qalora::hf

@@ -410,9 +410,8 @@ namespace {
 StWriteTensor st_params(std::string name, const GroupParams& p, Shape shape) {
   if (!p.is_half())
     return st_float(std::move(name), p.read(0, p.size(), nullptr), std::move(shape), StDtype::F16);
-  std::vector<uint16_t> half(static_cast<size_t>(p.size()));
-  std::memcpy(half.data(), p.bytes(), static_cast<size_t>(p.byte_size()));
-  return st_raw(std::move(name), StDtype::F16, std::move(shape), half);
+  return st_raw(std::move(name), StDtype::F16, std::move(shape),
+                std::vector<uint8_t>(p.bytes(), p.bytes() + p.byte_size()));
 }
 
 }  // namespace

@@ -222,47 +222,50 @@ GptqResult gptq_quantize(const float* W, int64_t rows, const GptqFactor& f,
   std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
   // The sweep's errors e satisfy W - Q = e U, so sum e^2 = tr((W - Q) H' (W - Q)^T).
   double noise = 0.0;
+  ParallelErrors errors;  // a range no fp16 scale holds
 #pragma omp parallel
   {
     std::vector<float> err(static_cast<size_t>(kRowChunk * B));
     std::vector<AffineParams> params(static_cast<size_t>(kRowChunk));
 #pragma omp for schedule(dynamic) reduction(+ : noise)
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
-      const int64_t R = std::min(kRowChunk, rows - r0);
-      for (int64_t b0 = 0; b0 < cols; b0 += B) {
-        const int64_t b1 = std::min(cols, b0 + B), bw = b1 - b0;
-        for (int64_t c = b0; c < b1; ++c) {
-          const int64_t g = opt.static_groups ? perm[c] / G : c / G;
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t j = r0 + r;
-            if (opt.static_groups) {
-              params[r] = {scales[j * L + g], offsets[j * L + g]};
-            } else if (c % G == 0) {
-              params[r] = affine_params(Wp.data() + j * cols + c, std::min(G, cols - c), 1, bits,
-                                        opt.sym);
-              scales[j * L + g] = params[r].scale;
-              offsets[j * L + g] = params[r].offset;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk)
+      errors.capture([&] {
+        const int64_t R = std::min(kRowChunk, rows - r0);
+        for (int64_t b0 = 0; b0 < cols; b0 += B) {
+          const int64_t b1 = std::min(cols, b0 + B), bw = b1 - b0;
+          for (int64_t c = b0; c < b1; ++c) {
+            const int64_t g = opt.static_groups ? perm[c] / G : c / G;
+            for (int64_t r = 0; r < R; ++r) {
+              const int64_t j = r0 + r;
+              if (opt.static_groups) {
+                params[r] = {scales[j * L + g], offsets[j * L + g]};
+              } else if (c % G == 0) {
+                params[r] = affine_params(Wp.data() + j * cols + c, std::min(G, cols - c), 1, bits,
+                                          opt.sym);
+                scales[j * L + g] = params[r].scale;
+                offsets[j * L + g] = params[r].offset;
+              }
+              float* wrow = Wp.data() + j * cols;
+              const uint8_t code = affine_code(wrow[c], params[r], bits);
+              codes[j * cols + perm[c]] = code;
+              const float deq = params[r].scale * code + params[r].offset;
+              const float e = (wrow[c] - deq) / U[c * cols + c];
+              err[r * bw + (c - b0)] = e;
+              const double d = Wk[j * cols + perm[c]] - deq;
+              noise += static_cast<double>(e) * e - added[c] * d * d;
+              const float* urow = U + c * cols;
+              for (int64_t c2 = c + 1; c2 < b1; ++c2) wrow[c2] -= e * urow[c2];
             }
-            float* wrow = Wp.data() + j * cols;
-            const uint8_t code = affine_code(wrow[c], params[r], bits);
-            codes[j * cols + perm[c]] = code;
-            const float deq = params[r].scale * code + params[r].offset;
-            const float e = (wrow[c] - deq) / U[c * cols + c];
-            err[r * bw + (c - b0)] = e;
-            const double d = Wk[j * cols + perm[c]] - deq;
-            noise += static_cast<double>(e) * e - added[c] * d * d;
-            const float* urow = U + c * cols;
-            for (int64_t c2 = c + 1; c2 < b1; ++c2) wrow[c2] -= e * urow[c2];
           }
+          if (b1 < cols)  // lazy update of everything right of the block: W -= Err U[block, rest]
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(R),
+                        static_cast<int>(cols - b1), static_cast<int>(bw), -1.0f, err.data(),
+                        static_cast<int>(bw), U + b0 * cols + b1, static_cast<int>(cols), 1.0f,
+                        Wp.data() + r0 * cols + b1, static_cast<int>(cols));
         }
-        if (b1 < cols)  // lazy update of everything right of the block: W -= Err U[block, rest]
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(R),
-                      static_cast<int>(cols - b1), static_cast<int>(bw), -1.0f, err.data(),
-                      static_cast<int>(bw), U + b0 * cols + b1, static_cast<int>(cols),
-                      1.0f, Wp.data() + r0 * cols + b1, static_cast<int>(cols));
-      }
-    }
+      });
   }
+  errors.rethrow();
   for (int64_t j = 0; j < rows; ++j) pack_row(codes.data() + j * cols, cols, bits, q.row_codes(j));
   q.compact_params();
   return {std::move(q), signal > 0.0 ? std::sqrt(std::max(0.0, noise) / signal) : 0.0};

@@ -157,6 +157,19 @@ TEST(Gptq, IdentityHessianEqualsRtn) {
     }
 }
 
+TEST(Gptq, ARangeNoFp16ScaleHoldsIsAnErrorNotACrash) {
+  // Thrown inside the parallel sweep: it must reach the caller as an Error.
+  const int64_t rows = 70, cols = 64;  // more than one task of rows
+  std::vector<float> W = random_normal(rows * cols, 12);
+  W[static_cast<size_t>(66 * cols + 5)] = 3e5f;
+  std::vector<double> H(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t i = 0; i < cols; ++i) H[i * cols + i] = 1.0;
+  GptqOptions opt;
+  opt.bits = 2;
+  opt.group_size = 32;
+  EXPECT_THROW(gptq_quantize(W.data(), rows, cols, H, opt), Error);
+}
+
 struct Case {
   int bits;
   int64_t group;

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -222,6 +223,44 @@ TEST(Quantize, RtnMinMaxProperties) {
                 << "[" << j << ", " << i << "]";
           }
       }
+}
+
+// Bit patterns of a matrix's group parameters, for exact comparisons.
+std::vector<uint32_t> param_bits(const GroupParams& p) {
+  std::vector<uint32_t> bits;
+  for (const float v : p.to_vector()) bits.push_back(std::bit_cast<uint32_t>(v));
+  return bits;
+}
+
+TEST(Quantize, RtnEqualsItsReferenceBitForBit) {
+  // Widths with ragged last groups and partial blocks of 16 groups; rows that are all zeros
+  // (some -0), constant, tiny (the scale floors at the smallest fp16) and exact halves.
+  for (const int64_t cols : {16, 33, 48, 200, 560, 1000}) {
+    const int64_t rows = 6;
+    std::vector<float> w = random_normal(rows * cols, 300 + cols, 0.05f);
+    for (int64_t i = 0; i < cols; ++i) {
+      w[static_cast<size_t>(i)] = i % 3 == 0 ? -0.0f : 0.0f;
+      w[static_cast<size_t>(cols + i)] = 0.75f;
+      w[static_cast<size_t>(2 * cols + i)] = 1e-9f * static_cast<float>(i % 7);
+      w[static_cast<size_t>(3 * cols + i)] = 0.125f * static_cast<float>(i % 17) - 1.0f;
+    }
+    for (int bits : {2, 3, 4, 8})
+      for (int64_t G : {16, 32, 48, 64, 128, 7, -1})
+        for (bool sym : {false, true}) {
+          SCOPED_TRACE(testing::Message()
+                       << cols << " cols, bits " << bits << " G " << G << " sym " << sym);
+          const QMatrix got = quantize_rtn(w.data(), rows, cols, bits, G, sym);
+          const QMatrix want = quantize_rtn_ref(w.data(), rows, cols, bits, G, sym);
+          EXPECT_EQ(got.codes, want.codes);
+          EXPECT_EQ(param_bits(got.scales), param_bits(want.scales));
+          EXPECT_EQ(param_bits(got.offsets), param_bits(want.offsets));
+        }
+  }
+  // A range no fp16 scale holds is refused by both.
+  std::vector<float> wide(64, 0.0f);
+  wide[40] = 3e5f;
+  EXPECT_THROW(quantize_rtn(wide.data(), 1, 64, 2, 32, false), Error);
+  EXPECT_THROW(quantize_rtn_ref(wide.data(), 1, 64, 2, 32, false), Error);
 }
 
 TEST(Quantize, AffineCodesEqualAffineCodeElementByElement) {

@@ -2,6 +2,8 @@
 // the file, the field, and the expected and actual values. The CLI prints it and exits non-zero.
 #pragma once
 
+#include <exception>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -26,6 +28,29 @@ template <typename... Args>
 [[noreturn]] void fail(Args&&... args) {
   throw Error(cat(std::forward<Args>(args)...));
 }
+
+// The first exception thrown by the bodies of an OpenMP parallel region, carried out of it (one
+// that escaped the region would terminate the program): run each body through capture() and
+// call rethrow() after the region.
+class ParallelErrors {
+ public:
+  template <typename F>
+  void capture(F&& body) noexcept {
+    try {
+      body();
+    } catch (...) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
 
 }  // namespace qalora
 

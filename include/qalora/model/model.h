@@ -157,7 +157,7 @@ void save_hf_model(const Model& model, const std::filesystem::path& dir);
 // finish() (an error, an interrupted run) leaves `dir` untouched.
 class ModelFolderWriter {
  public:
-  static constexpr int64_t kDefaultShardBytes = int64_t{1} << 29;
+  static constexpr int64_t kDefaultShardBytes = int64_t{1} << 28;
   // `model` supplies the configuration, quantization record, tokenizer, source tensor types and,
   // at finish(), the embeddings, final norm and head; its blocks are not read.
   ModelFolderWriter(const Model& model, const std::filesystem::path& dir,

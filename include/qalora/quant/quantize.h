@@ -38,6 +38,10 @@ QMatrix quantize_rtn(const float* w, int64_t rows, int64_t cols, int bits, int64
 // fp32 copy of the matrix).
 QMatrix quantize_rtn(const WeightRows& row, int64_t rows, int64_t cols, int bits,
                      int64_t group_size, bool sym);
+// quantize_rtn one value at a time, without vectors: the definition the optimized one is
+// tested against.
+QMatrix quantize_rtn_ref(const float* w, int64_t rows, int64_t cols, int bits, int64_t group_size,
+                         bool sym);
 // 8-bit weight-only per-row absmax: s = absmax / 127, codes round(w / s) + 128.
 QMatrix quantize_int8(const float* w, int64_t rows, int64_t cols);
 QMatrix quantize_int8(const WeightRows& row, int64_t rows, int64_t cols);
