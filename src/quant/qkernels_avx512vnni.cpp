@@ -153,15 +153,15 @@ QL_VNNI_INLINE __m512i chunk_sums(__m512i u0, __m512i u1) {
   return _mm512_permutexvar_epi32(order, z);
 }
 
-// Row j of y for NT tokens, G = 32. One row at a time: on a 7B layer streamed from memory,
-// one stream of codes reached 85% of the read bandwidth where four rows at a time (four
-// streams) reached 65%.
 // 16 group parameters from i on (lanes outside `live` zero), converted in registers from fp16.
 QL_VNNI_INLINE __m512 load_params(const GroupParams& p, int64_t i, __mmask16 live) {
   if (p.is_half()) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, p.bytes() + 2 * i));
   return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(p.bytes()) + i);
 }
 
+// Row j of y for NT tokens, G = 32. One row at a time: on a 7B layer streamed from memory,
+// one stream of codes reached 85% of the read bandwidth where four rows at a time (four
+// streams) reached 65%.
 template <int B, int NT>
 QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
   const QMatrix& w = *a.w;

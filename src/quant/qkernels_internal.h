@@ -124,7 +124,8 @@ inline void prefetch_rows(const QMatrix& w, int64_t L, int64_t row, int64_t n) {
 
 // The scales and offsets of rows [row, row + n) as fp32, [n, L] each: pointers into fp32
 // storage, or this thread's buffers filled from fp16 (a few hundred values a row, beside the
-// row's codes: the conversion costs far less than reading fp32 parameters would).
+// row's codes; where the kernel waits on memory this costs less than reading fp32 parameters
+// would, but the compute-bound AVX2 decode pays up to a tenth for it, docs/memory.md).
 struct RowParams {
   const float* s;
   const float* m;

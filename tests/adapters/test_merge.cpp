@@ -4,11 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <random>
 #include <vector>
 
 #include "export/export_test_util.h"
+#include "model/model_compare.h"
 #include "model/random_model.h"
 #include "qalora/adapters/merge.h"
 #include "qalora/core/error.h"
@@ -39,12 +39,6 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return d;
 }
 
-bool same_bits(const GroupParams& a, const GroupParams& b) {
-  const std::vector<float> va = a.to_vector(), vb = b.to_vector();
-  return va.size() == vb.size() &&
-         std::memcmp(va.data(), vb.data(), va.size() * sizeof(float)) == 0;
-}
-
 TEST(MergeQaLora, OffsetMergeReproducesTheUnmergedModel) {
   for (const int bits : {4, 3, 2})
     for (const AdapterPool pool : {AdapterPool::Average, AdapterPool::Sum}) {
@@ -70,8 +64,8 @@ TEST(MergeQaLora, OffsetMergeReproducesTheUnmergedModel) {
           const QMatrix& before = target_linear(base.layers[l], t).qweight;
           const QMatrix& after = target_linear(merged.layers[l], t).qweight;
           EXPECT_EQ(after.codes, before.codes) << target_name(t);
-          EXPECT_TRUE(same_bits(after.scales, before.scales)) << target_name(t);
-          EXPECT_FALSE(same_bits(after.offsets, before.offsets)) << target_name(t);
+          EXPECT_TRUE(test::same_bits(after.scales, before.scales)) << target_name(t);
+          EXPECT_FALSE(test::same_bits(after.offsets, before.offsets)) << target_name(t);
         }
     }
 }
@@ -122,7 +116,7 @@ TEST(MergeQaLora, SavedMergedModelLoadsBackBitForBit) {
       const QMatrix& got = target_linear(loaded.layers[l], t).qweight;
       EXPECT_EQ(got.bits, 3);
       EXPECT_EQ(got.codes, want.codes);
-      EXPECT_TRUE(same_bits(got.offsets, want.offsets)) << "merged offsets need fp32 storage";
+      EXPECT_TRUE(test::same_bits(got.offsets, want.offsets)) << "merged offsets need fp32 storage";
     }
   EXPECT_EQ(logits(loaded, nullptr), logits(merged, nullptr));
 }
