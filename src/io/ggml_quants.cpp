@@ -14,6 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <type_traits>
 
 #include "qalora/core/error.h"
 #include "qalora/core/fp16.h"
@@ -24,6 +27,7 @@ namespace {
 
 constexpr int kQK = 32;    // elements per block of the legacy formats
 constexpr int kQKK = 256;  // elements per super-block of the K formats
+constexpr int kSub = kQKK / kQK;  // 32-element sub-blocks per super-block
 
 struct BlockQ4_0 {
   uint16_t d;
@@ -463,75 +467,139 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
 
 namespace {
 
+// The bytes of a derived buffer of `n` items, item i computed from block i by put(block, out).
+// The blocks are copied out with memcpy: a mapped GGUF gives no alignment.
+template <typename Block, typename Put>
+ByteBuffer per_block(const uint8_t* data, int64_t n, int64_t item_bytes,
+                     const std::shared_ptr<const MappedFile>& file, Put put) {
+  std::function<void()> release;
+  if (file)
+    release = [data, n, file] {
+      release_mapped_pages(data, static_cast<size_t>(n) * sizeof(Block));
+    };
+  return ByteBuffer::derived(
+      static_cast<size_t>(n * item_bytes),
+      [data, n, item_bytes, put](uint8_t* out) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+          Block b;
+          std::memcpy(&b, data + i * static_cast<int64_t>(sizeof(Block)), sizeof b);
+          put(b, out + i * item_bytes);
+        }
+      },
+      std::move(release));
+}
+
+void put_f16(uint16_t h, uint8_t* out) {
+  std::memcpy(out, &h, 2);
+}
+
+// Q4_0 / Q4_1 / Q8_0: a 32-element block is one group and one packed chunk; ggml's 4-bit nibble
+// order (low nibbles = elements 0..15, high = 16..31) is the QMatrix 4-bit chunk layout byte
+// for byte. Symmetric blocks have the offset -2^(bits-1) d: fp16 as d is, unless that
+// overflows (|d| above 65504 / 8 or / 128), which only a scan of the blocks can tell.
+template <typename Block>
+QMatrix legacy_qmatrix(const uint8_t* data, int64_t rows, int64_t cols,
+                       const std::shared_ptr<const MappedFile>& file) {
+  constexpr bool kQ8 = std::is_same_v<Block, BlockQ8_0>, kQ41 = std::is_same_v<Block, BlockQ4_1>;
+  constexpr int kBits = kQ8 ? 8 : 4;
+  QMatrix q;
+  q.bits = kBits;
+  q.rows = rows;
+  q.cols = cols;
+  q.group_size = kQK;
+  const int64_t n = rows * (cols / kQK);
+  q.codes = per_block<Block>(data, n, chunk_bytes(kBits), file, [](const Block& b, uint8_t* out) {
+    if constexpr (kQ8) {
+      for (int k = 0; k < kQK; ++k) out[k] = static_cast<uint8_t>(b.qs[k] + 128);  // int8 + 128
+    } else {
+      std::memcpy(out, b.qs, sizeof b.qs);
+    }
+  });
+  q.scales = GroupParams::half(
+      per_block<Block>(data, n, 2, file, [](const Block& b, uint8_t* out) { put_f16(b.d, out); }));
+  if constexpr (kQ41) {
+    q.offsets = GroupParams::half(per_block<Block>(
+        data, n, 2, file, [](const Block& b, uint8_t* out) { put_f16(b.m, out); }));
+  } else {
+    constexpr float kZero = kQ8 ? -128.0f : -8.0f;
+    bool fits = true;
+    for (int64_t i = 0; i < n && fits; ++i) {
+      uint16_t d = 0;
+      std::memcpy(&d, data + i * static_cast<int64_t>(sizeof(Block)), 2);
+      fits = std::abs(kZero * h2f(d)) <= 65504.0f;  // false for inf and NaN too
+    }
+    if (file) release_mapped_pages(data, static_cast<size_t>(n) * sizeof(Block));
+    q.offsets = fits ? GroupParams::half(per_block<Block>(data, n, 2, file,
+                                                          [](const Block& b, uint8_t* out) {
+                                                            put_f16(fp32_to_fp16(kZero * h2f(b.d)),
+                                                                    out);  // exact: a power of 2
+                                                          }))
+                     : GroupParams::single(
+                           per_block<Block>(data, n, 4, file, [](const Block& b, uint8_t* out) {
+                             const float m = kZero * h2f(b.d);
+                             std::memcpy(out, &m, 4);
+                           }));
+  }
+  return q;
+}
+
 // Q4_K: each 32-element sub-block has its own six-bit scale and min, so w = (d sc) q - dmin mn
 // is affine with groups of 32: scale d sc, offset -(dmin mn), both exact in fp32.
-std::optional<QMatrix> q4k_to_qmatrix(const uint8_t* data, int64_t rows, int64_t cols) {
-  if (cols % kQKK != 0) return std::nullopt;
-  QMatrix q = make_affine(rows, cols, 4, kQK);
-  const int64_t super = cols / kQKK, L = cols / kQK;
-  float* const scales = q.scales.writable();
-  float* const offsets = q.offsets.writable();
-  for (int64_t j = 0; j < rows; ++j)
-    for (int64_t sb = 0; sb < super; ++sb) {
-      const auto& b = reinterpret_cast<const BlockQ4_K*>(data)[j * super + sb];
-      const float d = h2f(b.d), dmin = h2f(b.dmin);
-      for (int k = 0; k < kQKK / kQK; ++k) {
-        const int64_t g = sb * (kQKK / kQK) + k;
-        int sc = 0, mn = 0;
-        k4_scale_min(b.scales, k, sc, mn);
-        scales[j * L + g] = d * static_cast<float>(sc);
-        offsets[j * L + g] = -(dmin * static_cast<float>(mn));
-        const uint8_t* src = b.qs + (k / 2) * 32;
-        const int shift = 4 * (k % 2);
-        uint8_t* chunk = q.row_codes(j) + g * chunk_bytes(4);
-        for (int l = 0; l < 16; ++l)
-          chunk[l] = static_cast<uint8_t>(((src[l] >> shift) & 0xf) |
-                                          ((src[l + 16] >> shift) & 0xf) << 4);
-      }
-    }
-  q.compact_params();
+QMatrix q4k_qmatrix(const uint8_t* data, int64_t rows, int64_t cols,
+                    const std::shared_ptr<const MappedFile>& file) {
+  QMatrix q;
+  q.rows = rows;
+  q.cols = cols;
+  q.group_size = kQK;
+  const int64_t n = rows * (cols / kQKK);
+  q.codes = per_block<BlockQ4_K>(
+      data, n, kSub * chunk_bytes(4), file, [](const BlockQ4_K& b, uint8_t* out) {
+        for (int k = 0; k < kSub; ++k) {
+          const uint8_t* src = b.qs + (k / 2) * 32;
+          const int shift = 4 * (k % 2);
+          for (int l = 0; l < 16; ++l)
+            out[k * 16 + l] = static_cast<uint8_t>(((src[l] >> shift) & 0xf) |
+                                                   ((src[l + 16] >> shift) & 0xf) << 4);
+        }
+      });
+  // The scales (min = false) or the offsets of the eight sub-blocks, fp32.
+  const auto params = [&](bool min) {
+    return GroupParams::single(
+        per_block<BlockQ4_K>(data, n, kSub * 4, file, [min](const BlockQ4_K& b, uint8_t* out) {
+          const float d = h2f(b.d), dmin = h2f(b.dmin);
+          for (int k = 0; k < kSub; ++k) {
+            int sc = 0, mn = 0;
+            k4_scale_min(b.scales, k, sc, mn);
+            const float v = min ? -(dmin * static_cast<float>(mn)) : d * static_cast<float>(sc);
+            std::memcpy(out + 4 * k, &v, 4);
+          }
+        }));
+  };
+  q.scales = params(false);
+  q.offsets = params(true);
   return q;
 }
 
 }  // namespace
 
 std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
-                                       int64_t cols) {
-  if (type == GgmlType::Q4_K) return q4k_to_qmatrix(data, rows, cols);
-  if ((type != GgmlType::Q4_0 && type != GgmlType::Q4_1 && type != GgmlType::Q8_0) ||
-      cols % kQK != 0)
-    return std::nullopt;
-  const int bits = type == GgmlType::Q8_0 ? 8 : 4;
-  QMatrix q = make_affine(rows, cols, bits, kQK);
-  const int64_t L = cols / kQK;
-  float* const scales = q.scales.writable();
-  float* const offsets = q.offsets.writable();
-  // A 32-element block is one group and one packed chunk. ggml's 4-bit nibble order (low
-  // nibbles = elements 0..15, high = 16..31) is the QMatrix 4-bit chunk layout byte for byte.
-  for (int64_t j = 0; j < rows; ++j)
-    for (int64_t g = 0; g < L; ++g) {
-      uint8_t* chunk = q.row_codes(j) + g * chunk_bytes(bits);
-      float& s = scales[j * L + g];
-      float& m = offsets[j * L + g];
-      if (type == GgmlType::Q8_0) {
-        const auto& b = reinterpret_cast<const BlockQ8_0*>(data)[j * L + g];
-        s = h2f(b.d);
-        m = -128.0f * s;  // code = int8 value + 128
-        for (int k = 0; k < kQK; ++k) chunk[k] = static_cast<uint8_t>(b.qs[k] + 128);
-      } else if (type == GgmlType::Q4_0) {
-        const auto& b = reinterpret_cast<const BlockQ4_0*>(data)[j * L + g];
-        s = h2f(b.d);
-        m = -8.0f * s;
-        std::memcpy(chunk, b.qs, sizeof(b.qs));
-      } else {
-        const auto& b = reinterpret_cast<const BlockQ4_1*>(data)[j * L + g];
-        s = h2f(b.d);
-        m = h2f(b.m);
-        std::memcpy(chunk, b.qs, sizeof(b.qs));
-      }
-    }
-  q.compact_params();
-  return q;
+                                       int64_t cols,
+                                       const std::shared_ptr<const MappedFile>& file) {
+  switch (type) {
+    case GgmlType::Q4_K:
+      if (cols % kQKK != 0) return std::nullopt;
+      return q4k_qmatrix(data, rows, cols, file);
+    case GgmlType::Q4_0:
+    case GgmlType::Q4_1:
+    case GgmlType::Q8_0:
+      if (cols % kQK != 0) return std::nullopt;
+      if (type == GgmlType::Q4_0) return legacy_qmatrix<BlockQ4_0>(data, rows, cols, file);
+      if (type == GgmlType::Q4_1) return legacy_qmatrix<BlockQ4_1>(data, rows, cols, file);
+      return legacy_qmatrix<BlockQ8_0>(data, rows, cols, file);
+    default:
+      return std::nullopt;
+  }
 }
 
 }  // namespace qalora

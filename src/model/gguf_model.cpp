@@ -168,16 +168,16 @@ Model load_gguf_model(const std::filesystem::path& path) {
     return permute ? permute_rope_rows(t, heads, c.head_dim, /*to_hf=*/false) : t;
   };
   // Block types with an exact affine form (Q4_0, Q4_1, Q8_0, Q4_K) run from their codes on the
-  // quantized kernels; every other type stays as stored and is decoded a tile at a time.
+  // quantized kernels, repacked matrix by matrix when a pass reaches them and freed with its
+  // block; every other type stays as stored and is decoded a tile at a time.
   std::map<std::string, int64_t> linear_types;
   auto linear = [&](const std::string& name, const Shape& shape, int64_t rope_heads = 0) {
     Linear lin;
     const GgufTensorInfo& t = info(name, shape);
-    if (auto q = ggml_to_qmatrix(t.type, f.tensor_data(t), shape[0], shape[1])) {
+    if (auto q = ggml_to_qmatrix(t.type, f.tensor_data(t), shape[0], shape[1], f.mapping())) {
       lin.qweight = permute && rope_heads > 0
                         ? permute_rope_rows(*q, rope_heads, c.head_dim, /*to_hf=*/false)
                         : std::move(*q);
-      release_mapped_pages(f.tensor_data(t), t.nbytes);  // repacked: the file's blocks can go
     } else {
       lin.weight = rope_heads > 0 ? rope_rows(f.load(t), rope_heads) : f.load(t);
     }
@@ -192,7 +192,7 @@ Model load_gguf_model(const std::filesystem::path& path) {
     m.output = stored("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
   const GgufTensorInfo* head = m.output.empty() ? embd : f.find_tensor("output.weight");
-  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D))
+  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D, f.mapping()))
     m.head_q = std::move(*q);
   if (f.find_tensor("rope_freqs.weight") != nullptr) {
     const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});

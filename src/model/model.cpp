@@ -45,9 +45,7 @@ void expect_linear(const std::string& source, const std::string& name, const Lin
 
 void Linear::release_pages() const {
   weight.release_pages();
-  qweight.codes.release_pages();
-  qweight.scales.release_pages();
-  qweight.offsets.release_pages();
+  qweight.release_pages();
   bias.release_pages();
 }
 

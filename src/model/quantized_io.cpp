@@ -248,9 +248,10 @@ QMatrix load_gptq(const HfWeights& w, const FolderQuant& q, const std::string& p
   t.qzeros_name = name(qzeros);
   t.scales_name = name(scales);
   t.g_idx_name = name(g_idx);
+  t.mapping = w.owner(qweight);
   QMatrix m = gptq_to_qmatrix(t, {b, G, q.gptq_v2});
-  // Repacked into m: the checkpoint's own bytes need not stay resident (3.5 GB at 7B).
-  release_mapped_pages(t.qweight, static_cast<size_t>(in * b / 32 * out * 4));
+  // The group parameters are converted (the codes are repacked when first used): the
+  // checkpoint's own bytes of them need not stay resident.
   release_mapped_pages(t.qzeros, static_cast<size_t>(L * out * b / 32 * 4));
   if (t.g_idx) release_mapped_pages(t.g_idx, static_cast<size_t>(in * 4));
   stored_scales.release_pages();

@@ -212,7 +212,7 @@ void InferenceSession::run(std::span<const int32_t> tokens, const PackedLayout* 
     linear(L.down, gate_.data(), xn, T);
     adapt(li, Target::Down, gate_.data(), xn, T);
     for (int64_t i = 0; i < T * D; ++i) x[i] += xn[i];
-    if (streams_weights(T)) L.release_pages();
+    if (!keep_weights_ && streams_weights(T)) L.release_pages();
   }
 
   for (int64_t i = 0; i < rows_out; ++i)
@@ -222,7 +222,10 @@ void InferenceSession::run(std::span<const int32_t> tokens, const PackedLayout* 
   // the greedy choice when the top two are that close.
   project(model_.head(), model_.head_q, Tensor(), xn, logits.data(), rows_out,
           DecodeActivations::Exact);
-  if (streams_weights(T)) model_.head().release_pages();
+  if (!keep_weights_ && streams_weights(T)) {
+    model_.head().release_pages();
+    model_.head_q.release_pages();
+  }
 
   pos_ += T;
   stats_.tokens += T;

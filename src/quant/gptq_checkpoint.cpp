@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/core/mapped_file.h"
 
 namespace qalora {
 
@@ -16,6 +18,42 @@ std::vector<uint32_t> words_of(const uint8_t* bytes, int64_t n) {
   std::vector<uint32_t> w(static_cast<size_t>(n));
   if (n > 0) std::memcpy(w.data(), bytes, static_cast<size_t>(n) * sizeof(uint32_t));
   return w;
+}
+
+// The codes in QMatrix rows, repacked from qweight when first read. Blocks of output columns,
+// inputs in order: each block's words are copied out of the (possibly unaligned) mapping one
+// contiguous run per word row.
+ByteBuffer repacked_codes(const GptqLinear& t, int b, int64_t row_bytes) {
+  const int64_t in = t.in, out = t.out, word_rows = in * b / 32;
+  const uint8_t* const qweight = t.qweight;
+  std::function<void()> release;
+  if (t.mapping)
+    release = [qweight, word_rows, out, mapping = t.mapping] {
+      release_mapped_pages(qweight, static_cast<size_t>(word_rows * out * 4));
+    };
+  return ByteBuffer::derived(
+      static_cast<size_t>(out * row_bytes),
+      [=](uint8_t* packed) {
+        constexpr int64_t kCols = 64;
+#pragma omp parallel
+        {
+          std::vector<uint32_t> words(static_cast<size_t>(word_rows * kCols));
+          std::vector<uint8_t> codes(static_cast<size_t>(kCols * in));
+#pragma omp for schedule(static)
+          for (int64_t j0 = 0; j0 < out; j0 += kCols) {
+            const int64_t n = std::min(kCols, out - j0);
+            for (int64_t r = 0; r < word_rows; ++r)
+              std::memcpy(words.data() + r * n, qweight + (r * out + j0) * 4,
+                          static_cast<size_t>(n) * 4);
+            for (int64_t i = 0; i < in; ++i)
+              for (int64_t j = 0; j < n; ++j)
+                codes[j * in + i] = static_cast<uint8_t>(gptq_unpack(words.data() + j, n, i, b));
+            for (int64_t j = 0; j < n; ++j)
+              pack_row(codes.data() + j * in, in, b, packed + (j0 + j) * row_bytes);
+          }
+        }
+      },
+      std::move(release));
 }
 
 }  // namespace
@@ -34,7 +72,11 @@ QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
   const int b = f.bits;
   const int64_t G = f.group_size, in = t.in, out = t.out;
   const int64_t L = (in + G - 1) / G;
-  QMatrix q = make_affine(out, in, b, G);
+  QMatrix q;
+  q.bits = b;
+  q.rows = out;
+  q.cols = in;
+  q.group_size = G;
 
   if (t.g_idx != nullptr) {
     std::vector<int32_t> g(static_cast<size_t>(in));
@@ -72,21 +114,7 @@ QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
       offsets[j * Lq + l] = -s * static_cast<float>(z);  // exact in fp32: fp16 s times z < 2^8
     }
 
-  const std::vector<uint32_t> qweight = words_of(t.qweight, in * b / 32 * out);
-  // Blocks of output columns, inputs in order: each step reads a contiguous run of one word row.
-  constexpr int64_t kCols = 64;
-#pragma omp parallel
-  {
-    std::vector<uint8_t> codes(static_cast<size_t>(kCols * in));
-#pragma omp for schedule(static)
-    for (int64_t j0 = 0; j0 < out; j0 += kCols) {
-      const int64_t n = std::min(kCols, out - j0);
-      for (int64_t i = 0; i < in; ++i)
-        for (int64_t j = 0; j < n; ++j)
-          codes[j * in + i] = static_cast<uint8_t>(gptq_unpack(qweight.data() + j0 + j, out, i, b));
-      for (int64_t j = 0; j < n; ++j) pack_row(codes.data() + j * in, in, b, q.row_codes(j0 + j));
-    }
-  }
+  q.codes = repacked_codes(t, b, q.row_bytes());
   q.compact_params();
   return q;
 }

@@ -225,6 +225,7 @@ bool uses_int8(const KernelTable& k, const QMatrix& w) {
 // the rows of all the products, split evenly.
 void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivations activations,
           const KernelTable& k) {
+  for (const QProduct& p : ps) p.w->prepare();
   const QMatrix& w = *ps.front().w;
   const int64_t I = w.cols, P = w.padded_cols();
   // Zero-padded copies let the kernels read whole chunks without tail masks.
@@ -453,6 +454,7 @@ const char* qkernel_isa() {
 }
 
 void dequantize_rows(const QMatrix& w, int64_t r0, int64_t r1, float* out) {
+  w.prepare();
   const qk::KernelTable& k = qk::table();
   qk::parallel_rows(r1 - r0, (r1 - r0) * w.cols, [&](int64_t a, int64_t b) {
     k.dequant_rows(w, r0 + a, r0 + b, out + a * w.cols);
@@ -484,6 +486,7 @@ namespace {
 // there: the fp32 copy of the whole weight is never written.
 const uint16_t* dequantize_bf16(const QMatrix& w) {
   constexpr int64_t kRows = 8;
+  w.prepare();
   uint16_t* out = qk::scratch(qk::tl_weights_bf16, w.rows * w.cols);
   const qk::KernelTable& k = qk::table();
   qk::parallel_rows(w.rows, w.rows * w.cols, [&](int64_t a, int64_t b) {

@@ -34,6 +34,18 @@ int64_t QMatrix::storage_bytes() const {
   return static_cast<int64_t>(codes.size()) + params;
 }
 
+void QMatrix::prepare() const {
+  (void)codes.data();
+  (void)scales.bytes();
+  (void)offsets.bytes();
+}
+
+void QMatrix::release_pages() const {
+  codes.release_pages();
+  scales.release_pages();
+  offsets.release_pages();
+}
+
 void QMatrix::compact_params() {
   scales.to_half_if_exact();
   offsets.to_half_if_exact();

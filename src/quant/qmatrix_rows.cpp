@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "qalora/core/error.h"
@@ -14,6 +15,21 @@ namespace {
 template <typename Src, typename Dst>
 void copy_row(const Src& src, Dst& dst, int64_t n, int64_t from, int64_t to) {
   std::copy_n(src.data() + from * n, n, dst.data() + to * n);
+}
+
+// The rows of `src` ([rows, row_bytes]) in the order src_row, copied when first read, so a
+// mapped or repacked source costs memory only while a pass uses it (as the source would).
+ByteBuffer permuted_rows(const ByteBuffer& src, int64_t row_bytes,
+                         std::shared_ptr<const std::vector<int64_t>> src_row) {
+  return ByteBuffer::derived(
+      src.size(),
+      [src, row_bytes, src_row](uint8_t* out) {
+        const uint8_t* in = src.data();
+        for (size_t r = 0; r < src_row->size(); ++r)
+          std::memcpy(out + static_cast<int64_t>(r) * row_bytes, in + (*src_row)[r] * row_bytes,
+                      static_cast<size_t>(row_bytes));
+      },
+      [src] { src.release_pages(); });
 }
 
 }  // namespace
@@ -49,26 +65,22 @@ QMatrix permute_rows(const QMatrix& w, std::span<const int64_t> src_row, std::st
   const std::string problem = row_permutation_problem(w, src_row);
   if (!problem.empty()) fail(context, ": ", problem);
   QMatrix out = w;
-  const int64_t L = w.n_groups(), per_row = w.cols / kCodebookBlock;
-  // Group parameters move in fp32 and return to fp16 when they came as fp16.
-  const std::vector<float> scales = w.scales.to_vector(), offsets = w.offsets.to_vector();
-  std::vector<float> out_scales(scales.size()), out_offsets(offsets.size());
-  for (int64_t r = 0; r < w.rows; ++r) {
-    const int64_t from = src_row[r];
-    copy_row(w.codes, out.codes, w.row_bytes(), from, r);
-    if (w.type == QuantType::Affine) {
-      copy_row(scales, out_scales, L, from, r);
-      copy_row(offsets, out_offsets, L, from, r);
-    } else {
-      copy_row(w.absmax, out.absmax, per_row, from, r);
-      if (!w.absmax_dq.empty()) copy_row(w.absmax_dq.codes, out.absmax_dq.codes, per_row, from, r);
-    }
-  }
+  const auto order = std::make_shared<const std::vector<int64_t>>(src_row.begin(), src_row.end());
+  out.codes = permuted_rows(w.codes, w.row_bytes(), order);
   if (w.type == QuantType::Affine) {
-    out.scales = std::move(out_scales);
-    out.offsets = std::move(out_offsets);
-    if (w.scales.is_half()) out.scales.to_half_if_exact();
-    if (w.offsets.is_half()) out.offsets.to_half_if_exact();
+    const auto params = [&](const GroupParams& p) {
+      const ByteBuffer bytes = permuted_rows(p.buffer(), p.byte_size() / w.rows, order);
+      return p.is_half() ? GroupParams::half(bytes) : GroupParams::single(bytes);
+    };
+    out.scales = params(w.scales);
+    out.offsets = params(w.offsets);
+    return out;
+  }
+  const int64_t per_row = w.cols / kCodebookBlock;
+  for (int64_t r = 0; r < w.rows; ++r) {
+    copy_row(w.absmax, out.absmax, per_row, src_row[r], r);
+    if (!w.absmax_dq.empty())
+      copy_row(w.absmax_dq.codes, out.absmax_dq.codes, per_row, src_row[r], r);
   }
   return out;
 }

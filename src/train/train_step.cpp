@@ -353,7 +353,10 @@ struct CpuTrainStep final : TrainSession::Impl {
       std::fill(dx, dx + T * D, 0.0f);
       ops::rmsnorm_backward(dx, dxn, x_last, model.final_norm.data(), T, D, model.config.norm_eps);
     }
-    if (streams_weights(T)) head.release_pages();
+    if (streams_weights(T)) {
+      head.release_pages();
+      model.head_q.release_pages();
+    }
     st.head_seconds += seconds_since(t0);
     return loss;
   }

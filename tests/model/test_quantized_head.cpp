@@ -27,12 +27,42 @@ TEST(QuantizedHead, GgmlBlocksConvertExactly) {
     const auto q = ggml_to_qmatrix(type, blocks.data(), rows, cols);
     ASSERT_TRUE(q.has_value()) << ggml_type_name(type);
     q->validate("converted");
+    EXPECT_TRUE(q->scales.is_half() && q->offsets.is_half()) << ggml_type_name(type);
+    // Repacked when read, freed by release_pages and repacked the same when read again.
+    for (int pass = 0; pass < 2; ++pass) {
+      const Tensor got = dequantize(*q);
+      for (size_t i = 0; i < w.size(); ++i)
+        ASSERT_EQ(got.data()[i], expected[i]) << ggml_type_name(type) << " element " << i;
+      q->release_pages();
+    }
+  }
+  std::vector<uint8_t> f16(2 * cols);
+  EXPECT_FALSE(ggml_to_qmatrix(GgmlType::F16, f16.data(), 1, cols).has_value());
+}
+
+// Symmetric blocks' offsets are -8 d (Q4_0) or -128 d (Q8_0): where one would overflow fp16,
+// all of them are held in fp32 and the weights stay exact.
+TEST(QuantizedHead, SymmetricBlocksWhoseOffsetsOverflowFp16StayExact) {
+  const int64_t rows = 2, cols = 64;
+  for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0}) {
+    const float big = type == GgmlType::Q8_0 ? 600.0f * 127 : 9000.0f * 8;  // d = 600 or 9000
+    std::vector<float> w = test::random_normal(rows * cols, 2, 0.3f);
+    w[cols + 5] = type == GgmlType::Q8_0 ? big : -big;  // the block's extreme (Q4_0: signed)
+    const size_t row_bytes = ggml_row_bytes(type, cols);
+    std::vector<uint8_t> blocks(row_bytes * rows);
+    std::vector<float> expected(w.size());
+    for (int64_t j = 0; j < rows; ++j) {
+      quantize_row(type, &w[j * cols], &blocks[j * row_bytes], cols);
+      dequantize_row(type, &blocks[j * row_bytes], &expected[j * cols], cols);
+    }
+    const auto q = ggml_to_qmatrix(type, blocks.data(), rows, cols);
+    ASSERT_TRUE(q.has_value());
+    EXPECT_TRUE(q->scales.is_half());
+    EXPECT_FALSE(q->offsets.is_half()) << ggml_type_name(type);
     const Tensor got = dequantize(*q);
     for (size_t i = 0; i < w.size(); ++i)
       ASSERT_EQ(got.data()[i], expected[i]) << ggml_type_name(type) << " element " << i;
   }
-  std::vector<uint8_t> f16(2 * cols);
-  EXPECT_FALSE(ggml_to_qmatrix(GgmlType::F16, f16.data(), 1, cols).has_value());
 }
 
 // A model whose head is an 8-bit g32 QMatrix (as from a Q8_0 GGUF): its logits equal those of

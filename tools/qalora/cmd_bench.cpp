@@ -125,6 +125,7 @@ Speed measure(const Model& model, const AdapterSet* adapters, const BenchArgs& a
   for (auto& t : prompt) t = any_token(rng);
 
   InferenceSession session(model, ctx, adapters);
+  session.keep_weights_resident();
   session.stats().reset();
   auto start = Clock::now();
   std::vector<float> logits = session.forward_last(prompt);

@@ -46,6 +46,7 @@ class Conversation {
         sampler_(sampling),
         max_tokens_(args.sampling.max_tokens),
         system_(args.system) {
+    session_.keep_weights_resident();
     reset();
   }
 

@@ -32,6 +32,7 @@ void run_generate(const GenerateArgs& args) {
   const int64_t requested = resolve_ctx(model, args.ctx);
   const int64_t ctx = requested > 0 ? requested : std::min(model.config.context_length, needed);
   InferenceSession session(model, ctx, adapters.get());
+  session.keep_weights_resident();
   Sampler sampler(sampling);
 
   // The prompt goes through the decoder too, so the first generated token is decoded in

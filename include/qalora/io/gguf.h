@@ -57,9 +57,14 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 // types and for non-finite input to the block types.
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 // Q4_0 / Q4_1 / Q8_0 / Q4_K rows [rows, cols] as the exactly equal affine QMatrix (each
-// 32-element block or Q4_K sub-block is a group of 32); nullopt for other types.
+// 32-element block or Q4_K sub-block is a group of 32); nullopt for other types. The codes and
+// group parameters are repacked from `data` when first read (derived ByteBuffers) and freed by
+// release_pages(): `data` must outlive the matrix. `file`: the mapping `data` lies in, kept
+// alive by the matrix, whose pages are dropped once repacked; null for the caller's memory.
+// Q4_0 and Q8_0 read their blocks' scales once here, to tell whether fp16 offsets hold them.
 std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
-                                       int64_t cols);
+                                       int64_t cols,
+                                       const std::shared_ptr<const MappedFile>& file = nullptr);
 
 enum class GgufValueType : uint32_t {
   U8 = 0,
@@ -124,6 +129,7 @@ class GgufFile {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   const GgufTensorInfo* find_tensor(std::string_view name) const;
   const uint8_t* tensor_data(const GgufTensorInfo& info) const;
+  const std::shared_ptr<MappedFile>& mapping() const { return file_; }
   // fp32 tensor: a zero-copy view for F32 data, dequantized otherwise.
   Tensor load_f32(const GgufTensorInfo& info) const;
   Tensor load_f32(std::string_view name) const;  // throws Error when the tensor is missing

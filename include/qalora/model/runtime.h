@@ -69,6 +69,10 @@ class InferenceSession {
 
   const Model& model() const { return model_; }
   ForwardStats& stats() { return stats_; }
+  // For sessions that decode: decoding keeps the whole model resident, so a long prompt's
+  // pass keeps the weights too instead of dropping them (streams_weights) only to fault them
+  // back in, or repack them, for the first generated token.
+  void keep_weights_resident() { keep_weights_ = true; }
   // Calls `observer` with every block linear's input from the next forward on (calibration
   // statistics; an empty function stops it).
   void observe_linear_inputs(LinearInputObserver observer) { observer_ = std::move(observer); }
@@ -95,6 +99,7 @@ class InferenceSession {
   std::vector<float> v_cache_;
   std::vector<float> rope_cos_, rope_sin_;  // [max_ctx][head_dim / 2]
   ForwardStats stats_;
+  bool keep_weights_ = false;
   // Activations of the current batch, grown on demand and reused across calls.
   std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_;
   std::vector<float> adapter_u_, adapter_in_;  // lora_forward's u and input scratch

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "qalora/quant/qmatrix.h"
@@ -32,13 +33,19 @@ struct GptqLinear {
   const uint8_t* qzeros = nullptr;   // [L, out * bits / 32]
   const float* scales = nullptr;     // [L, out], decoded to fp32
   const uint8_t* g_idx = nullptr;    // [in]; null = contiguous groups
+  // The file mapping qweight lies in, kept alive by the matrix; its pages are dropped once
+  // repacked. Null: qweight is the caller's memory, which must outlive the matrix.
+  std::shared_ptr<const void> mapping;
   std::string qzeros_name, scales_name, g_idx_name;
 };
 
 // Value k of a packed stream whose words lie `stride` words apart.
 uint32_t gptq_unpack(const uint32_t* words, int64_t stride, int64_t k, int bits);
 
-// The QMatrix of a GPTQ linear. g_idx is kept only when it is not i / G. Throws Error naming
+// The QMatrix of a GPTQ linear. g_idx is kept only when it is not i / G. The group parameters
+// are converted here; the codes are repacked from qweight when first read and freed by
+// release_pages() (a derived ByteBuffer), so a checkpoint costs memory only while a pass uses
+// each linear. Throws Error naming
 // the tensor and position for a zero point above 2^b - 1, a group out of range, or a scale that
 // is not finite.
 QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f);

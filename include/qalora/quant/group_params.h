@@ -16,10 +16,13 @@ class GroupParams {
  public:
   GroupParams() = default;
   GroupParams(std::vector<float> values);  // NOLINT(google-explicit-constructor): fp32 storage
-  // fp16 values (2 bytes each, little-endian, any alignment): a file view or owned bytes.
+  // fp16 values (2 bytes each, little-endian, any alignment): a file view, owned or derived
+  // bytes.
   static GroupParams half(ByteBuffer bytes);
+  // fp32 values (4 bytes each, aligned): owned or derived bytes.
+  static GroupParams single(ByteBuffer bytes);
 
-  int64_t size() const { return half_ ? static_cast<int64_t>(f16_.size() / 2) : std::ssize(f32_); }
+  int64_t size() const { return static_cast<int64_t>(bytes_.size()) / (half_ ? 2 : 4); }
   bool empty() const { return size() == 0; }
   bool is_half() const { return half_; }
 
@@ -28,10 +31,9 @@ class GroupParams {
   const float* read(int64_t i, int64_t n, float* buf) const;
   std::vector<float> to_vector() const;
   // The stored bytes (fp16 or fp32), for prefetching and for writing files as they are.
-  const uint8_t* bytes() const {
-    return half_ ? f16_.data() : reinterpret_cast<const uint8_t*>(f32_.data());
-  }
-  int64_t byte_size() const { return size() * (half_ ? 2 : 4); }
+  const uint8_t* bytes() const { return bytes_.data(); }
+  const ByteBuffer& buffer() const { return bytes_; }
+  int64_t byte_size() const { return static_cast<int64_t>(bytes_.size()); }
 
   // fp32 values to write: fp16 storage becomes fp32 first (the values are unchanged).
   float* writable();
@@ -39,13 +41,13 @@ class GroupParams {
   // Stores the values as fp16 when every one of them is an fp16 number; returns whether it does.
   bool to_half_if_exact();
 
-  // Drops the pages of a file view from resident memory (see ByteBuffer::release_pages).
-  void release_pages() const { f16_.release_pages(); }
+  // Drops the pages of a file view or a derived buffer (see ByteBuffer::release_pages).
+  void release_pages() const { bytes_.release_pages(); }
   bool operator==(const GroupParams& other) const;
 
  private:
-  std::vector<float> f32_;
-  ByteBuffer f16_;
+  const float* floats() const { return reinterpret_cast<const float*>(bytes_.data()); }
+  ByteBuffer bytes_;
   bool half_ = false;
 };
 

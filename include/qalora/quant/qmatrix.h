@@ -19,6 +19,10 @@
 // These layouts let SIMD kernels unpack a chunk with a few shifts and masks. The same bytes
 // are stored in the native model folder, so a loaded folder's codes are its mapped file.
 //
+// A file whose layout differs (a GGUF's blocks, a GPTQ checkpoint's columns) is repacked into
+// this one matrix by matrix when a pass first reads it, and freed with the pass's block
+// (derived ByteBuffers), so it costs memory only while used, as a mapped folder does.
+//
 // Scales and offsets are GroupParams: fp16 as folders store them (a view of the mapped file),
 // fp32 where a value needs it. Quantizers round them to fp16 (the default storage precision)
 // before computing codes, so what is evaluated is what is saved; GPTQ checkpoints give
@@ -81,6 +85,12 @@ struct QMatrix {
   uint8_t* row_codes(int64_t row) { return codes.data() + row * row_bytes(); }
   // Bytes of codes + group parameters, as stored (fp16 scales/offsets, fp32 absmax).
   int64_t storage_bytes() const;
+  // Computes the bytes of a matrix repacked on first use (ByteBuffer::derived) now: kernels call
+  // it before their parallel regions, so that the repacking can use every thread.
+  void prepare() const;
+  // Drops the codes and group parameters of a mapped or repacked matrix from resident memory
+  // (ByteBuffer::release_pages); they come back when next read.
+  void release_pages() const;
   // Affine: holds each of scales and offsets in fp16 when all of its values are fp16 numbers.
   void compact_params();
   // Throws Error "<context>: <field> ... expected .., got .." on any inconsistency.

@@ -19,6 +19,8 @@ namespace qalora {
 std::string row_permutation_problem(const QMatrix& w, std::span<const int64_t> src_row);
 
 // Row r of the result is row src_row[r] of `w`; throws Error "<context>: <problem>" otherwise.
+// The codes and group parameters are copied when first read (derived ByteBuffers), so that a
+// mapped or lazily repacked matrix stays one that costs memory only while a pass uses it.
 QMatrix permute_rows(const QMatrix& w, std::span<const int64_t> src_row, std::string_view context);
 
 }  // namespace qalora
