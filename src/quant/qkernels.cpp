@@ -287,6 +287,7 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
   int64_t total = 0;
   for (size_t m = 0; m < ps.size(); ++m) {
     args[m].w = ps[m].w;
+    args[m].b = QBytes(*ps[m].w);
     args[m].y = ps[m].y;
     args[m].bias = ps[m].bias;
     total += ps[m].w->rows;

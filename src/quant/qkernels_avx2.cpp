@@ -149,8 +149,8 @@ QL_AVX2 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
-    const uint8_t* p = w.codes.data() + j * rb;
-    const auto [s, m] = row_params(w, j, 1, L);
+    const uint8_t* p = a.b.codes + j * rb;
+    const auto [s, m] = row_params(a.b, j, 1, L);
     __m256 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
     int64_t g = 0, k = 0, c = 0;
@@ -219,8 +219,8 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
   const int64_t vpg = L == 1 ? nv : cpg / 2;
   const int64_t ds = a.xq_stride / 4;
   constexpr int64_t VB = 2 * chunk_bytes(B);
-  prefetch_rows(w, L, j0, R);
-  const RowParams rp = row_params(w, j0, R, L);
+  prefetch_rows(a, L, j0, R);
+  const RowParams rp = row_params(a.b, j0, R, L);
   __m256 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm256_setzero_ps();
@@ -231,7 +231,7 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
       for (int t = 0; t < NT; ++t) xd[t] = _mm256_loadu_ps(a.xd + t * ds + v * 16 + 8 * h);
       for (int r = 0; r < R; ++r) {
         const int64_t j = j0 + r;
-        const __m256i q = codes_half_u8<B>(w.codes.data() + j * rb + v * VB, h, v == half);
+        const __m256i q = codes_half_u8<B>(a.b.codes + j * rb + v * VB, h, v == half);
         const float* s = rp.s + r * L;
         for (int t = 0; t < NT; ++t) {
           const __m256 d = int8_dot(q, a.xq + t * a.xq_stride + v * 64 + 32 * h);
@@ -337,8 +337,8 @@ QL_AVX2 void gemv_affine_indexed(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t L = a.L, nc = w.padded_cols() / kQChunk, rb = w.row_bytes(), xs = a.x_stride;
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
-    const uint8_t* p = w.codes.data() + j * rb;
-    const RowParams rp = row_params(w, j, 1, L);
+    const uint8_t* p = a.b.codes + j * rb;
+    const RowParams rp = row_params(a.b, j, 1, L);
     const GroupLookup<Tables> s(rp.s, L), m(rp.m, L);
     __m256 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
@@ -371,7 +371,7 @@ QL_AVX2 void gemv_codebook(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t nc = w.padded_cols() / kQChunk, rb = w.row_bytes(), xs = a.x_stride;
   const int64_t nb = w.n_blocks();
   for (int64_t j = r0; j < r1; ++j) {
-    const uint8_t* p = w.codes.data() + j * rb;
+    const uint8_t* p = a.b.codes + j * rb;
     __m256 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps();
     for (int64_t c = 0; c < nc; ++c) {

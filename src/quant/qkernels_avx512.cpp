@@ -123,9 +123,9 @@ QL_AVX512 void gemv_affine(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t cpg = L == 1 ? nc : w.group_size / kQChunk;  // chunks per group
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
-    prefetch_rows(w, L, j, 1);
-    const uint8_t* p = w.codes.data() + j * rb;
-    const auto [s, m] = row_params(w, j, 1, L);
+    prefetch_rows(a, L, j, 1);
+    const uint8_t* p = a.b.codes + j * rb;
+    const auto [s, m] = row_params(a.b, j, 1, L);
     // Two accumulator sets (even / odd chunks) halve the FMA dependency chains.
     __m512 acc0[2][NT], acc1[2][NT];
     for (int t = 0; t < NT; ++t)
@@ -185,8 +185,8 @@ QL_AVX512 void gemv_affine_indexed(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t L = a.L, nc = w.padded_cols() / kQChunk, rb = w.row_bytes(), xs = a.x_stride;
   constexpr int64_t CB = chunk_bytes(B);
   for (int64_t j = r0; j < r1; ++j) {
-    const uint8_t* p = w.codes.data() + j * rb;
-    const RowParams rp = row_params(w, j, 1, L);
+    const uint8_t* p = a.b.codes + j * rb;
+    const RowParams rp = row_params(a.b, j, 1, L);
     const GroupLookup<Lanes> s(rp.s, L), m(rp.m, L);
     __m512 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
@@ -228,7 +228,7 @@ QL_AVX512 void gemv_codebook(const GemvArgs& a, int64_t r0, int64_t r1) {
   const int64_t nb = w.n_blocks();
   constexpr int64_t CB = chunk_bytes(4);
   for (int64_t j = r0; j < r1; ++j) {
-    const uint8_t* p = w.codes.data() + j * rb;
+    const uint8_t* p = a.b.codes + j * rb;
     const int64_t e = j * w.cols;
     __m512 acc0[NT], acc1[NT];
     for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();

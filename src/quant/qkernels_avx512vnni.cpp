@@ -62,12 +62,12 @@ QL_VNNI_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, __mmask16 sec
   constexpr int64_t VB = 2 * chunk_bytes(B);
   const uint8_t* p[R];
   const float* s[R];
-  const RowParams rp = row_params(w, j0, R, L);
+  const RowParams rp = row_params(a.b, j0, R, L);
   for (int r = 0; r < R; ++r) {
-    p[r] = w.codes.data() + (j0 + r) * rb;
+    p[r] = a.b.codes + (j0 + r) * rb;
     s[r] = rp.s + r * L;
   }
-  prefetch_rows(w, L, j0, R);
+  prefetch_rows(a, L, j0, R);
   __m512 acc[R][NT], grp[R][NT];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < NT; ++t) acc[r][t] = grp[r][t] = _mm512_setzero_ps();
@@ -154,9 +154,9 @@ QL_VNNI_INLINE __m512i chunk_sums(__m512i u0, __m512i u1) {
 }
 
 // 16 group parameters from i on (lanes outside `live` zero), converted in registers from fp16.
-QL_VNNI_INLINE __m512 load_params(const GroupParams& p, int64_t i, __mmask16 live) {
-  if (p.is_half()) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, p.bytes() + 2 * i));
-  return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(p.bytes()) + i);
+QL_VNNI_INLINE __m512 load_params(const uint8_t* bytes, bool half, int64_t i, __mmask16 live) {
+  if (half) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, bytes + 2 * i));
+  return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(bytes) + i);
 }
 
 // Row j of y for NT tokens, G = 32. One row at a time: on a 7B layer streamed from memory,
@@ -168,8 +168,8 @@ QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
   const int64_t nc = w.padded_cols() / kQChunk, dcs = a.xq_stride / kQChunk;
   const int64_t nv = (nc + 1) / 2, half = nc % 2 ? nc / 2 : -1;  // vector `half` has one chunk
   constexpr int64_t VB = 2 * chunk_bytes(B);
-  const uint8_t* p = w.codes.data() + j * w.row_bytes();
-  prefetch_rows(w, nc, j, 1);
+  const uint8_t* p = a.b.codes + j * w.row_bytes();
+  prefetch_rows(a, nc, j, 1);
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t v0 = 0; v0 < nv; v0 += 8) {
@@ -195,8 +195,8 @@ QL_VNNI_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
     }
     const int64_t c0 = 2 * v0;
     const auto live = static_cast<__mmask16>(nc - c0 >= 16 ? 0xFFFFu : (1u << (nc - c0)) - 1);
-    const __m512 sv = load_params(w.scales, j * nc + c0, live);
-    const __m512 mv = load_params(w.offsets, j * nc + c0, live);
+    const __m512 sv = load_params(a.b.scales, a.b.scales_half, j * nc + c0, live);
+    const __m512 mv = load_params(a.b.offsets, a.b.offsets_half, j * nc + c0, live);
     for (int t = 0; t < NT; ++t) {
       const __m512 dc = _mm512_maskz_loadu_ps(live, a.xdc + t * dcs + c0);
       const __m512 xs = _mm512_maskz_loadu_ps(live, a.xsum + t * nc + c0);

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "qalora/core/fp16.h"
 #include "qalora/quant/qmatrix.h"
 
 namespace qalora::qk {
@@ -23,9 +24,26 @@ Isa active_isa();
 // previous one. Not thread-safe against kernels running concurrently: for tests and benches.
 Isa force_isa(Isa isa);
 
+// A matrix's bytes, looked up once per kernel call rather than per row: a repacked matrix's
+// (ByteBuffer::derived) sit behind a pointer chase, which per row cost a 7B decode 5%.
+struct QBytes {
+  const uint8_t* codes = nullptr;
+  const uint8_t* scales = nullptr;  // affine: fp16 or fp32 as stored
+  const uint8_t* offsets = nullptr;
+  bool scales_half = false, offsets_half = false;
+  QBytes() = default;
+  explicit QBytes(const QMatrix& w)
+      : codes(w.codes.data()),
+        scales(w.scales.bytes()),
+        offsets(w.offsets.bytes()),
+        scales_half(w.scales.is_half()),
+        offsets_half(w.offsets.is_half()) {}
+};
+
 // The fused GEMV's inputs, prepared once per call by the dispatcher and shared by all rows.
 struct GemvArgs {
   const QMatrix* w = nullptr;
+  QBytes b;                  // of *w
   const float* x = nullptr;  // [T, padded_cols], zero past cols (no tail masks needed)
   int64_t x_stride = 0;      // padded_cols
   int64_t L = 0;             // affine: w.n_groups()
@@ -112,14 +130,15 @@ inline void prefetch_range(const void* data, int64_t begin, int64_t end, int64_t
   for (uintptr_t b = first; b < last; b += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(b), 0, 3);
 }
-// Rows [row, row + n) ahead of an affine matrix with L groups per row.
-inline void prefetch_rows(const QMatrix& w, int64_t L, int64_t row, int64_t n) {
+// Rows [row, row + n) ahead of the GEMV's affine matrix with L groups per row.
+inline void prefetch_rows(const GemvArgs& a, int64_t L, int64_t row, int64_t n) {
+  const QMatrix& w = *a.w;
   const int64_t rb = w.row_bytes();
   row += std::max<int64_t>(1, kPrefetchBytes / rb);
-  prefetch_range(w.codes.data(), row * rb, (row + n) * rb, static_cast<int64_t>(w.codes.size()));
-  const int64_t sb = L * (w.scales.is_half() ? 2 : 4), ob = L * (w.offsets.is_half() ? 2 : 4);
-  prefetch_range(w.scales.bytes(), row * sb, (row + n) * sb, w.rows * sb);
-  prefetch_range(w.offsets.bytes(), row * ob, (row + n) * ob, w.rows * ob);
+  prefetch_range(a.b.codes, row * rb, (row + n) * rb, w.rows * rb);
+  const int64_t sb = L * (a.b.scales_half ? 2 : 4), ob = L * (a.b.offsets_half ? 2 : 4);
+  prefetch_range(a.b.scales, row * sb, (row + n) * sb, w.rows * sb);
+  prefetch_range(a.b.offsets, row * ob, (row + n) * ob, w.rows * ob);
 }
 
 // The scales and offsets of rows [row, row + n) as fp32, [n, L] each: pointers into fp32
@@ -130,14 +149,20 @@ struct RowParams {
   const float* s;
   const float* m;
 };
-inline RowParams row_params(const QMatrix& w, int64_t row, int64_t n, int64_t L) {
+inline RowParams row_params(const QBytes& b, int64_t row, int64_t n, int64_t L) {
   thread_local std::vector<float> buf;
-  float* b = nullptr;
-  if (w.scales.is_half() || w.offsets.is_half()) {
-    if (std::ssize(buf) < 2 * n * L) buf.resize(static_cast<size_t>(2 * n * L));
-    b = buf.data();
-  }
-  return {w.scales.read(row * L, n * L, b), w.offsets.read(row * L, n * L, b ? b + n * L : b)};
+  const auto values = [&](const uint8_t* bytes, bool half, float* out) -> const float* {
+    if (!half) return reinterpret_cast<const float*>(bytes) + row * L;
+    fp16_to_fp32_row(bytes + 2 * row * L, out, n * L);
+    return out;
+  };
+  if (std::ssize(buf) < 2 * n * L && (b.scales_half || b.offsets_half))
+    buf.resize(static_cast<size_t>(2 * n * L));
+  return {values(b.scales, b.scales_half, buf.data()),
+          values(b.offsets, b.offsets_half, buf.data() + n * L)};
+}
+inline RowParams row_params(const QMatrix& w, int64_t row, int64_t n, int64_t L) {
+  return row_params(QBytes(w), row, n, L);
 }
 
 struct KernelTable {
