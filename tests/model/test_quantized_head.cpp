@@ -13,17 +13,25 @@
 namespace qalora {
 namespace {
 
+// w [rows, cols] in ggml blocks of `type`, and what ggml's reference decodes them to.
+std::pair<std::vector<uint8_t>, std::vector<float>> encode(GgmlType type,
+                                                           const std::vector<float>& w,
+                                                           int64_t rows, int64_t cols) {
+  const size_t row_bytes = ggml_row_bytes(type, cols);
+  std::vector<uint8_t> blocks(row_bytes * rows);
+  std::vector<float> decoded(w.size());
+  for (int64_t j = 0; j < rows; ++j) {
+    quantize_row(type, &w[j * cols], &blocks[j * row_bytes], cols);
+    dequantize_row(type, &blocks[j * row_bytes], &decoded[j * cols], cols);
+  }
+  return {std::move(blocks), std::move(decoded)};
+}
+
 TEST(QuantizedHead, GgmlBlocksConvertExactly) {
   const int64_t rows = 5, cols = 96;
   const std::vector<float> w = test::random_normal(rows * cols, 1, 0.3f);
   for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1}) {
-    const size_t row_bytes = ggml_row_bytes(type, cols);
-    std::vector<uint8_t> blocks(row_bytes * rows);
-    std::vector<float> expected(w.size());
-    for (int64_t j = 0; j < rows; ++j) {
-      quantize_row(type, &w[j * cols], &blocks[j * row_bytes], cols);
-      dequantize_row(type, &blocks[j * row_bytes], &expected[j * cols], cols);
-    }
+    const auto [blocks, expected] = encode(type, w, rows, cols);
     const auto q = ggml_to_qmatrix(type, blocks.data(), rows, cols);
     ASSERT_TRUE(q.has_value()) << ggml_type_name(type);
     q->validate("converted");
@@ -48,13 +56,7 @@ TEST(QuantizedHead, SymmetricBlocksWhoseOffsetsOverflowFp16StayExact) {
     const float big = type == GgmlType::Q8_0 ? 600.0f * 127 : 9000.0f * 8;  // d = 600 or 9000
     std::vector<float> w = test::random_normal(rows * cols, 2, 0.3f);
     w[cols + 5] = type == GgmlType::Q8_0 ? big : -big;  // the block's extreme (Q4_0: signed)
-    const size_t row_bytes = ggml_row_bytes(type, cols);
-    std::vector<uint8_t> blocks(row_bytes * rows);
-    std::vector<float> expected(w.size());
-    for (int64_t j = 0; j < rows; ++j) {
-      quantize_row(type, &w[j * cols], &blocks[j * row_bytes], cols);
-      dequantize_row(type, &blocks[j * row_bytes], &expected[j * cols], cols);
-    }
+    const auto [blocks, expected] = encode(type, w, rows, cols);
     const auto q = ggml_to_qmatrix(type, blocks.data(), rows, cols);
     ASSERT_TRUE(q.has_value());
     EXPECT_TRUE(q->scales.is_half());
