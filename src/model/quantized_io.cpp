@@ -241,20 +241,16 @@ QMatrix load_gptq(const HfWeights& w, const FolderQuant& q, const std::string& p
   t.out = out;
   t.qweight = w.raw(qweight, StDtype::I32, {in * b / 32, out}, ctx);
   t.qzeros = w.raw(qzeros, StDtype::I32, {L, out * b / 32}, ctx);
-  const Tensor stored_scales = w.stored(scales, {L, out}, ctx);
-  const Tensor s = stored_scales.decoded();
-  t.scales = s.data();
+  t.qzeros_bytes = L * out * b / 32 * 4;
+  t.scales = w.stored(scales, {L, out}, ctx);
   if (w.has(g_idx)) t.g_idx = w.raw(g_idx, StDtype::I32, {in}, ctx);
   t.qzeros_name = name(qzeros);
   t.scales_name = name(scales);
   t.g_idx_name = name(g_idx);
   t.mapping = w.owner(qweight);
+  t.qzeros_mapping = w.owner(qzeros);
   QMatrix m = gptq_to_qmatrix(t, {b, G, q.gptq_v2});
-  // The group parameters are converted (the codes are repacked when first used): the
-  // checkpoint's own bytes of them need not stay resident.
-  release_mapped_pages(t.qzeros, static_cast<size_t>(L * out * b / 32 * 4));
-  if (t.g_idx) release_mapped_pages(t.g_idx, static_cast<size_t>(in * 4));
-  stored_scales.release_pages();
+  if (t.g_idx) release_mapped_pages(t.g_idx, static_cast<size_t>(in * 4));  // copied
   return m;
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 #include "qalora/core/mapped_file.h"
 
 namespace qalora {
@@ -18,6 +19,21 @@ std::vector<uint32_t> words_of(const uint8_t* bytes, int64_t n) {
   std::vector<uint32_t> w(static_cast<size_t>(n));
   if (n > 0) std::memcpy(w.data(), bytes, static_cast<size_t>(n) * sizeof(uint32_t));
   return w;
+}
+
+// visit(l, j, s, z) for every group l < L and output j: its scale and its zero point (the
+// stored one plus one for checkpoint_format gptq).
+template <typename Visit>
+void each_group(const GptqLinear& t, const GptqFormat& f, Visit visit) {
+  const int b = f.bits;
+  const int64_t L = (t.in + f.group_size - 1) / f.group_size, out = t.out;
+  const Tensor scales = t.scales.decoded();
+  const std::vector<uint32_t> zeros = words_of(t.qzeros, L * out * b / 32);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t j = 0; j < out; ++j) {
+      const uint32_t z = gptq_unpack(zeros.data() + l * (out * b / 32), 1, j, b) + (f.v2 ? 0u : 1u);
+      visit(l, j, scales.data()[l * out + j], z);
+    }
 }
 
 // Nibble i of w in the low nibble of byte i.
@@ -87,6 +103,11 @@ ByteBuffer repacked_codes(const GptqLinear& t, int b, int64_t row_bytes) {
 
 }  // namespace
 
+void GptqLinear::release_params() const {
+  scales.release_pages();
+  if (qzeros_mapping) release_mapped_pages(qzeros, static_cast<size_t>(qzeros_bytes));
+}
+
 uint32_t gptq_unpack(const uint32_t* words, int64_t stride, int64_t k, int bits) {
   const int64_t bit = k * bits;
   const int64_t w = bit / 32;
@@ -121,30 +142,43 @@ QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f) {
     if (!contiguous) q.g_idx = std::move(g);
   }
   const int64_t Lq = q.n_groups();  // groups act-order never uses beyond the last are dropped
-  q.scales.assign(out * Lq, 0.0f);
-  q.offsets.assign(out * Lq, 0.0f);
-  float* const scales = q.scales.writable();
-  float* const offsets = q.offsets.writable();
 
+  // Checked here, so that a bad checkpoint fails at load with its one-line error; the values
+  // are produced again when a pass first reads them (an error there would be inside a kernel).
   const uint32_t maxq = (1u << b) - 1;
-  const std::vector<uint32_t> zeros = words_of(t.qzeros, L * out * b / 32);
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t j = 0; j < out; ++j) {
-      const uint32_t stored = gptq_unpack(zeros.data() + l * (out * b / 32), 1, j, b);
-      const uint32_t z = stored + (f.v2 ? 0u : 1u);
-      QL_CHECK(z <= maxq, t.qzeros_name, ": zero point [", l, ", ", j, "] is ", z, " (stored ",
-               stored, " + 1, checkpoint_format gptq), above ", maxq, ", the largest ", b,
-               "-bit code");
-      const float s = t.scales[l * out + j];
-      QL_CHECK(std::isfinite(s), t.scales_name, ": scale [", l, ", ", j, "] is ", s,
-               ", expected a finite value");
-      if (l >= Lq) continue;
-      scales[j * Lq + l] = s;
-      offsets[j * Lq + l] = -s * static_cast<float>(z);  // exact in fp32: fp16 s times z < 2^8
-    }
-
+  bool half_scales = true;
+  each_group(t, f, [&](int64_t l, int64_t j, float s, uint32_t z) {
+    QL_CHECK(z <= maxq, t.qzeros_name, ": zero point [", l, ", ", j, "] is ", z, " (stored ",
+             z - (f.v2 ? 0u : 1u), " + 1, checkpoint_format gptq), above ", maxq, ", the largest ",
+             b, "-bit code");
+    QL_CHECK(std::isfinite(s), t.scales_name, ": scale [", l, ", ", j, "] is ", s,
+             ", expected a finite value");
+    half_scales = half_scales && fp16_to_fp32(fp32_to_fp16(s)) == s;
+  });
+  t.release_params();
+  // [out, Lq] from the checkpoint's [L, out]: scales as fp16 where the checkpoint has fp16 ones,
+  // offsets m = -s z in fp32 (exact: fp16 s times z < 2^8).
+  const auto params = [&](bool offsets, bool half) {
+    return ByteBuffer::derived(
+        static_cast<size_t>(out * Lq * (half ? 2 : 4)),
+        [t, f, Lq, offsets, half](uint8_t* bytes) {
+          each_group(t, f, [&](int64_t l, int64_t j, float s, uint32_t z) {
+            if (l >= Lq) return;
+            const float v = offsets ? -s * static_cast<float>(z) : s;
+            if (half) {
+              const uint16_t h = fp32_to_fp16(v);
+              std::memcpy(bytes + 2 * (j * Lq + l), &h, 2);
+            } else {
+              std::memcpy(bytes + 4 * (j * Lq + l), &v, 4);
+            }
+          });
+        },
+        [t] { t.release_params(); });
+  };
+  q.scales = half_scales ? GroupParams::half(params(false, true))
+                         : GroupParams::single(params(false, false));
+  q.offsets = GroupParams::single(params(true, false));
   q.codes = repacked_codes(t, b, q.row_bytes());
-  q.compact_params();
   return q;
 }
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 
+#include "qalora/core/tensor.h"
 #include "qalora/quant/qmatrix.h"
 
 namespace qalora {
@@ -31,21 +32,25 @@ struct GptqLinear {
   int64_t in = 0, out = 0;
   const uint8_t* qweight = nullptr;  // [in * bits / 32, out]
   const uint8_t* qzeros = nullptr;   // [L, out * bits / 32]
-  const float* scales = nullptr;     // [L, out], decoded to fp32
+  int64_t qzeros_bytes = 0;
+  Tensor scales;                     // [L, out] as stored (decoded per use)
   const uint8_t* g_idx = nullptr;    // [in]; null = contiguous groups
   // The file mapping qweight lies in, kept alive by the matrix; its pages are dropped once
   // repacked. Null: qweight is the caller's memory, which must outlive the matrix.
   std::shared_ptr<const void> mapping;
+  std::shared_ptr<const void> qzeros_mapping;  // the same for qzeros (it may sit in another shard)
   std::string qzeros_name, scales_name, g_idx_name;
+  // Drops the pages of qzeros and scales (mapped) from resident memory.
+  void release_params() const;
 };
 
 // Value k of a packed stream whose words lie `stride` words apart.
 uint32_t gptq_unpack(const uint32_t* words, int64_t stride, int64_t k, int bits);
 
-// The QMatrix of a GPTQ linear. g_idx is kept only when it is not i / G. The group parameters
-// are converted here; the codes are repacked from qweight when first read and freed by
-// release_pages() (a derived ByteBuffer), so a checkpoint costs memory only while a pass uses
-// each linear. Throws Error naming
+// The QMatrix of a GPTQ linear. g_idx is kept only when it is not i / G. The codes and group
+// parameters are repacked from the checkpoint's tensors when first read and freed by
+// release_pages() (derived ByteBuffers), so a checkpoint costs memory only while a pass uses
+// each linear; the tensors must outlive the matrix unless mapped. Throws Error naming
 // the tensor and position for a zero point above 2^b - 1, a group out of range, or a scale that
 // is not finite.
 QMatrix gptq_to_qmatrix(const GptqLinear& t, const GptqFormat& f);
