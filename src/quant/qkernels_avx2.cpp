@@ -267,6 +267,85 @@ QL_AVX2_INLINE void gemv_int8_block(const GemvArgs& a, int64_t j0, const __m256 
   }
 }
 
+// G = 32 with 4-bit codes (QA-LoRA's default and GGUF's block width), shaped like the AVX-512
+// VNNI kernel's gemv_int8_g32_row: the int32 dot products of four vectors (eight chunks) are
+// summed to one lane per chunk, and eight chunks at a time are scaled and offset from
+// contiguous loads of s, m (converted from fp16 in registers), d_c and the group sums. Scaling
+// each half vector on its own took eight operations per 32 codes, and the parameters were
+// converted a row at a time into a buffer: up to a tenth of a compute-bound AVX2 decode.
+
+// Eight group parameters from i on, n of them live (the rest zero).
+QL_AVX2_INLINE __m256 load8_params(const uint8_t* bytes, bool half, int64_t i, int64_t n) {
+  const int64_t size = half ? 2 : 4;
+  alignas(32) uint8_t tail[32] = {};
+  const uint8_t* p = bytes + size * i;
+  if (n < 8) p = static_cast<const uint8_t*>(std::memcpy(tail, p, static_cast<size_t>(size * n)));
+  if (half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+// The int32 dot products of both halves of one 4-bit vector with the int8 activations at xq:
+// lanes 0-3 hold partial sums of the pair's first chunk, lanes 4-7 of its second.
+QL_AVX2_INLINE __m256i int8_dot_vector(__m256i q0, __m256i q1, const int8_t* xq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const auto half = [&](__m256i q, int h) {
+    return _mm256_madd_epi16(
+        _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * h))),
+        ones);
+  };
+  return _mm256_add_epi32(half(q0, 0), half(q1, 1));
+}
+
+template <int NT>
+QL_AVX2_INLINE void gemv_int8_g32_row(const GemvArgs& a, int64_t j) {
+  const QMatrix& w = *a.w;
+  const int64_t nc = w.padded_cols() / kQChunk, dcs = a.xq_stride / kQChunk;
+  const int64_t nv = (nc + 1) / 2, half = nc % 2 ? nc / 2 : -1;  // vector `half` has one chunk
+  constexpr int64_t VB = 2 * chunk_bytes(4);
+  const uint8_t* p = a.b.codes + j * w.row_bytes();
+  prefetch_rows(a, nc, j, 1);
+  // hadd leaves the first chunks of the four vectors in lanes 0-3, their second in 4-7.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+    __m256i dot[NT][4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int64_t v = v0 + k;
+      if (v >= nv) {  // past the row's end (last block only): zero
+        for (int t = 0; t < NT; ++t) dot[t][k] = _mm256_setzero_si256();
+        continue;
+      }
+      const __m256i q0 = codes_half_u8<4>(p + v * VB, 0, v == half);
+      const __m256i q1 = codes_half_u8<4>(p + v * VB, 1, v == half);
+      for (int t = 0; t < NT; ++t)
+        dot[t][k] = int8_dot_vector(q0, q1, a.xq + t * a.xq_stride + v * 64);
+    }
+    const int64_t c0 = 2 * v0, live = std::min<int64_t>(8, nc - c0);
+    const __m256 sv = load8_params(a.b.scales, a.b.scales_half, j * nc + c0, live);
+    const __m256 mv = load8_params(a.b.offsets, a.b.offsets_half, j * nc + c0, live);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(live)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int t = 0; t < NT; ++t) {
+      const __m256i sums =
+          _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(_mm256_hadd_epi32(dot[t][0], dot[t][1]),
+                                                        _mm256_hadd_epi32(dot[t][2], dot[t][3])),
+                                      order);
+      const __m256 dc = _mm256_maskload_ps(a.xdc + t * dcs + c0, mask);
+      const __m256 xs = _mm256_maskload_ps(a.xsum + t * nc + c0, mask);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sv, dc), acc[t]);
+      acc[t] = _mm256_fmadd_ps(mv, xs, acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) a.y[t * w.rows + j] = hsum(acc[t]) + (a.bias ? a.bias[j] : 0.0f);
+}
+
+template <int NT>
+QL_AVX2 void gemv_int8_g32(const GemvArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t j = r0; j < r1; ++j) gemv_int8_g32_row<NT>(a, j);
+}
+
 template <int B, int NT, bool kPerVector>
 QL_AVX2 void gemv_int8(const GemvArgs& a, int64_t r0, int64_t r1) {
   // Rows per block: two streams of codes read closer to the memory bandwidth than four (a 7B
@@ -287,6 +366,19 @@ QL_AVX2 void gemv_int8(const GemvArgs& a, int64_t r0, int64_t r1) {
 
 template <int B>
 QL_AVX2 void gemv_int8_bits(const GemvArgs& a, int64_t r0, int64_t r1) {
+  if constexpr (B == 4)
+    if (a.w->group_size == kQChunk) {
+      switch (a.T) {
+        case 1:
+          return gemv_int8_g32<1>(a, r0, r1);
+        case 2:
+          return gemv_int8_g32<2>(a, r0, r1);
+        case 3:
+          return gemv_int8_g32<3>(a, r0, r1);
+        default:
+          return gemv_int8_g32<4>(a, r0, r1);
+      }
+    }
   const int64_t cpg = a.w->group_size / kQChunk;
   const bool per_vector = !(a.L == 1 || cpg % 2 == 0);
   switch (a.T) {

@@ -144,7 +144,7 @@ inline void prefetch_rows(const GemvArgs& a, int64_t L, int64_t row, int64_t n) 
 // The scales and offsets of rows [row, row + n) as fp32, [n, L] each: pointers into fp32
 // storage, or this thread's buffers filled from fp16 (a few hundred values a row, beside the
 // row's codes; where the kernel waits on memory this costs less than reading fp32 parameters
-// would, but the compute-bound AVX2 decode pays up to a tenth for it, docs/memory.md).
+// would, but a compute-bound kernel pays for it: the G = 32 int8 GEMVs convert in registers).
 struct RowParams {
   const float* s;
   const float* m;

@@ -279,11 +279,12 @@ TEST(QKernels, AffineLargeTokenCounts) {
 }
 
 TEST(QKernels, WideRowsAtGroupSize32MatchReference) {
-  // The G = 32 int8 GEMV sums 16 chunks at a time: whole blocks (512, 1024 columns), a block
-  // plus a tail of an even or odd number of chunks, and a tail that ends in half a vector.
+  // The G = 32 int8 GEMVs sum 16 (AVX-512 VNNI) or 8 chunks (AVX2) at a time: whole blocks
+  // (512, 1024 columns), a block plus a tail of an even or odd number of chunks (544, 704, 736,
+  // 1056; 96: a tail alone), and a tail that ends in half a vector.
   uint64_t seed = 7500;
   for (int bits : {2, 4, 8})
-    for (int64_t cols : {512, 544, 1000, 1024, 1056}) {
+    for (int64_t cols : {96, 512, 544, 704, 736, 1000, 1024, 1056}) {
       SCOPED_TRACE(testing::Message() << "bits " << bits << " cols " << cols);
       seed += 10;
       check_all_kernels(random_affine(9, cols, bits, 32, seed), {1, 2, 3, 4}, {}, seed);
