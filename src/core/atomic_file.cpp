@@ -84,6 +84,13 @@ class DirectFileBuf : public std::streambuf {
     }
     return traits_type::not_eof(c);
   }
+  // tellp() only: the output is written in order.
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir,
+                   std::ios_base::openmode which) override {
+    if (off != 0 || dir != std::ios_base::cur || which != std::ios_base::out)
+      return pos_type(off_type(-1));
+    return pos_type(static_cast<off_type>(written_ + static_cast<size_t>(pptr() - pbase())));
+  }
   std::streamsize xsputn(const char* s, std::streamsize n) override {
     for (std::streamsize done = 0; done < n;) {
       if (pptr() == epptr() && !drain(/*all=*/false)) return done;
@@ -124,6 +131,7 @@ class DirectFileBuf : public std::streambuf {
         continue;
       }
       if (w <= 0) return false;
+      written_ += static_cast<size_t>(w);
       p += w;
       n -= static_cast<size_t>(w);
     }
@@ -145,6 +153,7 @@ class DirectFileBuf : public std::streambuf {
   std::unique_ptr<char, Free> buf_;
   int fd_ = -1;
   bool direct_ = false;
+  size_t written_ = 0;  // bytes the file has
 };
 
 }  // namespace

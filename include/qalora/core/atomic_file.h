@@ -1,6 +1,8 @@
 // Atomic file output: data goes to a temporary file beside the target, is flushed and synced,
 // then renamed over the target, so an interrupted run never leaves a half-written file; the next
-// write of the same file removes what a killed writer left.
+// write of the same file removes what a killed writer left. The data bypasses the page cache
+// (O_DIRECT) where the file system allows it: the sync waits for the disk either way, and the
+// kernel's copy into the page cache was a third of a 7B quantization's time.
 #pragma once
 
 #include <filesystem>
