@@ -500,7 +500,7 @@ void put_f16(uint16_t h, uint8_t* out) {
 // overflows (|d| above 65504 / 8 or / 128), which only a scan of the blocks can tell.
 template <typename Block>
 QMatrix legacy_qmatrix(const uint8_t* data, int64_t rows, int64_t cols,
-                       const std::shared_ptr<const MappedFile>& file) {
+                       const std::shared_ptr<const MappedFile>& file, bool describe_only) {
   constexpr bool kQ8 = std::is_same_v<Block, BlockQ8_0>, kQ41 = std::is_same_v<Block, BlockQ4_1>;
   constexpr int kBits = kQ8 ? 8 : 4;
   QMatrix q;
@@ -524,7 +524,7 @@ QMatrix legacy_qmatrix(const uint8_t* data, int64_t rows, int64_t cols,
   } else {
     constexpr float kZero = kQ8 ? -128.0f : -8.0f;
     bool fits = true;
-    for (int64_t i = 0; i < n && fits; ++i) {
+    for (int64_t i = 0; i < n && fits && !describe_only; ++i) {
       uint16_t d = 0;
       std::memcpy(&d, data + i * static_cast<int64_t>(sizeof(Block)), 2);
       fits = std::abs(kZero * h2f(d)) <= 65504.0f;  // false for inf and NaN too
@@ -584,8 +584,8 @@ QMatrix q4k_qmatrix(const uint8_t* data, int64_t rows, int64_t cols,
 }  // namespace
 
 std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
-                                       int64_t cols,
-                                       const std::shared_ptr<const MappedFile>& file) {
+                                       int64_t cols, const std::shared_ptr<const MappedFile>& file,
+                                       bool describe_only) {
   switch (type) {
     case GgmlType::Q4_K:
       if (cols % kQKK != 0) return std::nullopt;
@@ -594,9 +594,11 @@ std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64
     case GgmlType::Q4_1:
     case GgmlType::Q8_0:
       if (cols % kQK != 0) return std::nullopt;
-      if (type == GgmlType::Q4_0) return legacy_qmatrix<BlockQ4_0>(data, rows, cols, file);
-      if (type == GgmlType::Q4_1) return legacy_qmatrix<BlockQ4_1>(data, rows, cols, file);
-      return legacy_qmatrix<BlockQ8_0>(data, rows, cols, file);
+      if (type == GgmlType::Q4_0)
+        return legacy_qmatrix<BlockQ4_0>(data, rows, cols, file, describe_only);
+      if (type == GgmlType::Q4_1)
+        return legacy_qmatrix<BlockQ4_1>(data, rows, cols, file, describe_only);
+      return legacy_qmatrix<BlockQ8_0>(data, rows, cols, file, describe_only);
     default:
       return std::nullopt;
   }

@@ -105,7 +105,7 @@ std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path
   return std::make_shared<const Tokenizer>(gguf_tokenizer(f));
 }
 
-Model load_gguf_model(const std::filesystem::path& path) {
+Model load_gguf_model(const std::filesystem::path& path, bool describe_only) {
   const GgufFile f = GgufFile::open(path);
   Model m;
   m.format = ModelFormat::Gguf;
@@ -174,7 +174,8 @@ Model load_gguf_model(const std::filesystem::path& path) {
   auto linear = [&](const std::string& name, const Shape& shape, int64_t rope_heads = 0) {
     Linear lin;
     const GgufTensorInfo& t = info(name, shape);
-    if (auto q = ggml_to_qmatrix(t.type, f.tensor_data(t), shape[0], shape[1], f.mapping())) {
+    if (auto q = ggml_to_qmatrix(t.type, f.tensor_data(t), shape[0], shape[1], f.mapping(),
+                                 describe_only)) {
       lin.qweight = permute && rope_heads > 0
                         ? permute_rope_rows(*q, rope_heads, c.head_dim, /*to_hf=*/false)
                         : std::move(*q);
@@ -192,7 +193,8 @@ Model load_gguf_model(const std::filesystem::path& path) {
     m.output = stored("output.weight", {c.vocab_size, D});
   c.tied_embeddings = m.output.empty();
   const GgufTensorInfo* head = m.output.empty() ? embd : f.find_tensor("output.weight");
-  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D, f.mapping()))
+  if (auto q = ggml_to_qmatrix(head->type, f.tensor_data(*head), c.vocab_size, D, f.mapping(),
+                               describe_only))
     m.head_q = std::move(*q);
   if (f.find_tensor("rope_freqs.weight") != nullptr) {
     const Tensor factors = load("rope_freqs.weight", {c.head_dim / 2});

@@ -52,7 +52,7 @@ Model load_file(const fs::path& path, bool describe_only) {
   if (is_pickle(path, magic)) refuse_pickle(path);
   const std::string ext = path.extension().string();
   if (ext == ".gguf" || (magic[0] == 'G' && magic[1] == 'G' && magic[2] == 'U' && magic[3] == 'F'))
-    return load_gguf_model(path);
+    return load_gguf_model(path, describe_only);
   if (ext == ".safetensors") {
     // A safetensors file carries no config; its folder does.
     const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");

@@ -61,10 +61,12 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 // group parameters are repacked from `data` when first read (derived ByteBuffers) and freed by
 // release_pages(): `data` must outlive the matrix. `file`: the mapping `data` lies in, kept
 // alive by the matrix, whose pages are dropped once repacked; null for the caller's memory.
-// Q4_0 and Q8_0 read their blocks' scales once here, to tell whether fp16 offsets hold them.
+// Q4_0 and Q8_0 read their blocks' scales once here, to tell whether fp16 offsets hold them,
+// unless the matrix is only to be described (its offsets are then taken as fp16 unread).
 std::optional<QMatrix> ggml_to_qmatrix(GgmlType type, const uint8_t* data, int64_t rows,
                                        int64_t cols,
-                                       const std::shared_ptr<const MappedFile>& file = nullptr);
+                                       const std::shared_ptr<const MappedFile>& file = nullptr,
+                                       bool describe_only = false);
 
 enum class GgufValueType : uint32_t {
   U8 = 0,

@@ -132,7 +132,9 @@ struct LoadOptions {
 // Pickle checkpoints (pytorch_model.bin, *.pt, *.pth) are refused, naming safetensors instead.
 Model load_model(const std::filesystem::path& path, const LoadOptions& options = {});
 
-Model load_gguf_model(const std::filesystem::path& path);
+// describe_only (LoadOptions): Q4_0 / Q8_0 linears skip the scan of their block scales that
+// decides how their offsets are held (ggml_to_qmatrix), so `info` reads no tensor data.
+Model load_gguf_model(const std::filesystem::path& path, bool describe_only = false);
 // Only the tokenizer of a GGUF file (tokenizer.ggml.*), without loading its weights.
 std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path& path);
 // config.json (Llama / Mistral / Qwen2) + model.safetensors or the shards of
