@@ -30,9 +30,9 @@ float GroupParams::operator[](int64_t i) const {
   return fp16_to_fp32(h);
 }
 
-const float* GroupParams::read(int64_t i, int64_t n, float* buf) const {
-  if (!half_) return floats() + i;
-  fp16_to_fp32_row(bytes_.data() + 2 * i, buf, n);
+const float* GroupParams::read(const uint8_t* bytes, bool half, int64_t i, int64_t n, float* buf) {
+  if (!half) return reinterpret_cast<const float*>(bytes) + i;
+  fp16_to_fp32_row(bytes + 2 * i, buf, n);
   return buf;
 }
 

@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "qalora/core/fp16.h"
 #include "qalora/quant/qmatrix.h"
 
 namespace qalora::qk {
@@ -151,15 +150,10 @@ struct RowParams {
 };
 inline RowParams row_params(const QBytes& b, int64_t row, int64_t n, int64_t L) {
   thread_local std::vector<float> buf;
-  const auto values = [&](const uint8_t* bytes, bool half, float* out) -> const float* {
-    if (!half) return reinterpret_cast<const float*>(bytes) + row * L;
-    fp16_to_fp32_row(bytes + 2 * row * L, out, n * L);
-    return out;
-  };
   if (std::ssize(buf) < 2 * n * L && (b.scales_half || b.offsets_half))
     buf.resize(static_cast<size_t>(2 * n * L));
-  return {values(b.scales, b.scales_half, buf.data()),
-          values(b.offsets, b.offsets_half, buf.data() + n * L)};
+  return {GroupParams::read(b.scales, b.scales_half, row * L, n * L, buf.data()),
+          GroupParams::read(b.offsets, b.offsets_half, row * L, n * L, buf.data() + n * L)};
 }
 inline RowParams row_params(const QMatrix& w, int64_t row, int64_t n, int64_t L) {
   return row_params(QBytes(w), row, n, L);

@@ -28,7 +28,9 @@ class GroupParams {
 
   float operator[](int64_t i) const;
   // Values [i, i + n) as fp32: a pointer into fp32 storage, or `buf` (n floats) filled from fp16.
-  const float* read(int64_t i, int64_t n, float* buf) const;
+  const float* read(int64_t i, int64_t n, float* buf) const { return read(bytes(), half_, i, n, buf); }
+  // The same from stored bytes looked up beforehand (the kernels' per-row reads).
+  static const float* read(const uint8_t* bytes, bool half, int64_t i, int64_t n, float* buf);
   std::vector<float> to_vector() const;
   // The stored bytes (fp16 or fp32), for prefetching and for writing files as they are.
   const uint8_t* bytes() const { return bytes_.data(); }
