@@ -173,8 +173,9 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
   }
 }
 
-void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
-                   int64_t T, const AdapterDropout& dropout, float* dx, float* scratch) {
+void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const float* x,
+                   const float* u, int64_t T, const AdapterDropout& dropout, float* dx,
+                   float* scratch) {
   check_grads(a);
   if (T == 0) return;
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out, I = a.in;

@@ -259,29 +259,44 @@ bool use_bf16(int64_t M, int64_t N, int64_t K) {
   return compute_type() == ComputeType::Bf16 && M * N * K >= kMinBf16Work;
 }
 
-void gemm_bf16_b(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc) {
-  thread_local std::vector<uint16_t> a_buf;
-  const int64_t a_rows = trans_a ? K : M, a_cols = trans_a ? M : K;
-  gemm_bf16(trans_a, trans_b, M, N, K, alpha, packed_bf16(A, a_rows, a_cols, lda, a_buf), a_cols, B,
-            ldb, beta, C, ldc);
+Operand make_operand(const float* x, int64_t rows, int64_t cols, bool bf16,
+                     std::vector<uint16_t>& buf) {
+  if (!bf16) return {x};
+  return {x, packed_bf16(x, rows, cols, cols, buf)};
+}
+
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const Operand& A, int64_t lda, const Operand& B, int64_t ldb, float beta, float* C,
+               int64_t ldc) {
+  thread_local std::vector<uint16_t> a_buf, b_buf;
+  // An operand converted here is packed: its row stride becomes its row length.
+  const auto bf16_of = [](const Operand& x, int64_t rows, int64_t cols, int64_t& ld,
+                          std::vector<uint16_t>& buf) {
+    if (x.bf16 != nullptr) return x.bf16;
+    const uint16_t* packed = packed_bf16(x.f32, rows, cols, ld, buf);
+    ld = cols;
+    return packed;
+  };
+  const uint16_t* a = bf16_of(A, trans_a ? K : M, trans_a ? M : K, lda, a_buf);
+  const uint16_t* b = bf16_of(B, trans_b ? N : K, trans_b ? K : N, ldb, b_buf);
+  gemm_bf16(trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, C, ldc);
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const Operand& A, int64_t lda, const Operand& B, int64_t ldb, float beta, float* C,
+          int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (use_bf16(M, N, K))
+    return gemm_bf16(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  const auto b = [](int64_t v) { return static_cast<blasint>(v); };
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, b(M), b(N), b(K), alpha, A.f32, b(lda), B.f32,
+              b(ldb), beta, C, b(ldc));
 }
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (!use_bf16(M, N, K)) {
-    const auto b = [](int64_t v) { return static_cast<blasint>(v); };
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, b(M), b(N), b(K), alpha, A, b(lda), B, b(ldb),
-                beta, C, b(ldc));
-    return;
-  }
-  thread_local std::vector<uint16_t> b_buf;
-  const int64_t b_rows = trans_b ? N : K, b_cols = trans_b ? K : N;
-  gemm_bf16_b(trans_a, trans_b, M, N, K, alpha, A, lda, packed_bf16(B, b_rows, b_cols, ldb, b_buf),
-              b_cols, beta, C, ldc);
+  gemm(trans_a, trans_b, M, N, K, alpha, Operand(A), lda, Operand(B), ldb, beta, C, ldc);
 }
 
 }  // namespace qalora::ops

@@ -29,36 +29,17 @@ constexpr int64_t kParallelWork = int64_t{1} << 15;
 // across blocks.
 constexpr int64_t kSumBlock = 256;
 
-// An operand of attention's products: fp32, and in bf16 as well when the products run in bf16.
-// q, k, v and dO are converted once per call rather than once per (block, head) product that
-// reads them; probabilities and dS, made block by block, are converted by the product itself.
-struct Operand {
-  const float* f32;
-  const uint16_t* bf16 = nullptr;
-  Operand at(int64_t offset) const { return {f32 + offset, bf16 ? bf16 + offset : nullptr}; }
-};
-
 // Whether attention's products over T tokens run in bf16: decided once per call from the
 // largest block's product, so one call never mixes the two.
 bool attention_in_bf16(int64_t T, int64_t Hd) {
   return use_bf16(std::min(T, kRowBlock), T, Hd);
 }
 
-// x [rows, cols] as an Operand, converted into `buf` when `bf16`.
-Operand operand(const float* x, int64_t rows, int64_t cols, bool bf16, std::vector<uint16_t>& buf) {
-  if (!bf16) return {x};
-  buf.resize(static_cast<size_t>(rows * cols));
-  to_bf16(x, rows, cols, cols, buf.data());
-  return {x, buf.data()};
-}
-
 // C = alpha op(A) op(B) + beta C with B (and A where it has one) in bf16 when B has a copy.
 void product(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, Operand A, int64_t lda,
              Operand B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (B.bf16 == nullptr) return gemm(ta, tb, M, N, K, alpha, A.f32, lda, B.f32, ldb, beta, C, ldc);
-  if (A.bf16 != nullptr)
-    return gemm_bf16(ta, tb, M, N, K, alpha, A.bf16, lda, B.bf16, ldb, beta, C, ldc);
-  gemm_bf16_b(ta, tb, M, N, K, alpha, A.f32, lda, B.bf16, ldb, beta, C, ldc);
+  gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 blasint bl(int64_t n) {
@@ -109,10 +90,10 @@ void rmsnorm_backward_ref(float* dx, const float* dout, const float* x, const fl
   }
 }
 
-void matmul_backward_input(float* dx, const float* dy, const float* W, int64_t T, int64_t I,
+void matmul_backward_input(float* dx, const Operand& dy, const float* W, int64_t T, int64_t I,
                            int64_t O) {
   if (T == 1) {
-    cblas_sgemv(CblasRowMajor, CblasTrans, bl(O), bl(I), 1.0f, W, bl(I), dy, 1, 0.0f, dx, 1);
+    cblas_sgemv(CblasRowMajor, CblasTrans, bl(O), bl(I), 1.0f, W, bl(I), dy.f32, 1, 0.0f, dx, 1);
   } else {
     gemm(false, false, T, I, O, 1.0f, dy, O, W, I, 0.0f, dx, I);
   }
@@ -155,8 +136,10 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   const bool bf16 = attention_in_bf16(T, Hd);
   thread_local std::vector<uint16_t> q_buf, k_buf, v_buf;
-  const Operand Q = operand(q, T, qs, bf16, q_buf), Kall = operand(k, T, ks, bf16, k_buf),
-                Vall = operand(v, T, ks, bf16, v_buf);
+  // Converted once per call rather than once per (block, head) product that reads them; the
+  // probabilities and dS, made block by block, are converted by the products themselves.
+  const Operand Q = make_operand(q, T, qs, bf16, q_buf), Kall = make_operand(k, T, ks, bf16, k_buf),
+                Vall = make_operand(v, T, ks, bf16, v_buf);
   // Later blocks see more keys: they go first so that the dynamic schedule ends balanced.
   // The products run single-threaded inside the parallel loop.
 #pragma omp parallel for collapse(2) schedule(dynamic) if (H * T * T * Hd > kParallelWork)
@@ -227,8 +210,9 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   const bool bf16 = attention_in_bf16(T, Hd);
   thread_local std::vector<uint16_t> q_buf, k_buf, v_buf, dout_buf;
-  const Operand Q = operand(q, T, qs, bf16, q_buf), K = operand(k, T, ks, bf16, k_buf),
-                V = operand(v, T, ks, bf16, v_buf), dO = operand(dout, T, qs, bf16, dout_buf);
+  const Operand Q = make_operand(q, T, qs, bf16, q_buf), K = make_operand(k, T, ks, bf16, k_buf),
+                V = make_operand(v, T, ks, bf16, v_buf),
+                dO = make_operand(dout, T, qs, bf16, dout_buf);
 #pragma omp parallel if (H * T * T * Hd > kParallelWork)
   {
     // dS and dQ, per block of query rows: rows i0..i1 need columns 0..i1 only.

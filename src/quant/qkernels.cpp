@@ -515,20 +515,22 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
     if (bias) std::copy(bias, bias + O, y + t * O);
   const float beta = bias ? 1.0f : 0.0f;
   if (ops::use_bf16(T, O, I))
-    return ops::gemm_bf16_b(false, true, T, O, I, 1.0f, x, I, dequantize_bf16(w), I, beta, y, O);
+    return ops::gemm_bf16(false, true, T, O, I, 1.0f, x, I, {nullptr, dequantize_bf16(w)}, I, beta,
+                          y, O);
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   ops::gemm(false, true, T, O, I, 1.0f, x, I, W, I, beta, y, O);
 }
 
-void qmatmul_backward_input(float* dx, const float* dy, const QMatrix& w, int64_t T) {
+void qmatmul_backward_input(float* dx, const ops::Operand& dy, const QMatrix& w, int64_t T) {
   const int64_t O = w.rows, I = w.cols;
   if (T <= 0) return;
   if (ops::use_bf16(T, I, O))
-    return ops::gemm_bf16_b(false, false, T, I, O, 1.0f, dy, O, dequantize_bf16(w), I, 0.0f, dx, I);
+    return ops::gemm_bf16(false, false, T, I, O, 1.0f, dy, O, {nullptr, dequantize_bf16(w)}, I,
+                          0.0f, dx, I);
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
-  ops::gemm(false, false, T, I, O, 1.0f, dy, O, W, I, 0.0f, dx, I);
+  ops::gemm(false, false, T, I, O, 1.0f, dy.f32, O, W, I, 0.0f, dx, I);
 }
 
 }  // namespace qalora

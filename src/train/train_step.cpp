@@ -19,7 +19,7 @@ namespace qalora {
 namespace {
 
 // dx[T, in] = dy[T, out] W for a frozen linear, dense or quantized.
-void linear_backward_input(const Linear& l, const float* dy, float* dx, int64_t T) {
+void linear_backward_input(const Linear& l, const ops::Operand& dy, float* dx, int64_t T) {
   if (l.quantized())
     qmatmul_backward_input(dx, dy, l.qweight, T);
   else
@@ -163,6 +163,12 @@ struct CpuTrainStep final : TrainSession::Impl {
   Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
   Buf dx_b, dxn_b, dtmp, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
   Buf lora_scratch, attn_scratch;
+  // A linear's dy in bf16, converted once for the base's and the adapter's products.
+  std::vector<uint16_t> dy_bf16;
+  // The frozen head in bf16 for the whole session, where that copy is small next to the
+  // activations (head_bf16()): each chunk's forward and backward would convert it again.
+  std::vector<uint16_t> head_copy;
+  bool head_copy_decided = false;
 
   CpuTrainStep(const Model& m, AdapterSet& a, int64_t T, TrainStepOptions o) : Impl(m, a, T, o) {
     const ModelConfig& c = m.config;
@@ -251,17 +257,19 @@ struct CpuTrainStep final : TrainSession::Impl {
                        TrainStepStats& st) override {
     const Linear& l = target_linear(model.layers[static_cast<size_t>(li)], t);
     auto t0 = Clock::now();
+    const int64_t O = l.out_features(), I = l.in_features();
+    const ops::Operand dy_op = ops::make_operand(dy, T, O, ops::use_bf16(T, I, O), dy_bf16);
     if (accumulate) {
-      linear_backward_input(l, dy, dtmp.data(), T);
-      add_into(dx_out, dtmp.data(), T * l.in_features());
+      linear_backward_input(l, dy_op, dtmp.data(), T);
+      add_into(dx_out, dtmp.data(), T * I);
     } else {
-      linear_backward_input(l, dy, dx_out, T);
+      linear_backward_input(l, dy_op, dx_out, T);
     }
-    st.flops += matmul_flops(T, l.in_features(), l.out_features());
+    st.flops += matmul_flops(T, I, O);
     st.base_seconds += seconds_since(t0);
     if (LoraAdapter* a = adapters.find(li, t)) {
       t0 = Clock::now();
-      lora_backward(*a, adapters.config.scale(), dy, x, b.u[static_cast<size_t>(t)], T,
+      lora_backward(*a, adapters.config.scale(), dy_op, x, b.u[static_cast<size_t>(t)], T,
                     adapter_dropout(li, t, p), dx_out, lora_scratch.data());
       st.flops += 2.0 * matmul_flops(T, a->a_cols() + a->out, R);
       st.adapter_seconds += seconds_since(t0);
@@ -321,6 +329,28 @@ struct CpuTrainStep final : TrainSession::Impl {
     }
   }
 
+  // The head in bf16 where its products over n tokens run in bf16 and the copy takes at most
+  // an eighth of the activation buffers (converted once per session); else null.
+  const uint16_t* head_bf16(int64_t n) {
+    if (!ops::use_bf16(n, V, D)) return nullptr;
+    if (!head_copy_decided) {
+      head_copy_decided = true;
+      if (8 * V * D * static_cast<int64_t>(sizeof(uint16_t)) <= activation_bytes()) {
+        const Tensor& head = model.head();
+        head_copy.resize(static_cast<size_t>(V * D));
+        // Encoded rows are decoded through the logits buffer, which is free until the loss.
+        const int64_t rows = head.encoded() ? std::ssize(logits) / D : V;
+        for (int64_t r0 = 0; r0 < V; r0 += rows) {
+          const int64_t r1 = std::min(V, r0 + rows);
+          const float* src = head.encoded() ? logits.data() : head.data() + r0 * D;
+          if (head.encoded()) head.decode_rows(r0, r1, logits.data());
+          ops::to_bf16(src, r1 - r0, D, D, head_copy.data() + r0 * D);
+        }
+      }
+    }
+    return head_copy.empty() ? nullptr : head_copy.data();
+  }
+
   // Final norm, head and cross-entropy in chunks of tokens; with `backward`, leaves the
   // gradient of the last block's output in dx.
   double head_loss(int64_t T, float grad_scale, bool backward, TrainStepStats& st) override {
@@ -337,13 +367,21 @@ struct CpuTrainStep final : TrainSession::Impl {
       const int32_t* ids = next_ids.data() + c0;
       // Prompt tokens carry no loss: their logits are never needed.
       if (std::all_of(ids, ids + n, [](int32_t id) { return id < 0; })) continue;
-      linear_forward(head, dense_head ? QMatrix() : model.head_q, Tensor(), xf.data() + c0 * D,
-                     logits.data(), n, DecodeActivations::Exact);
+      const uint16_t* head16 = head_bf16(n);
+      if (head16 != nullptr)
+        ops::gemm_bf16(false, true, n, V, D, 1.0f, xf.data() + c0 * D, D, {nullptr, head16}, D,
+                       0.0f, logits.data(), V);
+      else
+        linear_forward(head, dense_head ? QMatrix() : model.head_q, Tensor(), xf.data() + c0 * D,
+                       logits.data(), n, DecodeActivations::Exact);
       loss +=
           ops::cross_entropy_forward_backward(logits.data(), losses.data(), ids, n, V, grad_scale);
       st.flops += matmul_flops(n, D, V);
       if (!backward) continue;
-      if (dense_head)
+      if (head16 != nullptr)
+        ops::gemm_bf16(false, false, n, D, V, 1.0f, logits.data(), V, {nullptr, head16}, D, 0.0f,
+                       dxn + c0 * D, D);
+      else if (dense_head)
         ops::matmul_backward_input(dxn + c0 * D, logits.data(), head, n);
       else
         qmatmul_backward_input(dxn + c0 * D, logits.data(), model.head_q, n);
@@ -373,7 +411,8 @@ struct CpuTrainStep final : TrainSession::Impl {
                 b.up.size() + b.att.size() + b.probs.size();
       for (const Buf& u : b.u) floats += u.size();
     }
-    return static_cast<int64_t>(floats * sizeof(float) + next_ids.size() * sizeof(int32_t));
+    return static_cast<int64_t>(floats * sizeof(float) + next_ids.size() * sizeof(int32_t) +
+                                (dy_bf16.size() + head_copy.size()) * sizeof(uint16_t));
   }
 };
 

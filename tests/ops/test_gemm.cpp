@@ -133,6 +133,34 @@ TEST(Gemm, Bf16ComputeTypeStaysWithinTheRoundingBoundOfFp32) {
     }
 }
 
+// A bf16 copy that an operand carries replaces its conversion: the same product bit for bit,
+// and the copy, not the fp32 values, is what the product reads.
+TEST(Gemm, Bf16CopiesCarriedByOperandsReplaceTheirConversion) {
+  REQUIRE_BF16();
+  ComputeTypeScope scope(ComputeType::Bf16);
+  uint64_t seed = 900;
+  for (const bool ta : {false, true})
+    for (const bool tb : {false, true}) {
+      Product p(ta, tb, 41, 37, 700, seed += 3);
+      const auto A16 = bf16_of(p.A), B16 = bf16_of(p.B);
+      std::vector<float> doubled_A(p.A.size());
+      for (size_t i = 0; i < p.A.size(); ++i) doubled_A[i] = 2.0f * p.A[i];
+      const auto A16x2 = bf16_of(doubled_A);
+      std::vector<float> converted = p.C, carried = p.C, weight_only = p.C, from_copy = p.C;
+      ops::gemm(ta, tb, p.M, p.N, p.K, 0.5f, p.A.data(), p.lda, p.B.data(), p.ldb, 0.0f,
+                converted.data(), p.ldc);
+      ops::gemm(ta, tb, p.M, p.N, p.K, 0.5f, ops::Operand(p.A.data(), A16.data()), p.lda,
+                ops::Operand(p.B.data(), B16.data()), p.ldb, 0.0f, carried.data(), p.ldc);
+      ops::gemm_bf16(ta, tb, p.M, p.N, p.K, 0.5f, p.A.data(), p.lda,
+                     ops::Operand(nullptr, B16.data()), p.ldb, 0.0f, weight_only.data(), p.ldc);
+      ops::gemm(ta, tb, p.M, p.N, p.K, 0.25f, ops::Operand(p.A.data(), A16x2.data()), p.lda,
+                p.B.data(), p.ldb, 0.0f, from_copy.data(), p.ldc);
+      EXPECT_EQ(carried, converted);
+      EXPECT_EQ(weight_only, converted);
+      EXPECT_EQ(from_copy, converted) << "the product read A's fp32 values, not its copy";
+    }
+}
+
 // Below 2^20 multiply-adds the conversions would cost more than bf16 saves: such products
 // give the fp32 result bit for bit.
 TEST(Gemm, SmallProductsStayInFp32) {

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "qalora/adapters/adapter.h"
+#include "qalora/ops/gemm.h"
 
 namespace qalora {
 
@@ -57,9 +58,11 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
 //   dx [T, I] += E(dropout'(g A))  (dropout' = the forward's mask and 1 / (1 - p); E = the
 //   pooling adjoint pool_groups_backward for QA-LoRA, identity for LoRA).
 // Accumulates into a.grad_A and a.grad_B (which must be allocated) and into dx. `scratch`
-// must hold T * C + T * r floats.
-void lora_backward(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
-                   int64_t T, const AdapterDropout& dropout, float* dx, float* scratch);
+// must hold T * C + T * r floats. The products that read dy use its bf16 copy, if it has one,
+// where they run in bf16.
+void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const float* x,
+                   const float* u, int64_t T, const AdapterDropout& dropout, float* dx,
+                   float* scratch);
 void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
                        int64_t T, const AdapterDropout& dropout, float* dx, float* scratch);
 

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 namespace qalora::ops {
 
@@ -45,11 +46,34 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 
 // Whether gemm() runs an M x N x K product in bf16 now.
 bool use_bf16(int64_t M, int64_t N, int64_t K);
-// gemm() in bf16 with B already in bf16 (a frozen weight decoded straight into bf16): A is
-// converted, B used as given. Requires bf16_available().
-void gemm_bf16_b(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc);
+
+// A product's input: its fp32 values and, optionally, the same values already in bf16, laid
+// out alike (same row stride). A bf16 product uses the copy instead of converting the operand
+// again, so an operand that several products read (a gradient, a frozen weight decoded once)
+// is converted once.
+struct Operand {
+  Operand(const float* values) : f32(values) {}  // NOLINT: an fp32 array is an Operand
+  Operand(const float* values, const uint16_t* bf16_copy) : f32(values), bf16(bf16_copy) {}
+  Operand at(int64_t offset) const { return {f32 + offset, bf16 ? bf16 + offset : nullptr}; }
+
+  const float* f32;
+  const uint16_t* bf16 = nullptr;
+};
+// x [rows, cols] (contiguous) as an Operand; with `bf16`, its copy is converted into `buf`.
+Operand make_operand(const float* x, int64_t rows, int64_t cols, bool bf16,
+                     std::vector<uint16_t>& buf);
+
+// gemm() on Operands: the same choice of fp32 or bf16, the same result, with the bf16 copies
+// used where the operands carry them.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const Operand& A, int64_t lda, const Operand& B, int64_t ldb, float beta, float* C,
+          int64_t ldc);
+// The product in bf16 whatever its size, for callers that decide once for a family of
+// products (requires bf16_available()); an operand without a bf16 copy is converted, one
+// whose f32 is null must carry one (a frozen weight decoded straight into bf16).
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const Operand& A, int64_t lda, const Operand& B, int64_t ldb, float beta, float* C,
+               int64_t ldc);
 
 // The same product with the inputs already in bf16 (requires bf16_available()).
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <span>
 
+#include "qalora/ops/gemm.h"
+
 namespace qalora::ops {
 
 // out[T, D] = x[T, D] / rms(x) * w[D]
@@ -80,7 +82,7 @@ void rmsnorm_backward_ref(float* dx, const float* dout, const float* x, const fl
                           int64_t D, float eps);
 
 // dx[T, I] = dy[T, O] W[O, I] (overwrites): the input gradient of matmul_forward.
-void matmul_backward_input(float* dx, const float* dy, const float* W, int64_t T, int64_t I,
+void matmul_backward_input(float* dx, const Operand& dy, const float* W, int64_t T, int64_t I,
                            int64_t O);
 void matmul_backward_input_ref(float* dx, const float* dy, const float* W, int64_t T, int64_t I,
                                int64_t O);
