@@ -199,7 +199,13 @@ double gemm_peak_gflops(ComputeType type) {
 void to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ld, uint16_t* out) {
   static const auto row_fn =
       __builtin_cpu_supports("avx512bf16") ? to_bf16_row_avx512 : to_bf16_row;
-#pragma omp parallel for if (rows * cols > kParallelConversion && !omp_in_parallel())
+  // Not a parallel region with a false `if`: even that sets up a team, which costs more than
+  // converting a row (attention converts its blocks row by row).
+  if (rows * cols <= kParallelConversion || omp_in_parallel()) {
+    for (int64_t r = 0; r < rows; ++r) row_fn(x + r * ld, cols, out + r * cols);
+    return;
+  }
+#pragma omp parallel for
   for (int64_t r = 0; r < rows; ++r) row_fn(x + r * ld, cols, out + r * cols);
 }
 
