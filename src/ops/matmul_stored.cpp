@@ -69,12 +69,14 @@ void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias
       for (int64_t o = 0; o < O; ++o) y[t * O + o] += bias[o];
 }
 
-void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_t T) {
+void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_t T,
+                           bool accumulate) {
   const int64_t O = W.dim(0), I = W.dim(1);
-  if (!W.encoded()) return matmul_backward_input(dx, dy, W.data(), T, I, O);
+  if (!W.encoded()) return matmul_backward_input(dx, dy, W.data(), T, I, O, accumulate);
   for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
     // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :]
-    gemm(false, false, T, I, n, 1.0f, dy.at(r0), O, tile, I, r0 == 0 ? 0.0f : 1.0f, dx, I);
+    gemm(false, false, T, I, n, 1.0f, dy.at(r0), O, tile, I, r0 == 0 && !accumulate ? 0.0f : 1.0f,
+         dx, I);
   });
 }
 

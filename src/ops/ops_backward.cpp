@@ -100,11 +100,12 @@ void rmsnorm_backward_ref(float* dx, const float* dout, const float* x, const fl
 }
 
 void matmul_backward_input(float* dx, const Operand& dy, const float* W, int64_t T, int64_t I,
-                           int64_t O) {
+                           int64_t O, bool accumulate) {
+  const float beta = accumulate ? 1.0f : 0.0f;
   if (T == 1) {
-    cblas_sgemv(CblasRowMajor, CblasTrans, bl(O), bl(I), 1.0f, W, bl(I), dy.f32, 1, 0.0f, dx, 1);
+    cblas_sgemv(CblasRowMajor, CblasTrans, bl(O), bl(I), 1.0f, W, bl(I), dy.f32, 1, beta, dx, 1);
   } else {
-    gemm(false, false, T, I, O, 1.0f, dy, O, W, I, 0.0f, dx, I);
+    gemm(false, false, T, I, O, 1.0f, dy, O, W, I, beta, dx, I);
   }
 }
 

@@ -522,15 +522,17 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
   ops::gemm(false, true, T, O, I, 1.0f, x, I, W, I, beta, y, O);
 }
 
-void qmatmul_backward_input(float* dx, const ops::Operand& dy, const QMatrix& w, int64_t T) {
+void qmatmul_backward_input(float* dx, const ops::Operand& dy, const QMatrix& w, int64_t T,
+                            bool accumulate) {
   const int64_t O = w.rows, I = w.cols;
   if (T <= 0) return;
+  const float beta = accumulate ? 1.0f : 0.0f;
   if (ops::use_bf16(T, I, O))
     return ops::gemm_bf16(false, false, T, I, O, 1.0f, dy, O, {nullptr, dequantize_bf16(w)}, I,
-                          0.0f, dx, I);
+                          beta, dx, I);
   float* W = qk::scratch(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
-  ops::gemm(false, false, T, I, O, 1.0f, dy.f32, O, W, I, 0.0f, dx, I);
+  ops::gemm(false, false, T, I, O, 1.0f, dy.f32, O, W, I, beta, dx, I);
 }
 
 }  // namespace qalora

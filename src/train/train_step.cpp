@@ -18,16 +18,20 @@ namespace qalora {
 
 namespace {
 
-// dx[T, in] = dy[T, out] W for a frozen linear, dense or quantized.
-void linear_backward_input(const Linear& l, const ops::Operand& dy, float* dx, int64_t T) {
+// dx[T, in] (+)= dy[T, out] W for a frozen linear, dense or quantized.
+void linear_backward_input(const Linear& l, const ops::Operand& dy, float* dx, int64_t T,
+                           bool accumulate) {
   if (l.quantized())
-    qmatmul_backward_input(dx, dy, l.qweight, T);
+    qmatmul_backward_input(dx, dy, l.qweight, T, accumulate);
   else
-    ops::matmul_backward_input(dx, dy, l.weight, T);
+    ops::matmul_backward_input(dx, dy, l.weight, T, accumulate);
 }
 
+// Residual additions longer than this split across the threads.
+constexpr int64_t kParallelAdd = int64_t{1} << 15;
+
 void add_into(float* y, const float* x, int64_t n) {
-#pragma omp simd
+#pragma omp parallel for simd if (n > kParallelAdd)
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
@@ -161,7 +165,7 @@ struct CpuTrainStep final : TrainSession::Impl {
   Buf xn_b, hidden_b, probs, att_b;
   bool keep_attention = false;
   Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
-  Buf dx_b, dxn_b, dtmp, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
+  Buf dx_b, dxn_b, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
   Buf lora_scratch, attn_scratch;
   // A linear's dy in bf16, converted once for the base's and the adapter's products.
   std::vector<uint16_t> dy_bf16;
@@ -197,7 +201,7 @@ struct CpuTrainStep final : TrainSession::Impl {
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk));
     const int64_t widest = std::max({D, F, QD});
-    dx_b.resize(n(D)), dxn_b.resize(n(D)), dtmp.resize(n(widest)), datt_b.resize(n(QD));
+    dx_b.resize(n(D)), dxn_b.resize(n(D)), datt_b.resize(n(QD));
     dq_b.resize(n(QD)), dk_b.resize(n(KVD)), dv_b.resize(n(KVD));
     dgate_b.resize(n(F)), dup_b.resize(n(F));
     lora_scratch.resize(n(widest + R));
@@ -259,12 +263,7 @@ struct CpuTrainStep final : TrainSession::Impl {
     auto t0 = Clock::now();
     const int64_t O = l.out_features(), I = l.in_features();
     const ops::Operand dy_op = ops::make_operand(dy, T, O, ops::use_bf16(T, I, O), dy_bf16);
-    if (accumulate) {
-      linear_backward_input(l, dy_op, dtmp.data(), T);
-      add_into(dx_out, dtmp.data(), T * I);
-    } else {
-      linear_backward_input(l, dy_op, dx_out, T);
-    }
+    linear_backward_input(l, dy_op, dx_out, T, accumulate);
     st.flops += matmul_flops(T, I, O);
     st.base_seconds += seconds_since(t0);
     if (LoraAdapter* a = adapters.find(li, t)) {
@@ -402,8 +401,8 @@ struct CpuTrainStep final : TrainSession::Impl {
   int64_t activation_bytes() const override {
     size_t floats = 0;
     for (const Buf* b :
-         {&xn_b, &hidden_b, &probs, &att_b, &xf, &logits, &losses, &dx_b, &dxn_b, &dtmp, &datt_b,
-          &dq_b, &dk_b, &dv_b, &dgate_b, &dup_b, &lora_scratch, &attn_scratch})
+         {&xn_b, &hidden_b, &probs, &att_b, &xf, &logits, &losses, &dx_b, &dxn_b, &datt_b, &dq_b,
+          &dk_b, &dv_b, &dgate_b, &dup_b, &lora_scratch, &attn_scratch})
       floats += b->size();
     for (const Buf& b : x_store) floats += b.size();
     for (const BlockStore& b : store) {

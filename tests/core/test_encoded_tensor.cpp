@@ -159,6 +159,11 @@ TEST(EncodedTensor, ProductsMatchThePlainReferenceOnOddShapes) {
       ops::matmul_backward_input_ref(dref.data(), dy.data(), h.values.data(), c.tokens, c.in,
                                      c.out);
       test::expect_close(dx, dref, 2e-5f, what + " backward");
+      // Accumulating: every tile adds to what dx held (the first tile included).
+      for (float& v : dref) v += 7.0f;
+      std::fill(dx.begin(), dx.end(), 7.0f);
+      ops::matmul_backward_input(dx.data(), dy.data(), w, c.tokens, true);
+      test::expect_close(dx, dref, 2e-5f, what + " backward, accumulating");
     }
   }
 }

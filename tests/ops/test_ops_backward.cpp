@@ -177,6 +177,9 @@ TEST(OpsBackward, MatmulInputMatchesReference) {
     matmul_backward_input(a.data(), dy.data(), W.data(), T, I, O);
     matmul_backward_input_ref(b.data(), dy.data(), W.data(), T, I, O);
     expect_close(a, b, 1e-5f, "T " + std::to_string(T) + " I " + std::to_string(I));
+    matmul_backward_input(a.data(), dy.data(), W.data(), T, I, O, true);  // a = 2 b
+    for (float& v : b) v *= 2.0f;
+    expect_close(a, b, 2e-5f, "accumulating, T " + std::to_string(T) + " I " + std::to_string(I));
   }
 }
 

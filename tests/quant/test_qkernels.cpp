@@ -184,6 +184,10 @@ void check_kernels(const QMatrix& w, const std::vector<int64_t>& tokens,
       std::vector<float> dx(c.ref.size(), -7.0f);
       qmatmul_backward_input(dx.data(), c.x.data(), w, c.T);
       EXPECT_LE(rel_err(dx, c.ref), kBackwardTol) << "backward_input T " << c.T;
+      qmatmul_backward_input(dx.data(), c.x.data(), w, c.T, true);  // dx = 2 ref
+      std::vector<float> twice = c.ref;
+      for (float& v : twice) v *= 2.0f;
+      EXPECT_LE(rel_err(dx, twice), kBackwardTol) << "accumulating backward_input T " << c.T;
     }
     std::vector<float> deq(deq_ref.size(), -7.0f), part(part_ref.size(), -7.0f);
     dequantize_rows(w, 0, O, deq.data());

@@ -14,8 +14,9 @@ namespace qalora::ops {
 
 // y[T, O] = x[T, I] W[O, I]^T (+ bias[O]); bias may be null.
 void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias, int64_t T);
-// dx[T, I] = dy[T, O] W[O, I] (overwrites); dy's bf16 copy is used where the product runs in
-// bf16.
-void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_t T);
+// dx[T, I] = dy[T, O] W[O, I] (+= with `accumulate`); dy's bf16 copy is used where the product
+// runs in bf16.
+void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_t T,
+                           bool accumulate = false);
 
 }  // namespace qalora::ops

@@ -81,9 +81,9 @@ void rmsnorm_backward(float* dx, const float* dout, const float* x, const float*
 void rmsnorm_backward_ref(float* dx, const float* dout, const float* x, const float* w, int64_t T,
                           int64_t D, float eps);
 
-// dx[T, I] = dy[T, O] W[O, I] (overwrites): the input gradient of matmul_forward.
+// dx[T, I] = dy[T, O] W[O, I] (+= with `accumulate`): the input gradient of matmul_forward.
 void matmul_backward_input(float* dx, const Operand& dy, const float* W, int64_t T, int64_t I,
-                           int64_t O);
+                           int64_t O, bool accumulate = false);
 void matmul_backward_input_ref(float* dx, const float* dy, const float* W, int64_t T, int64_t I,
                                int64_t O);
 

@@ -144,9 +144,10 @@ bool same_activation_layout(const QMatrix& a, const QMatrix& b);
 void qmatmul_forward_shared(std::span<const QProduct> products, const float* x, int64_t T,
                             DecodeActivations activations = DecodeActivations::Int8);
 
-// dx[T, cols] = dy[T, rows] W: the input gradient of y = x W^T (the frozen-base backward). A
-// bf16 copy of dy is used where the product runs in bf16.
-void qmatmul_backward_input(float* dx, const ops::Operand& dy, const QMatrix& w, int64_t T);
+// dx[T, cols] = dy[T, rows] W (+= with `accumulate`): the input gradient of y = x W^T (the
+// frozen-base backward). A bf16 copy of dy is used where the product runs in bf16.
+void qmatmul_backward_input(float* dx, const ops::Operand& dy, const QMatrix& w, int64_t T,
+                            bool accumulate = false);
 void qmatmul_backward_input_ref(float* dx, const float* dy, const QMatrix& w, int64_t T);
 
 // The instruction set the optimized kernels dispatched to on this machine.
