@@ -286,14 +286,15 @@ QL_AVX2_INLINE __m256 load8_params(const uint8_t* bytes, bool half, int64_t i, i
 
 // The int32 dot products of both halves of one 4-bit vector with the int8 activations at xq:
 // lanes 0-3 hold partial sums of the pair's first chunk, lanes 4-7 of its second.
+// (A function, not a lambda: a lambda would not carry the target attribute, which a build
+// without -march=native needs for the intrinsics.)
+QL_AVX2_INLINE __m256i int8_dot_half(__m256i q, const int8_t* x) {
+  return _mm256_madd_epi16(
+      _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+      _mm256_set1_epi16(1));
+}
 QL_AVX2_INLINE __m256i int8_dot_vector(__m256i q0, __m256i q1, const int8_t* xq) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const auto half = [&](__m256i q, int h) {
-    return _mm256_madd_epi16(
-        _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * h))),
-        ones);
-  };
-  return _mm256_add_epi32(half(q0, 0), half(q1, 1));
+  return _mm256_add_epi32(int8_dot_half(q0, xq), int8_dot_half(q1, xq + 32));
 }
 
 template <int NT>
@@ -368,29 +369,14 @@ template <int B>
 QL_AVX2 void gemv_int8_bits(const GemvArgs& a, int64_t r0, int64_t r1) {
   if constexpr (B == 4)
     if (a.w->group_size == kQChunk) {
-      switch (a.T) {
-        case 1:
-          return gemv_int8_g32<1>(a, r0, r1);
-        case 2:
-          return gemv_int8_g32<2>(a, r0, r1);
-        case 3:
-          return gemv_int8_g32<3>(a, r0, r1);
-        default:
-          return gemv_int8_g32<4>(a, r0, r1);
-      }
+      return with_tokens(a.T, [&](auto nt) { gemv_int8_g32<decltype(nt)::value>(a, r0, r1); });
     }
   const int64_t cpg = a.w->group_size / kQChunk;
   const bool per_vector = !(a.L == 1 || cpg % 2 == 0);
-  switch (a.T) {
-    case 1:
-      return per_vector ? gemv_int8<B, 1, true>(a, r0, r1) : gemv_int8<B, 1, false>(a, r0, r1);
-    case 2:
-      return per_vector ? gemv_int8<B, 2, true>(a, r0, r1) : gemv_int8<B, 2, false>(a, r0, r1);
-    case 3:
-      return per_vector ? gemv_int8<B, 3, true>(a, r0, r1) : gemv_int8<B, 3, false>(a, r0, r1);
-    default:
-      return per_vector ? gemv_int8<B, 4, true>(a, r0, r1) : gemv_int8<B, 4, false>(a, r0, r1);
-  }
+  with_tokens(a.T, [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    per_vector ? gemv_int8<B, NT, true>(a, r0, r1) : gemv_int8<B, NT, false>(a, r0, r1);
+  });
 }
 
 QL_AVX2 void gemv_int8_rows(const GemvArgs& a, int64_t r0, int64_t r1) {
@@ -493,30 +479,12 @@ QL_AVX2 void gemv_affine_nt(const GemvArgs& a, int64_t r0, int64_t r1) {
 
 template <int B>
 QL_AVX2 void gemv_affine_any(const GemvArgs& a, int64_t r0, int64_t r1) {
-  switch (a.T) {
-    case 1:
-      return gemv_affine_nt<B, 1>(a, r0, r1);
-    case 2:
-      return gemv_affine_nt<B, 2>(a, r0, r1);
-    case 3:
-      return gemv_affine_nt<B, 3>(a, r0, r1);
-    default:
-      return gemv_affine_nt<B, 4>(a, r0, r1);
-  }
+  with_tokens(a.T, [&](auto nt) { gemv_affine_nt<B, decltype(nt)::value>(a, r0, r1); });
 }
 
 QL_AVX2 void gemv_rows(const GemvArgs& a, int64_t r0, int64_t r1) {
   if (a.w->type != QuantType::Affine) {
-    switch (a.T) {
-      case 1:
-        return gemv_codebook<1>(a, r0, r1);
-      case 2:
-        return gemv_codebook<2>(a, r0, r1);
-      case 3:
-        return gemv_codebook<3>(a, r0, r1);
-      default:
-        return gemv_codebook<4>(a, r0, r1);
-    }
+    return with_tokens(a.T, [&](auto nt) { gemv_codebook<decltype(nt)::value>(a, r0, r1); });
   }
   switch (a.w->bits) {
     case 2:

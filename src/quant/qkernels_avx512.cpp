@@ -258,30 +258,12 @@ QL_AVX512 void gemv_affine_nt(const GemvArgs& a, int64_t r0, int64_t r1) {
 
 template <int B>
 QL_AVX512 void gemv_affine_any(const GemvArgs& a, int64_t r0, int64_t r1) {
-  switch (a.T) {
-    case 1:
-      return gemv_affine_nt<B, 1>(a, r0, r1);
-    case 2:
-      return gemv_affine_nt<B, 2>(a, r0, r1);
-    case 3:
-      return gemv_affine_nt<B, 3>(a, r0, r1);
-    default:
-      return gemv_affine_nt<B, 4>(a, r0, r1);
-  }
+  with_tokens(a.T, [&](auto nt) { gemv_affine_nt<B, decltype(nt)::value>(a, r0, r1); });
 }
 
 QL_AVX512 void gemv_rows(const GemvArgs& a, int64_t r0, int64_t r1) {
   if (a.w->type != QuantType::Affine) {
-    switch (a.T) {
-      case 1:
-        return gemv_codebook<1>(a, r0, r1);
-      case 2:
-        return gemv_codebook<2>(a, r0, r1);
-      case 3:
-        return gemv_codebook<3>(a, r0, r1);
-      default:
-        return gemv_codebook<4>(a, r0, r1);
-    }
+    return with_tokens(a.T, [&](auto nt) { gemv_codebook<decltype(nt)::value>(a, r0, r1); });
   }
   switch (a.w->bits) {
     case 2:

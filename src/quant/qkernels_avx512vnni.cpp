@@ -235,16 +235,7 @@ QL_VNNI void gemv_int8_nt(const GemvArgs& a, int64_t r0, int64_t r1) {
 
 template <int B>
 QL_VNNI void gemv_int8_bits(const GemvArgs& a, int64_t r0, int64_t r1) {
-  switch (a.T) {
-    case 1:
-      return gemv_int8_nt<B, 1>(a, r0, r1);
-    case 2:
-      return gemv_int8_nt<B, 2>(a, r0, r1);
-    case 3:
-      return gemv_int8_nt<B, 3>(a, r0, r1);
-    default:
-      return gemv_int8_nt<B, 4>(a, r0, r1);
-  }
+  with_tokens(a.T, [&](auto nt) { gemv_int8_nt<B, decltype(nt)::value>(a, r0, r1); });
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "qalora/quant/qmatrix.h"
@@ -61,6 +62,23 @@ struct GemvArgs {
   int64_t xq_stride = 0;
 };
 inline constexpr int64_t kGemvMaxTokens = 4;
+
+// f(std::integral_constant<int, T>{}) for a GEMV's token count T (1..kGemvMaxTokens): the
+// kernels are templates on it, so that each count gets its own unrolled loop.
+template <typename F>
+inline void with_tokens(int64_t T, F&& f) {
+  static_assert(kGemvMaxTokens == 4, "with_tokens names every count up to kGemvMaxTokens");
+  switch (T) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
+}
 
 // The int8-activation GEMV (llama.cpp's Q8 activations, in spirit): every 32-column chunk of x
 // becomes x^ = d_c * q with q in [-127, 127] and d_c = max|x_c| / 127, and y = x^ W^T:
