@@ -328,16 +328,18 @@ struct CpuTrainStep final : TrainSession::Impl {
     }
   }
 
-  // The head in bf16 where its products over n tokens run in bf16 and the copy takes at most
-  // an eighth of the activation buffers (converted once per session); else null.
+  // The dense head in bf16 where its products over n tokens run in bf16 and the copy takes at
+  // most an eighth of the activation buffers (converted once per session); else null.
   const uint16_t* head_bf16(int64_t n) {
     if (!ops::use_bf16(n, V, D)) return nullptr;
     if (!head_copy_decided) {
       head_copy_decided = true;
-      if (8 * V * D * static_cast<int64_t>(sizeof(uint16_t)) <= activation_bytes()) {
-        const Tensor& head = model.head();
+      const Tensor& head = model.head();
+      // Encoded rows are decoded through the logits buffer, which is free until the loss.
+      const bool fits = !head.encoded() || std::ssize(logits) >= D;
+      if (!head.empty() && fits &&
+          8 * V * D * static_cast<int64_t>(sizeof(uint16_t)) <= activation_bytes()) {
         head_copy.resize(static_cast<size_t>(V * D));
-        // Encoded rows are decoded through the logits buffer, which is free until the loss.
         const int64_t rows = head.encoded() ? std::ssize(logits) / D : V;
         for (int64_t r0 = 0; r0 < V; r0 += rows) {
           const int64_t r1 = std::min(V, r0 + rows);
