@@ -13,7 +13,9 @@
 #include "qalora/adapters/adapter.h"
 #include "qalora/core/device.h"
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 #include "qalora/model/runtime.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/quant/quantize_model.h"
 #include "qalora/train/train_step.h"
 #include "test_util.h"
@@ -88,6 +90,54 @@ TEST_P(TrainStepGradient, MatchesFiniteDifferencesOfTheDoubleReference) {
 
 INSTANTIATE_TEST_SUITE_P(Bases, TrainStepGradient, ::testing::ValuesIn(test::kBaseCases),
                          [](const auto& param_info) { return param_info.param.name; });
+
+// In bf16 the step keeps one bf16 copy of the head for the session. An encoded head (here F16)
+// is decoded into it through the logits buffer, a few rows at a time; a dense head is
+// converted directly. The same values either way give the same copy, so the same step, bit for
+// bit, and the copy is counted in the step's memory.
+TEST(TrainStep, Bf16HeadCopyOfAnEncodedHeadEqualsTheDenseOne) {
+  if (!ops::bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
+  test::ComputeTypeScope bf16(ops::ComputeType::Bf16);
+  // Large enough for bf16 head products (8 x 2048 x 64 = 2^20 multiply-adds per chunk of 8) and
+  // for activations that make room for the copy; loss chunks of 8 tokens decode 256 head rows
+  // per pass through the logits buffer, so the copy takes 8 passes.
+  test::RandomModelShape shape;
+  shape.vocab = 2048, shape.dim = 64, shape.hidden = 48, shape.layers = 1;
+  shape.heads = 4, shape.kv_heads = 2, shape.head_dim = 16, shape.context = 256;
+  const int64_t T = 256, V = shape.vocab, D = shape.dim;
+  Model dense = test::make_random_model(shape, 3), encoded = test::make_random_model(shape, 3);
+  auto halves = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(V * D));
+  Tensor rounded = Tensor::zeros({V, D});
+  for (int64_t i = 0; i < V * D; ++i) {
+    (*halves)[static_cast<size_t>(i)] = fp32_to_fp16(dense.output.data()[i]);
+    rounded.mutable_data()[i] = fp16_to_fp32((*halves)[static_cast<size_t>(i)]);
+  }
+  dense.output = rounded;
+  encoded.output = Tensor::encoded(reinterpret_cast<const uint8_t*>(halves->data()), {V, D},
+                                   half_codec(D), halves, false);
+  ASSERT_TRUE(encoded.output.encoded());
+
+  std::mt19937 rng(5);
+  std::vector<int32_t> tokens(static_cast<size_t>(T));
+  for (int32_t& id : tokens) id = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
+  const std::vector<uint8_t> targets(tokens.size(), 1);
+  const Case c{"lora", "", 0, AdapterKind::Lora, AdapterPool::Average, false};
+  std::vector<float> grads[2];
+  double losses[2];
+  const Model* models[2] = {&dense, &encoded};
+  for (int i = 0; i < 2; ++i) {
+    AdapterSet set = make_adapters(*models[i], c, 0.0f);
+    TrainSession session(*models[i], set, T, {.grad_checkpoint = false, .loss_chunk = 8});
+    const int64_t before = session.activation_bytes();
+    zero_adapter_grads(set);
+    int64_t n = 0;
+    losses[i] = session.forward_backward(tokens, targets, 1.0f, 1, n);
+    EXPECT_GE(session.activation_bytes() - before, V * D * 2) << "no bf16 copy of the head";
+    grads[i] = all_grads(set);
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_EQ(grads[0], grads[1]);
+}
 
 TEST(TrainStep, CheckpointingAndLossChunksGiveTheSameGradients) {
   const Case c{"qalora", "rtn", 4, AdapterKind::QaLora, AdapterPool::Average, false};
