@@ -108,6 +108,27 @@ TEST(LoraDropout, MaskIsDeterministicWithTheExpectedRate) {
   EXPECT_NEAR(static_cast<double>(same) / static_cast<double>(T * C), 0.58, 3e-3);
 }
 
+// Widths around the 4-element hash groups and the 64-group chunks the optimized loop draws at
+// a time, and a size that splits across threads.
+TEST(LoraDropout, MatchesReferenceOnOddWidths) {
+  for (const auto& [T, C] : {std::pair<int64_t, int64_t>{7, 1},
+                             {7, 3},
+                             {7, 4},
+                             {7, 5},
+                             {7, 37},
+                             {7, 255},
+                             {7, 256},
+                             {7, 257},
+                             {3, 1001},
+                             {100, 999}}) {
+    const auto x = random_uniform(T * C, 9);
+    auto fast = x, ref = x;
+    dropout_forward(fast.data(), T, C, 0.3f, 77);
+    dropout_forward_ref(ref.data(), T, C, 0.3f, 77);
+    ASSERT_EQ(fast, ref) << "T " << T << " C " << C;
+  }
+}
+
 TEST(LoraDropout, MaskDependsOnlyOnSeedTokenAndColumn) {
   const int64_t T = 9, C = 37;
   const auto x = random_uniform(T * C, 6);

@@ -27,6 +27,8 @@ void pool_groups_backward_ref(float* dx, const float* dout, int64_t T, int64_t I
 // and scaled by 1 / (1 - p); which elements are kept depends only on (seed, t, c). p = 0 is a
 // no-op.
 void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed);
+// Its plain reference: every element's hash drawn on its own.
+void dropout_forward_ref(float* x, int64_t T, int64_t C, float p, uint64_t seed);
 
 // The dropout of an adapter's input rows. The rows are runs, one per sequence packed into the
 // pass, each drawing its mask from its own seed with its rows numbered from 0: a sequence's
