@@ -36,22 +36,43 @@ double learning_rate(LrSchedule schedule, double peak, int64_t step, int64_t war
   return peak * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
+namespace {
+
+// The adapters' parameter tensors in a fixed order: A then B of each adapter.
+int64_t tensor_count(const AdapterSet& adapters) {
+  return 2 * std::ssize(adapters.adapters);
+}
+template <typename Set>  // AdapterSet, const or not
+auto& grad_of(Set& adapters, int64_t k) {
+  auto& a = adapters.adapters[static_cast<size_t>(k / 2)];
+  return k % 2 == 0 ? a.grad_A : a.grad_B;
+}
+
+}  // namespace
+
 double grad_norm(const AdapterSet& adapters) {
-  double ss = 0;
-  for (const LoraAdapter& a : adapters.adapters)
-    for (const std::vector<float>* g : {&a.grad_A, &a.grad_B}) {
-      const float* v = g->data();
-      const auto n = static_cast<int64_t>(g->size());
+  // Each tensor's sum on one thread, the sums added in order: the same norm for any thread
+  // count.
+  std::vector<double> sums(static_cast<size_t>(tensor_count(adapters)));
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t k = 0; k < tensor_count(adapters); ++k) {
+    const std::vector<float>& g = grad_of(adapters, k);
+    const float* v = g.data();
+    const auto n = std::ssize(g);
+    double ss = 0;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(v[i]) * v[i];
-    }
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(v[i]) * v[i];
+    sums[static_cast<size_t>(k)] = ss;
+  }
+  double ss = 0;
+  for (double x : sums) ss += x;
   return std::sqrt(ss);
 }
 
 void scale_grads(AdapterSet& adapters, float factor) {
-  for (LoraAdapter& a : adapters.adapters)
-    for (std::vector<float>* g : {&a.grad_A, &a.grad_B})
-      for (float& x : *g) x *= factor;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t k = 0; k < tensor_count(adapters); ++k)
+    for (float& x : grad_of(adapters, k)) x *= factor;
 }
 
 AdamW::AdamW(const AdapterSet& adapters, AdamWConfig config) : config_(config) {
@@ -73,25 +94,25 @@ void AdamW::step(AdapterSet& adapters, double lr) {
   const auto inv_c2 = static_cast<float>(1.0 / c2);
   const auto eps = static_cast<float>(config_.eps);
   const auto decay = static_cast<float>(1.0 - lr * config_.weight_decay);
-  size_t k = 0;
-  for (LoraAdapter& a : adapters.adapters) {
-    const std::pair<Tensor*, std::vector<float>*> params[] = {{&a.A, &a.grad_A}, {&a.B, &a.grad_B}};
-    for (auto [param, grad] : params) {
-      float* w = param->mutable_data();
-      float* m = m_[k].data();
-      float* v = v_[k].data();
-      const float* g = grad->data();
-      const auto n = static_cast<int64_t>(m_[k].size());
-      QL_CHECK(static_cast<int64_t>(grad->size()) == n, "optimizer: gradient of ", grad->size(),
-               " values for a tensor of ", n);
-      // Elementwise: the result does not depend on how the threads split the range.
-#pragma omp parallel for simd if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) {
-        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
-        w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i] * inv_c2) + eps);
-      }
-      ++k;
+  for (int64_t k = 0; k < tensor_count(adapters); ++k)
+    QL_CHECK(grad_of(adapters, k).size() == m_[static_cast<size_t>(k)].size(),
+             "optimizer: gradient of ", grad_of(adapters, k).size(), " values for a tensor of ",
+             m_[static_cast<size_t>(k)].size());
+    // Tensors in parallel (most are too small to split), each updated elementwise: the result
+    // does not depend on the threads.
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t k = 0; k < tensor_count(adapters); ++k) {
+    LoraAdapter& a = adapters.adapters[static_cast<size_t>(k / 2)];
+    float* w = (k % 2 == 0 ? a.A : a.B).mutable_data();
+    float* m = m_[static_cast<size_t>(k)].data();
+    float* v = v_[static_cast<size_t>(k)].data();
+    const float* g = grad_of(adapters, k).data();
+    const auto n = std::ssize(m_[static_cast<size_t>(k)]);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+      v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+      w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i] * inv_c2) + eps);
     }
   }
 }

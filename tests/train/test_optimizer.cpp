@@ -1,6 +1,7 @@
 // AdamW against its formula in double, the learning-rate schedules, gradient clipping, and the
 // loss-curve picture.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <numbers>
@@ -77,6 +78,32 @@ TEST(GradNorm, IsTheEuclideanNormAndScales) {
   EXPECT_NEAR(grad_norm(set), std::sqrt(ss), 1e-9 * std::sqrt(ss));
   scale_grads(set, 0.5f);
   EXPECT_NEAR(grad_norm(set), 0.5 * std::sqrt(ss), 1e-9 * std::sqrt(ss));
+}
+
+// The optimizer spreads the tensors over the threads: one thread and two give the same norm
+// and the same parameters, bit for bit.
+TEST(AdamW, StepAndNormDoNotDependOnTheThreadCount) {
+  AdapterSet sets[2] = {small_set(), small_set()};
+  double norms[2];
+  for (int i = 0; i < 2; ++i) {
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(i + 1);
+    uint64_t seed = 40;
+    for (LoraAdapter& a : sets[i].adapters) {
+      a.grad_A = test::random_uniform(a.A.numel(), ++seed);
+      a.grad_B = test::random_uniform(a.B.numel(), ++seed);
+    }
+    norms[i] = grad_norm(sets[i]);
+    AdamW opt(sets[i], {});
+    for (int step = 0; step < 3; ++step) opt.step(sets[i], 1e-2);
+    omp_set_num_threads(threads);
+  }
+  EXPECT_EQ(norms[0], norms[1]);
+  for (size_t k = 0; k < sets[0].adapters.size(); ++k) {
+    const LoraAdapter &a = sets[0].adapters[k], &b = sets[1].adapters[k];
+    for (int64_t j = 0; j < a.A.numel(); ++j) ASSERT_EQ(a.A.data()[j], b.A.data()[j]) << k;
+    for (int64_t j = 0; j < a.B.numel(); ++j) ASSERT_EQ(a.B.data()[j], b.B.data()[j]) << k;
+  }
 }
 
 TEST(LossCurve, DrawsBothSeriesAndClosesEveryTag) {
