@@ -16,6 +16,7 @@
 #include "qalora/core/clock.h"
 #include "qalora/core/error.h"
 #include "qalora/core/fp16.h"
+#include "qalora/core/reused_buffer.h"
 #include "qalora/ops/blas.h"
 
 #ifdef QALORA_WITH_DNNL
@@ -126,13 +127,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void to_bf16_row
   }
 }
 
-// A [rows, cols] block of an operand, as packed bf16 in `buf`. The buffer only grows: sizes
-// alternate between calls (attention's blocks), and regrowing would clear memory each time.
+// A [rows, cols] block of an operand, as packed bf16 in `buf`.
 const uint16_t* packed_bf16(const float* x, int64_t rows, int64_t cols, int64_t ld,
                             std::vector<uint16_t>& buf) {
-  if (buf.size() < static_cast<size_t>(rows * cols)) buf.resize(static_cast<size_t>(rows * cols));
-  to_bf16(x, rows, cols, ld, buf.data());
-  return buf.data();
+  uint16_t* out = reused_buffer(buf, rows * cols);
+  to_bf16(x, rows, cols, ld, out);
+  return out;
 }
 
 }  // namespace

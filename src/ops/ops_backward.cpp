@@ -10,6 +10,7 @@
 
 #include "ops/ops_internal.h"
 #include "qalora/core/error.h"
+#include "qalora/core/reused_buffer.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 
@@ -43,13 +44,6 @@ void product(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, Ope
              Operand B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (B.bf16 == nullptr) return gemm(ta, tb, M, N, K, alpha, A.f32, lda, B.f32, ldb, beta, C, ldc);
   gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-// A per-thread block buffer of at least n elements, grown only (block sizes alternate).
-template <typename T>
-T* block_buffer(std::vector<T>& buf, int64_t n) {
-  if (std::ssize(buf) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
 }
 
 blasint bl(int64_t n) {
@@ -161,7 +155,7 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
       float* P = probs + (h * T + i0) * T;
       // The PV product's bf16 P, converted row by row while the softmax has it in cache.
       thread_local std::vector<uint16_t> p16_buf;
-      uint16_t* p16 = bf16 ? block_buffer(p16_buf, rows * T) : nullptr;
+      uint16_t* p16 = bf16 ? reused_buffer(p16_buf, rows * T) : nullptr;
       // S[rows, i1] = scale Q_h[i0:i1] K[0:i1]^T (the block's upper corner is masked below).
       product(false, true, rows, i1, Hd, scale, Q.at(i0 * qs + h * Hd), qs, K, ks, 0.0f, P, T);
       for (int64_t i = i0; i < i1; ++i) {
@@ -243,7 +237,7 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
         // In bf16, dS is kept in bf16 only (its products round it anyway) and the fp32 dP block
         // is made in a buffer of its own.
         thread_local std::vector<float> dp_buf;
-        float* dS = dS16 != nullptr ? block_buffer(dp_buf, rows * T) : scratch + (h * T + i0) * T;
+        float* dS = dS16 != nullptr ? reused_buffer(dp_buf, rows * T) : scratch + (h * T + i0) * T;
         uint16_t* dS16_block = dS16 != nullptr ? dS16 + (h * T + i0) * T : nullptr;
         // dP[rows, i1] = dO_h[i0:i1] V[0:i1]^T, then turned into dS in place.
         product(false, true, rows, i1, Hd, 1.0f, dO.at(i0 * qs + h * Hd), qs, V.at(g * Hd), ks,

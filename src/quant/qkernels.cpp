@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/core/reused_buffer.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/quant/qmatrix.h"
 #include "quant/qkernels_internal.h"
@@ -201,17 +202,11 @@ thread_local std::vector<float> tl_rows;      // dequantized rows (portable GEMV
 thread_local std::vector<int32_t> tl_groups;  // group of each column (GEMV, odd layouts)
 thread_local std::vector<GemvArgs> tl_args;   // one per product (GEMV)
 
-template <typename T>
-T* scratch(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-  return v.data();
-}
-
 // n floats starting on a 64-byte boundary: the GEMV reads every token's x once per chunk per
 // row, and a vector load that splits a cache line costs two (up to 1.6x at T = 4).
 float* aligned_scratch(std::vector<float>& v, int64_t n) {
   constexpr int64_t kAlign = 64 / sizeof(float);
-  float* p = scratch(v, n + kAlign);
+  float* p = reused_buffer(v, n + kAlign);
   const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 64 / sizeof(float));
   return p + (misalign ? kAlign - misalign : 0);
 }
@@ -243,10 +238,10 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
   const bool int8 = activations == DecodeActivations::Int8 && uses_int8(k, w);
   if (int8) {
     shared.xq_stride = int8_stride(w);
-    int8_t* xq = scratch(tl_xq, T * shared.xq_stride);
-    float* xd = scratch(tl_xd, T * shared.xq_stride / 4);
-    float* xdc = scratch(tl_xdc, T * shared.xq_stride / kQChunk);
-    float* xs = scratch(tl_xsum, T * shared.L);
+    int8_t* xq = reused_buffer(tl_xq, T * shared.xq_stride);
+    float* xd = reused_buffer(tl_xd, T * shared.xq_stride / 4);
+    float* xdc = reused_buffer(tl_xdc, T * shared.xq_stride / kQChunk);
+    float* xs = reused_buffer(tl_xsum, T * shared.L);
     quantize_activations(xp, P, T, w, xq, xd, xdc, xs);
     shared.xq = xq;
     shared.xd = xd;
@@ -254,7 +249,7 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
     shared.xsum = xs;
   } else if (k.gemv_rows && affine_chunk_aligned(w)) {
     const int64_t G = w.group_size, L = shared.L;
-    float* xs = scratch(tl_xsum, T * L);
+    float* xs = reused_buffer(tl_xsum, T * L);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < L; ++g) {
         double s = 0.0;
@@ -272,7 +267,7 @@ void gemv(std::span<const QProduct> ps, const float* x, int64_t T, DecodeActivat
     // dot them with each token.
     constexpr int64_t kRowBlock = 16;
     const QMatrix& m = *a.w;
-    float* rows = scratch(tl_rows, kRowBlock * I);
+    float* rows = reused_buffer(tl_rows, kRowBlock * I);
     for (int64_t j0 = r0; j0 < r1; j0 += kRowBlock) {
       const int64_t j1 = std::min(r1, j0 + kRowBlock);
       k.dequant_rows(m, j0, j1, rows);
@@ -488,10 +483,10 @@ namespace {
 const uint16_t* dequantize_bf16(const QMatrix& w) {
   constexpr int64_t kRows = 8;
   w.prepare();
-  uint16_t* out = qk::scratch(qk::tl_weights_bf16, w.rows * w.cols);
+  uint16_t* out = reused_buffer(qk::tl_weights_bf16, w.rows * w.cols);
   const qk::KernelTable& k = qk::table();
   qk::parallel_rows(w.rows, w.rows * w.cols, [&](int64_t a, int64_t b) {
-    float* rows = qk::scratch(qk::tl_rows, kRows * w.cols);
+    float* rows = reused_buffer(qk::tl_rows, kRows * w.cols);
     for (int64_t r = a; r < b; r += kRows) {
       const int64_t n = std::min(kRows, b - r);
       k.dequant_rows(w, r, r + n, rows);
@@ -517,7 +512,7 @@ void qmatmul_forward(float* y, const float* x, const QMatrix& w, const float* bi
   if (ops::use_bf16(T, O, I))
     return ops::gemm_bf16(false, true, T, O, I, 1.0f, x, I, {nullptr, dequantize_bf16(w)}, I, beta,
                           y, O);
-  float* W = qk::scratch(qk::tl_weights, O * I);
+  float* W = reused_buffer(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   ops::gemm(false, true, T, O, I, 1.0f, x, I, W, I, beta, y, O);
 }
@@ -530,7 +525,7 @@ void qmatmul_backward_input(float* dx, const ops::Operand& dy, const QMatrix& w,
   if (ops::use_bf16(T, I, O))
     return ops::gemm_bf16(false, false, T, I, O, 1.0f, dy, O, {nullptr, dequantize_bf16(w)}, I,
                           beta, dx, I);
-  float* W = qk::scratch(qk::tl_weights, O * I);
+  float* W = reused_buffer(qk::tl_weights, O * I);
   dequantize_rows(w, 0, O, W);
   ops::gemm(false, false, T, I, O, 1.0f, dy.f32, O, W, I, beta, dx, I);
 }
