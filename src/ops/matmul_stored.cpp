@@ -80,4 +80,11 @@ void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_
   });
 }
 
+void to_bf16(const Tensor& W, uint16_t* out) {
+  const int64_t I = W.dim(1);
+  if (!W.encoded()) return to_bf16(W.data(), W.dim(0), I, I, out);
+  for_each_tile(
+      W, [&](int64_t r0, int64_t n, const float* tile) { to_bf16(tile, n, I, I, out + r0 * I); });
+}
+
 }  // namespace qalora::ops

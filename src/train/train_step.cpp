@@ -335,18 +335,10 @@ struct CpuTrainStep final : TrainSession::Impl {
     if (!head_copy_decided) {
       head_copy_decided = true;
       const Tensor& head = model.head();
-      // Encoded rows are decoded through the logits buffer, which is free until the loss.
-      const bool fits = !head.encoded() || std::ssize(logits) >= D;
-      if (!head.empty() && fits &&
+      if (!head.empty() &&
           8 * V * D * static_cast<int64_t>(sizeof(uint16_t)) <= activation_bytes()) {
         head_copy.resize(static_cast<size_t>(V * D));
-        const int64_t rows = head.encoded() ? std::ssize(logits) / D : V;
-        for (int64_t r0 = 0; r0 < V; r0 += rows) {
-          const int64_t r1 = std::min(V, r0 + rows);
-          const float* src = head.encoded() ? logits.data() : head.data() + r0 * D;
-          if (head.encoded()) head.decode_rows(r0, r1, logits.data());
-          ops::to_bf16(src, r1 - r0, D, D, head_copy.data() + r0 * D);
-        }
+        ops::to_bf16(head, head_copy.data());
       }
     }
     return head_copy.empty() ? nullptr : head_copy.data();

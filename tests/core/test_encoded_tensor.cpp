@@ -2,6 +2,7 @@
 // them a tile at a time, against the plain fp32 kernels on odd shapes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -40,6 +41,25 @@ Halves random_halves(int64_t n, uint64_t seed, bool bf16) {
 Tensor encoded_of(const Halves& h, int64_t rows, int64_t cols, bool bf16) {
   return Tensor::encoded(h.bytes->data(), {rows, cols}, bf16 ? bf16_codec(cols) : half_codec(cols),
                          h.bytes, /*file_backed=*/false);
+}
+
+// The bf16 copy of a stored weight (the training step keeps one of its head): an encoded
+// weight decoded tile by tile, and a dense one converted whole, give the reference conversion
+// of the fp32 values; 1100 x 1000 spans two tiles, the second a partial one.
+TEST(EncodedTensor, ToBf16OfAStoredWeightMatchesTheReference) {
+  const int64_t rows = 1100, cols = 1000;
+  for (const bool bf16 : {false, true}) {
+    const Halves h = random_halves(rows * cols, 21, bf16);
+    std::vector<uint16_t> ref(static_cast<size_t>(rows * cols));
+    ops::to_bf16_ref(h.values.data(), rows, cols, cols, ref.data());
+    std::vector<uint16_t> tiled(ref.size(), 0xFFFF), whole(ref.size(), 0xFFFF);
+    ops::to_bf16(encoded_of(h, rows, cols, bf16), tiled.data());
+    Tensor dense = Tensor::zeros({rows, cols});
+    std::copy(h.values.begin(), h.values.end(), dense.mutable_data());
+    ops::to_bf16(dense, whole.data());
+    EXPECT_EQ(tiled, ref) << (bf16 ? "BF16" : "F16");
+    EXPECT_EQ(whole, ref) << (bf16 ? "BF16" : "F16");
+  }
 }
 
 // The row conversion (F16C where the build has it) against the scalar one, element for element,

@@ -92,15 +92,14 @@ INSTANTIATE_TEST_SUITE_P(Bases, TrainStepGradient, ::testing::ValuesIn(test::kBa
                          [](const auto& param_info) { return param_info.param.name; });
 
 // In bf16 the step keeps one bf16 copy of the head for the session. An encoded head (here F16)
-// is decoded into it through the logits buffer, a few rows at a time; a dense head is
-// converted directly. The same values either way give the same copy, so the same step, bit for
-// bit, and the copy is counted in the step's memory.
+// is decoded into it a tile at a time; a dense head is converted directly. The same values
+// either way give the same copy, so the same step, bit for bit, and the copy is counted in the
+// step's memory.
 TEST(TrainStep, Bf16HeadCopyOfAnEncodedHeadEqualsTheDenseOne) {
   if (!ops::bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
   test::ComputeTypeScope bf16(ops::ComputeType::Bf16);
   // Large enough for bf16 head products (8 x 2048 x 64 = 2^20 multiply-adds per chunk of 8) and
-  // for activations that make room for the copy; loss chunks of 8 tokens decode 256 head rows
-  // per pass through the logits buffer, so the copy takes 8 passes.
+  // for activations that make room for the copy.
   test::RandomModelShape shape;
   shape.vocab = 2048, shape.dim = 64, shape.hidden = 48, shape.layers = 1;
   shape.heads = 4, shape.kv_heads = 2, shape.head_dim = 16, shape.context = 256;

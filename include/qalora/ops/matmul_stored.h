@@ -18,5 +18,7 @@ void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias
 // runs in bf16.
 void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_t T,
                            bool accumulate = false);
+// out[O, I] = W in bf16 (to_bf16's rounding), encoded rows decoded a tile at a time.
+void to_bf16(const Tensor& W, uint16_t* out);
 
 }  // namespace qalora::ops
