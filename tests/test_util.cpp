@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
+
+#include "qalora/core/fp16.h"
 
 namespace qalora::test {
 
@@ -138,6 +141,23 @@ std::vector<float> random_uniform(int64_t n, uint64_t seed, float lo, float hi) 
   std::vector<float> v(static_cast<size_t>(n));
   for (float& x : v) x = u(rng);
   return v;
+}
+
+Halves random_halves(int64_t n, uint64_t seed, bool bf16) {
+  Halves h;
+  h.values = random_uniform(n, seed);
+  h.bytes = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(2 * n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t b = bf16 ? fp32_to_bf16(h.values[i]) : fp32_to_fp16(h.values[i]);
+    h.values[i] = bf16 ? bf16_to_fp32(b) : fp16_to_fp32(b);
+    std::memcpy(h.bytes->data() + 2 * i, &b, 2);
+  }
+  return h;
+}
+
+Tensor encoded_of(const Halves& h, int64_t rows, int64_t cols, bool bf16) {
+  return Tensor::encoded(h.bytes->data(), {rows, cols}, bf16 ? bf16_codec(cols) : half_codec(cols),
+                         h.bytes, /*file_backed=*/false);
 }
 
 void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol,

@@ -7,10 +7,12 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "qalora/core/device.h"
+#include "qalora/core/tensor.h"
 #include "qalora/ops/gemm.h"
 
 namespace qalora::test {
@@ -64,6 +66,15 @@ struct ComputeTypeScope {
 std::vector<float> random_normal(int64_t n, uint64_t seed, float sigma = 1.0f);
 // n samples of U(lo, hi), reproducible from `seed`.
 std::vector<float> random_uniform(int64_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f);
+
+// n values that F16 (or, with `bf16`, BF16) holds exactly, and their encoded bytes.
+struct Halves {
+  std::vector<float> values;
+  std::shared_ptr<std::vector<uint8_t>> bytes;
+};
+Halves random_halves(int64_t n, uint64_t seed, bool bf16);
+// Those bytes as an encoded [rows, cols] tensor (not file-backed).
+Tensor encoded_of(const Halves& h, int64_t rows, int64_t cols, bool bf16);
 
 // Element by element, |a - b| <= tol * (1 + |b|); `what` names the comparison in failures.
 void expect_close(const std::vector<float>& a, const std::vector<float>& b, float tol,

@@ -20,28 +20,9 @@
 namespace qalora {
 namespace {
 
-// Values that F16 (or BF16) holds exactly, and their encoded bytes.
-struct Halves {
-  std::vector<float> values;
-  std::shared_ptr<std::vector<uint8_t>> bytes;
-};
-
-Halves random_halves(int64_t n, uint64_t seed, bool bf16) {
-  Halves h;
-  h.values = test::random_uniform(n, seed);
-  h.bytes = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(2 * n));
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t b = bf16 ? fp32_to_bf16(h.values[i]) : fp32_to_fp16(h.values[i]);
-    h.values[i] = bf16 ? bf16_to_fp32(b) : fp16_to_fp32(b);
-    std::memcpy(h.bytes->data() + 2 * i, &b, 2);
-  }
-  return h;
-}
-
-Tensor encoded_of(const Halves& h, int64_t rows, int64_t cols, bool bf16) {
-  return Tensor::encoded(h.bytes->data(), {rows, cols}, bf16 ? bf16_codec(cols) : half_codec(cols),
-                         h.bytes, /*file_backed=*/false);
-}
+using test::encoded_of;
+using test::Halves;
+using test::random_halves;
 
 // The bf16 copy of a stored weight (the training step keeps one of its head): an encoded
 // weight decoded tile by tile, and a dense one converted whole, give the reference conversion

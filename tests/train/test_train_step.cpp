@@ -4,6 +4,7 @@
 // base an adapter can sit on.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -13,7 +14,6 @@
 #include "qalora/adapters/adapter.h"
 #include "qalora/core/device.h"
 #include "qalora/core/error.h"
-#include "qalora/core/fp16.h"
 #include "qalora/model/runtime.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/quant/quantize_model.h"
@@ -105,15 +105,10 @@ TEST(TrainStep, Bf16HeadCopyOfAnEncodedHeadEqualsTheDenseOne) {
   shape.heads = 4, shape.kv_heads = 2, shape.head_dim = 16, shape.context = 256;
   const int64_t T = 256, V = shape.vocab, D = shape.dim;
   Model dense = test::make_random_model(shape, 3), encoded = test::make_random_model(shape, 3);
-  auto halves = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(V * D));
-  Tensor rounded = Tensor::zeros({V, D});
-  for (int64_t i = 0; i < V * D; ++i) {
-    (*halves)[static_cast<size_t>(i)] = fp32_to_fp16(dense.output.data()[i]);
-    rounded.mutable_data()[i] = fp16_to_fp32((*halves)[static_cast<size_t>(i)]);
-  }
-  dense.output = rounded;
-  encoded.output = Tensor::encoded(reinterpret_cast<const uint8_t*>(halves->data()), {V, D},
-                                   half_codec(D), halves, false);
+  const test::Halves head = test::random_halves(V * D, 4, /*bf16=*/false);
+  dense.output = Tensor::zeros({V, D});
+  std::copy(head.values.begin(), head.values.end(), dense.output.mutable_data());
+  encoded.output = test::encoded_of(head, V, D, /*bf16=*/false);
   ASSERT_TRUE(encoded.output.encoded());
 
   std::mt19937 rng(5);
