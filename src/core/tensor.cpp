@@ -223,6 +223,14 @@ Tensor Tensor::permuted_rows(const std::vector<int64_t>& order) const {
   return out;
 }
 
+const uint16_t* Tensor::bf16_values() const {
+  if (!encoded() || order_ || codec_->type != "BF16" ||
+      codec_->row_bytes != static_cast<size_t>(row_len()) * sizeof(uint16_t) ||
+      reinterpret_cast<uintptr_t>(raw_) % alignof(uint16_t) != 0)
+    return nullptr;
+  return reinterpret_cast<const uint16_t*>(raw_);
+}
+
 const void* Tensor::stored_data() const {
   return encoded() ? static_cast<const void*>(raw_) : data_;
 }

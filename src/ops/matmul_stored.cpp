@@ -57,7 +57,9 @@ void for_each_tile(const Tensor& W, Body&& body) {
 void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias, int64_t T) {
   const int64_t O = W.dim(0), I = W.dim(1);
   if (!W.encoded()) return matmul_forward(y, x, W.data(), bias, T, I, O);
-  if (T <= kGemvMaxTokens) {
+  if (const uint16_t* w16 = W.bf16_values(); w16 != nullptr && use_bf16(T, O, I)) {
+    gemm_bf16(false, true, T, O, I, 1.0f, x, I, {nullptr, w16}, I, 0.0f, y, O);
+  } else if (T <= kGemvMaxTokens) {
     gemv_encoded(y, x, W, T);
   } else {
     for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
@@ -73,6 +75,9 @@ void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_
                            bool accumulate) {
   const int64_t O = W.dim(0), I = W.dim(1);
   if (!W.encoded()) return matmul_backward_input(dx, dy, W.data(), T, I, O, accumulate);
+  if (const uint16_t* w16 = W.bf16_values(); w16 != nullptr && use_bf16(T, I, O))
+    return gemm_bf16(false, false, T, I, O, 1.0f, dy, O, {nullptr, w16}, I,
+                     accumulate ? 1.0f : 0.0f, dx, I);
   for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
     // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :]
     gemm(false, false, T, I, n, 1.0f, dy.at(r0), O, tile, I, r0 == 0 && !accumulate ? 0.0f : 1.0f,
@@ -83,6 +88,10 @@ void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_
 void to_bf16(const Tensor& W, uint16_t* out) {
   const int64_t I = W.dim(1);
   if (!W.encoded()) return to_bf16(W.data(), W.dim(0), I, I, out);
+  if (const uint16_t* w16 = W.bf16_values()) {
+    std::copy_n(w16, W.numel(), out);
+    return;
+  }
   for_each_tile(
       W, [&](int64_t r0, int64_t n, const float* tile) { to_bf16(tile, n, I, I, out + r0 * I); });
 }

@@ -328,10 +328,12 @@ struct CpuTrainStep final : TrainSession::Impl {
     }
   }
 
-  // The dense head in bf16 where its products over n tokens run in bf16 and the copy takes at
-  // most an eighth of the activation buffers (converted once per session); else null.
+  // The dense head in bf16 where its products over n tokens run in bf16: as stored where it is
+  // stored in bf16, else a copy where that takes at most an eighth of the activation buffers
+  // (converted once per session); else null.
   const uint16_t* head_bf16(int64_t n) {
     if (!ops::use_bf16(n, V, D)) return nullptr;
+    if (const uint16_t* stored = model.head().bf16_values()) return stored;
     if (!head_copy_decided) {
       head_copy_decided = true;
       const Tensor& head = model.head();

@@ -13,6 +13,7 @@
 #include "qalora/core/error.h"
 #include "qalora/core/fp16.h"
 #include "qalora/core/tensor.h"
+#include "qalora/ops/gemm.h"
 #include "qalora/ops/matmul_stored.h"
 #include "qalora/ops/ops.h"
 #include "test_util.h"
@@ -41,6 +42,41 @@ TEST(EncodedTensor, ToBf16OfAStoredWeightMatchesTheReference) {
     EXPECT_EQ(tiled, ref) << (bf16 ? "BF16" : "F16");
     EXPECT_EQ(whole, ref) << (bf16 ? "BF16" : "F16");
   }
+}
+
+// BF16 rows in order are handed to bf16 products as stored. They hold the values that the
+// decode-and-round path would produce, so both give the same bits; views that are not plain
+// BF16 rows (F16, permuted) have none and take the tile path.
+TEST(EncodedTensor, Bf16RowsEnterBf16ProductsAsStored) {
+  const int64_t out = 300, in = 70, T = 53;  // in: a tail after 64-wide vectors
+  const Halves h = random_halves(out * in, 31, true);
+  const Tensor w = encoded_of(h, out, in, true);
+  ASSERT_NE(w.bf16_values(), nullptr);
+  EXPECT_EQ(w.bf16_values()[5], fp32_to_bf16(h.values[5]));
+  EXPECT_EQ(encoded_of(random_halves(out * in, 31, false), out, in, false).bf16_values(), nullptr);
+  std::vector<int64_t> order(static_cast<size_t>(out));
+  for (int64_t r = 0; r < out; ++r) order[static_cast<size_t>(r)] = r;
+  const Tensor tiled = w.permuted_rows(order);  // the same rows, read through the tile path
+  EXPECT_EQ(tiled.bf16_values(), nullptr);
+  if (!ops::bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
+  test::ComputeTypeScope bf16(ops::ComputeType::Bf16);
+  ASSERT_TRUE(ops::use_bf16(T, out, in));
+  const std::vector<float> x = test::random_uniform(T * in, 32);
+  const std::vector<float> dy = test::random_uniform(T * out, 33);
+  std::vector<float> y(static_cast<size_t>(T * out)), y_tiled(y.size());
+  ops::matmul_forward(y.data(), x.data(), w, nullptr, T);
+  ops::matmul_forward(y_tiled.data(), x.data(), tiled, nullptr, T);
+  EXPECT_EQ(y, y_tiled);
+  for (const bool accumulate : {false, true}) {
+    std::vector<float> dx(static_cast<size_t>(T * in), 0.5f), dx_tiled(dx);
+    ops::matmul_backward_input(dx.data(), dy.data(), w, T, accumulate);
+    ops::matmul_backward_input(dx_tiled.data(), dy.data(), tiled, T, accumulate);
+    EXPECT_EQ(dx, dx_tiled) << (accumulate ? "accumulating" : "");
+  }
+  std::vector<uint16_t> copy(static_cast<size_t>(out * in)), ref(copy.size());
+  ops::to_bf16(w, copy.data());
+  ops::to_bf16_ref(h.values.data(), out, in, in, ref.data());
+  EXPECT_EQ(copy, ref);
 }
 
 // The row conversion (F16C where the build has it) against the scalar one, element for element,

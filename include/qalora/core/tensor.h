@@ -65,6 +65,9 @@ class Tensor {
   }
   // Bytes the tensor's values take where they are stored.
   int64_t stored_bytes() const;
+  // The stored values, when they are BF16 rows in order (row r at r * row_len()), else null:
+  // bf16 products read them as they are, with nothing to decode or round.
+  const uint16_t* bf16_values() const;
 
   // The fp32 array; throws std::logic_error (a bug, not bad input) for an encoded tensor.
   const float* data() const;
