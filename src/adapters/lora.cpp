@@ -3,12 +3,14 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "qalora/adapters/dropout_mask.h"
 #include "qalora/core/error.h"
+#include "qalora/core/reused_buffer.h"
 #include "qalora/ops/gemm.h"
 
 namespace qalora {
@@ -34,15 +36,75 @@ void check_group(int64_t I, int64_t G) {
 
 using PoolFn = void (*)(float*, const float*, int64_t, int64_t, int64_t, AdapterPool);
 
+// dst[c] = src[c] * keep_scale where row t of `mask` keeps column c, else 0, for C columns (dst
+// may be src). A chunk of hashes is drawn into a buffer, then applied: two loops that vectorize
+// (one hash per group of four columns, 64-bit multiplies; then one 16-bit lane per column),
+// where drawing each hash beside its four elements ran scalar (10% of a LoRA step).
+void dropout_row(const DropoutMask& mask_ref, int64_t t, const float* src, float* dst, int64_t C) {
+  // Column c's lane is bits 16 (c % 4) of its group's hash (DropoutMask::keeps): in memory, on a
+  // little-endian machine, the hashes are the lanes in column order.
+  static_assert(std::endian::native == std::endian::little);
+  const DropoutMask mask = mask_ref;  // a local: stores to dst cannot change it
+  constexpr int64_t kGroups = 64;
+  const int64_t groups = (C + 3) / 4;
+  uint64_t h[kGroups];
+  uint16_t lanes[4 * kGroups];
+  for (int64_t g0 = 0; g0 < groups; g0 += kGroups) {
+    const int64_t n = std::min(kGroups, groups - g0);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = mask.hash(t, 4 * (g0 + i), C);
+    std::memcpy(lanes, h, static_cast<size_t>(n) * sizeof(uint64_t));
+    const int64_t c0 = 4 * g0, c1 = std::min(C, 4 * (g0 + n));
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c)
+      dst[c] = lanes[c - c0] >= mask.threshold ? src[c] * mask.keep_scale : 0.0f;
+  }
+}
+
+// Calls row_fn(row, mask, t) for each of T rows of C columns (p > 0), rows split across
+// threads: t numbers the row within its run (its sequence), whose seed draws `mask`.
+template <typename RowFn>
+void for_each_dropout_row(int64_t T, int64_t C, const AdapterDropout& dropout, RowFn&& row_fn) {
+  QL_CHECK(dropout.p > 0.0f && dropout.p < 1.0f, "dropout probability expected in [0, 1), got ",
+           dropout.p);
+  int64_t row = 0;
+  for (const DropoutRun& run : dropout.runs) {
+    const DropoutMask mask = dropout_mask(dropout.p, run.seed);
+    QL_CHECK(run.rows <= T - row, "dropout: runs of more than ", T, " rows");
+#pragma omp parallel for if (run.rows * C > kParallelElements)
+    for (int64_t t = 0; t < run.rows; ++t) row_fn(row + t, mask, t);
+    row += run.rows;
+  }
+  QL_CHECK(row == T, "dropout: runs of ", row, " rows for ", T, " rows");
+}
+
 // xin [T, C] = dropout(x) or dropout(P(x)): what A multiplies, in the forward and (recomputed)
-// in the backward.
-void adapter_input(const LoraAdapter& a, const float* x, int64_t T, const AdapterDropout& dropout,
-                   float* xin, PoolFn pool_fn) {
-  if (a.pooled())
+// in the backward, as an operand of a product that runs in bf16 when `bf16`. LoRA's xin goes
+// straight from x to where the product reads it, in one pass: x itself without dropout, else
+// the masked rows, rounded to bf16 while in cache when `bf16` (written over `xin`'s first half).
+ops::Operand adapter_input(const LoraAdapter& a, const float* x, int64_t T,
+                           const AdapterDropout& dropout, float* xin, PoolFn pool_fn, bool bf16) {
+  const int64_t C = a.a_cols();
+  if (a.pooled()) {
     pool_fn(xin, x, T, a.in, a.group_size, a.pool);
-  else
-    std::memcpy(xin, x, static_cast<size_t>(T * a.in) * sizeof(float));
-  dropout_forward(xin, T, a.a_cols(), dropout);
+    dropout_forward(xin, T, C, dropout);
+    return {xin};
+  }
+  if (dropout.p == 0.0f) return {x};
+  if (!bf16) {
+    for_each_dropout_row(T, C, dropout, [&](int64_t row, const DropoutMask& mask, int64_t t) {
+      dropout_row(mask, t, x + row * C, xin + row * C, C);
+    });
+    return {xin};
+  }
+  auto* xin16 = reinterpret_cast<uint16_t*>(xin);
+  for_each_dropout_row(T, C, dropout, [&](int64_t row, const DropoutMask& mask, int64_t t) {
+    thread_local std::vector<float> masked;
+    float* m = reused_buffer(masked, C);
+    dropout_row(mask, t, x + row * C, m, C);
+    ops::to_bf16(m, 1, C, C, xin16 + row * C);
+  });
+  return {nullptr, xin16};
 }
 
 void check_grads(const LoraAdapter& a) {
@@ -122,26 +184,7 @@ void pool_groups_backward_ref(float* dx, const float* dout, int64_t T, int64_t I
 void dropout_forward(float* x, int64_t T, int64_t C, float p, uint64_t seed) {
   if (p == 0.0f) return;
   QL_CHECK(p > 0.0f && p < 1.0f, "dropout probability expected in [0, 1), got ", p);
-  const DropoutMask mask = dropout_mask(p, seed);
-  // A row's hashes are drawn a chunk at a time into a buffer, then applied: two loops the
-  // compiler vectorizes (one hash per element group, 64-bit multiplies), where drawing each
-  // group's hash beside its four elements ran scalar (10% of a LoRA step).
-  constexpr int64_t kGroups = 64;
-  const int64_t groups = (C + 3) / 4;
-#pragma omp parallel for if (T * C > kParallelElements)
-  for (int64_t t = 0; t < T; ++t) {
-    float* xt = x + t * C;
-    uint64_t h[kGroups];
-    for (int64_t g0 = 0; g0 < groups; g0 += kGroups) {
-      const int64_t n = std::min(kGroups, groups - g0);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) h[i] = mask.hash(t, 4 * (g0 + i), C);
-      const int64_t c0 = 4 * g0, c1 = std::min(C, 4 * (g0 + n));
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c)
-        xt[c] = mask.keeps(h[(c - c0) / 4], c) ? xt[c] * mask.keep_scale : 0.0f;
-    }
-  }
+  dropout_forward(x, T, C, AdapterDropout::single(p, seed, T));
 }
 
 void dropout_forward_ref(float* x, int64_t T, int64_t C, float p, uint64_t seed) {
@@ -158,20 +201,18 @@ void dropout_forward_ref(float* x, int64_t T, int64_t C, float p, uint64_t seed)
 
 void dropout_forward(float* x, int64_t T, int64_t C, const AdapterDropout& dropout) {
   if (dropout.p == 0.0f) return;
-  int64_t row = 0;
-  for (const DropoutRun& run : dropout.runs) {
-    dropout_forward(x + row * C, run.rows, C, dropout.p, run.seed);
-    row += run.rows;
-  }
-  QL_CHECK(row == T, "dropout: runs of ", row, " rows for ", T, " rows");
+  for_each_dropout_row(T, C, dropout, [&](int64_t row, const DropoutMask& mask, int64_t t) {
+    dropout_row(mask, t, x + row * C, x + row * C, C);
+  });
 }
 
 void lora_forward(const LoraAdapter& a, float scale, const float* x, int64_t T,
                   const AdapterDropout& dropout, float* y, float* u, float* scratch) {
   if (T == 0) return;
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out;
-  adapter_input(a, x, T, dropout, scratch, pool_groups_forward);
-  ops::gemm(false, true, T, r, C, 1.0f, scratch, C, a.A.data(), C, 0.0f, u, r);
+  const ops::Operand xin =
+      adapter_input(a, x, T, dropout, scratch, pool_groups_forward, ops::use_bf16(T, r, C));
+  ops::gemm(false, true, T, r, C, 1.0f, xin, C, a.A.data(), C, 0.0f, u, r);
   ops::gemm(false, true, T, O, r, scale, u, r, a.B.data(), r, 1.0f, y, O);
 }
 
@@ -180,11 +221,11 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out;
   const float* A = a.A.data();
   const float* B = a.B.data();
-  adapter_input(a, x, T, dropout, scratch, pool_groups_forward_ref);
+  const float* xin = adapter_input(a, x, T, dropout, scratch, pool_groups_forward_ref, false).f32;
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t k = 0; k < r; ++k) {
       double acc = 0.0;
-      for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(scratch[t * C + c]) * A[k * C + c];
+      for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(xin[t * C + c]) * A[k * C + c];
       u[t * r + k] = static_cast<float>(acc);
     }
     for (int64_t o = 0; o < O; ++o) {
@@ -202,24 +243,32 @@ void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const fl
   if (T == 0) return;
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out, I = a.in;
   const float* A = a.A.data();
-  float* xin = scratch;        // [T, C], then the gradient of xin
   float* g = scratch + T * C;  // [T, r] = scale * dy B
   ops::gemm(false, false, T, r, O, scale, dy, O, a.B.data(), r, 0.0f, g, r);
   ops::gemm(true, false, O, r, T, scale, dy, O, u, r, 1.0f, a.grad_B.data(), r);
-  adapter_input(a, x, T, dropout, xin, pool_groups_forward);
+  const ops::Operand xin =
+      adapter_input(a, x, T, dropout, scratch, pool_groups_forward, ops::use_bf16(r, C, T));
   ops::gemm(true, false, r, C, T, 1.0f, g, r, xin, C, 1.0f, a.grad_A.data(), C);
   if (!a.pooled() && dropout.p == 0.0f) {
     // Nothing between A and x: accumulate g A straight into dx.
     ops::gemm(false, false, T, I, r, 1.0f, g, r, A, C, 1.0f, dx, I);
     return;
   }
-  ops::gemm(false, false, T, C, r, 1.0f, g, r, A, C, 0.0f, xin, C);
+  float* dxin = scratch;  // [T, C], over xin (used)
+  ops::gemm(false, false, T, C, r, 1.0f, g, r, A, C, 0.0f, dxin, C);
   // The mask scaled by 1 / (1 - p) is its own adjoint: apply it again.
-  dropout_forward(xin, T, C, dropout);
-  if (a.pooled())
-    pool_groups_backward(dx, xin, T, I, a.group_size, a.pool);
-  else
-    cblas_saxpy(static_cast<blasint>(T * I), 1.0f, xin, 1, dx, 1);
+  if (a.pooled()) {
+    dropout_forward(dxin, T, C, dropout);
+    pool_groups_backward(dx, dxin, T, I, a.group_size, a.pool);
+    return;
+  }
+  for_each_dropout_row(T, C, dropout, [&](int64_t row, const DropoutMask& mask, int64_t t) {
+    float* d = dxin + row * C;
+    dropout_row(mask, t, d, d, C);
+    float* dxr = dx + row * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) dxr[c] += d[c];
+  });
 }
 
 void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,
@@ -228,7 +277,6 @@ void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float
   const int64_t r = a.rank(), C = a.a_cols(), O = a.out, I = a.in;
   const float* A = a.A.data();
   const float* B = a.B.data();
-  float* xin = scratch;
   std::vector<double> g(static_cast<size_t>(T * r));
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < r; ++k) {
@@ -243,7 +291,7 @@ void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float
       float& gb = a.grad_B[static_cast<size_t>(o * r + k)];
       gb = static_cast<float>(gb + scale * acc);
     }
-  adapter_input(a, x, T, dropout, xin, pool_groups_forward_ref);
+  const float* xin = adapter_input(a, x, T, dropout, scratch, pool_groups_forward_ref, false).f32;
   for (int64_t k = 0; k < r; ++k)
     for (int64_t c = 0; c < C; ++c) {
       double acc = 0.0;
@@ -251,17 +299,18 @@ void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float
       float& ga = a.grad_A[static_cast<size_t>(k * C + c)];
       ga = static_cast<float>(ga + acc);
     }
+  float* dxin = scratch;  // over xin (used)
   for (int64_t t = 0; t < T; ++t)
     for (int64_t c = 0; c < C; ++c) {
       double acc = 0.0;
       for (int64_t k = 0; k < r; ++k) acc += g[static_cast<size_t>(t * r + k)] * A[k * C + c];
-      xin[t * C + c] = static_cast<float>(acc);
+      dxin[t * C + c] = static_cast<float>(acc);
     }
-  dropout_forward(xin, T, C, dropout);
+  dropout_forward(dxin, T, C, dropout);
   if (a.pooled()) {
-    pool_groups_backward_ref(dx, xin, T, I, a.group_size, a.pool);
+    pool_groups_backward_ref(dx, dxin, T, I, a.group_size, a.pool);
   } else {
-    for (int64_t i = 0; i < T * I; ++i) dx[i] += xin[i];
+    for (int64_t i = 0; i < T * I; ++i) dx[i] += dxin[i];
   }
 }
 
