@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "qalora/core/reused_buffer.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 
@@ -52,6 +53,36 @@ void for_each_tile(const Tensor& W, Body&& body) {
   }
 }
 
+// out[(r1 - r0), I] = rows r0..r1-1 in bf16, each decoded into an fp32 row kept in cache.
+void decode_bf16_rows(const Tensor& W, int64_t r0, int64_t r1, uint16_t* out) {
+  const int64_t I = W.row_len();
+#pragma omp parallel
+  {
+    thread_local std::vector<float> row;
+    float* decoded = reused_buffer(row, I);
+#pragma omp for schedule(static)
+    for (int64_t r = r0; r < r1; ++r) {
+      W.decode_rows(r, r + 1, decoded);
+      to_bf16(decoded, 1, I, I, out + (r - r0) * I);
+    }
+  }
+}
+
+// The same with the rows rounded to bf16 as they are decoded (decode_bf16_rows): one pass over
+// the tile, where an fp32 tile would be written, then read again by the product's conversion.
+template <typename Body>
+void for_each_bf16_tile(const Tensor& W, Body&& body) {
+  const int64_t O = W.dim(0), I = W.dim(1);
+  thread_local std::vector<uint16_t> tile;
+  const int64_t R = std::min(O, tile_rows(I));
+  uint16_t* out = reused_buffer(tile, R * I);
+  for (int64_t r0 = 0; r0 < O; r0 += R) {
+    const int64_t n = std::min(R, O - r0);
+    decode_bf16_rows(W, r0, r0 + n, out);
+    body(r0, n, out);
+  }
+}
+
 }  // namespace
 
 void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias, int64_t T) {
@@ -61,6 +92,10 @@ void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias
     gemm_bf16(false, true, T, O, I, 1.0f, x, I, {nullptr, w16}, I, 0.0f, y, O);
   } else if (T <= kGemvMaxTokens) {
     gemv_encoded(y, x, W, T);
+  } else if (use_bf16(T, O, I)) {
+    for_each_bf16_tile(W, [&](int64_t r0, int64_t n, const uint16_t* tile) {
+      gemm_bf16(false, true, T, n, I, 1.0f, x, I, {nullptr, tile}, I, 0.0f, y + r0, O);
+    });
   } else {
     for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
       gemm(false, true, T, n, I, 1.0f, x, I, tile, I, 0.0f, y + r0, O);
@@ -78,6 +113,13 @@ void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_
   if (const uint16_t* w16 = W.bf16_values(); w16 != nullptr && use_bf16(T, I, O))
     return gemm_bf16(false, false, T, I, O, 1.0f, dy, O, {nullptr, w16}, I,
                      accumulate ? 1.0f : 0.0f, dx, I);
+  if (use_bf16(T, I, O)) {
+    for_each_bf16_tile(W, [&](int64_t r0, int64_t n, const uint16_t* tile) {
+      gemm_bf16(false, false, T, I, n, 1.0f, dy.at(r0), O, {nullptr, tile}, I,
+                r0 == 0 && !accumulate ? 0.0f : 1.0f, dx, I);
+    });
+    return;
+  }
   for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
     // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :]
     gemm(false, false, T, I, n, 1.0f, dy.at(r0), O, tile, I, r0 == 0 && !accumulate ? 0.0f : 1.0f,
@@ -92,8 +134,7 @@ void to_bf16(const Tensor& W, uint16_t* out) {
     std::copy_n(w16, W.numel(), out);
     return;
   }
-  for_each_tile(
-      W, [&](int64_t r0, int64_t n, const float* tile) { to_bf16(tile, n, I, I, out + r0 * I); });
+  decode_bf16_rows(W, 0, W.dim(0), out);
 }
 
 }  // namespace qalora::ops

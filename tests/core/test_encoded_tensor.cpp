@@ -79,6 +79,38 @@ TEST(EncodedTensor, Bf16RowsEnterBf16ProductsAsStored) {
   EXPECT_EQ(copy, ref);
 }
 
+// In bf16, encoded rows are rounded to bf16 as they are decoded, a tile at a time. Against the
+// plain bf16 reference (the same rounded inputs, exact products summed in double): 600 x 4099
+// F16 spans three tiles of 255 rows, the last partial, whose input gradients add up in dx.
+TEST(EncodedTensor, Bf16TilesMatchTheBf16Reference) {
+  if (!ops::bf16_available()) GTEST_SKIP() << "no bf16 matrix path on this CPU or build";
+  test::ComputeTypeScope bf16(ops::ComputeType::Bf16);
+  const int64_t out = 600, in = 4099, T = 7;
+  const Halves h = random_halves(out * in, 41, false);
+  const Tensor w = encoded_of(h, out, in, false);
+  const std::vector<float> x = test::random_uniform(T * in, 42);
+  const std::vector<float> dy = test::random_uniform(T * out, 43);
+  const auto rounded = [](const std::vector<float>& v, int64_t rows, int64_t cols) {
+    std::vector<uint16_t> r(v.size());
+    ops::to_bf16_ref(v.data(), rows, cols, cols, r.data());
+    return r;
+  };
+  const std::vector<uint16_t> w16 = rounded(h.values, out, in), x16 = rounded(x, T, in),
+                              dy16 = rounded(dy, T, out);
+  std::vector<float> y(static_cast<size_t>(T * out)), y_ref(y.size());
+  ops::matmul_forward(y.data(), x.data(), w, nullptr, T);
+  ops::gemm_bf16_ref(false, true, T, out, in, 1.0f, x16.data(), in, w16.data(), in, 0.0f,
+                     y_ref.data(), out);
+  test::expect_close(y, y_ref, 1e-5f, "forward");
+  for (const bool accumulate : {false, true}) {
+    std::vector<float> dx(static_cast<size_t>(T * in), 0.25f), dx_ref(dx);
+    ops::matmul_backward_input(dx.data(), dy.data(), w, T, accumulate);
+    ops::gemm_bf16_ref(false, false, T, in, out, 1.0f, dy16.data(), out, w16.data(), in,
+                       accumulate ? 1.0f : 0.0f, dx_ref.data(), in);
+    test::expect_close(dx, dx_ref, 1e-5f, accumulate ? "backward, accumulating" : "backward");
+  }
+}
+
 // The row conversion (F16C where the build has it) against the scalar one, element for element,
 // on a length with a tail: normal values, the rounding ties, subnormal results, overflow to
 // infinity, infinities and signed zeros.

@@ -46,6 +46,14 @@ struct BenchArgs {
 
 constexpr int kReps = 3;
 
+// What the frozen linears are: the quantization method ("rtn base") or, for a dense base, the
+// type it is stored in ("a BF16 base").
+std::string base_name(const Model& model) {
+  if (!model.quant.empty()) return model.quant.method + " base";
+  if (model.layers.empty()) return "no base";
+  return cat("a ", model.layers.front().q.weight.stored_type(), " base");
+}
+
 struct Bandwidth {
   double read_gbs;
   double copy_gbs;  // bytes read + bytes written
@@ -269,8 +277,7 @@ void run_train_bench(const BenchArgs& args) {
       device.cuda() ? describe_device(device) : cat(num_threads(), " threads");
   std::printf("training step: %s r %lld (%lld parameters) on %s, %s tokens, %s%s\n",
               adapter_kind_name(cfg.kind), static_cast<long long>(cfg.rank),
-              static_cast<long long>(adapters.parameter_count()),
-              model.quant.empty() ? "an fp32 base" : (model.quant.method + " base").c_str(),
+              static_cast<long long>(adapters.parameter_count()), base_name(model).c_str(),
               (args.batch > 1 ? cat(args.batch, " x ", args.seq_len) : cat(args.seq_len)).c_str(),
               where.c_str(), args.grad_checkpoint ? ", grad checkpointing" : "");
   std::printf("  throughput           %9.1f tok/s    (%.2f s per step, mean of %lld steps)\n", tps,
