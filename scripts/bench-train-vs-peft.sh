@@ -2,8 +2,8 @@
 # Training speed side by side with PyTorch + PEFT (../shared/bench/peft_cpu_train.py), in
 # alternating rounds, as docs/training.md reports it: PEFT in fp32 and with bf16 autocast, then
 # qalora QA-LoRA r 64 on the Q4_1 GGUF and LoRA r 64 on its Hugging Face export, each in fp32
-# and, where the CPU has native bf16, in bf16. LoRA in bf16 trains on the export in bf16, as
-# Hugging Face publishes checkpoints (made with the venv's torch); in fp32 on the fp32 export.
+# and, where the CPU has native bf16, in bf16. LoRA in bf16 trains on the export stored in bf16
+# (`--type bf16`), as Hugging Face publishes checkpoints; in fp32 on the fp32 export.
 # Seq 512, 2 threads.
 #   VENV=/path/to/venv scripts/bench-train-vs-peft.sh [ROUNDS]     (default 3)
 # VENV: a throw-away venv with torch transformers peft gguf (see ../shared/bench/README.md).
@@ -15,17 +15,7 @@ M=${M:-$HOME/.cache/qalora/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 HF=build/bench-smol-hf
 [[ -d $HF ]] || build/qalora export -m "$M" --format hf -o "$HF" >/dev/null 2>&1
 HF16=build/bench-smol-hf-bf16
-if [[ ! -d $HF16 ]]; then
-  mkdir -p "$HF16.partial"
-  cp "$HF"/{config.json,tokenizer.json,tokenizer_config.json} "$HF16.partial/"
-  "$VENV/bin/python" -c '
-import sys, torch
-from safetensors.torch import load_file, save_file
-w = load_file(sys.argv[1])
-save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, sys.argv[2], metadata={"format": "pt"})
-' "$HF/model.safetensors" "$HF16.partial/model.safetensors"
-  mv "$HF16.partial" "$HF16"
-fi
+[[ -d $HF16 ]] || build/qalora export -m "$M" --format hf --type bf16 -o "$HF16" >/dev/null 2>&1
 TYPES=(fp32)
 grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo && TYPES=(bf16 fp32)
 for ((r = 1; r <= ROUNDS; r++)); do

@@ -152,11 +152,21 @@ Model dequantized_model(const Model& model) {
   return m;
 }
 
-ExportReport export_hf(const Model& model, const fs::path& dir) {
+ExportReport export_hf(const Model& model, const fs::path& dir, DenseFloats floats) {
   const Model dense = dequantized_model(model);
-  save_hf_model(dense, dir);
-  // Dequantization and the RoPE row move are exact: every weight is the model's own value.
+  // Dequantization and the RoPE row move are exact: every weight is the model's own value,
+  // unless rounded to F16 / BF16, which the report measures per tensor.
   ExportReport report;
+  for (FloatRounding& r : save_hf_model(dense, dir, floats)) {
+    TensorExport& t = report.tensors.emplace_back();
+    t.name = std::move(r.name);
+    t.type = floats == DenseFloats::F16 ? "F16" : "BF16";
+    t.source = "f32";
+    t.elements = r.elements;
+    t.max_abs_dw = r.max_abs_dw;
+    t.sum_sq_dw = r.sum_sq_dw;
+    t.sum_sq_w = r.sum_sq_w;
+  }
   report.format = "hf";
   report.path = dir.string();
   return report;

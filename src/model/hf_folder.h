@@ -156,6 +156,9 @@ void add_quantized_weight(std::vector<StWriteTensor>& out, const std::string& pr
 // exactly, else as F32.
 StWriteTensor st_float(std::string name, const float* data, Shape shape, StDtype dtype);
 StWriteTensor st_float(std::string name, const Tensor& t, StDtype dtype);
+// A float tensor rounded to `dtype` (F16 or BF16, nearest even) whatever it loses, which
+// `rounding` records; a value beyond F16's range is an Error naming the tensor.
+StWriteTensor st_rounded(std::string name, const Tensor& t, StDtype dtype, FloatRounding& rounding);
 // A tensor whose elements are stored as they are in memory (codes, int32 words, fp32 values).
 template <typename T>
 StWriteTensor st_raw(std::string name, StDtype dtype, Shape shape, const std::vector<T>& v) {

@@ -272,14 +272,6 @@ std::shared_ptr<const Tokenizer> load_folder_tokenizer(const fs::path& dir) {
   return nullptr;
 }
 
-void add_linear(std::vector<StWriteTensor>& out, const std::string& prefix, const Linear& lin) {
-  if (lin.quantized())
-    hf::add_quantized_weight(out, prefix, lin.qweight);
-  else
-    out.push_back(st_f32(prefix + ".weight", lin.weight));
-  if (!lin.bias.empty()) out.push_back(st_f32(prefix + ".bias", lin.bias));
-}
-
 // Embeddings, norms and the head of a quantized folder keep the float type of the model's
 // source file (found under its Hugging Face or GGUF name) when their values allow it; dense
 // folders stay F32 throughout.
@@ -444,12 +436,25 @@ struct ModelFolderWriter::Impl {
   // Two runs writing the same folder would share `partial`: the second is refused.
   std::optional<OutputLock> lock;
 
-  Impl(const Model& m, fs::path d, int64_t shard)
-      : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard), floats(m) {}
+  // Dense float tensors rounded to this type (DenseFloats F16 / BF16), and what that did.
+  std::optional<StDtype> rounded_type;
+  std::vector<FloatRounding> rounding;
 
+  Impl(const Model& m, fs::path d, int64_t shard, DenseFloats dense)
+      : model(m), dir(std::move(d)), partial(partial_path(dir)), shard_bytes(shard), floats(m) {
+    if (dense != DenseFloats::F32)
+      rounded_type = dense == DenseFloats::F16 ? StDtype::F16 : StDtype::BF16;
+  }
+
+  // A dense float tensor as the folder stores it.
+  StWriteTensor dense_tensor(const std::string& name, const Tensor& t) {
+    if (!rounded_type) return st_f32(name, t);
+    return hf::st_rounded(name, t, *rounded_type, rounding.emplace_back());
+  }
   // Float tensors are read once, so their mapped pages are dropped once converted.
   void add_float(const std::string& hf_name, const std::string& gguf_name, const Tensor& t) {
-    add(floats.tensor(hf_name, gguf_name, t, layout.has_value()));
+    add(layout || !rounded_type ? floats.tensor(hf_name, gguf_name, t, layout.has_value())
+                                : dense_tensor(hf_name, t));
     t.release_pages();
   }
   void add(StWriteTensor t) {
@@ -457,9 +462,14 @@ struct ModelFolderWriter::Impl {
     pending.push_back(std::move(t));
   }
   void add_linear(const std::string& prefix, const Linear& lin) {
-    std::vector<StWriteTensor> out;
-    qalora::add_linear(out, prefix, lin);
-    for (StWriteTensor& t : out) add(std::move(t));
+    if (lin.quantized()) {
+      std::vector<StWriteTensor> out;
+      hf::add_quantized_weight(out, prefix, lin.qweight);
+      for (StWriteTensor& t : out) add(std::move(t));
+    } else {
+      add(dense_tensor(prefix + ".weight", lin.weight));
+    }
+    if (!lin.bias.empty()) add(dense_tensor(prefix + ".bias", lin.bias));
   }
   void flush() {
     if (pending.empty()) return;
@@ -524,8 +534,9 @@ struct ModelFolderWriter::Impl {
   }
 };
 
-ModelFolderWriter::ModelFolderWriter(const Model& model, const fs::path& dir, int64_t shard_bytes)
-    : impl_(std::make_unique<Impl>(model, dir, shard_bytes)) {
+ModelFolderWriter::ModelFolderWriter(const Model& model, const fs::path& dir, int64_t shard_bytes,
+                                     DenseFloats floats)
+    : impl_(std::make_unique<Impl>(model, dir, shard_bytes, floats)) {
   const ModelConfig& c = model.config;
   // config.json can only describe RoPE by rope_scaling parameters, not by a table of divisors.
   QL_CHECK(c.rope_freq_factors.empty(), dir.string(),
@@ -555,6 +566,9 @@ void ModelFolderWriter::write_block(int64_t index, const LayerWeights& L) {
   if (index == 0) {
     // The first block decides; a quantized folder records one layout for every block.
     if (quantized) w.layout = hf::native_layout(w.model.quant, block, w.dir.string());
+    QL_CHECK(!quantized || !w.rounded_type, w.dir.string(),
+             ": a quantized folder keeps the float types of its source; only a dense folder's "
+             "floats can be rounded to F16 or BF16");
   } else if (w.layout) {
     hf::check_same_quantization(L, index, *w.layout, w.dir.string());
     hf::native_layout(w.model.quant, block, w.dir.string(), index);  // validates the block
@@ -605,6 +619,8 @@ void ModelFolderWriter::finish() {
   w.name_shards();
 
   json config = hf::config_json(model);
+  if (w.rounded_type)
+    config["torch_dtype"] = *w.rounded_type == StDtype::F16 ? "float16" : "bfloat16";
   if (w.layout) {
     const json q = hf::native_quant_json(model, *w.layout);
     write_file_atomic(w.partial / "quantize_config.json", q.dump(2) + "\n");
@@ -616,11 +632,17 @@ void ModelFolderWriter::finish() {
   w.finished = true;
 }
 
-void save_hf_model(const Model& model, const fs::path& dir) {
-  ModelFolderWriter writer(model, dir);
+const std::vector<FloatRounding>& ModelFolderWriter::rounding() const {
+  return impl_->rounding;
+}
+
+std::vector<FloatRounding> save_hf_model(const Model& model, const fs::path& dir,
+                                         DenseFloats floats) {
+  ModelFolderWriter writer(model, dir, ModelFolderWriter::kDefaultShardBytes, floats);
   for (int64_t l = 0; l < static_cast<int64_t>(model.layers.size()); ++l)
     writer.write_block(l, model.layers[static_cast<size_t>(l)]);
   writer.finish();
+  return writer.rounding();
 }
 
 }  // namespace qalora

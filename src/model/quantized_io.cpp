@@ -2,6 +2,7 @@
 // for bit; the format is documented in docs/formats.md) and GPTQ checkpoints (read only).
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
 
 #include "model/hf_folder.h"
@@ -439,37 +440,83 @@ StWriteTensor st_float(std::string name, const float* data, Shape shape, StDtype
   return st_float(std::move(name), Tensor::view(data, std::move(shape), nullptr), dtype);
 }
 
-StWriteTensor st_float(std::string name, const Tensor& t, StDtype dtype) {
-  // Row by row from whatever storage the tensor has: the output bytes are the only copy.
+namespace {
+
+// How one row came through its conversion to F16 / BF16.
+struct RowRounding {
+  bool exact = true;      // bit for bit
+  bool overflow = false;  // a finite value became infinite (F16's range)
+  double max_abs_dw = 0, sum_sq_dw = 0, sum_sq_w = 0;
+};
+
+// t's values as `dtype` (F16 or BF16, nearest even), row by row from whatever storage the
+// tensor has (the output is the only copy), and whether each row came through exactly; with
+// `measure`, also its errors.
+std::vector<uint16_t> to_halves(const Tensor& t, StDtype dtype, bool measure,
+                                std::vector<RowRounding>& rows_out) {
   const int64_t rows = t.rows(), n = t.row_len();
-  if (dtype == StDtype::F16 || dtype == StDtype::BF16) {
-    const bool f16 = dtype == StDtype::F16;
-    std::vector<uint16_t> half(static_cast<size_t>(rows * n));
-    bool exact = true;
+  const bool f16 = dtype == StDtype::F16;
+  std::vector<uint16_t> half(static_cast<size_t>(rows * n));
+  rows_out.assign(static_cast<size_t>(rows), {});
 #pragma omp parallel
-    {
-      std::vector<float> row(static_cast<size_t>(n)), back(static_cast<size_t>(n));
-#pragma omp for schedule(static) reduction(&& : exact)
-      for (int64_t r = 0; r < rows; ++r) {
-        t.decode_rows(r, r + 1, row.data());
-        uint16_t* h = half.data() + r * n;
-        if (f16) {  // the group parameters of a 7B model: 400 M values, vectorised
-          fp32_to_fp16_row(row.data(), h, n);
-          fp16_to_fp32_row(reinterpret_cast<const uint8_t*>(h), back.data(), n);
-        } else {
-          for (int64_t i = 0; i < n; ++i) {
-            h[i] = fp32_to_bf16(row[i]);
-            back[static_cast<size_t>(i)] = bf16_to_fp32(h[i]);
-          }
+  {
+    std::vector<float> row(static_cast<size_t>(n)), back(static_cast<size_t>(n));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      t.decode_rows(r, r + 1, row.data());
+      uint16_t* h = half.data() + r * n;
+      if (f16) {  // the group parameters of a 7B model: 400 M values, vectorised
+        fp32_to_fp16_row(row.data(), h, n);
+        fp16_to_fp32_row(reinterpret_cast<const uint8_t*>(h), back.data(), n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          h[i] = fp32_to_bf16(row[i]);
+          back[static_cast<size_t>(i)] = bf16_to_fp32(h[i]);
         }
-        exact = exact && std::memcmp(back.data(), row.data(), row.size() * sizeof(float)) == 0;
+      }
+      RowRounding& rr = rows_out[static_cast<size_t>(r)];
+      rr.exact = std::memcmp(back.data(), row.data(), row.size() * sizeof(float)) == 0;
+      if (!measure) continue;
+      for (size_t i = 0; i < row.size(); ++i) {
+        const double w = row[i], d = rr.exact ? 0.0 : static_cast<double>(back[i]) - w;
+        rr.overflow = rr.overflow || (std::isinf(back[i]) && std::isfinite(row[i]));
+        rr.max_abs_dw = std::max(rr.max_abs_dw, std::abs(d));
+        rr.sum_sq_dw += d * d;
+        rr.sum_sq_w += w * w;
       }
     }
-    if (exact) return st_raw(std::move(name), dtype, t.shape(), half);
   }
-  std::vector<float> values(static_cast<size_t>(rows * n));
-  t.decode_rows(0, rows, values.data());
+  return half;
+}
+
+}  // namespace
+
+StWriteTensor st_float(std::string name, const Tensor& t, StDtype dtype) {
+  if (dtype == StDtype::F16 || dtype == StDtype::BF16) {
+    std::vector<RowRounding> rows;
+    std::vector<uint16_t> half = to_halves(t, dtype, false, rows);
+    if (std::all_of(rows.begin(), rows.end(), [](const RowRounding& r) { return r.exact; }))
+      return st_raw(std::move(name), dtype, t.shape(), half);
+  }
+  std::vector<float> values(static_cast<size_t>(t.numel()));
+  t.decode_rows(0, t.rows(), values.data());
   return st_raw(std::move(name), StDtype::F32, t.shape(), values);
+}
+
+StWriteTensor st_rounded(std::string name, const Tensor& t, StDtype dtype,
+                         FloatRounding& rounding) {
+  std::vector<RowRounding> rows;
+  std::vector<uint16_t> half = to_halves(t, dtype, true, rows);
+  rounding = {name, t.numel()};
+  for (const RowRounding& r : rows) {
+    QL_CHECK(!r.overflow, "tensor '", name,
+             "' has values beyond F16's range (|w| > 65504); "
+             "store it as BF16 or F32");
+    rounding.max_abs_dw = std::max(rounding.max_abs_dw, r.max_abs_dw);
+    rounding.sum_sq_dw += r.sum_sq_dw;
+    rounding.sum_sq_w += r.sum_sq_w;
+  }
+  return st_raw(std::move(name), dtype, t.shape(), half);
 }
 
 }  // namespace qalora::hf

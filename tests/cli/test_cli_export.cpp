@@ -159,6 +159,14 @@ TEST(CliExport, AdaptersMergeOnTheWayOrBecomePeftFiles) {
   r = run_cli({"export", "-m", q.string(), "--adapter", lora, "--format", "hf", "-o",
                (dir / "lora-hf").string()});
   EXPECT_EQ(r.exit_code, 0) << r.err;
+  // Merged in fp32, then stored in bf16 as Hugging Face publishes models: the rounding is
+  // reported, and the folder loads (its logits differ from the fp32 folder's by the rounding).
+  r = run_cli({"export", "-m", q.string(), "--adapter", lora, "--format", "hf", "--type", "bf16",
+               "-o", (dir / "lora-hf16").string()});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("tensors: BF16 x"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("not exact"), std::string::npos) << r.out;
+  EXPECT_NE(logits(dir / "lora-hf16"), logits(dir / "lora-hf"));
   r = run_cli({"export", "-m", q.string(), "--adapter", lora, "--format", "peft", "-o",
                (dir / "lora-peft").string()});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -189,7 +197,8 @@ TEST(CliExport, WhatCannotBeExportedIsAOneLineError) {
                "--allow-lossy");
   expect_error({"-m", nf4.string(), "--format", "gptq", "-o", out}, "nf4");
   expect_error({"-m", q.string(), "--format", "peft", "-o", out}, "--adapter");
-  expect_error({"-m", q.string(), "--format", "hf", "--type", "f16", "-o", out}, "--type");
+  expect_error({"-m", q.string(), "--format", "hf", "--type", "q4_0", "-o", out}, "--type");
+  expect_error({"-m", q.string(), "--format", "gptq", "--type", "bf16", "-o", out}, "--type");
   expect_error({"-m", q.string(), "--format", "onnx", "-o", out}, "--format");
   expect_error({"-m", q.string(), "--format", "gguf", "--type", "q5_k", "-o", out}, "--type");
   expect_error({"-m", q.string(), "--format", "gptq", "--gptq-format", "v3", "-o", out},

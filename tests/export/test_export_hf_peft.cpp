@@ -7,6 +7,7 @@
 #include "export/export_test_util.h"
 #include "qalora/adapters/adapter_io.h"
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 #include "qalora/core/mapped_file.h"
 #include "qalora/export/export.h"
 #include "qalora/io/safetensors.h"
@@ -32,6 +33,60 @@ TEST(ExportHf, DenseFolderReadsBackToTheSameLogits) {
     EXPECT_EQ(all_logits(back), all_logits(dequantized_model(src))) << (tied ? "tied" : "untied");
     EXPECT_LE(test::max_abs_diff(all_logits(back), all_logits(src)), 1e-4);
   }
+}
+
+// --type bf16 / f16: every float tensor is stored rounded (nearest even), config.json says so,
+// and the report gives each tensor's error, which a model read back shows.
+TEST(ExportHf, FloatsRoundedToBf16OrF16WithTheirErrors) {
+  const Model src = test::make_random_model(test::aligned_shape(false), 18);
+  for (const DenseFloats floats : {DenseFloats::BF16, DenseFloats::F16}) {
+    const bool bf16 = floats == DenseFloats::BF16;
+    SCOPED_TRACE(bf16 ? "bf16" : "f16");
+    const fs::path dir = test::temp_dir() / "hf";
+    const ExportReport r = export_hf(src, dir, floats);
+    ASSERT_FALSE(r.tensors.empty());
+    EXPECT_FALSE(r.exact());
+    EXPECT_GT(r.relative_error(), 0.0);
+    EXPECT_LT(r.relative_error(), bf16 ? 1.0 / 256 : 1.0 / 2048);
+    const SafetensorsFile st = SafetensorsFile::open(dir / "model.safetensors");
+    EXPECT_EQ(st.tensors().size(), r.tensors.size());
+    for (const StTensorInfo& t : st.tensors())
+      EXPECT_EQ(t.dtype, bf16 ? StDtype::BF16 : StDtype::F16) << t.name;
+    const auto config = nlohmann::json::parse(read_file(dir / "config.json"));
+    EXPECT_EQ(config.at("torch_dtype"), bf16 ? "bfloat16" : "float16");
+
+    const Model back = load_hf_model(dir);
+    const Tensor up_back = back.layers[1].up.weight.decoded();
+    const std::span<const float> up = up_back.span();
+    const std::span<const float> want = src.layers[1].up.weight.span();
+    double max_dw = 0.0;
+    for (size_t i = 0; i < up.size(); ++i) {
+      const float rounded = bf16 ? bf16_to_fp32(fp32_to_bf16(want[i])) : round_to_fp16(want[i]);
+      ASSERT_EQ(up[i], rounded) << i;
+      max_dw = std::max(max_dw, std::abs(static_cast<double>(up[i]) - want[i]));
+    }
+    const auto reported =
+        std::ranges::find(r.tensors, "model.layers.1.mlp.up_proj.weight", &TensorExport::name);
+    ASSERT_NE(reported, r.tensors.end());
+    EXPECT_EQ(reported->max_abs_dw, max_dw);
+  }
+}
+
+TEST(ExportHf, RoundingRefusesF16OverflowAndQuantizedFolders) {
+  Model src = test::make_random_model(test::aligned_shape(false), 19);
+  src.layers[0].up.weight.mutable_data()[3] = 1e5f;
+  const fs::path dir = test::temp_dir() / "hf";
+  try {
+    export_hf(src, dir, DenseFloats::F16);
+    ADD_FAILURE() << "a value beyond F16's range was written";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.mlp.up_proj.weight"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir));
+  EXPECT_NO_THROW(export_hf(src, dir, DenseFloats::BF16));
+  const Model q = test::quantized(src, "rtn", 4, 32);
+  EXPECT_THROW(save_hf_model(q, test::temp_dir() / "q", DenseFloats::BF16), Error);
 }
 
 const char* const kModules[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",

@@ -2,8 +2,8 @@
 // (SPEC §8, docs/export.md): GGUF for llama.cpp / ollama, a GPTQ checkpoint for transformers /
 // vLLM, a dense Hugging Face folder, or the PEFT files of an adapter. Every weight written is
 // compared with the model's own values; the differences are printed and saved beside the output.
-#include <cctype>
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -11,8 +11,8 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <optional>
 #include <string>
+#include <vector>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -157,17 +157,33 @@ json round_stored_offsets(const ExportArgs& args, Model& model, const OffsetGrid
   return record;
 }
 
+DenseFloats parse_hf_type(const std::string& s) {
+  if (s.empty() || s == "f32") return DenseFloats::F32;
+  if (s == "f16") return DenseFloats::F16;
+  if (s == "bf16") return DenseFloats::BF16;
+  fail("--type: '", s, "' is not a Hugging Face folder type (f32, f16, bf16)");
+}
+
 void print_report(const ExportReport& r, bool offsets_rounded) {
   std::map<std::string, int64_t> types;
   for (const TensorExport& t : r.tensors) ++types[t.type];
   std::string list;
   for (const auto& [type, n] : types) list += cat(list.empty() ? "" : ", ", type, " x", n);
   if (!list.empty()) std::printf("tensors: %s\n", list.c_str());
+  // The tensors that differ or carry a note, largest error first; export.json lists every one.
+  std::vector<const TensorExport*> shown;
   for (const TensorExport& t : r.tensors)
-    if (!t.exact() || !t.note.empty())
-      std::printf("  %s: %s from %s, max |dw| %.3g, relative error %.3g, max |dm| %.3g%s%s\n",
-                  t.name.c_str(), t.type.c_str(), t.source.c_str(), t.max_abs_dw,
-                  t.relative_error(), t.max_abs_dm, t.note.empty() ? "" : "; ", t.note.c_str());
+    if (!t.exact() || !t.note.empty()) shown.push_back(&t);
+  std::ranges::stable_sort(shown, std::greater<>(), &TensorExport::relative_error);
+  constexpr size_t kShown = 10;
+  for (size_t i = 0; i < std::min(shown.size(), kShown); ++i) {
+    const TensorExport& t = *shown[i];
+    std::printf("  %s: %s from %s, max |dw| %.3g, relative error %.3g, max |dm| %.3g%s%s\n",
+                t.name.c_str(), t.type.c_str(), t.source.c_str(), t.max_abs_dw, t.relative_error(),
+                t.max_abs_dm, t.note.empty() ? "" : "; ", t.note.c_str());
+  }
+  if (shown.size() > kShown)
+    std::printf("  ... and %zu more (export.json lists every tensor)\n", shown.size() - kShown);
   std::printf("max |dw|: %.6g\n", r.max_abs_dw());
   std::printf("relative error: %.6g\n", r.relative_error());
   std::printf("max |dm|: %.6g\n", r.max_abs_dm());
@@ -181,8 +197,8 @@ void run_export(const ExportArgs& args) {
   const std::string& f = args.format;
   QL_CHECK(f == "gguf" || f == "gptq" || f == "hf" || f == "peft", "--format: '", f,
            "' is not an export format (gguf, gptq, hf, peft)");
-  QL_CHECK(args.type.empty() || f == "gguf", "--type: only --format gguf takes a tensor type, got ",
-           "--format ", f);
+  QL_CHECK(args.type.empty() || f == "gguf" || f == "hf",
+           "--type: only --format gguf and hf take a tensor type, got --format ", f);
   QL_CHECK(args.gptq_format.empty() || f == "gptq", "--gptq-format: only for --format gptq, got ",
            "--format ", f);
   QL_CHECK(args.gptq_format.empty() || args.gptq_format == "v1" || args.gptq_format == "v2",
@@ -198,8 +214,10 @@ void run_export(const ExportArgs& args) {
            " already exists (use --force to replace it)");
   QL_CHECK(f != "gguf" || !fs::is_directory(args.out), "--out: ", args.out,
            " is a folder; --format gguf writes a file");
-  const std::optional<GgmlType> type =
-      args.type.empty() ? std::nullopt : std::optional<GgmlType>(parse_type(args.type));
+  const std::optional<GgmlType> type = args.type.empty() || f != "gguf"
+                                           ? std::nullopt
+                                           : std::optional<GgmlType>(parse_type(args.type));
+  const DenseFloats hf_floats = f == "hf" ? parse_hf_type(args.type) : DenseFloats::F32;
 
   Model model = load_model(args.model);
   const std::unique_ptr<AdapterSet> set = load_adapter_arg(args.model, model);
@@ -236,7 +254,7 @@ void run_export(const ExportArgs& args) {
       if (f == "gptq")
         report = export_gptq(model, dir, {args.gptq_format == "v2", args.allow_lossy});
       else if (f == "hf")
-        report = export_hf(model, dir);
+        report = export_hf(model, dir, hf_floats);
       else
         save_peft_adapter(*set, model, dir);
       report.format = f;
@@ -263,7 +281,8 @@ void register_export(CLI::App& app) {
   cmd->add_option("-o,--out", args->out, "output file (gguf) or folder")->required();
   cmd->add_option("--type", args->type,
                   "gguf: type of the linear weights (f32, f16, bf16, q8_0, q4_0, q4_1); default: "
-                  "the smallest type that holds each weight exactly");
+                  "the smallest type that holds each weight exactly. hf: type of every float "
+                  "tensor (f32, or f16 / bf16 rounded, the error reported); default: f32");
   cmd->add_option("--gptq-format", args->gptq_format,
                   "gptq: checkpoint_format v1 (gptq, zeros - 1, AutoGPTQ's default) or v2");
   cmd->add_flag("--allow-lossy", args->allow_lossy,

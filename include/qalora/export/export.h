@@ -106,9 +106,11 @@ ExportReport export_gptq(const Model& model, const std::filesystem::path& dir,
 // A copy of `model` whose quantized linears (and quantized head) are dense fp32 weights.
 Model dequantized_model(const Model& model);
 
-// save_hf_model of dequantized_model(model) into `dir`; the report has no tensors (dequantizing
-// and the RoPE row move are exact).
-ExportReport export_hf(const Model& model, const std::filesystem::path& dir);
+// save_hf_model of dequantized_model(model) into `dir`, its float tensors F32 or rounded to
+// F16 / BF16 (`floats`). Dequantizing and the RoPE row move are exact: the report lists only
+// the rounded tensors, with their errors.
+ExportReport export_hf(const Model& model, const std::filesystem::path& dir,
+                       DenseFloats floats = DenseFloats::F32);
 
 // Calls write(tmp) with an empty folder beside `dir`, then renames it to `dir`. An existing
 // `dir` (folder or file) is an Error unless `replace`; it is then swapped out and removed only

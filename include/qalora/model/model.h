@@ -144,12 +144,24 @@ std::shared_ptr<const Tokenizer> load_gguf_tokenizer(const std::filesystem::path
 Model load_hf_model(const std::filesystem::path& dir, bool describe_only = false);
 // Finds tok<vocab>.bin or tokenizer.bin beside the checkpoint; no tokenizer when neither exists.
 Model load_llama2c_model(const std::filesystem::path& path);
-// Creates `dir` and writes config.json + model.safetensors (F32) + tokenizer.json and
+// How a dense folder stores its float tensors: F32 (exact), or every one rounded to F16 or BF16
+// (nearest even), as Hugging Face checkpoints are usually published.
+enum class DenseFloats { F32, F16, BF16 };
+// What that rounding did to one tensor.
+struct FloatRounding {
+  std::string name;
+  int64_t elements = 0;
+  double max_abs_dw = 0, sum_sq_dw = 0, sum_sq_w = 0;
+};
+
+// Creates `dir` and writes config.json + model.safetensors (`floats`) + tokenizer.json and
 // tokenizer_config.json when the model has a tokenizer, all atomically; q/k rows are permuted to
-// the Hugging Face RoPE layout. Refuses models with per-frequency RoPE factors. A model with
-// quantized linears is written as a native quantized folder (docs/formats.md) that loads back
-// bit for bit.
-void save_hf_model(const Model& model, const std::filesystem::path& dir);
+// the Hugging Face RoPE layout. Refuses models with per-frequency RoPE factors, and values beyond
+// F16's range with DenseFloats::F16. A model with quantized linears is written as a native
+// quantized folder (docs/formats.md) that loads back bit for bit (`floats` must be F32 there).
+// Returns what rounding to F16 / BF16 did to each tensor (nothing for F32).
+std::vector<FloatRounding> save_hf_model(const Model& model, const std::filesystem::path& dir,
+                                         DenseFloats floats = DenseFloats::F32);
 
 // save_hf_model one block at a time, for commands that produce blocks in order and drop each
 // once written (quantize, merge): blocks are buffered until about `shard_bytes` have collected,
@@ -163,13 +175,16 @@ class ModelFolderWriter {
   // `model` supplies the configuration, quantization record, tokenizer, source tensor types and,
   // at finish(), the embeddings, final norm and head; its blocks are not read.
   ModelFolderWriter(const Model& model, const std::filesystem::path& dir,
-                    int64_t shard_bytes = kDefaultShardBytes);
+                    int64_t shard_bytes = kDefaultShardBytes,
+                    DenseFloats floats = DenseFloats::F32);
   ~ModelFolderWriter();
   ModelFolderWriter(const ModelFolderWriter&) = delete;
   ModelFolderWriter& operator=(const ModelFolderWriter&) = delete;
   // Blocks in order 0..n_layers-1.
   void write_block(int64_t index, const LayerWeights& block);
   void finish();
+  // The rounding of each float tensor written so far (see save_hf_model).
+  const std::vector<FloatRounding>& rounding() const;
 
  private:
   struct Impl;
