@@ -138,28 +138,51 @@ void write_folder_atomic(const fs::path& dir, bool replace,
   if (exists) fs::remove_all(old, ec);
 }
 
-Model dequantized_model(const Model& model) {
+namespace {
+
+// The block with each quantized linear turned into a dense fp32 weight.
+LayerWeights dequantized_block(const LayerWeights& block) {
+  LayerWeights d = block;
+  for (Linear* lin : {&d.q, &d.k, &d.v, &d.o, &d.gate, &d.up, &d.down})
+    if (lin->quantized()) {
+      lin->weight = lin->dense_weight();
+      lin->qweight = QMatrix();
+    }
+  return d;
+}
+
+// The model without its quantization record and quantized head (the float head / embedding
+// already hold the head's exact dequantization); its blocks are left as they are.
+Model without_quantization(const Model& model) {
   Model m = model;
-  for (LayerWeights& L : m.layers)
-    for (Linear* lin : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down})
-      if (lin->quantized()) {
-        lin->weight = lin->dense_weight();
-        lin->qweight = QMatrix();
-      }
   m.quant = QuantInfo();
-  // The float head / embedding already hold the head's exact dequantization.
   m.head_q = QMatrix();
   return m;
 }
 
+}  // namespace
+
+Model dequantized_model(const Model& model) {
+  Model m = without_quantization(model);
+  for (LayerWeights& L : m.layers) L = dequantized_block(L);
+  return m;
+}
+
 ExportReport export_hf(const Model& model, const fs::path& dir, DenseFloats floats) {
-  const Model dense = dequantized_model(model);
+  // A block at a time: the dense fp32 copy of a whole 7B INT4 model would not fit in memory.
+  const Model dense = without_quantization(model);
+  ModelFolderWriter writer(dense, dir, ModelFolderWriter::kDefaultShardBytes, floats);
+  for (size_t l = 0; l < model.layers.size(); ++l) {
+    writer.write_block(static_cast<int64_t>(l), dequantized_block(model.layers[l]));
+    model.layers[l].release_pages();
+  }
+  writer.finish();
   // Dequantization and the RoPE row move are exact: every weight is the model's own value,
   // unless rounded to F16 / BF16, which the report measures per tensor.
   ExportReport report;
-  for (FloatRounding& r : save_hf_model(dense, dir, floats)) {
+  for (const FloatRounding& r : writer.rounding()) {
     TensorExport& t = report.tensors.emplace_back();
-    t.name = std::move(r.name);
+    t.name = r.name;
     t.type = floats == DenseFloats::F16 ? "F16" : "BF16";
     t.source = "f32";
     t.elements = r.elements;

@@ -106,9 +106,10 @@ ExportReport export_gptq(const Model& model, const std::filesystem::path& dir,
 // A copy of `model` whose quantized linears (and quantized head) are dense fp32 weights.
 Model dequantized_model(const Model& model);
 
-// save_hf_model of dequantized_model(model) into `dir`, its float tensors F32 or rounded to
-// F16 / BF16 (`floats`). Dequantizing and the RoPE row move are exact: the report lists only
-// the rounded tensors, with their errors.
+// The model as a dense Hugging Face folder in `dir` (save_hf_model of dequantized_model(model),
+// each block dequantized as it is written, so memory holds one dense block), its float tensors
+// F32 or rounded to F16 / BF16 (`floats`). Dequantizing and the RoPE row move are exact: the
+// report lists only the rounded tensors, with their errors.
 ExportReport export_hf(const Model& model, const std::filesystem::path& dir,
                        DenseFloats floats = DenseFloats::F32);
 
