@@ -81,29 +81,40 @@ void merge_qalora(Model& model, const AdapterSet& set) {
   }
 }
 
+namespace {
+
+// lin becomes the fp32 weight W + scale * B A (merge_dense's rule for one adapter).
+void merge_into_dense(Linear& lin, const LoraAdapter& a, double scale) {
+  // Written into a fresh tensor: a copied Model shares its fp32 weights with the original.
+  const Tensor base = lin.dense_weight();
+  Tensor merged = Tensor::zeros(base.shape());
+  float* w = merged.mutable_data();
+  std::copy(base.data(), base.data() + base.numel(), w);
+  const std::vector<double> d = scaled_product(a, scale);
+  if (a.pooled()) {
+    // The QA-LoRA delta is constant over each group: spread it with the pooling adjoint E.
+    const std::vector<float> delta(d.begin(), d.end());
+    pool_groups_backward(w, delta.data(), a.out, a.in, a.group_size, a.pool);
+  } else {
+    for (size_t i = 0; i < d.size(); ++i)
+      w[i] = static_cast<float>(static_cast<double>(w[i]) + d[i]);
+  }
+  lin.weight = std::move(merged);
+  lin.qweight = QMatrix{};
+}
+
+}  // namespace
+
 void merge_dense(Model& model, const AdapterSet& set) {
   check_adapters_match(set, model, "merge");
-  const double scale = set.config.scale();
-  for (const LoraAdapter& a : set.adapters) {
-    Linear& lin = adapted_linear(model, a);
-    // Written into a fresh tensor: a copied Model shares its fp32 weights with the original.
-    const Tensor base = lin.dense_weight();
-    Tensor merged = Tensor::zeros(base.shape());
-    float* w = merged.mutable_data();
-    std::copy(base.data(), base.data() + base.numel(), w);
-    const std::vector<double> d = scaled_product(a, scale);
-    if (a.pooled()) {
-      // The QA-LoRA delta is constant over each group: spread it with the pooling adjoint E.
-      const std::vector<float> delta(d.begin(), d.end());
-      pool_groups_backward(w, delta.data(), a.out, a.in, a.group_size, a.pool);
-    } else {
-      for (size_t i = 0; i < d.size(); ++i)
-        w[i] = static_cast<float>(static_cast<double>(w[i]) + d[i]);
-    }
-    lin.weight = std::move(merged);
-    lin.qweight = QMatrix{};
-  }
+  for (const LoraAdapter& a : set.adapters)
+    merge_into_dense(adapted_linear(model, a), a, set.config.scale());
   if (!has_quantized_linear(model)) model.quant = QuantInfo{};
+}
+
+void merge_dense_block(LayerWeights& block, int64_t index, const AdapterSet& set) {
+  for (const LoraAdapter& a : set.adapters)
+    if (a.layer == index) merge_into_dense(target_linear(block, a.target), a, set.config.scale());
 }
 
 namespace {

@@ -7,6 +7,7 @@
 #include <map>
 
 #include "export/export_internal.h"
+#include "qalora/adapters/merge.h"
 #include "qalora/core/atomic_file.h"
 #include "qalora/core/error.h"
 
@@ -168,12 +169,16 @@ Model dequantized_model(const Model& model) {
   return m;
 }
 
-ExportReport export_hf(const Model& model, const fs::path& dir, DenseFloats floats) {
-  // A block at a time: the dense fp32 copy of a whole 7B INT4 model would not fit in memory.
+ExportReport export_hf(const Model& model, const fs::path& dir, DenseFloats floats,
+                       const AdapterSet* adapter) {
+  if (adapter != nullptr) check_adapters_match(*adapter, model, "export");
+  // A block at a time: the dense fp32 copy of a whole 7B model would not fit in memory.
   const Model dense = without_quantization(model);
   ModelFolderWriter writer(dense, dir, ModelFolderWriter::kDefaultShardBytes, floats);
   for (size_t l = 0; l < model.layers.size(); ++l) {
-    writer.write_block(static_cast<int64_t>(l), dequantized_block(model.layers[l]));
+    LayerWeights block = dequantized_block(model.layers[l]);
+    if (adapter != nullptr) merge_dense_block(block, static_cast<int64_t>(l), *adapter);
+    writer.write_block(static_cast<int64_t>(l), block);
     model.layers[l].release_pages();
   }
   writer.finish();

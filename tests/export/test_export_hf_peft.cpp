@@ -6,6 +6,7 @@
 
 #include "export/export_test_util.h"
 #include "qalora/adapters/adapter_io.h"
+#include "qalora/adapters/merge.h"
 #include "qalora/core/error.h"
 #include "qalora/core/fp16.h"
 #include "qalora/core/mapped_file.h"
@@ -36,6 +37,29 @@ TEST(ExportHf, DenseFolderReadsBackToTheSameLogits) {
 }
 
 // --type bf16 / f16: every float tensor is stored rounded (nearest even), config.json says so,
+// An adapter merged a block at a time as the folder is written reads back to the same logits
+// as the whole model merged first (merge_dense), for LoRA and QA-LoRA on an INT4 base.
+TEST(ExportHf, AdapterMergedPerBlockEqualsTheWholeModelMerged) {
+  const Model base =
+      test::quantized(test::make_random_model(test::aligned_shape(true), 20), "rtn", 4, 32);
+  for (const AdapterKind kind : {AdapterKind::Lora, AdapterKind::QaLora}) {
+    SCOPED_TRACE(adapter_kind_name(kind));
+    AdapterConfig cfg;
+    cfg.kind = kind;
+    cfg.rank = 4;
+    cfg.alpha = 8;
+    AdapterSet set = create_adapters(base, cfg);
+    test::randomize_adapter_b(set, 21);
+    const fs::path dir = test::temp_dir() / "hf";
+    const ExportReport r = export_hf(base, dir, DenseFloats::F32, &set);
+    EXPECT_TRUE(r.exact());
+    Model merged = base;
+    merge_dense(merged, set);
+    EXPECT_EQ(all_logits(load_hf_model(dir)), all_logits(merged));
+    EXPECT_NE(all_logits(merged), all_logits(dequantized_model(base)));
+  }
+}
+
 // and the report gives each tensor's error, which a model read back shows.
 TEST(ExportHf, FloatsRoundedToBf16OrF16WithTheirErrors) {
   const Model src = test::make_random_model(test::aligned_shape(false), 18);

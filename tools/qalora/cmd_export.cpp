@@ -221,15 +221,12 @@ void run_export(const ExportArgs& args) {
 
   Model model = load_model(args.model);
   const std::unique_ptr<AdapterSet> set = load_adapter_arg(args.model, model);
-  if (set && f != "peft") {
-    if (f == "hf") {
-      merge_dense(model, *set);
-    } else {
-      QL_CHECK(set->config.kind == AdapterKind::QaLora, "--adapter: ", args.model.adapter,
-               " is a lora adapter, which cannot be merged into quantized weights exactly: use "
-               "--format hf (merged dense), or `qalora merge --dense` first");
-      merge_qalora(model, *set);
-    }
+  // --format hf merges dense as it writes each block; gguf and gptq keep the weights quantized.
+  if (set && (f == "gguf" || f == "gptq")) {
+    QL_CHECK(set->config.kind == AdapterKind::QaLora, "--adapter: ", args.model.adapter,
+             " is a lora adapter, which cannot be merged into quantized weights exactly: use "
+             "--format hf (merged dense), or `qalora merge --dense` first");
+    merge_qalora(model, *set);
   }
 
   json offsets = nullptr;
@@ -254,7 +251,7 @@ void run_export(const ExportArgs& args) {
       if (f == "gptq")
         report = export_gptq(model, dir, {args.gptq_format == "v2", args.allow_lossy});
       else if (f == "hf")
-        report = export_hf(model, dir, hf_floats);
+        report = export_hf(model, dir, hf_floats, set.get());
       else
         save_peft_adapter(*set, model, dir);
       report.format = f;

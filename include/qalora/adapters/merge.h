@@ -15,6 +15,7 @@
 
 namespace qalora {
 
+struct LayerWeights;
 struct Model;
 
 // Folds every adapter of a QA-LoRA `set` into its layer's offsets:
@@ -32,6 +33,9 @@ void merge_qalora(Model& model, const AdapterSet& set);
 // quantized folder and load_hf_model reads them back); model.quant becomes empty only when no
 // quantized linear remains. Throws Error when `set` does not match `model`.
 void merge_dense(Model& model, const AdapterSet& set);
+// The same for the adapters of block `index` only, on that block (for writers that produce a
+// model a block at a time). The caller checks `set` against the model (check_adapters_match).
+void merge_dense_block(LayerWeights& block, int64_t index, const AdapterSet& set);
 
 struct MergeFidelity {
   double max_abs_logit_diff = 0;  // over every position and vocabulary entry

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "qalora/adapters/adapter.h"
 #include "qalora/io/gguf.h"
 #include "qalora/model/model.h"
 
@@ -107,11 +108,12 @@ ExportReport export_gptq(const Model& model, const std::filesystem::path& dir,
 Model dequantized_model(const Model& model);
 
 // The model as a dense Hugging Face folder in `dir` (save_hf_model of dequantized_model(model),
-// each block dequantized as it is written, so memory holds one dense block), its float tensors
-// F32 or rounded to F16 / BF16 (`floats`). Dequantizing and the RoPE row move are exact: the
-// report lists only the rounded tensors, with their errors.
+// with `adapter` merged dense when given (merge_dense)), each block dequantized and merged as it
+// is written, so memory holds one dense block; its float tensors F32 or rounded to F16 / BF16
+// (`floats`). Dequantizing and the RoPE row move are exact: the report lists only the rounded
+// tensors, with their errors.
 ExportReport export_hf(const Model& model, const std::filesystem::path& dir,
-                       DenseFloats floats = DenseFloats::F32);
+                       DenseFloats floats = DenseFloats::F32, const AdapterSet* adapter = nullptr);
 
 // Calls write(tmp) with an empty folder beside `dir`, then renames it to `dir`. An existing
 // `dir` (folder or file) is an Error unless `replace`; it is then swapped out and removed only
