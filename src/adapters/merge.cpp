@@ -117,6 +117,28 @@ void merge_dense_block(LayerWeights& block, int64_t index, const AdapterSet& set
     if (a.layer == index) merge_into_dense(target_linear(block, a.target), a, set.config.scale());
 }
 
+void save_merged_dense(const Model& model, const AdapterSet& set,
+                       const std::filesystem::path& dir) {
+  check_adapters_match(set, model, "merge");
+  // What merge_dense would leave outside the blocks: the quantization record stays only while a
+  // quantized linear has no adapter. The writer reads everything but the blocks from it.
+  Model merged = model;
+  bool quantized_left = false;
+  for (size_t l = 0; l < model.layers.size(); ++l)
+    for (const Target t : all_targets())
+      quantized_left = quantized_left || (target_linear(model.layers[l], t).quantized() &&
+                                          set.find(static_cast<int64_t>(l), t) == nullptr);
+  if (!quantized_left) merged.quant = QuantInfo{};
+  ModelFolderWriter writer(merged, dir);
+  for (size_t l = 0; l < model.layers.size(); ++l) {
+    LayerWeights block = model.layers[l];
+    merge_dense_block(block, static_cast<int64_t>(l), set);
+    writer.write_block(static_cast<int64_t>(l), block);
+    model.layers[l].release_pages();
+  }
+  writer.finish();
+}
+
 namespace {
 
 int32_t window_bos(const Model& model) {

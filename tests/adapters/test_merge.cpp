@@ -148,6 +148,33 @@ TEST(MergeDense, LoraOnDenseAndOnInt4EqualsTheUnmergedModel) {
     }
 }
 
+// save_merged_dense writes a block at a time what save_hf_model writes of the merged model: the
+// same logits bit for bit, the same mixed form where some targets have no adapter, the same
+// quantization record.
+TEST(MergeDense, WrittenABlockAtATimeEqualsTheMergedModelSaved) {
+  for (const bool quantized : {false, true})
+    for (const bool all : {true, false}) {
+      SCOPED_TRACE(testing::Message() << (quantized ? "INT4" : "dense") << (all ? " all" : ""));
+      const Model base =
+          quantized ? quantized_model(4, 9) : test::make_random_model(test::ragged_shape(), 9);
+      AdapterConfig cfg;
+      cfg.rank = 3;
+      if (!all) cfg.targets = parse_targets("q_proj,v_proj,down_proj");
+      AdapterSet set = create_adapters(base, cfg);
+      test::randomize_adapter_b(set, 11);
+      Model merged = base;
+      merge_dense(merged, set);
+      const auto dir = test::temp_dir();
+      save_hf_model(merged, dir / "whole");
+      save_merged_dense(base, set, dir / "blocks");
+      const Model want = load_model(dir / "whole"), got = load_model(dir / "blocks");
+      EXPECT_EQ(got.quant.method, want.quant.method);
+      EXPECT_EQ(got.layers[1].k.quantized(), want.layers[1].k.quantized());
+      EXPECT_EQ(got.layers[1].v.quantized(), want.layers[1].v.quantized());
+      EXPECT_EQ(logits(got, nullptr), logits(want, nullptr));
+    }
+}
+
 TEST(MergeDense, QaLoraEqualsTheUnmergedModel) {
   for (const AdapterPool pool : {AdapterPool::Average, AdapterPool::Sum}) {
     const Model base = quantized_model(2, 8);

@@ -95,14 +95,21 @@ void run_merge(MergeArgs& args) {
       check ? std::optional(fidelity_reference(model, set.get(), sample.tokens, args.ctx))
             : std::nullopt;
 
-  if (method == "qalora-offsets") {
-    merge_qalora(model, *set);
+  if (method == "dense") {
+    // A block at a time: the merged fp32 copy of a 7B model would not fit in memory. The
+    // fidelity check then reads the folder as written.
+    save_merged_dense(model, *set, args.out);
+    model = load_hf_model(args.out);
   } else {
-    merge_dense(model, *set);
-    if (!args.requantize.empty()) quantize_with_progress(model, args.quant, calibration, "");
+    if (method == "qalora-offsets") {
+      merge_qalora(model, *set);
+    } else {
+      merge_dense(model, *set);
+      quantize_with_progress(model, args.quant, calibration, "");
+    }
+    save_hf_model(model, args.out);
   }
   const Model& merged = model;
-  save_hf_model(merged, args.out);
   const char* into = method == "dense"            ? "fp32 weights"
                      : method == "qalora-offsets" ? "the quantized offsets"
                                                   : "fp32 weights, quantized again";

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <span>
 #include <vector>
 
@@ -36,6 +37,9 @@ void merge_dense(Model& model, const AdapterSet& set);
 // The same for the adapters of block `index` only, on that block (for writers that produce a
 // model a block at a time). The caller checks `set` against the model (check_adapters_match).
 void merge_dense_block(LayerWeights& block, int64_t index, const AdapterSet& set);
+// save_hf_model of `model` after merge_dense, written a block at a time: memory holds one merged
+// block, not a merged copy of the model (whose adapted linears are all fp32).
+void save_merged_dense(const Model& model, const AdapterSet& set, const std::filesystem::path& dir);
 
 struct MergeFidelity {
   double max_abs_logit_diff = 0;  // over every position and vocabulary entry
