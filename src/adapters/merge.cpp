@@ -117,8 +117,8 @@ void merge_dense_block(LayerWeights& block, int64_t index, const AdapterSet& set
     if (a.layer == index) merge_into_dense(target_linear(block, a.target), a, set.config.scale());
 }
 
-void save_merged_dense(const Model& model, const AdapterSet& set,
-                       const std::filesystem::path& dir) {
+void save_merged_dense(const Model& model, const AdapterSet& set, const std::filesystem::path& dir,
+                       DenseFloats floats) {
   check_adapters_match(set, model, "merge");
   // What merge_dense would leave outside the blocks: the quantization record stays only while a
   // quantized linear has no adapter. The writer reads everything but the blocks from it.
@@ -129,7 +129,7 @@ void save_merged_dense(const Model& model, const AdapterSet& set,
       quantized_left = quantized_left || (target_linear(model.layers[l], t).quantized() &&
                                           set.find(static_cast<int64_t>(l), t) == nullptr);
   if (!quantized_left) merged.quant = QuantInfo{};
-  ModelFolderWriter writer(merged, dir);
+  ModelFolderWriter writer(merged, dir, ModelFolderWriter::kDefaultShardBytes, floats);
   for (size_t l = 0; l < model.layers.size(); ++l) {
     LayerWeights block = model.layers[l];
     merge_dense_block(block, static_cast<int64_t>(l), set);

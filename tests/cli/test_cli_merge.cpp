@@ -151,6 +151,20 @@ TEST(CliMerge, LoraOnAQuantizedBaseNeedsDense) {
   EXPECT_FALSE(fs::exists(out / "quantize_config.json")) << "every linear was adapted";
   EXPECT_EQ(nlohmann::json::parse(read_file(out / "merge.json")).at("method"), "dense");
 
+  // Stored in bf16, as Hugging Face publishes models: the fidelity check reads the folder as
+  // written, so it sees the rounding.
+  const fs::path out16 = dir / "merged16";
+  r = run_cli({"merge", "-m", q.string(), "--adapter", run.string(), "--out", out16.string(),
+               "--fidelity-text", data(kTinyStories), "--fidelity-tokens", "300", "--ctx", "64",
+               "--dense", "--type", "bf16"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(read_file(out16 / "config.json")).at("torch_dtype"), "bfloat16");
+  const double diff16 = number_after(r.out, "max |logit diff|:");
+  EXPECT_GT(diff16, 0.0) << r.out;
+  EXPECT_LE(diff16, 0.5) << r.out;
+  r = run_cli({"merge", "-m", q.string(), "--adapter", run.string(), "--out", (dir / "m3").string(),
+               "--fidelity-text", "none", "--dense", "--type", "q4_0"});
+  expect_one_line_error(r, "--type");
 }
 
 // The paper's comparison in miniature, on INT2 where it matters most: a QA-LoRA adapter merges
@@ -242,6 +256,7 @@ TEST(CliMerge, BadInputIsOneClearLine) {
   expect_one_line_error(merge(dir / "g32", run, {"--dense", "--requantize", "rtn"}),
                         "--requantize");
   expect_one_line_error(merge(dir / "g32", run, {"--requantize", "gptq"}), "--calib");
+  expect_one_line_error(merge(dir / "g32", run, {"--type", "bf16"}), "--type");
   expect_one_line_error(merge(dir / "g32", run, {"--requantize", "rtn", "--bits", "5"}), "bits");
   // A PEFT-only folder records no training data: the fidelity text must be named. (QA-LoRA on
   // stories260K has no PEFT form: its down projection's last group is ragged.)

@@ -188,6 +188,13 @@ void print_now(const std::string& text) {
   std::fflush(stdout);
 }
 
+DenseFloats parse_dense_floats(const std::string& type) {
+  if (type.empty() || type == "f32") return DenseFloats::F32;
+  if (type == "f16") return DenseFloats::F16;
+  if (type == "bf16") return DenseFloats::BF16;
+  fail("--type: '", type, "' is not a Hugging Face folder type (f32, f16, bf16)");
+}
+
 void print_peak_memory() {
   const ResidentSplit now = resident_now();
   std::fprintf(stderr,

@@ -97,6 +97,9 @@ void print_now(const std::string& text);
 // what a run needs.
 void print_peak_memory();
 
+// --type of a dense Hugging Face folder: f32 (or empty), f16 or bf16; anything else is an Error.
+DenseFloats parse_dense_floats(const std::string& type);
+
 // The body of a command that may run as one rank of an MPI job (train, perplexity): an Error on
 // any rank ends the whole job with that rank's line (the others may be waiting in a collective
 // operation); rank 0 alone prints the peak memory at the end.

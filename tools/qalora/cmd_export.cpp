@@ -157,13 +157,6 @@ json round_stored_offsets(const ExportArgs& args, Model& model, const OffsetGrid
   return record;
 }
 
-DenseFloats parse_hf_type(const std::string& s) {
-  if (s.empty() || s == "f32") return DenseFloats::F32;
-  if (s == "f16") return DenseFloats::F16;
-  if (s == "bf16") return DenseFloats::BF16;
-  fail("--type: '", s, "' is not a Hugging Face folder type (f32, f16, bf16)");
-}
-
 void print_report(const ExportReport& r, bool offsets_rounded) {
   std::map<std::string, int64_t> types;
   for (const TensorExport& t : r.tensors) ++types[t.type];
@@ -217,7 +210,7 @@ void run_export(const ExportArgs& args) {
   const std::optional<GgmlType> type = args.type.empty() || f != "gguf"
                                            ? std::nullopt
                                            : std::optional<GgmlType>(parse_type(args.type));
-  const DenseFloats hf_floats = f == "hf" ? parse_hf_type(args.type) : DenseFloats::F32;
+  const DenseFloats hf_floats = f == "hf" ? parse_dense_floats(args.type) : DenseFloats::F32;
 
   Model model = load_model(args.model);
   const std::unique_ptr<AdapterSet> set = load_adapter_arg(args.model, model);

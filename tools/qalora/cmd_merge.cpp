@@ -31,6 +31,7 @@ struct MergeArgs {
   std::string out;
   bool dense = false;
   std::string requantize;  // method; empty = no re-quantization
+  std::string type;        // the dense merge's float type (f32, f16, bf16)
   QuantizeArgs quant;
   bool force = false;
   std::string fidelity_text;  // empty = a slice of the adapter's training data
@@ -81,6 +82,11 @@ void run_merge(MergeArgs& args) {
            "--dense to merge it into fp32 weights, or --requantize METHOD to quantize the merged "
            "weights again (lossy)");
   const std::string method = merge_method(args, c.kind);
+  QL_CHECK(args.type.empty() || method == "dense",
+           "--type: only a dense merge (--dense, or a lora "
+           "adapter on a dense base) takes a float type; this merge is ",
+           method);
+  parse_dense_floats(args.type);  // a bad type fails before any work
   // Read the text and the calibration data before the merge so that bad input fails before
   // any work.
   const TextSample sample =
@@ -98,7 +104,7 @@ void run_merge(MergeArgs& args) {
   if (method == "dense") {
     // A block at a time: the merged fp32 copy of a 7B model would not fit in memory. The
     // fidelity check then reads the folder as written.
-    save_merged_dense(model, *set, args.out);
+    save_merged_dense(model, *set, args.out, parse_dense_floats(args.type));
     model = load_hf_model(args.out);
   } else {
     if (method == "qalora-offsets") {
@@ -159,6 +165,9 @@ void register_merge(CLI::App& app) {
   cmd->add_option("--out", args->out, "output model folder (+ merge.json)")->required();
   cmd->add_flag("--dense", args->dense,
                 "merge into fp32 weights (any adapter; lossless, but no longer quantized)");
+  cmd->add_option("--type", args->type,
+                  "dense merge: type of every float tensor (f32, or f16 / bf16 rounded to "
+                  "nearest even, as Hugging Face publishes checkpoints); default: f32");
   cmd->add_option("--requantize", args->requantize,
                   "merge into fp32 weights, then quantize them again with this method (rtn, "
                   "gptq, nf4, fp4, int8; lossy), with the options below");

@@ -13,11 +13,9 @@
 #include <vector>
 
 #include "qalora/adapters/adapter.h"
+#include "qalora/model/model.h"
 
 namespace qalora {
-
-struct LayerWeights;
-struct Model;
 
 // Folds every adapter of a QA-LoRA `set` into its layer's offsets:
 //   m'[j,l] = m[j,l] + scale * (B A)[j,l] / |l|  (average pooling, |l| the true group size),
@@ -37,9 +35,11 @@ void merge_dense(Model& model, const AdapterSet& set);
 // The same for the adapters of block `index` only, on that block (for writers that produce a
 // model a block at a time). The caller checks `set` against the model (check_adapters_match).
 void merge_dense_block(LayerWeights& block, int64_t index, const AdapterSet& set);
-// save_hf_model of `model` after merge_dense, written a block at a time: memory holds one merged
-// block, not a merged copy of the model (whose adapted linears are all fp32).
-void save_merged_dense(const Model& model, const AdapterSet& set, const std::filesystem::path& dir);
+// save_hf_model of `model` after merge_dense (its float tensors as `floats` says), written a
+// block at a time: memory holds one merged block, not a merged copy of the model (whose adapted
+// linears are all fp32).
+void save_merged_dense(const Model& model, const AdapterSet& set, const std::filesystem::path& dir,
+                       DenseFloats floats = DenseFloats::F32);
 
 struct MergeFidelity {
   double max_abs_logit_diff = 0;  // over every position and vocabulary entry
