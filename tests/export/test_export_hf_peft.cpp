@@ -20,6 +20,17 @@ namespace {
 namespace fs = std::filesystem;
 using test::all_logits;
 
+// Rank-4 adapters of `kind` on every linear of `base`, with a random (nonzero) B.
+AdapterSet random_adapters(const Model& base, AdapterKind kind, uint64_t seed) {
+  AdapterConfig cfg;
+  cfg.kind = kind;
+  cfg.rank = 4;
+  cfg.alpha = 8;
+  AdapterSet set = create_adapters(base, cfg);
+  test::randomize_adapter_b(set, seed);
+  return set;
+}
+
 TEST(ExportHf, DenseFolderReadsBackToTheSameLogits) {
   for (const bool tied : {true, false}) {
     const Model src =
@@ -44,12 +55,7 @@ TEST(ExportHf, AdapterMergedPerBlockEqualsTheWholeModelMerged) {
       test::quantized(test::make_random_model(test::aligned_shape(true), 20), "rtn", 4, 32);
   for (const AdapterKind kind : {AdapterKind::Lora, AdapterKind::QaLora}) {
     SCOPED_TRACE(adapter_kind_name(kind));
-    AdapterConfig cfg;
-    cfg.kind = kind;
-    cfg.rank = 4;
-    cfg.alpha = 8;
-    AdapterSet set = create_adapters(base, cfg);
-    test::randomize_adapter_b(set, 21);
+    const AdapterSet set = random_adapters(base, kind, 21);
     const fs::path dir = test::temp_dir() / "hf";
     const ExportReport r = export_hf(base, dir, DenseFloats::F32, &set);
     EXPECT_TRUE(r.exact());
@@ -125,12 +131,7 @@ TEST(ExportPeft, KeysShapesAndConfigAsDocumentedAndLoadsOntoTheHfModel) {
   const Model hf = load_hf_model(dir / "base");
   for (const AdapterKind kind : {AdapterKind::QaLora, AdapterKind::Lora}) {
     SCOPED_TRACE(adapter_kind_name(kind));
-    AdapterConfig cfg;
-    cfg.kind = kind;
-    cfg.rank = 4;
-    cfg.alpha = 8;
-    AdapterSet set = create_adapters(base, cfg);
-    test::randomize_adapter_b(set, 17);
+    AdapterSet set = random_adapters(base, kind, 17);
     const fs::path out = dir / adapter_kind_name(kind);
     save_peft_adapter(set, base, out);
     EXPECT_FALSE(fs::exists(out / "qalora_adapter.json")) << "PEFT files only";
