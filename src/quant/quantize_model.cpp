@@ -166,7 +166,8 @@ struct Calibration {
 
 QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
                             const std::vector<std::vector<int32_t>>& calibration,
-                            const LayerCallback& on_layer, const BlockCallback& on_block) {
+                            const LayerCallback& on_layer, const BlockCallback& on_block,
+                            const BeforeBlock& before_block) {
   validate_quantize_options(o);
   const ModelConfig& c = model.config;
   QuantizeWork work;
@@ -214,6 +215,7 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
 
   if (o.method != "gptq") {
     for (int64_t li = 0; li < c.n_layers; ++li) {
+      if (before_block) before_block(li, model.layers[li]);
       // The next block's weights are read from disk and mapped while this one is quantized (by
       // a helper thread: the request waits for the reads).
       std::future<void> next;
@@ -283,6 +285,7 @@ QuantizeWork quantize_model(Model& model, const QuantizeOptions& o,
 
     for (int64_t li = 0; li < c.n_layers; ++li) {
       LayerWeights& L = model.layers[li];
+      if (before_block) before_block(li, L);
       HessianAccumulator h_qkv(D);
       for_chunks([&](int64_t s0, int64_t n) {
         ops::rmsnorm_forward(xn.data(), cal.h_of(s0), L.attn_norm.data(), n * T, D, c.norm_eps);

@@ -175,6 +175,40 @@ TEST(MergeDense, WrittenABlockAtATimeEqualsTheMergedModelSaved) {
     }
 }
 
+// merge --requantize merges each block just before quantize_model reaches it (BeforeBlock): the
+// same codes, scales and offsets as merging the whole model first, for RTN and for GPTQ (whose
+// calibration runs through the merged, quantized blocks in both).
+TEST(MergeDense, MergedBlockByBlockAsQuantizedEqualsMergedFirst) {
+  const Model base = quantized_model(4, 12);
+  AdapterConfig cfg;
+  cfg.rank = 3;
+  cfg.targets = parse_targets("q_proj,v_proj,down_proj");
+  AdapterSet set = create_adapters(base, cfg);
+  test::randomize_adapter_b(set, 14);
+  const std::vector<std::vector<int32_t>> windows = {kTokens, {kTokens.rbegin(), kTokens.rend()}};
+  for (const char* method : {"rtn", "gptq"}) {
+    SCOPED_TRACE(method);
+    QuantizeOptions o;
+    o.method = method;
+    o.bits = 3;
+    o.group_size = 16;
+    Model first = base, streamed = base;
+    merge_dense(first, set);
+    quantize_model(first, o, windows);
+    quantize_model(streamed, o, windows, {}, {}, [&](int64_t index, LayerWeights& block) {
+      merge_dense_block(block, index, set);
+    });
+    for (size_t l = 0; l < base.layers.size(); ++l)
+      for (const Target t : all_targets()) {
+        const QMatrix& want = target_linear(first.layers[l], t).qweight;
+        const QMatrix& got = target_linear(streamed.layers[l], t).qweight;
+        ASSERT_EQ(got.codes, want.codes) << "layer " << l << " " << target_name(t);
+        EXPECT_TRUE(test::same_bits(got.scales, want.scales));
+        EXPECT_TRUE(test::same_bits(got.offsets, want.offsets));
+      }
+  }
+}
+
 TEST(MergeDense, QaLoraEqualsTheUnmergedModel) {
   for (const AdapterPool pool : {AdapterPool::Average, AdapterPool::Sum}) {
     const Model base = quantized_model(2, 8);

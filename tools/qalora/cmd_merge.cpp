@@ -106,14 +106,23 @@ void run_merge(MergeArgs& args) {
     // fidelity check then reads the folder as written.
     save_merged_dense(model, *set, args.out, parse_dense_floats(args.type));
     model = load_hf_model(args.out);
-  } else {
-    if (method == "qalora-offsets") {
-      merge_qalora(model, *set);
-    } else {
-      merge_dense(model, *set);
-      quantize_with_progress(model, args.quant, calibration, "");
-    }
+  } else if (method == "qalora-offsets") {
+    merge_qalora(model, *set);
     save_hf_model(model, args.out);
+  } else {
+    // Each block is merged just before it is quantized and written once it is: memory holds one
+    // merged block in fp32, and the check reads the folder as written, as above.
+    check_adapters_match(*set, model, "merge");
+    ModelFolderWriter writer(model, args.out);
+    quantize_with_progress(
+        model, args.quant, calibration, "",
+        [&](int64_t index, LayerWeights& block) {
+          writer.write_block(index, block);
+          block = LayerWeights{};
+        },
+        [&](int64_t index, LayerWeights& block) { merge_dense_block(block, index, *set); });
+    writer.finish();
+    model = load_hf_model(args.out);
   }
   const Model& merged = model;
   const char* into = method == "dense"            ? "fp32 weights"

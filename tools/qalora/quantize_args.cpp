@@ -60,7 +60,8 @@ std::vector<std::vector<int32_t>> load_calibration(const QuantizeArgs& a, const 
 
 void quantize_with_progress(Model& model, const QuantizeArgs& a,
                             const std::vector<std::vector<int32_t>>& calibration,
-                            const std::string& metrics_path, const BlockCallback& on_block) {
+                            const std::string& metrics_path, const BlockCallback& on_block,
+                            const BeforeBlock& before_block) {
   const QuantizeOptions& o = a.options;
   std::optional<JsonlWriter> metrics;
   if (!metrics_path.empty()) metrics.emplace(metrics_path);
@@ -89,7 +90,8 @@ void quantize_with_progress(Model& model, const QuantizeArgs& a,
     }
   };
   const auto t0 = Clock::now();
-  const QuantizeWork work = quantize_model(model, o, calibration, on_linear, count_block);
+  const QuantizeWork work =
+      quantize_model(model, o, calibration, on_linear, count_block, before_block);
   const double seconds = seconds_since(t0);
   bar.finish();
   model.quant.calibration =

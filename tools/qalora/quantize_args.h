@@ -35,10 +35,11 @@ void resolve_quantize_args(QuantizeArgs& args);
 std::vector<std::vector<int32_t>> load_calibration(const QuantizeArgs& args, const Model& model);
 
 // Quantizes the model's linears with a progress bar; `metrics` (optional JSONL path) gets one
-// line per linear; `on_block` (optional) receives each finished block, as quantize_model says.
+// line per linear; `on_block` and `before_block` (optional) are quantize_model's.
 // Prints the method, size, bits per weight and mean GPTQ output error.
 void quantize_with_progress(Model& model, const QuantizeArgs& args,
                             const std::vector<std::vector<int32_t>>& calibration,
-                            const std::string& metrics, const BlockCallback& on_block = {});
+                            const std::string& metrics, const BlockCallback& on_block = {},
+                            const BeforeBlock& before_block = {});
 
 }  // namespace qalora::cli

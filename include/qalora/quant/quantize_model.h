@@ -47,7 +47,9 @@ using LayerCallback = std::function<void(const LayerReport&)>;
 // Called once block `index` is quantized and no longer needed by the quantizer: a streaming
 // caller writes it out and may empty it.
 using BlockCallback = std::function<void(int64_t index, LayerWeights& block)>;
-
+// Called with block `index` before it is quantized: a caller may change its weights first (merge
+// an adapter into them), so that only one block is ever held in fp32.
+using BeforeBlock = BlockCallback;
 
 // Arithmetic a quantization did, for its GFLOP/s. GPTQ counts the calibration forward
 // (linears, attention), the Hessians, each linear's factorization, column sweep and error
@@ -62,8 +64,8 @@ struct QuantizeWork {
 // of the first nan/inf weight.
 QuantizeWork quantize_model(Model& model, const QuantizeOptions& options,
                             const std::vector<std::vector<int32_t>>& calibration,
-                            const LayerCallback& on_layer = {},
-                            const BlockCallback& on_block = {});
+                            const LayerCallback& on_layer = {}, const BlockCallback& on_block = {},
+                            const BeforeBlock& before_block = {});
 
 // sqrt(tr((W - Q) H (W - Q)^T) / tr(W H W^T)): ||W X - Q X|| / ||W X|| over the inputs that
 // built H = (2/n) X^T X. W, Q [rows, cols]; H [cols, cols]. The plain reference for the error
