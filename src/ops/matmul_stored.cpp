@@ -1,6 +1,7 @@
 #include "qalora/ops/matmul_stored.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "qalora/core/reused_buffer.h"
@@ -21,12 +22,6 @@ int64_t tile_rows(int64_t cols) {
   return std::max<int64_t>(kGemvRows, kTileFloats / std::max<int64_t>(cols, 1));
 }
 
-void decode_tile(const Tensor& W, int64_t r0, int64_t r1, float* out) {
-  const int64_t n = W.row_len();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = r0; r < r1; ++r) W.decode_rows(r, r + 1, out + (r - r0) * n);
-}
-
 // Decode: each thread takes its own blocks of rows and dots them with the few token vectors
 // straight from their storage, so the weight is read once.
 void gemv_encoded(float* y, const float* x, const Tensor& W, int64_t T) {
@@ -39,21 +34,16 @@ void gemv_encoded(float* y, const float* x, const Tensor& W, int64_t T) {
   }
 }
 
-// Calls body(r0, n, tile) for each run of n rows from r0, decoded into `tile` [n, I].
-template <typename Body>
-void for_each_tile(const Tensor& W, Body&& body) {
-  const int64_t O = W.dim(0), I = W.dim(1);
-  thread_local std::vector<float> tile;
-  const int64_t R = std::min(O, tile_rows(I));
-  tile.resize(static_cast<size_t>(R * I));
-  for (int64_t r0 = 0; r0 < O; r0 += R) {
-    const int64_t n = std::min(R, O - r0);
-    decode_tile(W, r0, r0 + n, tile.data());
-    body(r0, n, tile.data());
-  }
+// out[(r1 - r0), I] = rows r0..r1-1 as fp32.
+void decode_f32_rows(const Tensor& W, int64_t r0, int64_t r1, float* out) {
+  const int64_t n = W.row_len();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = r0; r < r1; ++r) W.decode_rows(r, r + 1, out + (r - r0) * n);
 }
 
-// out[(r1 - r0), I] = rows r0..r1-1 in bf16, each decoded into an fp32 row kept in cache.
+// The same in bf16, each row decoded into an fp32 row kept in cache and rounded there: one pass
+// over the output, where an fp32 tile would be written, then read again by the product's
+// conversion.
 void decode_bf16_rows(const Tensor& W, int64_t r0, int64_t r1, uint16_t* out) {
   const int64_t I = W.row_len();
 #pragma omp parallel
@@ -68,18 +58,23 @@ void decode_bf16_rows(const Tensor& W, int64_t r0, int64_t r1, uint16_t* out) {
   }
 }
 
-// The same with the rows rounded to bf16 as they are decoded (decode_bf16_rows): one pass over
-// the tile, where an fp32 tile would be written, then read again by the product's conversion.
-template <typename Body>
-void for_each_bf16_tile(const Tensor& W, Body&& body) {
+// Calls body(r0, n, tile) for each run of n rows from r0, decoded into `tile` [n, I] of fp32
+// (T = float) or bf16 (T = uint16_t). BF16 rows in order come as stored, in one tile.
+template <typename T, typename Body>
+void for_each_tile(const Tensor& W, Body&& body) {
   const int64_t O = W.dim(0), I = W.dim(1);
-  thread_local std::vector<uint16_t> tile;
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (const uint16_t* stored = W.bf16_values()) return body(0, O, stored);
+  thread_local std::vector<T> tile;
   const int64_t R = std::min(O, tile_rows(I));
-  uint16_t* out = reused_buffer(tile, R * I);
+  T* out = reused_buffer(tile, R * I);
   for (int64_t r0 = 0; r0 < O; r0 += R) {
     const int64_t n = std::min(R, O - r0);
-    decode_bf16_rows(W, r0, r0 + n, out);
-    body(r0, n, out);
+    if constexpr (std::is_same_v<T, uint16_t>)
+      decode_bf16_rows(W, r0, r0 + n, out);
+    else
+      decode_f32_rows(W, r0, r0 + n, out);
+    body(r0, n, static_cast<const T*>(out));
   }
 }
 
@@ -88,16 +83,14 @@ void for_each_bf16_tile(const Tensor& W, Body&& body) {
 void matmul_forward(float* y, const float* x, const Tensor& W, const float* bias, int64_t T) {
   const int64_t O = W.dim(0), I = W.dim(1);
   if (!W.encoded()) return matmul_forward(y, x, W.data(), bias, T, I, O);
-  if (const uint16_t* w16 = W.bf16_values(); w16 != nullptr && use_bf16(T, O, I)) {
-    gemm_bf16(false, true, T, O, I, 1.0f, x, I, {nullptr, w16}, I, 0.0f, y, O);
-  } else if (T <= kGemvMaxTokens) {
+  if (T <= kGemvMaxTokens) {
     gemv_encoded(y, x, W, T);
   } else if (use_bf16(T, O, I)) {
-    for_each_bf16_tile(W, [&](int64_t r0, int64_t n, const uint16_t* tile) {
+    for_each_tile<uint16_t>(W, [&](int64_t r0, int64_t n, const uint16_t* tile) {
       gemm_bf16(false, true, T, n, I, 1.0f, x, I, {nullptr, tile}, I, 0.0f, y + r0, O);
     });
   } else {
-    for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
+    for_each_tile<float>(W, [&](int64_t r0, int64_t n, const float* tile) {
       gemm(false, true, T, n, I, 1.0f, x, I, tile, I, 0.0f, y + r0, O);
     });
   }
@@ -110,21 +103,17 @@ void matmul_backward_input(float* dx, const Operand& dy, const Tensor& W, int64_
                            bool accumulate) {
   const int64_t O = W.dim(0), I = W.dim(1);
   if (!W.encoded()) return matmul_backward_input(dx, dy, W.data(), T, I, O, accumulate);
-  if (const uint16_t* w16 = W.bf16_values(); w16 != nullptr && use_bf16(T, I, O))
-    return gemm_bf16(false, false, T, I, O, 1.0f, dy, O, {nullptr, w16}, I,
-                     accumulate ? 1.0f : 0.0f, dx, I);
-  if (use_bf16(T, I, O)) {
-    for_each_bf16_tile(W, [&](int64_t r0, int64_t n, const uint16_t* tile) {
+  // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :] for each tile.
+  if (use_bf16(T, I, O))
+    for_each_tile<uint16_t>(W, [&](int64_t r0, int64_t n, const uint16_t* tile) {
       gemm_bf16(false, false, T, I, n, 1.0f, dy.at(r0), O, {nullptr, tile}, I,
                 r0 == 0 && !accumulate ? 0.0f : 1.0f, dx, I);
     });
-    return;
-  }
-  for_each_tile(W, [&](int64_t r0, int64_t n, const float* tile) {
-    // dx (+)= dy[:, r0:r0+n] W[r0:r0+n, :]
-    gemm(false, false, T, I, n, 1.0f, dy.at(r0), O, tile, I, r0 == 0 && !accumulate ? 0.0f : 1.0f,
-         dx, I);
-  });
+  else
+    for_each_tile<float>(W, [&](int64_t r0, int64_t n, const float* tile) {
+      gemm(false, false, T, I, n, 1.0f, dy.at(r0), O, tile, I, r0 == 0 && !accumulate ? 0.0f : 1.0f,
+           dx, I);
+    });
 }
 
 void to_bf16(const Tensor& W, uint16_t* out) {
