@@ -453,8 +453,9 @@ struct ModelFolderWriter::Impl {
   }
   // Float tensors are read once, so their mapped pages are dropped once converted.
   void add_float(const std::string& hf_name, const std::string& gguf_name, const Tensor& t) {
-    add(layout || !rounded_type ? floats.tensor(hf_name, gguf_name, t, layout.has_value())
-                                : dense_tensor(hf_name, t));
+    // (A quantized folder never rounds: write_block refuses it.)
+    add(rounded_type ? dense_tensor(hf_name, t)
+                     : floats.tensor(hf_name, gguf_name, t, layout.has_value()));
     t.release_pages();
   }
   void add(StWriteTensor t) {

@@ -47,6 +47,10 @@ auto& grad_of(Set& adapters, int64_t k) {
   auto& a = adapters.adapters[static_cast<size_t>(k / 2)];
   return k % 2 == 0 ? a.grad_A : a.grad_B;
 }
+Tensor& param_of(AdapterSet& adapters, int64_t k) {
+  LoraAdapter& a = adapters.adapters[static_cast<size_t>(k / 2)];
+  return k % 2 == 0 ? a.A : a.B;
+}
 
 }  // namespace
 
@@ -94,16 +98,16 @@ void AdamW::step(AdapterSet& adapters, double lr) {
   const auto inv_c2 = static_cast<float>(1.0 / c2);
   const auto eps = static_cast<float>(config_.eps);
   const auto decay = static_cast<float>(1.0 - lr * config_.weight_decay);
-  for (int64_t k = 0; k < tensor_count(adapters); ++k)
+  for (int64_t k = 0; k < tensor_count(adapters); ++k) {
     QL_CHECK(grad_of(adapters, k).size() == m_[static_cast<size_t>(k)].size(),
              "optimizer: gradient of ", grad_of(adapters, k).size(), " values for a tensor of ",
              m_[static_cast<size_t>(k)].size());
-    // Tensors in parallel (most are too small to split), each updated elementwise: the result
-    // does not depend on the threads.
+  }
+  // Tensors in parallel (most are too small to split), each updated elementwise: the result
+  // does not depend on the threads.
 #pragma omp parallel for schedule(dynamic)
   for (int64_t k = 0; k < tensor_count(adapters); ++k) {
-    LoraAdapter& a = adapters.adapters[static_cast<size_t>(k / 2)];
-    float* w = (k % 2 == 0 ? a.A : a.B).mutable_data();
+    float* w = param_of(adapters, k).mutable_data();
     float* m = m_[static_cast<size_t>(k)].data();
     float* v = v_[static_cast<size_t>(k)].data();
     const float* g = grad_of(adapters, k).data();

@@ -24,6 +24,11 @@ Model quantized_model(int bits, uint64_t seed) {
   return test::quantized(test::make_random_model(test::ragged_shape(), seed), "rtn", bits, 16);
 }
 
+// The INT4 model or its dense original.
+Model int4_or_dense(bool quantized, uint64_t seed) {
+  return quantized ? quantized_model(4, seed) : test::make_random_model(test::ragged_shape(), seed);
+}
+
 const std::vector<int32_t> kTokens = {1, 4, 30, 7, 7, 12, 0, 19, 3, 22, 28, 5, 16, 9};
 
 std::vector<float> logits(const Model& m, const AdapterSet* set) {
@@ -125,8 +130,7 @@ TEST(MergeDense, LoraOnDenseAndOnInt4EqualsTheUnmergedModel) {
   for (const bool quantized : {false, true})
     for (const bool all : {true, false}) {
       SCOPED_TRACE(testing::Message() << (quantized ? "INT4" : "dense") << (all ? " all" : ""));
-      const Model base =
-          quantized ? quantized_model(4, 7) : test::make_random_model(test::ragged_shape(), 7);
+      const Model base = int4_or_dense(quantized, 7);
       const std::vector<float> base_before = logits(base, nullptr);
       AdapterConfig cfg;
       cfg.rank = 3;
@@ -155,8 +159,7 @@ TEST(MergeDense, WrittenABlockAtATimeEqualsTheMergedModelSaved) {
   for (const bool quantized : {false, true})
     for (const bool all : {true, false}) {
       SCOPED_TRACE(testing::Message() << (quantized ? "INT4" : "dense") << (all ? " all" : ""));
-      const Model base =
-          quantized ? quantized_model(4, 9) : test::make_random_model(test::ragged_shape(), 9);
+      const Model base = int4_or_dense(quantized, 9);
       AdapterConfig cfg;
       cfg.rank = 3;
       if (!all) cfg.targets = parse_targets("q_proj,v_proj,down_proj");

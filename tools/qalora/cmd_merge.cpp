@@ -83,10 +83,10 @@ void run_merge(MergeArgs& args) {
            "weights again (lossy)");
   const std::string method = merge_method(args, c.kind);
   QL_CHECK(args.type.empty() || method == "dense",
-           "--type: only a dense merge (--dense, or a lora "
-           "adapter on a dense base) takes a float type; this merge is ",
+           "--type: only a dense merge (--dense, or a lora adapter on a dense base) takes a "
+           "float type; this merge is ",
            method);
-  parse_dense_floats(args.type);  // a bad type fails before any work
+  const DenseFloats floats = parse_dense_floats(args.type);  // before any work
   // Read the text and the calibration data before the merge so that bad input fails before
   // any work.
   const TextSample sample =
@@ -104,7 +104,7 @@ void run_merge(MergeArgs& args) {
   if (method == "dense") {
     // A block at a time: the merged fp32 copy of a 7B model would not fit in memory. The
     // fidelity check then reads the folder as written.
-    save_merged_dense(model, *set, args.out, parse_dense_floats(args.type));
+    save_merged_dense(model, *set, args.out, floats);
     model = load_hf_model(args.out);
   } else if (method == "qalora-offsets") {
     merge_qalora(model, *set);
