@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 
 namespace {
@@ -45,10 +46,32 @@ double gemm_peak_gflops() {
 void report(benchmark::State& state, double flops_per_iter) {
   const double gflops = flops_per_iter * static_cast<double>(state.iterations()) / 1e9;
   state.counters["GFLOPS"] = benchmark::Counter(gflops, benchmark::Counter::kIsRate);
-  // A rate counter divides by the elapsed time, so this reads as the fraction of peak reached.
-  state.counters["of_peak"] =
-      benchmark::Counter(gflops / gemm_peak_gflops(), benchmark::Counter::kIsRate);
+  // A rate counter divides by the elapsed time, so this reads as the fraction of peak reached:
+  // the peak of the compute type the case ran in.
+  static const double bf16_peak =
+      qalora::ops::bf16_available() ? qalora::ops::gemm_peak_gflops(qalora::ops::ComputeType::Bf16)
+                                    : 0.0;
+  const bool bf16 = qalora::ops::compute_type() == qalora::ops::ComputeType::Bf16;
+  state.counters["of_peak"] = benchmark::Counter(gflops / (bf16 ? bf16_peak : gemm_peak_gflops()),
+                                                 benchmark::Counter::kIsRate);
 }
+
+// Sets the process's compute type for one benchmark (bf16 when asked and available; a bf16 case
+// is skipped where it is not) and puts fp32 back after it.
+class ComputeScope {
+ public:
+  ComputeScope(benchmark::State& state, bool bf16) {
+    if (bf16 && !qalora::ops::bf16_available()) {
+      state.SkipWithError("bf16 not available on this CPU or build");
+      return;
+    }
+    qalora::ops::set_compute_type(bf16 ? qalora::ops::ComputeType::Bf16
+                                       : qalora::ops::ComputeType::Fp32);
+  }
+  ~ComputeScope() { qalora::ops::set_compute_type(qalora::ops::ComputeType::Fp32); }
+  ComputeScope(const ComputeScope&) = delete;
+  ComputeScope& operator=(const ComputeScope&) = delete;
+};
 
 // Linear layer y[T, O] = x[T, I] W[O, I]^T at the shapes of SmolLM2-135M (T prompt tokens).
 template <bool kReference>
@@ -118,9 +141,12 @@ BENCHMARK(BM_Attention<true>)->Name("Attention/reference")->Arg(64)->Unit(benchm
 // saves the probabilities, and the backward. FLOPs count the causal triangle, the work actually
 // needed (the kernels skip the blocks above the diagonal): QK^T and PV forward; dO V^T, dS K,
 // dS^T Q and P^T dO backward.
+// Arg 1 picks the compute type: 0 fp32, 1 bf16 (skipped where the CPU or build lacks it).
 template <bool kReference, bool kBackward>
 void BM_AttentionTrain(benchmark::State& state) {
   const int64_t T = state.range(0), H = 9, KV = 3, Hd = 64;
+  const ComputeScope compute(state, state.range(1) != 0);
+  if (state.error_occurred()) return;
   auto q = random_vec(static_cast<size_t>(T * H * Hd)), dout = q;
   auto k = random_vec(static_cast<size_t>(T * KV * Hd)), v = k;
   std::vector<float> out(q.size()), probs(static_cast<size_t>(H * T * T)), dq(q.size()),
@@ -146,21 +172,19 @@ void BM_AttentionTrain(benchmark::State& state) {
 }
 BENCHMARK(BM_AttentionTrain<false, false>)
     ->Name("AttentionTrain/forward")
-    ->Arg(64)
-    ->Arg(512)
+    ->ArgsProduct({{64, 512}, {0, 1}})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AttentionTrain<false, true>)
     ->Name("AttentionTrain/backward")
-    ->Arg(64)
-    ->Arg(512)
+    ->ArgsProduct({{64, 512}, {0, 1}})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AttentionTrain<true, false>)
     ->Name("AttentionTrain/forward_reference")
-    ->Arg(64)
+    ->Args({64, 0})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AttentionTrain<true, true>)
     ->Name("AttentionTrain/backward_reference")
-    ->Arg(64)
+    ->Args({64, 0})
     ->Unit(benchmark::kMicrosecond);
 
 // dx[T, I] = dy[T, O] W[O, I], the input gradient of a linear layer, at the shapes of BM_Linear.

@@ -212,8 +212,7 @@ void attention_decode(float* out, const float* q, const float* k_cache, const fl
       for (int64_t r = 0; r < group; ++r) {
         float* pr = partial.data() + (tid * H + kvh * group + r) * part;
         float* sr = s + r * P;
-        float mx = -INFINITY;
-        for (int64_t p = p0; p < p1; ++p) mx = std::max(mx, sr[p]);
+        const float mx = max_value(sr + p0, p1 - p0);
         pr[Hd] = mx;
         pr[Hd + 1] = exp_shifted(sr + p0, p1 - p0, mx);
         std::fill(pr, pr + Hd, 0.0f);
@@ -309,7 +308,7 @@ void attention_forward(float* out, const float* q, const float* k_cache, const f
         float mx = -std::numeric_limits<float>::infinity();
         for (int k = 0; k < 3; ++k)
           if (r.end[k] > r.begin[k])
-            mx = std::max(mx, *std::max_element(s + r.begin[k], s + r.end[k]));
+            mx = std::max(mx, max_value(s + r.begin[k], r.end[k] - r.begin[k]));
         float sum = 0.0f;
         for (int k = 0; k < 3; ++k) sum += exp_shifted(s + r.begin[k], r.end[k] - r.begin[k], mx);
         const float inv = 1.0f / sum;

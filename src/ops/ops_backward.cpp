@@ -161,7 +161,7 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
       for (int64_t i = i0; i < i1; ++i) {
         float* s = P + (i - i0) * T;
         const int64_t visible = i + 1;
-        const float mx = *std::max_element(s, s + visible);
+        const float mx = max_value(s, visible);
         const float inv = 1.0f / exp_shifted(s, visible, mx);
 #pragma omp simd
         for (int64_t j = 0; j < visible; ++j) s[j] *= inv;
@@ -361,7 +361,7 @@ double cross_entropy_forward_backward(float* logits, float* losses, const int32_
       continue;
     }
     const float target_logit = l[y];
-    const float mx = *std::max_element(l, l + V);
+    const float mx = max_value(l, V);
     // Float sums of short blocks, which vectorize (a double reduction over the row does not,
     // and runs ~7x slower), added up in double.
     double sum = 0.0;

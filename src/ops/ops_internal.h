@@ -30,6 +30,16 @@ inline float exp_approx(float x) {
   return (p * r * r + r + 1.0f) * std::bit_cast<float>((n_int + 127) << 23);
 }
 
+// The largest of s[0..n) (-inf when n = 0). std::max_element compiles to a scalar loop with a
+// branch per element; this one vectorizes, which softmax over long rows (attention, a
+// 49152-entry vocabulary) notices.
+inline float max_value(const float* s, int64_t n) {
+  float mx = -__builtin_inff();
+#pragma omp simd reduction(max : mx)
+  for (int64_t p = 0; p < n; ++p) mx = s[p] > mx ? s[p] : mx;
+  return mx;
+}
+
 // s[0..n) = exp(s - mx), returning their sum.
 inline float exp_shifted(float* s, int64_t n, float mx) {
   float sum = 0.0f;
