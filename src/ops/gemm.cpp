@@ -4,6 +4,10 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -84,11 +88,30 @@ const Matmul& cached_matmul(const MatmulKey& key) {
 }
 #endif
 
+// Linux (5.16 and later) keeps the AMX tile data out of a process's saved state until the
+// process asks for it; the first tile instruction before that kills it with SIGILL. Asked once
+// per process, here rather than trusted to the library that runs the tiles. An older kernel,
+// or one that refuses, leaves AMX unusable: the products then run on AVX512-BF16 or fp32.
+bool amx_tile_data_permitted() {
+#ifdef __linux__
+  constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl code (asm/prctl.h)
+  constexpr long kXfeatureXtiledata = 18;     // the XSAVE component of the tile data
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 // AMX-BF16: CPUID leaf 7, subleaf 0, EDX bit 22 (not every compiler's __builtin_cpu_supports
-// knows the name).
+// knows the name), with the operating system's permission to use the tiles. Once per process.
 bool cpu_has_amx_bf16() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && ((edx >> 22) & 1u) != 0;
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool cpu =
+        __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && ((edx >> 22) & 1u) != 0;
+    return cpu && amx_tile_data_permitted();
+  }();
+  return usable;
 }
 
 void check_bf16_available() {
@@ -152,7 +175,9 @@ bool cpu_has_native_bf16() {
   // Once per process: every bf16 product checks it, and CPUID traps to the hypervisor on a VM.
   static const bool native = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") || cpu_has_amx_bf16();
+    // AMX first, so that its permission is asked before any product runs.
+    const bool amx = cpu_has_amx_bf16();
+    return amx || __builtin_cpu_supports("avx512bf16");
   }();
   return native;
 }

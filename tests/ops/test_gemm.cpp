@@ -2,7 +2,10 @@
 #include <omp.h>
 
 #include <cmath>
+#include <fstream>
+#include <iterator>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "qalora/core/error.h"
@@ -217,6 +220,21 @@ TEST(Gemm, ComputeTypeNamesAndRefusals) {
     EXPECT_THROW(ops::set_compute_type(ComputeType::Bf16), Error);
     EXPECT_EQ(ops::compute_type(), ComputeType::Fp32);
   }
+}
+
+// Where the CPU has AMX-BF16 (as /proc/cpuinfo reports it), the process must have been granted
+// the tile data (Linux asks each process to request it) and the products must run on it.
+TEST(Gemm, AmxTilesAreRequestedWhereTheCpuHasThem) {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  const std::string text((std::istreambuf_iterator<char>(cpuinfo)), {});
+  if (text.find(" amx_bf16") == std::string::npos) GTEST_SKIP() << "no AMX-BF16 on this CPU";
+  REQUIRE_BF16();
+  EXPECT_STREQ(ops::bf16_isa_name(), "AMX-BF16");
+  Product p(false, true, 37, 45, 70, 5);
+  std::vector<float> out = p.C;
+  ops::gemm_bf16(false, true, p.M, p.N, p.K, 1.0f, p.A.data(), p.lda, p.B.data(), p.ldb, 0.0f,
+                 out.data(), p.ldc);  // a tile instruction without the permission: SIGILL
+  EXPECT_TRUE(std::isfinite(out[0]));
 }
 
 }  // namespace

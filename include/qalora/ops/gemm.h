@@ -2,8 +2,9 @@
 //   fp32: OpenBLAS sgemm;
 //   bf16: both inputs rounded to bfloat16 (nearest even), products accumulated in fp32
 //         (oneDNN's matmul: AMX tiles or AVX512-BF16 dot products, chosen by oneDNN at run
-//         time). Offered only where the CPU has native bf16 instructions and the build has
-//         oneDNN; elsewhere fp32 is the path.
+//         time; AMX counts only once Linux has granted this process the tile data, which is
+//         asked for the first time the bf16 support is checked). Offered only where the CPU
+//         has native bf16 instructions and the build has oneDNN; elsewhere fp32 is the path.
 // Outputs, adapters, optimizer state and everything between the products stay fp32: bf16 is
 // the format of a product's inputs only, as in PyTorch's autocast.
 #pragma once
