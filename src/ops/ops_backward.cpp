@@ -10,6 +10,7 @@
 
 #include "ops/ops_internal.h"
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 #include "qalora/core/reused_buffer.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
@@ -37,6 +38,24 @@ constexpr int64_t kSumBlock = 256;
 // largest block's product, so one call never mixes the two.
 bool attention_in_bf16(int64_t T, int64_t Hd) {
   return use_bf16(std::min(T, kRowBlock), T, Hd);
+}
+
+inline float value_of(float p) {
+  return p;
+}
+inline float value_of(uint16_t p) {
+  return bf16_to_fp32(p);
+}
+
+// One row of the score gradient, in place over dP: d = p o (d - sum(p o d)) over the visible
+// columns, p the row's probabilities in fp32 or bf16.
+template <typename P>
+void score_gradient_row(const P* p, float* d, int64_t visible) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < visible; ++j) dot += value_of(p[j]) * d[j];
+#pragma omp simd
+  for (int64_t j = 0; j < visible; ++j) d[j] = value_of(p[j]) * (d[j] - dot);
 }
 
 // C = alpha op(A) op(B) + beta C with B (and A where it has one) in bf16 when B has a copy.
@@ -140,9 +159,10 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
   const int64_t qs = H * Hd, ks = KV * Hd;  // row strides of q/out and k/v
   const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
   const bool bf16 = attention_in_bf16(T, Hd);
+  uint16_t* probs16 = bf16 ? reinterpret_cast<uint16_t*>(probs) : nullptr;
   thread_local std::vector<uint16_t> q_buf, k_buf, v_buf;
   // Converted once per call rather than once per (block, head) product that reads them; the
-  // probabilities and dS, made block by block, get their bf16 copies as they are written.
+  // probabilities, made block by block, are rounded as they are written.
   const Operand Q = make_operand(q, T, qs, bf16, q_buf), Kall = make_operand(k, T, ks, bf16, k_buf),
                 Vall = make_operand(v, T, ks, bf16, v_buf);
   // Later blocks see more keys: they go first so that the dynamic schedule ends balanced.
@@ -152,10 +172,11 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
     for (int64_t h = 0; h < H; ++h) {
       const int64_t i0 = b * kRowBlock, i1 = std::min(T, i0 + kRowBlock), rows = i1 - i0;
       const Operand K = Kall.at((h / group) * Hd), V = Vall.at((h / group) * Hd);
-      float* P = probs + (h * T + i0) * T;
-      // The PV product's bf16 P, converted row by row while the softmax has it in cache.
-      thread_local std::vector<uint16_t> p16_buf;
-      uint16_t* p16 = bf16 ? reused_buffer(p16_buf, rows * T) : nullptr;
+      // The block's scores and softmax in fp32: in probs itself, or (bf16) in a buffer of the
+      // thread's whose rows are rounded into probs16 while in cache.
+      thread_local std::vector<float> block_buf;
+      float* P = bf16 ? reused_buffer(block_buf, rows * T) : probs + (h * T + i0) * T;
+      uint16_t* P16 = bf16 ? probs16 + (h * T + i0) * T : nullptr;
       // S[rows, i1] = scale Q_h[i0:i1] K[0:i1]^T (the block's upper corner is masked below).
       product(false, true, rows, i1, Hd, scale, Q.at(i0 * qs + h * Hd), qs, K, ks, 0.0f, P, T);
       for (int64_t i = i0; i < i1; ++i) {
@@ -165,12 +186,17 @@ void attention_train_forward(float* out, float* probs, const float* q, const flo
         const float inv = 1.0f / exp_shifted(s, visible, mx);
 #pragma omp simd
         for (int64_t j = 0; j < visible; ++j) s[j] *= inv;
-        std::fill(s + visible, s + T, 0.0f);
-        if (p16 != nullptr) to_bf16(s, 1, i1, T, p16 + (i - i0) * T);
+        if (P16 != nullptr) {
+          uint16_t* s16 = P16 + (i - i0) * T;
+          to_bf16(s, 1, visible, T, s16);
+          std::fill(s16 + visible, s16 + T, uint16_t{0});  // +0 in bf16
+        } else {
+          std::fill(s + visible, s + T, 0.0f);
+        }
       }
       // O_h[i0:i1] = P[rows, 0:i1] V[0:i1]
-      product(false, false, rows, Hd, i1, 1.0f, {P, p16}, T, V, ks, 0.0f, out + i0 * qs + h * Hd,
-              qs);
+      product(false, false, rows, Hd, i1, 1.0f, bf16 ? Operand(nullptr, P16) : Operand(P), T, V, ks,
+              0.0f, out + i0 * qs + h * Hd, qs);
     }
   }
 }
@@ -204,6 +230,11 @@ void attention_train_forward_ref(float* out, float* probs, const float* q, const
   }
 }
 
+int64_t attention_probs_floats(int64_t T, int64_t H, int64_t Hd) {
+  const int64_t values = H * T * T;
+  return attention_in_bf16(T, Hd) ? (values + 1) / 2 : values;
+}
+
 int64_t attention_backward_scratch(int64_t T, int64_t H) {
   return H * T * T;
 }
@@ -223,8 +254,10 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
   const Operand Q = make_operand(q, T, qs, bf16, q_buf), K = make_operand(k, T, ks, bf16, k_buf),
                 V = make_operand(v, T, ks, bf16, v_buf),
                 dO = make_operand(dout, T, qs, bf16, dout_buf);
-  // In bf16, dS [H, T, T] is kept in the first half of scratch's bytes (never read as floats).
+  // In bf16, dS [H, T, T] is kept in the first half of scratch's bytes (never read as floats),
+  // as the forward kept the probabilities in probs'.
   uint16_t* dS16 = bf16 ? reinterpret_cast<uint16_t*>(scratch) : nullptr;
+  const uint16_t* probs16 = bf16 ? reinterpret_cast<const uint16_t*>(probs) : nullptr;
 #pragma omp parallel if (H * T * T * Hd > kParallelWork)
   {
     // dS and dQ, per block of query rows: rows i0..i1 need columns 0..i1 only.
@@ -233,24 +266,22 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
       for (int64_t h = 0; h < H; ++h) {
         const int64_t i0 = b * kRowBlock, i1 = std::min(T, i0 + kRowBlock), rows = i1 - i0;
         const int64_t g = h / group;
-        const float* P = probs + (h * T + i0) * T;
+        const int64_t at = (h * T + i0) * T;
         // In bf16, dS is kept in bf16 only (its products round it anyway) and the fp32 dP block
         // is made in a buffer of its own.
         thread_local std::vector<float> dp_buf;
         float* dS = dS16 != nullptr ? reused_buffer(dp_buf, rows * T) : scratch + (h * T + i0) * T;
-        uint16_t* dS16_block = dS16 != nullptr ? dS16 + (h * T + i0) * T : nullptr;
+        uint16_t* dS16_block = dS16 != nullptr ? dS16 + at : nullptr;
         // dP[rows, i1] = dO_h[i0:i1] V[0:i1]^T, then turned into dS in place.
         product(false, true, rows, i1, Hd, 1.0f, dO.at(i0 * qs + h * Hd), qs, V.at(g * Hd), ks,
                 0.0f, dS, T);
         for (int64_t i = i0; i < i1; ++i) {
-          const float* p = P + (i - i0) * T;
           float* d = dS + (i - i0) * T;
-          const int64_t visible = i + 1;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t j = 0; j < visible; ++j) dot += p[j] * d[j];
-#pragma omp simd
-          for (int64_t j = 0; j < visible; ++j) d[j] = p[j] * (d[j] - dot);
+          const int64_t visible = i + 1, row = at + (i - i0) * T;
+          if (probs16 != nullptr)
+            score_gradient_row(probs16 + row, d, visible);
+          else
+            score_gradient_row(probs + row, d, visible);
           // Masked: the dQ product below and the dK products read up to column i1.
           std::fill(d + visible, d + i1, 0.0f);
           if (dS16_block != nullptr) to_bf16(d, 1, i1, T, dS16_block + (i - i0) * T);
@@ -276,7 +307,8 @@ void attention_train_backward(float* dq, float* dk, float* dv, const float* dout
                   dS16 != nullptr ? Operand(nullptr, dS16 + at) : Operand(scratch + at), T,
                   Q.at(j0 * qs + h * Hd), qs, beta, dk + j0 * ks + g * Hd, ks);
           // dV[j0:j1] (+)= P[j0:T, j0:j1]^T dO_h[j0:T]
-          product(true, false, cols, Hd, later, 1.0f, {probs + (h * T + j0) * T + j0}, T,
+          product(true, false, cols, Hd, later, 1.0f,
+                  probs16 != nullptr ? Operand(nullptr, probs16 + at) : Operand(probs + at), T,
                   dO.at(j0 * qs + h * Hd), qs, beta, dv + j0 * ks + g * Hd, ks);
         }
       }

@@ -164,6 +164,7 @@ struct CpuTrainStep final : TrainSession::Impl {
   // attention's backward are shared too unless keep_attention.
   Buf xn_b, hidden_b, probs, att_b;
   bool keep_attention = false;
+  int64_t probs_size = 0;  // floats of each probs buffer
   Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
   Buf dx_b, dxn_b, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
   Buf lora_scratch, attn_scratch;
@@ -185,10 +186,15 @@ struct CpuTrainStep final : TrainSession::Impl {
     // attention, about a quarter of its work) when they take no more memory than what the
     // block saves anyway: short sequences. With checkpointing the block reruns regardless.
     const int64_t saved = QD + 2 * KVD + D + 2 * F + R * std::ssize(a.config.targets);
-    keep_attention = !options.grad_checkpoint && H * max_sequence <= saved;
-    // Segment i's probabilities [H, T_i, T_i] follow the ones before it: the sum of T_i^2 is at
-    // most max_sequence * T.
-    const int64_t probs_size = H * max_sequence * T;
+    // Segment i's probabilities follow the ones before it. They take attention_probs_floats(T_i)
+    // floats, which grows as T_i^2 (H T_i per token, half that in bf16): the largest share per
+    // token over the lengths a segment can have bounds their sum.
+    int64_t probs_per_token = 0;
+    for (int64_t L = 1; L <= max_sequence; ++L)
+      probs_per_token =
+          std::max(probs_per_token, (ops::attention_probs_floats(L, H, Hd) + L - 1) / L);
+    keep_attention = !options.grad_checkpoint && probs_per_token <= saved;
+    probs_size = probs_per_token * T;
     for (BlockStore& b : store) {
       b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
       b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
@@ -286,10 +292,16 @@ struct CpuTrainStep final : TrainSession::Impl {
   void attention_forward(int64_t li, const BlockActs& b, int64_t, TrainStepStats& st) override {
     const auto t0 = Clock::now();
     float* probs_at = probs_of(li);
+    int64_t used = 0;
     for (const Segment& s : segments) {
+      const int64_t floats = ops::attention_probs_floats(s.length, H, Hd);
+      // Sized for the compute type at the session's start; a switch to fp32 would need more.
+      QL_CHECK(used + floats <= probs_size, "attention probabilities need ", used + floats,
+               " floats, the session holds ", probs_size, " (compute type changed since?)");
       ops::attention_train_forward(b.att + s.begin * QD, probs_at, b.q + s.begin * QD,
                                    b.k + s.begin * KVD, b.v + s.begin * KVD, s.length, H, KV, Hd);
-      probs_at += H * s.length * s.length;
+      probs_at += floats;
+      used += floats;
     }
     st.attention_seconds += seconds_since(t0);
   }
@@ -302,7 +314,7 @@ struct CpuTrainStep final : TrainSession::Impl {
                                     datt + s.begin * QD, probs_at, b.q + s.begin * QD,
                                     b.k + s.begin * KVD, b.v + s.begin * KVD, s.length, H, KV, Hd,
                                     attn_scratch.data());
-      probs_at += H * s.length * s.length;
+      probs_at += ops::attention_probs_floats(s.length, H, Hd);
     }
     st.attention_seconds += seconds_since(t0);
   }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "qalora/core/error.h"
+#include "qalora/core/fp16.h"
 #include "qalora/ops/gemm.h"
 #include "qalora/ops/ops.h"
 #include "test_util.h"
@@ -253,13 +254,15 @@ TEST(OpsBackward, AttentionInBf16StaysNearTheReference) {
              k = random_uniform(T * KV * Hd, 19, -0.5f, 0.5f), v = random_uniform(T * KV * Hd, 20),
              dout = random_uniform(T * H * Hd, 21);
   std::vector<float> out_a(q.size()), out_b(q.size());
-  std::vector<float> probs_a(static_cast<size_t>(H * T * T)), probs_b(probs_a.size());
+  // NaN past the half the bf16 probabilities take: the backward must not read there.
+  std::vector<float> probs_a(static_cast<size_t>(H * T * T), NAN), probs_b(probs_a.size());
   std::vector<float> dq_a(q.size()), dk_a(k.size()), dv_a(v.size());
   std::vector<float> dq_b(q.size()), dk_b(k.size()), dv_b(v.size());
   // NaN: what a previous layer left there must not leak into the masked columns.
   std::vector<float> scratch(static_cast<size_t>(attention_backward_scratch(T, H)), NAN);
   {
     test::ComputeTypeScope bf16(ComputeType::Bf16);
+    ASSERT_EQ(attention_probs_floats(T, H, Hd), (H * T * T + 1) / 2);
     attention_train_forward(out_a.data(), probs_a.data(), q.data(), k.data(), v.data(), T, H, KV,
                             Hd);
     attention_train_backward(dq_a.data(), dk_a.data(), dv_a.data(), dout.data(), probs_a.data(),
@@ -269,8 +272,12 @@ TEST(OpsBackward, AttentionInBf16StaysNearTheReference) {
                               Hd);
   attention_train_backward_ref(dq_b.data(), dk_b.data(), dv_b.data(), dout.data(), probs_b.data(),
                                q.data(), k.data(), v.data(), T, H, KV, Hd, nullptr);
+  // Kept in bf16, over the first half of the buffer.
+  std::vector<float> probs_kept(probs_a.size());
+  const auto* probs16 = reinterpret_cast<const uint16_t*>(probs_a.data());
+  for (size_t i = 0; i < probs_kept.size(); ++i) probs_kept[i] = bf16_to_fp32(probs16[i]);
   const std::pair<const char*, double> errors[] = {{"out", scaled_error(out_a, out_b)},
-                                                   {"probs", scaled_error(probs_a, probs_b)},
+                                                   {"probs", scaled_error(probs_kept, probs_b)},
                                                    {"dq", scaled_error(dq_a, dq_b)},
                                                    {"dk", scaled_error(dk_a, dk_b)},
                                                    {"dv", scaled_error(dv_a, dv_b)}};

@@ -95,14 +95,19 @@ void rope_backward_ref(float* dx, int64_t T, int64_t H, int64_t Hd, int64_t pos0
 
 // Causal grouped-query attention over one whole sequence: q [T, H, Hd], k and v [T, KV, Hd],
 // out [T, H, Hd]; scores scaled by 1/sqrt(Hd); query head h reads kv head h / (H / KV). Saves
-// the softmax probabilities probs [H, T, T] (row t holds positions 0..t, zeros above the
-// diagonal) for the backward. H must be a multiple of KV.
+// the softmax probabilities [H, T, T] (row t holds positions 0..t, zeros above the diagonal)
+// in probs for the backward: as floats, or where the attention runs in bf16 (the compute type
+// is bf16 and the products are large enough) as bf16 values over probs' first bytes, since
+// both products that read them round them anyway; attention_probs_floats(T, H, Hd) floats
+// either way. H must be a multiple of KV.
+int64_t attention_probs_floats(int64_t T, int64_t H, int64_t Hd);
 void attention_train_forward(float* out, float* probs, const float* q, const float* k,
                              const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd);
 void attention_train_forward_ref(float* out, float* probs, const float* q, const float* k,
                                  const float* v, int64_t T, int64_t H, int64_t KV, int64_t Hd);
-// Gradients of attention_train_forward given dout [T, H, Hd] and its probs: dq [T, H, Hd], dk
-// and dv [T, KV, Hd] (overwritten; dk and dv sum over the query heads of each group). `scratch`
+// Gradients of attention_train_forward given dout [T, H, Hd] and its probs (saved under the
+// same compute type): dq [T, H, Hd], dk and dv [T, KV, Hd] (overwritten; dk and dv sum over
+// the query heads of each group). `scratch`
 // holds at least attention_backward_scratch(T, H) floats: the score gradients of every head
 // ([H, T, T], as probs), kept so that heads and row blocks run in parallel while each dk/dv
 // row is still summed in a fixed order (results do not depend on the thread count). The
