@@ -58,14 +58,44 @@ void log_softmax(const float* logits, int64_t n, std::vector<double>& out) {
 
 }  // namespace
 
-void merge_qalora(Model& model, const AdapterSet& set) {
+namespace {
+
+void check_qalora_set(const AdapterSet& set, const Model& model) {
   QL_CHECK(set.config.kind == AdapterKind::QaLora, "merge: the adapter is ",
            adapter_kind_name(set.config.kind),
            ", expected qalora (only QA-LoRA folds exactly into the quantized offsets)");
   check_adapters_match(set, model, "merge");
+}
+
+// Writes `model` to `dir` a block at a time, each block merged by merge_block(block, index)
+// first and its pages released once written; `record` supplies what the writer reads besides
+// the blocks.
+template <typename MergeBlock>
+void write_merged_blocks(const Model& record, const Model& model, const std::filesystem::path& dir,
+                         DenseFloats floats, MergeBlock&& merge_block) {
+  ModelFolderWriter writer(record, dir, ModelFolderWriter::kDefaultShardBytes, floats);
+  for (size_t l = 0; l < model.layers.size(); ++l) {
+    LayerWeights block = model.layers[l];  // shares the weights until the merge writes them
+    merge_block(block, static_cast<int64_t>(l));
+    writer.write_block(static_cast<int64_t>(l), block);
+    model.layers[l].release_pages();
+  }
+  writer.finish();
+}
+
+}  // namespace
+
+void merge_qalora(Model& model, const AdapterSet& set) {
+  check_qalora_set(set, model);
+  for (size_t l = 0; l < model.layers.size(); ++l)
+    merge_qalora_block(model.layers[l], static_cast<int64_t>(l), set);
+}
+
+void merge_qalora_block(LayerWeights& block, int64_t index, const AdapterSet& set) {
   const double scale = set.config.scale();
   for (const LoraAdapter& a : set.adapters) {
-    QMatrix& w = adapted_linear(model, a).qweight;
+    if (a.layer != index) continue;
+    QMatrix& w = target_linear(block, a.target).qweight;
     const int64_t G = a.group_size, L = a.n_groups;
     const std::vector<double> d = scaled_product(a, scale);
     float* offsets = w.offsets.writable();  // fp32 from here on: the sums are not fp16 numbers
@@ -79,6 +109,13 @@ void merge_qalora(Model& model, const AdapterSet& set) {
       }
     }
   }
+}
+
+void save_merged_qalora(const Model& model, const AdapterSet& set,
+                        const std::filesystem::path& dir) {
+  check_qalora_set(set, model);
+  write_merged_blocks(model, model, dir, DenseFloats::F32,
+                      [&](LayerWeights& block, int64_t l) { merge_qalora_block(block, l, set); });
 }
 
 namespace {
@@ -122,21 +159,15 @@ void save_merged_dense(const Model& model, const AdapterSet& set, const std::fil
   check_adapters_match(set, model, "merge");
   // What merge_dense would leave outside the blocks: the quantization record stays only while a
   // quantized linear has no adapter. The writer reads everything but the blocks from it.
-  Model merged = model;
+  Model record = model;
   bool quantized_left = false;
   for (size_t l = 0; l < model.layers.size(); ++l)
     for (const Target t : all_targets())
       quantized_left = quantized_left || (target_linear(model.layers[l], t).quantized() &&
                                           set.find(static_cast<int64_t>(l), t) == nullptr);
-  if (!quantized_left) merged.quant = QuantInfo{};
-  ModelFolderWriter writer(merged, dir, ModelFolderWriter::kDefaultShardBytes, floats);
-  for (size_t l = 0; l < model.layers.size(); ++l) {
-    LayerWeights block = model.layers[l];
-    merge_dense_block(block, static_cast<int64_t>(l), set);
-    writer.write_block(static_cast<int64_t>(l), block);
-    model.layers[l].release_pages();
-  }
-  writer.finish();
+  if (!quantized_left) record.quant = QuantInfo{};
+  write_merged_blocks(record, model, dir, floats,
+                      [&](LayerWeights& block, int64_t l) { merge_dense_block(block, l, set); });
 }
 
 namespace {

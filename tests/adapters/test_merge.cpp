@@ -152,6 +152,40 @@ TEST(MergeDense, LoraOnDenseAndOnInt4EqualsTheUnmergedModel) {
     }
 }
 
+// save_merged_qalora writes a block at a time what save_hf_model writes after merge_qalora: the
+// same codes, scales and fp32 offsets, bit for bit, with some targets left without an adapter;
+// and the base it reads stays unmerged.
+TEST(MergeQaLora, WrittenABlockAtATimeEqualsTheMergedModelSaved) {
+  const Model base = quantized_model(4, 13);
+  AdapterConfig cfg;
+  cfg.kind = AdapterKind::QaLora;
+  cfg.rank = 3;
+  cfg.targets = parse_targets("q_proj,v_proj,down_proj");
+  AdapterSet set = create_adapters(base, cfg);
+  test::randomize_adapter_b(set, 15);
+  const std::vector<float> base_logits = logits(base, nullptr);
+  Model merged = base;
+  merge_qalora(merged, set);
+  const auto dir = test::temp_dir();
+  save_hf_model(merged, dir / "whole");
+  save_merged_qalora(base, set, dir / "blocks");
+  EXPECT_EQ(logits(base, nullptr), base_logits);
+  const Model want = load_model(dir / "whole"), got = load_model(dir / "blocks");
+  EXPECT_EQ(got.quant.method, want.quant.method);
+  for (size_t l = 0; l < want.layers.size(); ++l)
+    for (const Target t : all_targets()) {
+      const QMatrix& w = target_linear(want.layers[l], t).qweight;
+      const QMatrix& g = target_linear(got.layers[l], t).qweight;
+      EXPECT_EQ(g.codes, w.codes) << l << " " << target_name(t);
+      EXPECT_TRUE(test::same_bits(g.scales, w.scales)) << l << " " << target_name(t);
+      EXPECT_TRUE(test::same_bits(g.offsets, w.offsets)) << l << " " << target_name(t);
+    }
+  EXPECT_EQ(logits(got, nullptr), logits(want, nullptr));
+  AdapterConfig lora;
+  lora.rank = 2;
+  EXPECT_THROW(save_merged_qalora(base, create_adapters(base, lora), dir / "lora"), Error);
+}
+
 // save_merged_dense writes a block at a time what save_hf_model writes of the merged model: the
 // same logits bit for bit, the same mixed form where some targets have no adapter, the same
 // quantization record.

@@ -107,8 +107,9 @@ void run_merge(MergeArgs& args) {
     save_merged_dense(model, *set, args.out, floats);
     model = load_hf_model(args.out);
   } else if (method == "qalora-offsets") {
-    merge_qalora(model, *set);
-    save_hf_model(model, args.out);
+    // A block at a time too: the merged offsets are fp32, twice their fp16 size in the base.
+    save_merged_qalora(model, *set, args.out);
+    model = load_hf_model(args.out);
   } else {
     // Each block is merged just before it is quantized and written once it is: memory holds one
     // merged block in fp32, and the check reads the folder as written, as above.

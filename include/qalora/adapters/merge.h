@@ -24,6 +24,14 @@ namespace qalora {
 // bit-identical. Throws Error (one line) when the set is not QA-LoRA or does not match `model`
 // (check_adapters_match).
 void merge_qalora(Model& model, const AdapterSet& set);
+// The same for the adapters of block `index` only, on that block. The caller checks `set` (a
+// QA-LoRA set that matches the model).
+void merge_qalora_block(LayerWeights& block, int64_t index, const AdapterSet& set);
+// save_hf_model of `model` after merge_qalora, written a block at a time: memory holds the fp32
+// offsets of one merged block, not of the whole model (about 0.8 GB at 7B, 8 GB at 70B). Throws
+// as merge_qalora does.
+void save_merged_qalora(const Model& model, const AdapterSet& set,
+                        const std::filesystem::path& dir);
 
 // Every adapted layer becomes the fp32 weight W + scale * B A (LoRA) or
 // W[j,i] + scale * (B A)[j,g(i)] / |g(i)| (QA-LoRA, average; without / |g| for sum), W
