@@ -1,6 +1,8 @@
-// Kernel benchmarks. Every case reports GFLOP/s and its ratio to this machine's fp32 GEMM peak,
-// measured at start-up as the best of a few 2048^3 cblas_sgemm runs; the reference kernels are
-// benchmarked beside the optimized ones so their speed-up can be read off directly.
+// Kernel benchmarks. Every case reports GFLOP/s and its ratio to this machine's GEMM peak in the
+// compute type it ran in: fp32 measured at start-up as the best of a few 2048^3 cblas_sgemm
+// runs, bf16 (the attention cases with a second argument 1) as ops::gemm_peak_gflops measures
+// it. The reference kernels are benchmarked beside the optimized ones so their speed-up can be
+// read off directly.
 //   build/bench_ops [--benchmark_filter=Linear]   (OMP_NUM_THREADS sets the threads)
 #include <benchmark/benchmark.h>
 #include <cblas.h>
