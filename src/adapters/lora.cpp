@@ -36,15 +36,16 @@ void check_group(int64_t I, int64_t G) {
 
 using PoolFn = void (*)(float*, const float*, int64_t, int64_t, int64_t, AdapterPool);
 
-// dst[c] = src[c] * keep_scale where row t of `mask` keeps column c, else 0, for C columns (dst
-// may be src). A chunk of hashes is drawn into a buffer, then applied: two loops that vectorize
-// (one hash per group of four columns, 64-bit multiplies; then one 16-bit lane per column),
-// where drawing each hash beside its four elements ran scalar (10% of a LoRA step).
-void dropout_row(const DropoutMask& mask_ref, int64_t t, const float* src, float* dst, int64_t C) {
+// Calls apply(c0, c1, lanes) over row t of `mask` in chunks of columns c0..c1-1, lanes[c - c0]
+// being column c's 16-bit lane (it keeps the column where lane >= mask.threshold). A chunk of
+// hashes is drawn into a buffer, then applied: two loops that vectorize (one hash per group of
+// four columns, 64-bit multiplies; then one lane per column), where drawing each hash beside
+// its four elements ran scalar (10% of a LoRA step).
+template <typename Apply>
+void for_each_mask_chunk(const DropoutMask& mask, int64_t t, int64_t C, Apply&& apply) {
   // Column c's lane is bits 16 (c % 4) of its group's hash (DropoutMask::keeps): in memory, on a
   // little-endian machine, the hashes are the lanes in column order.
   static_assert(std::endian::native == std::endian::little);
-  const DropoutMask mask = mask_ref;  // a local: stores to dst cannot change it
   constexpr int64_t kGroups = 64;
   const int64_t groups = (C + 3) / 4;
   uint64_t h[kGroups];
@@ -54,11 +55,47 @@ void dropout_row(const DropoutMask& mask_ref, int64_t t, const float* src, float
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) h[i] = mask.hash(t, 4 * (g0 + i), C);
     std::memcpy(lanes, h, static_cast<size_t>(n) * sizeof(uint64_t));
-    const int64_t c0 = 4 * g0, c1 = std::min(C, 4 * (g0 + n));
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c)
-      dst[c] = lanes[c - c0] >= mask.threshold ? src[c] * mask.keep_scale : 0.0f;
+    apply(4 * g0, std::min(C, 4 * (g0 + n)), static_cast<const uint16_t*>(lanes));
   }
+}
+
+// dst[c] = src[c] * keep_scale where row t of `mask` keeps column c, else 0, for C columns (dst
+// may be src).
+void dropout_row(const DropoutMask& mask, int64_t t, const float* src, float* dst, int64_t C) {
+  // Captured by value, so that no store to dst can change what the loop reads.
+  for_each_mask_chunk(mask, t, C,
+                      [src, dst, threshold = mask.threshold, scale = mask.keep_scale](
+                          int64_t c0, int64_t c1, const uint16_t* lanes) {
+#pragma omp simd
+                        for (int64_t c = c0; c < c1; ++c) {
+                          // Read whatever the mask says: a select of two values, not a
+                          // masked load, which the vectorizer refuses here.
+                          const float v = src[c] * scale;
+                          dst[c] = lanes[c - c0] >= threshold ? v : 0.0f;
+                        }
+                      });
+}
+
+// Row t's mask drawn once for both uses of it in LoRA's backward: xin = the masked x (grad_A's
+// operand again) and dx += the masked dxin (masked in place first: a product rounded on its
+// own, then added, as separate passes would; a fused multiply-add would differ in the last bit).
+void dropout_row_backward(const DropoutMask& mask, int64_t t, const float* x, float* xin,
+                          float* dxin, float* dx, int64_t C) {
+  for_each_mask_chunk(
+      mask, t, C,
+      [x, xin, dxin, dx, threshold = mask.threshold, scale = mask.keep_scale](
+          int64_t c0, int64_t c1, const uint16_t* lanes) {
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          // The mask as bits (all ones or +0.0f): with a select, the
+          // compiler sinks the loads into it and the loop does not vectorize.
+          const uint32_t keep = lanes[c - c0] >= threshold ? ~0u : 0u;
+          xin[c] = std::bit_cast<float>(std::bit_cast<uint32_t>(x[c] * scale) & keep);
+          dxin[c] = std::bit_cast<float>(std::bit_cast<uint32_t>(dxin[c] * scale) & keep);
+        }
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) dx[c] += dxin[c];
+      });
 }
 
 // Calls row_fn(row, mask, t) for each of T rows of C columns (p > 0), rows split across
@@ -236,6 +273,10 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
   }
 }
 
+int64_t lora_scratch_floats(const LoraAdapter& a, int64_t T) {
+  return T * (2 * a.a_cols() + a.rank());
+}
+
 void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const float* x,
                    const float* u, int64_t T, const AdapterDropout& dropout, float* dx,
                    float* scratch) {
@@ -246,6 +287,24 @@ void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const fl
   float* g = scratch + T * C;  // [T, r] = scale * dy B
   ops::gemm(false, false, T, r, O, scale, dy, O, a.B.data(), r, 0.0f, g, r);
   ops::gemm(true, false, O, r, T, scale, dy, O, u, r, 1.0f, a.grad_B.data(), r);
+  if (!a.pooled() && dropout.p > 0.0f) {
+    // LoRA with dropout: dxin = g A first, so that one pass over the rows draws each row's mask
+    // once for both the input gradient and the recomputed input grad_A reads.
+    float* dxin = scratch;   // [T, C]
+    float* xin = g + T * r;  // [T, C], or its bf16 copy over its first half
+    const bool bf16 = ops::use_bf16(r, C, T);
+    auto* xin16 = reinterpret_cast<uint16_t*>(xin);
+    ops::gemm(false, false, T, C, r, 1.0f, g, r, A, C, 0.0f, dxin, C);
+    for_each_dropout_row(T, C, dropout, [&](int64_t row, const DropoutMask& mask, int64_t t) {
+      thread_local std::vector<float> masked;
+      float* m = bf16 ? reused_buffer(masked, C) : xin + row * C;
+      dropout_row_backward(mask, t, x + row * C, m, dxin + row * C, dx + row * C, C);
+      if (bf16) ops::to_bf16(m, 1, C, C, xin16 + row * C);
+    });
+    ops::gemm(true, false, r, C, T, 1.0f, g, r,
+              bf16 ? ops::Operand(nullptr, xin16) : ops::Operand(xin), C, 1.0f, a.grad_A.data(), C);
+    return;
+  }
   const ops::Operand xin =
       adapter_input(a, x, T, dropout, scratch, pool_groups_forward, ops::use_bf16(r, C, T));
   ops::gemm(true, false, r, C, T, 1.0f, g, r, xin, C, 1.0f, a.grad_A.data(), C);
@@ -254,21 +313,11 @@ void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const fl
     ops::gemm(false, false, T, I, r, 1.0f, g, r, A, C, 1.0f, dx, I);
     return;
   }
+  // QA-LoRA: the mask scaled by 1 / (1 - p) is its own adjoint; apply it again, then E.
   float* dxin = scratch;  // [T, C], over xin (used)
   ops::gemm(false, false, T, C, r, 1.0f, g, r, A, C, 0.0f, dxin, C);
-  // The mask scaled by 1 / (1 - p) is its own adjoint: apply it again.
-  if (a.pooled()) {
-    dropout_forward(dxin, T, C, dropout);
-    pool_groups_backward(dx, dxin, T, I, a.group_size, a.pool);
-    return;
-  }
-  for_each_dropout_row(T, C, dropout, [&](int64_t row, const DropoutMask& mask, int64_t t) {
-    float* d = dxin + row * C;
-    dropout_row(mask, t, d, d, C);
-    float* dxr = dx + row * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) dxr[c] += d[c];
-  });
+  dropout_forward(dxin, T, C, dropout);
+  pool_groups_backward(dx, dxin, T, I, a.group_size, a.pool);
 }
 
 void lora_backward_ref(LoraAdapter& a, float scale, const float* dy, const float* x, const float* u,

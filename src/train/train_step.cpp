@@ -206,11 +206,13 @@ struct CpuTrainStep final : TrainSession::Impl {
     const int64_t chunk = std::min(options.loss_chunk, T);
     xf.resize(n(D)), logits.resize(static_cast<size_t>(chunk * V));
     losses.resize(static_cast<size_t>(chunk));
-    const int64_t widest = std::max({D, F, QD});
     dx_b.resize(n(D)), dxn_b.resize(n(D)), datt_b.resize(n(QD));
     dq_b.resize(n(QD)), dk_b.resize(n(KVD)), dv_b.resize(n(KVD));
     dgate_b.resize(n(F)), dup_b.resize(n(F));
-    lora_scratch.resize(n(widest + R));
+    int64_t lora_floats = 0;
+    for (const LoraAdapter& ad : a.adapters)
+      lora_floats = std::max(lora_floats, lora_scratch_floats(ad, T));
+    lora_scratch.resize(static_cast<size_t>(lora_floats));
     attn_scratch.resize(static_cast<size_t>(ops::attention_backward_scratch(max_sequence, H)));
     xn = xn_b.data(), hidden = hidden_b.data();
     dx = dx_b.data(), dxn = dxn_b.data(), datt = datt_b.data();

@@ -191,13 +191,12 @@ TEST(LoraOps, ForwardBackwardMatchReferenceOnOddShapes) {
                    << "T " << s.T << " I " << s.I << " O " << s.O << " r " << s.r << " G " << s.G
                    << " " << adapter_pool_name(s.pool) << " p " << p);
       LoraAdapter a = random_adapter(s, 10), b = random_adapter(s, 10);
-      const int64_t C = a.a_cols();
       const float scale = 0.7f;
       const uint64_t seed = 11;
       const auto x = random_uniform(s.T * s.I, 12), dy = random_uniform(s.T * s.O, 13);
       auto ya = random_uniform(s.T * s.O, 14), yb = ya;  // the forward adds to y
       std::vector<float> ua(sz(s.T * s.r)), ub(ua.size());
-      std::vector<float> scratch(sz(s.T * (C + s.r)));
+      std::vector<float> scratch(sz(lora_scratch_floats(a, s.T)));
       lora_forward(a, scale, x.data(), s.T, AdapterDropout::single(p, seed, s.T), ya.data(),
                    ua.data(), scratch.data());
       lora_forward_ref(b, scale, x.data(), s.T, AdapterDropout::single(p, seed, s.T), yb.data(),
@@ -233,7 +232,7 @@ TEST(LoraOps, Bf16MaskedInputInOnePassEqualsSeparatePasses) {
   auto masked_x = x;
   dropout_forward(masked_x.data(), s.T, s.I, dropout);
   auto ya = random_uniform(s.T * s.O, 23), yb = ya;
-  std::vector<float> ua(sz(s.T * s.r)), ub(ua.size()), scratch(sz(s.T * (s.I + s.r)));
+  std::vector<float> ua(sz(s.T * s.r)), ub(ua.size()), scratch(sz(lora_scratch_floats(a, s.T)));
   lora_forward(a, scale, x.data(), s.T, dropout, ya.data(), ua.data(), scratch.data());
   lora_forward(b, scale, masked_x.data(), s.T, {}, yb.data(), ub.data(), scratch.data());
   EXPECT_EQ(ua, ub);
@@ -298,7 +297,7 @@ TEST(LoraOps, GradientsMatchFiniteDifferences) {
       const uint64_t seed = 21;
       const auto x = random_uniform(s.T * s.I, 22), dy = random_uniform(s.T * s.O, 23);
       std::vector<float> y(sz(s.T * s.O), 0.0f), u(sz(s.T * s.r)), dx(sz(s.T * s.I), 0.0f);
-      std::vector<float> scratch(sz(s.T * (C + s.r)));
+      std::vector<float> scratch(sz(lora_scratch_floats(a, s.T)));
       lora_forward(a, scale, x.data(), s.T, AdapterDropout::single(p, seed, s.T), y.data(),
                    u.data(), scratch.data());
       lora_backward(a, scale, dy.data(), x.data(), u.data(), s.T,

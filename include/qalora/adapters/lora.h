@@ -60,8 +60,11 @@ void lora_forward_ref(const LoraAdapter& a, float scale, const float* x, int64_t
 //   dx [T, I] += E(dropout'(g A))  (dropout' = the forward's mask and 1 / (1 - p); E = the
 //   pooling adjoint pool_groups_backward for QA-LoRA, identity for LoRA).
 // Accumulates into a.grad_A and a.grad_B (which must be allocated) and into dx. `scratch`
-// must hold T * C + T * r floats. The products that read dy use its bf16 copy, if it has one,
-// where they run in bf16.
+// must hold lora_scratch_floats(a, T) floats. The products that read dy use its bf16 copy, if
+// it has one, where they run in bf16.
+// The scratch lora_forward and lora_backward need over T rows: T * (2 C + r) floats (LoRA's
+// backward with dropout keeps both the input gradient and the recomputed input).
+int64_t lora_scratch_floats(const LoraAdapter& a, int64_t T);
 void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const float* x,
                    const float* u, int64_t T, const AdapterDropout& dropout, float* dx,
                    float* scratch);
