@@ -116,7 +116,8 @@ void for_each_dropout_row(int64_t T, int64_t C, const AdapterDropout& dropout, R
 }
 
 // xin [T, C] = dropout(x) or dropout(P(x)): what A multiplies, in the forward and (recomputed)
-// in the backward, as an operand of a product that runs in bf16 when `bf16`. LoRA's xin goes
+// in the backward (except LoRA's with dropout, which makes it in its own pass over the mask), as
+// an operand of a product that runs in bf16 when `bf16`. LoRA's xin goes
 // straight from x to where the product reads it, in one pass: x itself without dropout, else
 // the masked rows, rounded to bf16 while in cache when `bf16` (written over `xin`'s first half).
 ops::Operand adapter_input(const LoraAdapter& a, const float* x, int64_t T,
