@@ -67,22 +67,6 @@ void check_qalora_set(const AdapterSet& set, const Model& model) {
   check_adapters_match(set, model, "merge");
 }
 
-// Writes `model` to `dir` a block at a time, each block merged by merge_block(block, index)
-// first and its pages released once written; `record` supplies what the writer reads besides
-// the blocks.
-template <typename MergeBlock>
-void write_merged_blocks(const Model& record, const Model& model, const std::filesystem::path& dir,
-                         DenseFloats floats, MergeBlock&& merge_block) {
-  ModelFolderWriter writer(record, dir, ModelFolderWriter::kDefaultShardBytes, floats);
-  for (size_t l = 0; l < model.layers.size(); ++l) {
-    LayerWeights block = model.layers[l];  // shares the weights until the merge writes them
-    merge_block(block, static_cast<int64_t>(l));
-    writer.write_block(static_cast<int64_t>(l), block);
-    model.layers[l].release_pages();
-  }
-  writer.finish();
-}
-
 }  // namespace
 
 void merge_qalora(Model& model, const AdapterSet& set) {
@@ -114,8 +98,9 @@ void merge_qalora_block(LayerWeights& block, int64_t index, const AdapterSet& se
 void save_merged_qalora(const Model& model, const AdapterSet& set,
                         const std::filesystem::path& dir) {
   check_qalora_set(set, model);
-  write_merged_blocks(model, model, dir, DenseFloats::F32,
-                      [&](LayerWeights& block, int64_t l) { merge_qalora_block(block, l, set); });
+  save_hf_model_by_block(model, model, dir, DenseFloats::F32, [&](LayerWeights& block, int64_t l) {
+    merge_qalora_block(block, l, set);
+  });
 }
 
 namespace {
@@ -166,8 +151,8 @@ void save_merged_dense(const Model& model, const AdapterSet& set, const std::fil
       quantized_left = quantized_left || (target_linear(model.layers[l], t).quantized() &&
                                           set.find(static_cast<int64_t>(l), t) == nullptr);
   if (!quantized_left) record.quant = QuantInfo{};
-  write_merged_blocks(record, model, dir, floats,
-                      [&](LayerWeights& block, int64_t l) { merge_dense_block(block, l, set); });
+  save_hf_model_by_block(record, model, dir, floats,
+                         [&](LayerWeights& block, int64_t l) { merge_dense_block(block, l, set); });
 }
 
 namespace {

@@ -141,15 +141,13 @@ void write_folder_atomic(const fs::path& dir, bool replace,
 
 namespace {
 
-// The block with each quantized linear turned into a dense fp32 weight.
-LayerWeights dequantized_block(const LayerWeights& block) {
-  LayerWeights d = block;
-  for (Linear* lin : {&d.q, &d.k, &d.v, &d.o, &d.gate, &d.up, &d.down})
+// Each quantized linear of the block turned into a dense fp32 weight.
+void dequantize_block(LayerWeights& block) {
+  for (Linear* lin : {&block.q, &block.k, &block.v, &block.o, &block.gate, &block.up, &block.down})
     if (lin->quantized()) {
       lin->weight = lin->dense_weight();
       lin->qweight = QMatrix();
     }
-  return d;
 }
 
 // The model without its quantization record and quantized head (the float head / embedding
@@ -165,7 +163,7 @@ Model without_quantization(const Model& model) {
 
 Model dequantized_model(const Model& model) {
   Model m = without_quantization(model);
-  for (LayerWeights& L : m.layers) L = dequantized_block(L);
+  for (LayerWeights& L : m.layers) dequantize_block(L);
   return m;
 }
 
@@ -173,19 +171,15 @@ ExportReport export_hf(const Model& model, const fs::path& dir, DenseFloats floa
                        const AdapterSet* adapter) {
   if (adapter != nullptr) check_adapters_match(*adapter, model, "export");
   // A block at a time: the dense fp32 copy of a whole 7B model would not fit in memory.
-  const Model dense = without_quantization(model);
-  ModelFolderWriter writer(dense, dir, ModelFolderWriter::kDefaultShardBytes, floats);
-  for (size_t l = 0; l < model.layers.size(); ++l) {
-    LayerWeights block = dequantized_block(model.layers[l]);
-    if (adapter != nullptr) merge_dense_block(block, static_cast<int64_t>(l), *adapter);
-    writer.write_block(static_cast<int64_t>(l), block);
-    model.layers[l].release_pages();
-  }
-  writer.finish();
+  const std::vector<FloatRounding> rounding = save_hf_model_by_block(
+      without_quantization(model), model, dir, floats, [&](LayerWeights& block, int64_t l) {
+        dequantize_block(block);
+        if (adapter != nullptr) merge_dense_block(block, l, *adapter);
+      });
   // Dequantization and the RoPE row move are exact: every weight is the model's own value,
   // unless rounded to F16 / BF16, which the report measures per tensor.
   ExportReport report;
-  for (const FloatRounding& r : writer.rounding()) {
+  for (const FloatRounding& r : rounding) {
     TensorExport& t = report.tensors.emplace_back();
     t.name = r.name;
     t.type = floats == DenseFloats::F16 ? "F16" : "BF16";

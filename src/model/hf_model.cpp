@@ -637,6 +637,20 @@ const std::vector<FloatRounding>& ModelFolderWriter::rounding() const {
   return impl_->rounding;
 }
 
+std::vector<FloatRounding> save_hf_model_by_block(
+    const Model& record, const Model& model, const fs::path& dir, DenseFloats floats,
+    const std::function<void(LayerWeights& block, int64_t index)>& change) {
+  ModelFolderWriter writer(record, dir, ModelFolderWriter::kDefaultShardBytes, floats);
+  for (size_t l = 0; l < model.layers.size(); ++l) {
+    LayerWeights block = model.layers[l];  // shares the weights until `change` writes them
+    change(block, static_cast<int64_t>(l));
+    writer.write_block(static_cast<int64_t>(l), block);
+    model.layers[l].release_pages();
+  }
+  writer.finish();
+  return writer.rounding();
+}
+
 std::vector<FloatRounding> save_hf_model(const Model& model, const fs::path& dir,
                                          DenseFloats floats) {
   ModelFolderWriter writer(model, dir, ModelFolderWriter::kDefaultShardBytes, floats);

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -190,6 +191,14 @@ class ModelFolderWriter {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// save_hf_model of `record` whose blocks are `model`'s, each copied, changed by
+// change(block, index) (dequantized, an adapter merged into it) and written, then its pages in
+// `model` dropped: memory holds one changed block, not a changed copy of the model. Returns the
+// rounding as save_hf_model does.
+std::vector<FloatRounding> save_hf_model_by_block(
+    const Model& record, const Model& model, const std::filesystem::path& dir, DenseFloats floats,
+    const std::function<void(LayerWeights& block, int64_t index)>& change);
 
 // Inverse frequencies of the head_dim / 2 rotary pairs, scaling applied; position p of pair
 // i rotates by angle p * result[i].
