@@ -101,18 +101,15 @@ void run_merge(MergeArgs& args) {
       check ? std::optional(fidelity_reference(model, set.get(), sample.tokens, args.ctx))
             : std::nullopt;
 
+  // Every merge is written a block at a time: the merged fp32 copy of a 7B model (dense), its
+  // fp32 offsets (QA-LoRA, twice their fp16 size in the base) would not fit or would not need
+  // to be held.
   if (method == "dense") {
-    // A block at a time: the merged fp32 copy of a 7B model would not fit in memory. The
-    // fidelity check then reads the folder as written.
     save_merged_dense(model, *set, args.out, floats);
-    model = load_hf_model(args.out);
   } else if (method == "qalora-offsets") {
-    // A block at a time too: the merged offsets are fp32, twice their fp16 size in the base.
     save_merged_qalora(model, *set, args.out);
-    model = load_hf_model(args.out);
   } else {
-    // Each block is merged just before it is quantized and written once it is: memory holds one
-    // merged block in fp32, and the check reads the folder as written, as above.
+    // Each block is merged just before it is quantized and written once it is.
     check_adapters_match(*set, model, "merge");
     ModelFolderWriter writer(model, args.out);
     quantize_with_progress(
@@ -123,8 +120,9 @@ void run_merge(MergeArgs& args) {
         },
         [&](int64_t index, LayerWeights& block) { merge_dense_block(block, index, *set); });
     writer.finish();
-    model = load_hf_model(args.out);
   }
+  // The check reads the folder as written; without it, only the record of merge.json is needed.
+  model = load_hf_model(args.out, /*describe_only=*/!check);
   const Model& merged = model;
   const char* into = method == "dense"            ? "fp32 weights"
                      : method == "qalora-offsets" ? "the quantized offsets"
