@@ -164,7 +164,6 @@ struct CpuTrainStep final : TrainSession::Impl {
   // attention's backward are shared too unless keep_attention.
   Buf xn_b, hidden_b, probs, att_b;
   bool keep_attention = false;
-  int64_t probs_size = 0;  // floats of each probs buffer
   Buf xf, logits, losses;  // final norm output [T, D]; [chunk, V]; [chunk]
   Buf dx_b, dxn_b, datt_b, dq_b, dk_b, dv_b, dgate_b, dup_b;
   Buf lora_scratch, attn_scratch;
@@ -194,7 +193,7 @@ struct CpuTrainStep final : TrainSession::Impl {
       probs_per_token =
           std::max(probs_per_token, (ops::attention_probs_floats(L, H, Hd) + L - 1) / L);
     keep_attention = !options.grad_checkpoint && probs_per_token <= saved;
-    probs_size = probs_per_token * T;
+    const int64_t probs_size = probs_per_token * T;
     for (BlockStore& b : store) {
       b.q.resize(n(QD)), b.k.resize(n(KVD)), b.v.resize(n(KVD));
       b.x_mid.resize(n(D)), b.gate.resize(n(F)), b.up.resize(n(F));
@@ -221,8 +220,8 @@ struct CpuTrainStep final : TrainSession::Impl {
   }
 
   bool keeps_attention() const override { return keep_attention; }
-  float* probs_of(int64_t li) {
-    return keep_attention ? store[static_cast<size_t>(li)].probs.data() : probs.data();
+  Buf& probs_of(int64_t li) {
+    return keep_attention ? store[static_cast<size_t>(li)].probs : probs;
   }
 
   BlockActs acts_of(int64_t li) override {
@@ -293,13 +292,14 @@ struct CpuTrainStep final : TrainSession::Impl {
   // segments'.
   void attention_forward(int64_t li, const BlockActs& b, int64_t, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    float* probs_at = probs_of(li);
+    Buf& buf = probs_of(li);
+    float* probs_at = buf.data();
     int64_t used = 0;
     for (const Segment& s : segments) {
       const int64_t floats = ops::attention_probs_floats(s.length, H, Hd);
       // Sized for the compute type at the session's start; a switch to fp32 would need more.
-      QL_CHECK(used + floats <= probs_size, "attention probabilities need ", used + floats,
-               " floats, the session holds ", probs_size, " (compute type changed since?)");
+      QL_CHECK(used + floats <= std::ssize(buf), "attention probabilities need ", used + floats,
+               " floats, the session holds ", buf.size(), " (compute type changed since?)");
       ops::attention_train_forward(b.att + s.begin * QD, probs_at, b.q + s.begin * QD,
                                    b.k + s.begin * KVD, b.v + s.begin * KVD, s.length, H, KV, Hd);
       probs_at += floats;
@@ -310,7 +310,7 @@ struct CpuTrainStep final : TrainSession::Impl {
 
   void attention_backward(int64_t li, const BlockActs& b, int64_t, TrainStepStats& st) override {
     const auto t0 = Clock::now();
-    const float* probs_at = probs_of(li);
+    const float* probs_at = probs_of(li).data();
     for (const Segment& s : segments) {
       ops::attention_train_backward(dq + s.begin * QD, dk + s.begin * KVD, dv + s.begin * KVD,
                                     datt + s.begin * QD, probs_at, b.q + s.begin * QD,
