@@ -309,8 +309,8 @@ void lora_backward(LoraAdapter& a, float scale, const ops::Operand& dy, const fl
   const ops::Operand xin =
       adapter_input(a, x, T, dropout, scratch, pool_groups_forward, ops::use_bf16(r, C, T));
   ops::gemm(true, false, r, C, T, 1.0f, g, r, xin, C, 1.0f, a.grad_A.data(), C);
-  if (!a.pooled() && dropout.p == 0.0f) {
-    // Nothing between A and x: accumulate g A straight into dx.
+  if (!a.pooled()) {
+    // LoRA without dropout: nothing between A and x, so g A accumulates straight into dx.
     ops::gemm(false, false, T, I, r, 1.0f, g, r, A, C, 1.0f, dx, I);
     return;
   }
